@@ -1,0 +1,15 @@
+# QLoRA fine-tuning pipeline. Configuration: config/config.yaml (see docs/configuration.md).
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/model.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

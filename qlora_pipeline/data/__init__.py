@@ -1,0 +1,1 @@
+"""Datasets: sources (builtin, local, hub), prompt formats and tokenization."""

@@ -1,0 +1,71 @@
+"""The tokenization stage: records -> input_ids + labels, with prompt tokens masked (-100)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from . import formats
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # the label value transformers' loss skips
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
+                    train_on_prompt: bool) -> tuple[dict, bool]:
+    """One example as {input_ids, labels}; also whether it had to be truncated."""
+    ids, labels = [], []
+    for segment, carries_loss in formats.segments(record, fmt, tokenizer):
+        ids += segment
+        labels += segment if (carries_loss or train_on_prompt) else [IGNORE] * len(segment)
+    truncated = len(ids) > max_length
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Greedy packing: concatenate whole examples into sequences of at most max_length tokens.
+
+    Examples are not split across sequences, so no answer loses its prompt.
+    """
+    packed, current = [], {"input_ids": [], "labels": []}
+    for example in examples:
+        if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > max_length:
+            packed.append(current)
+            current = {"input_ids": [], "labels": []}
+        current["input_ids"] += example["input_ids"]
+        current["labels"] += example["labels"]
+    if current["input_ids"]:
+        packed.append(current)
+    return packed
+
+
+def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict) -> tuple[list[dict], dict]:
+    """Tokenize one split; returns the examples and that split's statistics."""
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        example, was_truncated = tokenize_record(record, fmt, tokenizer, cfg["max_length"],
+                                                 cfg["train_on_prompt"])
+        truncated += was_truncated
+        if all(label == IGNORE for label in example["labels"]):
+            dropped += 1  # truncation cut the whole answer: nothing left to learn from
+            continue
+        examples.append(example)
+    lengths = np.array([len(e["input_ids"]) for e in examples] or [0])
+    loss_tokens = sum(sum(label != IGNORE for label in e["labels"]) for e in examples)
+    stats = {
+        "examples": len(examples),
+        "truncated": truncated,
+        "truncated_pct": round(100 * truncated / max(len(records), 1), 2),
+        "dropped_no_answer_left": dropped,
+        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+        | {"max": int(lengths.max())},
+        "tokens": int(lengths.sum()),
+        "loss_tokens_pct": round(100 * loss_tokens / max(int(lengths.sum()), 1), 2),
+    }
+    if cfg["packing"]:
+        examples = pack(examples, cfg["max_length"])
+        stats["packed_sequences"] = len(examples)
+    for example in examples:
+        example["attention_mask"] = [1] * len(example["input_ids"])
+    return examples, stats

@@ -1,0 +1,1 @@
+"""Models: importing the base, 4-bit quantization and its quality measures."""

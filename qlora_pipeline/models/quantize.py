@@ -1,0 +1,117 @@
+"""The quantization stage: bitsandbytes 4-bit (NF4/FP4, optional double quantization), saved
+as a checkpoint that later stages load without quantizing again, and measured."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..runtime import device
+
+log = logging.getLogger(__name__)
+BLOCKSIZE = 64  # transformers' 4-bit blocksize (not configurable there)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """'auto': bf16 on CUDA, float32 on the CPU (the bitsandbytes CPU backend's best)."""
+    if name == "auto":
+        return torch.bfloat16 if device() == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def bnb_config(cfg: dict):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg["quant_type"],
+        bnb_4bit_use_double_quant=cfg["double_quant"],
+        bnb_4bit_compute_dtype=compute_dtype(cfg["compute_dtype"]),
+        llm_int8_skip_modules=cfg["skip_modules"] or None,
+    )
+
+
+def quantize(base_dir: str | Path, cfg: dict):
+    from transformers import AutoModelForCausalLM
+
+    log.info("quantizing %s: %s, double quant %s", base_dir, cfg["quant_type"], cfg["double_quant"])
+    return AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=bnb_config(cfg), device_map=device(),
+        dtype=torch.float32 if device() == "cpu" else "auto",
+    )
+
+
+def load_quantized(path: str | Path):
+    """The saved 4-bit checkpoint, loaded as is (its config carries the quantization)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, device_map=device())
+
+
+def theoretical_bits(quant_type: str, double_quant: bool) -> float:
+    """4 bits per weight plus the block constants: one fp32 absmax per 64 weights, or with
+    double quantization one 8-bit absmax per 64 and one fp32 per 256 of those."""
+    if double_quant:
+        return 4 + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * 256)
+    return 4 + 32 / BLOCKSIZE
+
+
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size() if tensor is not None else 0
+
+
+def storage_bits(weight) -> float:
+    """Bits per parameter actually stored for one 4-bit weight, every constant counted."""
+    state = weight.quant_state
+    total = _nbytes(weight.data) + _nbytes(state.absmax) + _nbytes(state.code)
+    if state.nested:
+        total += _nbytes(state.state2.absmax) + _nbytes(state.state2.code)
+        total += _nbytes(state.offset) if torch.is_tensor(state.offset) else 4
+    return 8 * total / math.prod(state.shape)
+
+
+def layer_errors(model4, base_state: dict[str, torch.Tensor]) -> list[dict]:
+    """Per quantized layer: shape, stored bits/param and ‖W − deq(Q(W))‖ / ‖W‖."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    rows = []
+    for name, module in model4.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        weight = module.weight
+        original = base_state[f"{name}.weight"].float()
+        restored = F.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+        rows.append({
+            "layer": name,
+            "shape": list(original.shape),
+            "params": original.numel(),
+            "bits_per_param": round(storage_bits(weight), 4),
+            "relative_error": float((original - restored).norm() / original.norm()),
+        })
+    return rows
+
+
+def summarize(rows: list[dict], cfg: dict, checkpoint_dir: Path, base_dir: Path) -> dict:
+    params = sum(r["params"] for r in rows)
+    errors = [r["relative_error"] for r in rows]
+    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))  # noqa: E731
+    return {
+        "quant_type": cfg["quant_type"],
+        "double_quant": cfg["double_quant"],
+        "compute_dtype": str(compute_dtype(cfg["compute_dtype"])).replace("torch.", ""),
+        "quantized_layers": len(rows),
+        "quantized_params": params,
+        "bits_per_param_measured": round(sum(r["bits_per_param"] * r["params"] for r in rows)
+                                         / max(params, 1), 4),
+        "bits_per_param_theoretical": round(theoretical_bits(cfg["quant_type"],
+                                                             cfg["double_quant"]), 4),
+        "size_bytes_full_precision": size(base_dir),
+        "size_bytes_4bit": size(checkpoint_dir),
+        "relative_error_mean": float(sum(errors) / max(len(errors), 1)),
+        "relative_error_max": float(max(errors, default=0.0)),
+    }

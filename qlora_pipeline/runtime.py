@@ -1,0 +1,95 @@
+"""What every stage script shares: its log file, the device it runs on, and the seed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger("qlora_pipeline")
+
+
+def device() -> str:
+    """'cuda' when an accelerator is present, else 'cpu': chosen once, recorded in provenance."""
+    try:
+        import torch
+    except ImportError:  # the data stages' environment has no torch
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_description() -> str:
+    if device() == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{os.cpu_count()} cores"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def logged_to(log_path: str | Path | None):
+    """Send this process's stdout/stderr (progress bars, library warnings too) to the rule's log.
+
+    Redirecting the file descriptors rather than sys.stdout catches what C extensions and
+    subprocesses print as well. A failure is also echoed to the terminal, so the user sees the
+    error without opening the log.
+    """
+    if not log_path:
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    saved_err = os.dup(2)
+    saved_out = os.dup(1)
+    with open(log_path, "a", buffering=1, encoding="utf-8") as handle:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr, force=True,
+        )
+        try:
+            yield
+        except BaseException as err:
+            sys.stderr.flush()
+            message = str(err) if isinstance(err, InputError) else traceback.format_exc()
+            print(message, file=sys.stderr, flush=True)
+            os.write(saved_err, f"\nerror: {err}\n(full log: {log_path})\n".encode())
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+
+
+def run_script(smk, stage: Callable[..., object], **kwargs) -> None:
+    """Entry point of every scripts/*.py: log to the rule's log, then run the stage."""
+    log_path = smk.log[0] if len(smk.log) else None
+    with logged_to(log_path):
+        log.info("rule %s: %s", smk.rule, stage.__name__)
+        stage(**kwargs)
+        log.info("rule %s: done", smk.rule)
