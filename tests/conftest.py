@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny tokenizer and a tiny randomly initialised Llama model, built
+offline in seconds, for tests where behaviour (not quality) is under test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The ChatML template of SmolLM2, so chat rendering behaves as with the real model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "What is 12 + 34? Answer with the number only. 46 0123456789 - +",
+    "Classify the topic of the sentence as one of: sports, food, weather, technology.",
+    "Sentence: The chef served a spicy curry. The storm hit the valley. Answer with the topic only.",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. ### Instruction: ### Input: ### Response: user assistant system",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(CORPUS * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """An HF safetensors checkpoint + tokenizer of a 2-layer random Llama."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_model(len(tiny_tokenizer)).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tiny_config(model_dir: Path, tasks=("arithmetic", "topic")) -> dict:
+    """A run configuration for the tiny model; tests adjust it before writing it."""
+    return {
+        "tasks": list(tasks),
+        "base_model": {"source": "local", "path": str(model_dir)},
+        "quantization": {"quant_type": "nf4", "double_quant": True},
+        "quantization_report": {"max_examples": 8},
+        "defaults": {"tokenize": {"max_length": 128}},
+    }
+
+
+TINY_TASKS = {
+    "arithmetic": {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
+                                                 "num_examples": 60, "seed": 1}},
+    "topic": {"format": "completion", "dataset": {"source": "builtin", "name": "topic",
+                                                  "num_examples": 60, "seed": 2}},
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model_dir) -> Path:
+    """A Snakemake working directory holding a tiny-model config and two small tasks."""
+    write_yaml(tmp_path / "config" / "config.yaml", tiny_config(tiny_model_dir))
+    for name, task in TINY_TASKS.items():
+        write_yaml(tmp_path / "config" / "tasks" / f"{name}.yaml", task)
+    return tmp_path
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's Snakefile in `workdir` (no profile, so tests set every flag)."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
+           "--cores", "2", "--resources", "gpu=1", "--workflow-profile", "none", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}"
+                             f"\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def run_snakemake():
+    return snakemake
+
+
+@pytest.fixture
+def copy_tree():
+    return shutil.copytree
