@@ -8,6 +8,7 @@ the whole schema instead, which buries the one line a user needs).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -38,23 +39,82 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _condition(error: jsonschema.ValidationError, schema: dict | None) -> str:
+    """' when <key> is <value>' for an error raised by the `then` of an if/then rule."""
+    path = list(error.schema_path)
+    if schema is None or "then" not in path:
+        return ""
+    at = len(path) - 1 - path[::-1].index("then")
+    node = schema
+    try:
+        for part in path[:at]:
+            node = node[part]
+        condition = node["if"]["properties"]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    # The instance keys walked below the `then` (properties/<key>, items, ...) lead from the
+    # object the rule is about down to the offending value.
+    below, rest = 0, iter(path[at + 1:])
+    for part in rest:
+        if part == "properties":
+            next(rest, None)
+            below += 1
+        elif part in ("items", "additionalProperties"):
+            below += 1
+    keys = list(error.absolute_path)
+    prefix = ".".join(str(p) for p in keys[: len(keys) - below])
+    parts = [f"{prefix + '.' if prefix else ''}{key} is {sub['const']}"
+             for key, sub in condition.items() if isinstance(sub, dict) and "const" in sub]
+    return f" when {' and '.join(parts)}" if parts else ""
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict | None = None) -> str:
     key = _key_path(error)
     found = json.dumps(error.instance, default=str)
     if len(found) > 80:
         found = found[:77] + "..."
+    value = error.validator_value
     if error.validator == "type":
-        expected = f"a value of type {error.validator_value}"
-    elif error.validator == "enum":
-        expected = "one of " + ", ".join(map(str, error.validator_value))
+        expected = f"a value of type {value}"
+    elif error.validator in ("enum", "const"):
+        expected = "one of " + ", ".join(map(str, value if error.validator == "enum" else [value]))
     elif error.validator == "required":
-        missing = error.message.split("'")[1]
-        return f"key '{key}': missing required key '{missing}'"
+        missing = next((k for k in value if k not in error.instance and repr(k) in error.message),
+                       error.message.split("'")[1])
+        found_keys = ", ".join(map(str, error.instance)) or "none"
+        return (f"key '{key}': missing required key '{missing}' (found keys: {found_keys}); "
+                f"expected '{missing}' to be set{_condition(error, schema)}")
     elif error.validator == "additionalProperties":
-        return f"key '{key}': {error.message} (check the spelling; see docs/configuration.md)"
+        allowed = list(error.schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in allowed]
+        hints = []
+        for name in extra:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return (f"key '{key}': found unknown key(s) {', '.join(hints)}; expected only "
+                f"{', '.join(allowed) or 'no keys'} (check the spelling; see "
+                f"docs/configuration.md)")
+    elif error.validator == "oneOf" and all(
+            isinstance(alt, dict) and set(alt) == {"required"} for alt in value):
+        present = [k for alt in value for k in alt["required"] if k in error.instance]
+        options = " | ".join(" + ".join(alt["required"]) for alt in value)
+        keys = dict.fromkeys(k for alt in value for k in alt["required"])
+        found = ", ".join(dict.fromkeys(present)) or f"none of {', '.join(keys)}"
+        return (f"key '{key}': found {found}; expected exactly one of: "
+                f"{options}{_condition(error, schema)}")
+    elif error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        sign = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
+                "exclusiveMaximum": "<"}[error.validator]
+        expected = f"a number {sign} {value}"
+    elif error.validator == "minItems":
+        expected = f"at least {value} item(s)"
+    elif error.validator == "uniqueItems":
+        expected = "no repeated items"
+    elif error.validator == "pattern":
+        expected = f"a string matching {value}"
     else:
-        expected = f"{error.validator} {error.validator_value}"
-    return f"key '{key}': found {found}, expected {expected}"
+        expected = f"{error.validator} {value}"
+    return f"key '{key}': found {found}, expected {expected}{_condition(error, schema)}"
 
 
 class _DefaultingValidator:
@@ -81,7 +141,7 @@ def validate(instance: Any, schema: dict, where: str) -> Any:
     """Validate `instance` in place (filling defaults); raise InputError naming `where`."""
     errors = _DefaultingValidator(schema).errors(instance)
     if errors:
-        lines = "\n  ".join(_describe(e) for e in errors[:10])
+        lines = "\n  ".join(_describe(e, schema) for e in errors[:10])
         raise InputError(f"{where}: invalid configuration:\n  {lines}")
     return instance
 
@@ -104,14 +164,19 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in task_dir.glob("*.yaml"))
         raise InputError(
-            f"config key 'tasks': unknown task '{name}': no file {path} "
-            f"(tasks found in {task_dir}: {', '.join(known) or 'none'})"
+            f"config key 'tasks': unknown task '{name}': found no file {path}; expected one of "
+            f"the tasks in {task_dir}: {', '.join(known) or 'none'}"
         )
     raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
-    raw = deep_merge(raw, config.get("task_overrides", {}).get(name, {}))
-    validate(raw, load_schema("task.schema.yaml"), str(path))
+    override = config.get("task_overrides", {}).get(name, {})
+    raw = deep_merge(raw, override)
+    # The global seed is the seed of everything a task does not seed itself (config schema).
+    if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
+        raw["dataset"]["seed"] = config.get("seed", 0)
+    where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
+    validate(raw, load_schema("task.schema.yaml"), where)
     effective = deep_merge(config["defaults"], raw)
     effective["name"] = name
     return effective
@@ -123,7 +188,8 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
     unknown = set(config.get("task_overrides", {})) - set(config["tasks"])
     if unknown:
         raise InputError(
-            f"config key 'task_overrides': {sorted(unknown)} are not in 'tasks' {config['tasks']}"
+            f"config key 'task_overrides': found {sorted(unknown)}, not in 'tasks'; expected "
+            f"only tasks listed in 'tasks' {config['tasks']}"
         )
     tasks = {name: load_task(name, config, root) for name in config["tasks"]}
     return config, tasks

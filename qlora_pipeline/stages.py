@@ -26,7 +26,8 @@ def _provenance(tmp: Path, stage: str, config_slice, inputs: dict, seed, started
 
 def read_split(raw_dir: str | Path, split: str) -> list[dict]:
     path = Path(raw_dir) / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # Split on "\n" only: JSON text may hold raw U+2028/U+0085, which splitlines() breaks on.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 # ---- data ----------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def check_record(record: Any, fmt: str, where: str) -> dict:
     if missing:
         raise InputError(
             f"{where}: missing required column(s) {missing} for format '{fmt}' "
-            f"(found columns: {sorted(record)}); map yours with dataset.columns"
+            f"(found columns: {sorted(record)}); expected columns {list(REQUIRED[fmt])}, "
+            f"or map yours to them with dataset.columns"
         )
     if fmt == "chat":
         _check_messages(record["messages"], where)
@@ -63,22 +64,24 @@ def check_record(record: Any, fmt: str, where: str) -> dict:
         for field in REQUIRED[fmt] + OPTIONAL[fmt]:
             value = record.get(field, "")
             if value is not None and not isinstance(value, str):
-                raise InputError(f"{where}: column '{field}' must be text, "
-                                 f"found {type(value).__name__} {value!r}")
+                raise InputError(f"{where}: column '{field}': found {type(value).__name__} "
+                                 f"{value!r:.80}, expected text")
     return record
 
 
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: 'messages' must be a non-empty list of "
-                         f"{{role, content}}, found {messages!r:.80}")
+        raise InputError(f"{where}: column 'messages': found {messages!r:.80}, expected a "
+                         f"non-empty list of {{role, content}}")
     for i, message in enumerate(messages):
         if (not isinstance(message, dict) or message.get("role") not in ROLES
                 or not isinstance(message.get("content"), str)):
-            raise InputError(f"{where}: messages[{i}] must be {{role: system|user|assistant, "
-                             f"content: text}}, found {message!r:.80}")
+            raise InputError(f"{where}: messages[{i}]: found {message!r:.80}, expected "
+                             f"{{role: system|user|assistant, content: text}}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise InputError(f"{where}: 'messages' has no assistant turn to learn from")
+        roles = [m["role"] for m in messages]
+        raise InputError(f"{where}: 'messages' has no assistant turn to learn from (found "
+                         f"roles {roles}); expected at least one message with role 'assistant'")
 
 
 def clean(record: dict, fmt: str) -> dict:
@@ -145,9 +148,9 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], boo
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(i, True)
-        start, end = len(prefix), len(render(i + 1, False))
-        if full[:start] != prefix or start < done:
+        prefix, upto = render(i, True), render(i + 1, False)
+        start, end = len(prefix), len(upto)
+        if full[:start] != prefix or full[:end] != upto or start < done:
             raise InputError("the tokenizer's chat template does not render conversations "
                              "prefix-consistently; use the 'completion' or 'alpaca' format")
         out += [(full[done:start], False), (full[start:end], True)]

@@ -7,6 +7,9 @@ missing validation/test splits are carved from train with the dataset's seed.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 import logging
 import random
@@ -23,20 +26,27 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # ---- local files -----------------------------------------------------------------------------
 
 def _text(path: Path) -> str:
-    """The file's text; a non-UTF-8 byte is reported with its line and byte offset."""
+    """The file's text; a non-UTF-8 byte is reported with its line and byte offset.
+
+    A leading UTF-8 byte-order mark (as spreadsheet programs write) is dropped.
+    """
     data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[skip:].decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not valid UTF-8 (byte {data[err.start]:#04x} at "
-                         f"offset {err.start}); expected a UTF-8 encoded file") from None
+        offset = err.start + skip
+        line = data[:offset].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not valid UTF-8 (byte {data[offset]:#04x} at "
+                         f"offset {offset}); expected a UTF-8 encoded file") from None
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     # Read by hand rather than with datasets' json builder: its errors do not say which line.
+    # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and friends, which
+    # JSON strings may contain unescaped.
     rows = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -61,49 +71,62 @@ def _read_json(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: record {i}", row) for i, row in enumerate(data)]
 
 
-def _read_table(path: Path) -> list[tuple[str, dict]]:
-    import pandas as pd
+def _read_csv(path: Path) -> list[tuple[str, dict]]:
+    """CSV with a header line; every value is kept as text.
 
-    if path.suffix == ".csv":
-        _text(path)  # the UTF-8 check, with a line number
-        try:
-            frame = pd.read_csv(path, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise InputError(f"{path}: not a readable CSV file: {err}") from None
-        first_line = 2  # after the header
-    else:
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as err:  # pyarrow raises several types for a broken file
-            raise InputError(f"{path}: not a readable parquet file: {err}") from None
-        first_line = None
-    rows = []
-    for i, row in enumerate(frame.to_dict(orient="records")):
-        where = f"{path}: line {i + first_line}" if first_line else f"{path}: row {i}"
-        rows.append((where, {k: _plain(v) for k, v in row.items()}))
+    Read with the csv module rather than pandas: pandas turns a column of numbers (the
+    answers of an arithmetic task) into ints, silently uses an extra field as the row index,
+    and cannot say on which line a multi-line quoted record starts.
+    """
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise InputError(f"{path}: the dataset is empty; expected a header line and at "
+                             f"least one record")
+        if len(set(header)) != len(header) or not all(header):
+            raise InputError(f"{path}: line 1: header {header}; expected distinct, non-empty "
+                             f"column names")
+        rows, end = [], reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise InputError(f"{path}: line {start}: {len(row)} fields; expected "
+                                 f"{len(header)}, one per header column {header}")
+            rows.append((f"{path}: line {start}", dict(zip(header, row))))
+    except csv.Error as err:
+        raise InputError(f"{path}: line {reader.line_num}: not readable as CSV ({err}); "
+                         f"expected comma-separated values with a header line") from None
     return rows
 
 
-def _plain(value):
-    """numpy/arrow values from pandas as plain Python (lists of messages, ints)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    # pyarrow rather than pandas: pandas turns a null in a text column into a float NaN and
+    # lists into numpy arrays; to_pylist gives plain Python (None, lists, dicts).
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise InputError(f"{path}: not a readable parquet file ({err}); expected an Apache "
+                         f"Parquet table") from None
+    return [(f"{path}: row {i}", row) for i, row in enumerate(records)]
 
 
 def read_local(path: str | Path) -> list[tuple[str, dict]]:
     """Rows of a local file as (where, record) pairs, `where` naming file and line/row."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: dataset file not found")
-    if path.suffix not in LOCAL_SUFFIXES:
+        raise InputError(f"{path}: dataset file not found; expected an existing file (a "
+                         f"relative path is taken from the working directory)")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
         raise InputError(f"{path}: unsupported file type '{path.suffix}'; "
                          f"expected one of {', '.join(LOCAL_SUFFIXES)}")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json}.get(path.suffix, _read_table)
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+              ".parquet": _read_parquet}[suffix]
     rows = reader(path)
     if not rows:
         raise InputError(f"{path}: the dataset is empty; expected at least one record")
@@ -116,7 +139,10 @@ def read_hub(cfg: dict) -> dict[str, list[tuple[str, dict]]]:
     """Splits from datasets.load_dataset at the pinned revision.
 
     `name` may also be a local folder laid out like a hub dataset repo (how the tests run
-    this path without a network).
+    this path without a network): datasets reads its data files (data/<split>-*.parquet,
+    <split>.jsonl, ...) with the packaged builders. A local folder has no git history, so
+    datasets ignores `revision` there (checked with datasets 5.2); it is still required so
+    that the same task file pins a revision once it points at the hub.
     """
     import datasets
 
@@ -126,9 +152,12 @@ def read_hub(cfg: dict) -> dict[str, list[tuple[str, dict]]]:
         try:
             data = datasets.load_dataset(cfg["name"], cfg.get("subset"), split=source_split,
                                          revision=cfg["revision"])
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+        except (FileNotFoundError, ValueError, ConnectionError,
+                datasets.exceptions.DatasetNotFoundError) as err:
             raise InputError(f"dataset.name '{cfg['name']}' (revision {cfg['revision']}, split "
-                             f"'{source_split}'): could not be loaded: {err}") from None
+                             f"'{source_split}'): could not be loaded: {err}; expected a dataset "
+                             f"on the hub (reachable, or in the local cache when offline) or a "
+                             f"local folder, with that subset and split") from None
         where = f"hub dataset {cfg['name']}@{cfg['revision']} split {source_split}"
         out[split] = [(f"{where}: row {i}", row) for i, row in enumerate(data)]
         if not out[split]:
@@ -166,7 +195,7 @@ def carve(splits: dict[str, list], cfg: dict) -> dict[str, list]:
     n = len(train)
     for split in ("validation", "test"):
         if split not in splits:
-            take = max(1, round(n * cfg[f"{split}_fraction"]))
+            take = max(1, round(n * cfg.get(f"{split}_fraction", 0.1)))
             splits[split], train = train[:take], train[take:]
     if not train:
         raise InputError(f"dataset: only {n} training examples, too few to carve validation "

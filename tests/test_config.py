@@ -1,0 +1,240 @@
+"""qlora_pipeline.config: defaults, merging order and the wording of configuration errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_yaml
+from qlora_pipeline.config import deep_merge, load_config
+from qlora_pipeline.errors import InputError
+
+ARITHMETIC = {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
+                                            "num_examples": 20, "seed": 3}}
+TOPIC = {"format": "completion", "dataset": {"source": "builtin", "name": "topic",
+                                             "num_examples": 30},
+         "tokenize": {"max_length": 64}}
+BASE = {"tasks": ["arithmetic"], "base_model": {"source": "local", "path": "/models/tiny"}}
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    write_yaml(tmp_path / "config/tasks/arithmetic.yaml", ARITHMETIC)
+    write_yaml(tmp_path / "config/tasks/topic.yaml", TOPIC)
+    return tmp_path
+
+
+def load(root: Path, **changes):
+    return load_config(deep_merge(copy.deepcopy(BASE), changes), root=root)
+
+
+def error_of(root: Path, **changes) -> str:
+    with pytest.raises(InputError) as info:
+        load(root, **changes)
+    return str(info.value)
+
+
+def task_error(root: Path, task: dict, name: str = "arithmetic") -> str:
+    path = write_yaml(root / f"config/tasks/{name}.yaml", task)
+    with pytest.raises(InputError) as info:
+        load(root, tasks=[name])
+    message = str(info.value)
+    assert str(path) in message  # the file is named
+    return message
+
+
+# ---- defaults and merging --------------------------------------------------------------------
+
+def test_defaults_are_filled(root):
+    config, tasks = load(root)
+    assert config["quantization"] == {"quant_type": "nf4", "double_quant": True,
+                                      "compute_dtype": "auto", "skip_modules": ["lm_head"]}
+    assert config["defaults"]["tokenize"] == {"max_length": 256, "train_on_prompt": False,
+                                              "packing": False}
+    assert config["seed"] == 0 and config["task_dir"] == "config/tasks"
+    assert config["quantization_report"]["max_examples"] == 64
+    assert config["base_model"]["dtype"] == "auto"
+    task = tasks["arithmetic"]
+    assert task["name"] == "arithmetic"
+    assert task["tokenize"] == {"max_length": 256, "train_on_prompt": False, "packing": False}
+    dataset = task["dataset"]
+    assert (dataset["validation_fraction"], dataset["test_fraction"]) == (0.1, 0.1)
+    assert dataset["columns"] == {} and dataset["seed"] == 3
+
+
+def test_given_values_are_kept(root):
+    config, _ = load(root, quantization={"quant_type": "fp4", "double_quant": False}, seed=5)
+    assert config["quantization"]["quant_type"] == "fp4"
+    assert config["quantization"]["double_quant"] is False
+    assert config["quantization"]["skip_modules"] == ["lm_head"]  # the rest still defaulted
+    assert config["seed"] == 5
+
+
+def test_task_file_overrides_part_of_default_tokenize(root):
+    _, tasks = load(root, tasks=["arithmetic", "topic"],
+                    defaults={"tokenize": {"max_length": 200, "packing": True}})
+    assert tasks["topic"]["tokenize"] == {"max_length": 64, "train_on_prompt": False,
+                                          "packing": True}
+    assert tasks["arithmetic"]["tokenize"] == {"max_length": 200, "train_on_prompt": False,
+                                               "packing": True}
+
+
+def test_task_overrides_merge_over_the_task_file(root):
+    _, tasks = load(root, tasks=["arithmetic", "topic"], task_overrides={
+        "arithmetic": {"dataset": {"num_examples": 50}, "tokenize": {"train_on_prompt": True}},
+    })
+    dataset = tasks["arithmetic"]["dataset"]
+    assert dataset["num_examples"] == 50
+    assert dataset["name"] == "arithmetic" and dataset["seed"] == 3  # the file's other keys
+    assert tasks["arithmetic"]["tokenize"]["train_on_prompt"] is True
+    assert tasks["arithmetic"]["tokenize"]["max_length"] == 256
+    assert tasks["topic"]["dataset"]["num_examples"] == 30  # other tasks untouched
+
+
+def test_global_seed_seeds_a_dataset_without_its_own(root):
+    _, tasks = load(root, tasks=["arithmetic", "topic"], seed=11)
+    assert tasks["topic"]["dataset"]["seed"] == 11
+    assert tasks["arithmetic"]["dataset"]["seed"] == 3  # its own seed wins
+
+
+def test_deep_merge_does_not_mutate_its_inputs():
+    base, override = {"a": {"b": 1, "c": [1]}}, {"a": {"b": 2}}
+    merged = deep_merge(base, override)
+    merged["a"]["c"].append(2)
+    assert merged == {"a": {"b": 2, "c": [1, 2]}}
+    assert base == {"a": {"b": 1, "c": [1]}} and override == {"a": {"b": 2}}
+
+
+def test_repository_config_and_tasks_are_valid():
+    from qlora_pipeline.config import load_yaml
+
+    config, tasks = load_config(load_yaml(REPO / "config/config.yaml"), root=REPO)
+    assert set(tasks) == set(config["tasks"]) == {"arithmetic", "topic"}
+    for task in tasks.values():
+        assert task["dataset"]["source"] == "builtin"
+        assert task["tokenize"]["max_length"] == 256
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def test_unknown_task_lists_the_known_tasks(root):
+    message = error_of(root, tasks=["arithmetics"])
+    assert "config key 'tasks': unknown task 'arithmetics'" in message
+    assert "arithmetics.yaml" in message  # what was looked for
+    known = message.split("expected")[1]
+    assert re.search(r"\barithmetic, topic$", known), known
+
+
+def test_task_overrides_for_an_unlisted_task(root):
+    message = error_of(root, task_overrides={"topics": {"format": "chat"}})
+    assert "task_overrides" in message and "topics" in message and "expected" in message
+
+
+@pytest.mark.parametrize("task, key, found, expected", [
+    ({**ARITHMETIC, "format": "chatml"}, "format", '"chatml"', "alpaca, chat, completion"),
+    ({"format": "chat", "dataset": {"source": "s3", "name": "x"}}, "dataset.source", '"s3"',
+     "builtin, local, hub"),
+    (deep_merge(ARITHMETIC, {"dataset": {"num_examples": "many"}}), "dataset.num_examples",
+     '"many"', "type integer"),
+    (deep_merge(ARITHMETIC, {"dataset": {"num_examples": 5}}), "dataset.num_examples",
+     "5", ">= 10"),
+    (deep_merge(ARITHMETIC, {"dataset": {"name": "algebra"}}), "dataset.name", '"algebra"',
+     "arithmetic, topic"),
+    (deep_merge(ARITHMETIC, {"dataset": {"validation_fraction": 0.7}}),
+     "dataset.validation_fraction", "0.7", "< 0.5"),
+    (deep_merge(ARITHMETIC, {"tokenize": {"max_length": "long"}}), "tokenize.max_length",
+     '"long"', "type integer"),
+])
+def test_bad_task_value(root, task, key, found, expected):
+    message = task_error(root, task)
+    assert f"key '{key}': found {found}, expected" in message
+    assert expected in message
+
+
+def test_hub_dataset_without_revision(root):
+    message = task_error(root, {"format": "chat", "dataset": {"source": "hub", "name": "org/ds"}})
+    assert "key 'dataset'" in message and "'revision'" in message
+    assert "expected" in message and "dataset.source is hub" in message
+
+
+def test_local_dataset_needs_exactly_one_of_path_and_files(root):
+    both = task_error(root, {"format": "chat", "dataset": {
+        "source": "local", "path": "a.jsonl", "files": {"train": "b.jsonl"}}})
+    assert "key 'dataset': found path, files; expected exactly one of: path | files" in both
+    neither = task_error(root, {"format": "chat", "dataset": {"source": "local"}})
+    assert "expected exactly one of: path | files" in neither
+
+
+def test_misspelled_task_key(root):
+    task = {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
+                                          "num_exampels": 20}}
+    message = task_error(root, task)
+    assert "key 'dataset'" in message and "'num_exampels'" in message
+    assert "did you mean 'num_examples'" in message and "expected" in message
+
+
+def test_task_file_that_is_not_a_mapping(root):
+    message = task_error(root, ["format", "chat"])
+    assert "expected a mapping" in message and "found list" in message
+
+
+def test_bad_value_from_task_overrides_names_the_override(root):
+    message = error_of(root, task_overrides={"arithmetic": {"dataset": {"seed": "x"}}})
+    assert "arithmetic.yaml" in message and "task_overrides.arithmetic" in message
+    assert "key 'dataset.seed': found \"x\", expected a value of type integer" in message
+
+
+@pytest.mark.parametrize("changes, key, found, expected", [
+    ({"seed": "abc"}, "seed", '"abc"', "a value of type integer"),
+    ({"base_model": {"source": "ftp"}}, "base_model.source", '"ftp"', "one of gguf, hub, local"),
+    ({"quantization": {"quant_type": "int8"}}, "quantization.quant_type", '"int8"',
+     "one of nf4, fp4"),
+    ({"defaults": {"tokenize": {"max_length": 4}}}, "defaults.tokenize.max_length", "4",
+     "a number >= 8"),
+    ({"tasks": []}, "tasks", "[]", "at least 1 item"),
+    ({"tasks": ["a b"]}, "tasks.0", '"a b"', "a string matching"),
+])
+def test_bad_config_value(root, changes, key, found, expected):
+    message = error_of(root, **changes)
+    assert message.startswith("config: invalid configuration")
+    assert f"key '{key}': found {found}, expected {expected}" in message
+
+
+@pytest.mark.parametrize("changes, key, unknown, suggestion", [
+    ({"sed": 1}, "<top level>", "sed", "seed"),
+    ({"quantization": {"quant_typ": "nf4"}}, "quantization", "quant_typ", "quant_type"),
+    ({"defaults": {"tokenize": {"max_len": 64}}}, "defaults.tokenize", "max_len", "max_length"),
+])
+def test_misspelled_config_key(root, changes, key, unknown, suggestion):
+    message = error_of(root, **changes)
+    assert f"key '{key}': found unknown key(s) '{unknown}' (did you mean '{suggestion}'?)" \
+        in message
+    assert "expected only" in message
+
+
+def test_conditional_model_keys(root):
+    config = copy.deepcopy(BASE)
+    config["base_model"] = {"source": "hub", "id": "org/model"}
+    with pytest.raises(InputError) as info:
+        load_config(config, root=root)
+    assert re.search(r"key 'base_model': missing required key 'revision'.*expected 'revision' "
+                     r"to be set when base_model\.source is hub", str(info.value))
+    config["base_model"] = {"source": "gguf", "path": "m.gguf", "package": "p", "file": "f"}
+    with pytest.raises(InputError, match=r"found path, package, file; expected exactly one of: "
+                                         r"path \| package \+ file"):
+        load_config(config, root=root)
+
+
+def test_several_errors_are_all_reported(root):
+    message = error_of(root, seed="x", quantization={"double_quant": "yes"})
+    assert "key 'seed'" in message and "key 'quantization.double_quant'" in message
+
+
+def test_invalid_yaml_names_the_file(root):
+    path = root / "config/tasks/arithmetic.yaml"
+    path.write_text("format: chat\ndataset: [unclosed\n", encoding="utf-8")
+    with pytest.raises(InputError, match=re.escape(str(path)) + ": not valid YAML"):
+        load(root)

@@ -1,0 +1,188 @@
+"""Software environments and rule hygiene: conda envs agree with requirements*.txt, every rule
+logs, benchmarks and names an env, GPU rules claim the GPU, and `snakemake --lint` is clean."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
+RULE_FILES = sorted((REPO / "rules").glob("*.smk"))
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
+# Rules that must hold the GPU whatever the heuristic below says.
+GPU_RULES = {"quantize", "quantization_report"}
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for name in ("requirements.txt", "requirements-nodeps.txt"):
+        for line in (REPO / name).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            match = PIN.match(line)
+            assert match, f"{name}: '{line}' is not an exact pin (expected name==version)"
+            pins[normalize(match[1])] = match[2]
+    return pins
+
+
+def env_entries(path: Path) -> tuple[list[str], list[str]]:
+    """(conda dependencies, pip requirements) of one environment file."""
+    env = yaml.safe_load(path.read_text())
+    conda, pip = [], []
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            pip.extend(dep.get("pip", []))
+        else:
+            conda.append(str(dep))
+    return conda, pip
+
+
+def test_env_files_exist():
+    assert ENV_FILES, "no envs/*.yaml"
+    assert RULE_FILES, "no rules/*.smk"
+
+
+@pytest.mark.parametrize("env", ENV_FILES, ids=lambda p: p.name)
+def test_env_pins_exact_versions(env):
+    conda, pip = env_entries(env)
+    assert pip, f"{env.name}: no pip: list"
+    for req in pip:
+        assert PIN.match(req), f"{env.name}: pip entry '{req}' is not an exact name==version pin"
+    for dep in conda:
+        if dep == "pip":  # the installer itself; its version does not affect the result
+            continue
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+=[0-9][A-Za-z0-9.]*", dep), \
+            f"{env.name}: conda dependency '{dep}' is not pinned to one version (name=version)"
+
+
+@pytest.mark.parametrize("env", ENV_FILES, ids=lambda p: p.name)
+def test_env_pins_match_requirements(env):
+    pins = requirement_pins()
+    _, pip = env_entries(env)
+    for req in pip:
+        name, version = PIN.match(req).groups()
+        assert normalize(name) in pins, \
+            f"{env.name}: '{name}' is not pinned in requirements.txt or requirements-nodeps.txt"
+        assert pins[normalize(name)] == version, \
+            f"{env.name}: {name}=={version}, but the requirements pin {pins[normalize(name)]}"
+
+
+# ---- rules ----------------------------------------------------------------------------------
+
+def parse_rules() -> dict[str, dict]:
+    """Rule name -> {file, text, directives: {name: body}} from a plain reading of rules/*.smk."""
+    rules = {}
+    header = re.compile(r"^(?:rule|checkpoint)\s+(\w+)\s*:\s*$", re.M)
+    for path in RULE_FILES:
+        text = path.read_text()
+        starts = list(header.finditer(text))
+        for i, match in enumerate(starts):
+            end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+            body = text[match.end():end]
+            # The block ends at the first non-blank line that is not indented.
+            block = re.split(r"\n(?=\S)", body, maxsplit=1)[0]
+            directives, current = {}, None
+            for line in block.splitlines():
+                found = re.match(r"^    (\w+):\s*(.*)$", line)
+                if found:
+                    current = found[1]
+                    directives[current] = found[2]
+                elif current and line.strip():
+                    directives[current] += "\n" + line.strip()
+            assert match[1] not in rules, f"rule {match[1]} defined twice"
+            rules[match[1]] = {"file": path, "directives": directives}
+    return rules
+
+
+RULES = parse_rules()
+
+
+def string_value(body: str) -> str:
+    found = re.search(r"""["']([^"']+)["']""", body)
+    assert found, f"no path in {body!r}"
+    return found[1]
+
+
+def test_rules_found():
+    assert {"fetch_dataset", "tokenize", "import_base_model", "quantize",
+            "quantization_report"} <= set(RULES)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule_logs_benchmarks_and_names_an_env(rule):
+    info = RULES[rule]
+    directives = info["directives"]
+    for key in ("log", "benchmark", "conda"):
+        assert key in directives and directives[key].strip(), \
+            f"rule {rule} ({info['file'].name}) has no {key}: directive"
+    env = (info["file"].parent / string_value(directives["conda"])).resolve()
+    assert env.parent == REPO / "envs" and env.is_file(), \
+        f"rule {rule}: conda env {env} is not a file in envs/"
+
+
+def stage_function(rule: str):
+    """The qlora_pipeline.stages function the rule's script runs (None if it has no script)."""
+    info = RULES[rule]
+    if "script" not in info["directives"]:
+        return None
+    script = (info["file"].parent / string_value(info["directives"]["script"])).resolve()
+    assert script.is_file(), f"rule {rule}: script {script} not found"
+    found = re.search(r"stages\.(\w+)", script.read_text())
+    return found[1] if found else None
+
+
+def runs_on_accelerator(function: str) -> bool:
+    """Whether a stage picks a device: its own code or a subpackage module it imports
+    (`from .models import quantize`) calls runtime.device() or passes device_map."""
+    stages_src = (REPO / "qlora_pipeline" / "stages.py").read_text()
+    tree = ast.parse(stages_src)
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    sources = [ast.get_source_segment(stages_src, node)]
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.ImportFrom) and sub.level == 1 and sub.module:
+            package = REPO / "qlora_pipeline" / sub.module.replace(".", "/")
+            for alias in sub.names:  # `from .models import quantize`: a module of a subpackage
+                module = package / f"{alias.name}.py"
+                if module.is_file():
+                    sources.append(module.read_text())
+    return any(re.search(r"\bdevice\(\)|device_map", src) for src in sources)
+
+
+def test_gpu_rules_claim_the_gpu():
+    gpu_rules = set(GPU_RULES)
+    for rule in RULES:
+        function = stage_function(rule)
+        if function and runs_on_accelerator(function):
+            gpu_rules.add(rule)
+    assert GPU_RULES <= set(RULES)
+    for rule in sorted(gpu_rules):
+        resources = RULES[rule]["directives"].get("resources", "")
+        assert re.search(r"\bgpu\s*=\s*1\b", resources), \
+            f"rule {rule} runs torch work on the accelerator but does not declare resources: gpu=1"
+        env = string_value(RULES[rule]["directives"]["conda"])
+        assert env.endswith("torch.yaml"), f"rule {rule} needs torch but uses {env}"
+
+
+def test_import_base_model_is_not_a_gpu_rule():
+    """Import dequantizes on the CPU; holding the GPU would serialize it against training."""
+    assert "gpu" not in RULES["import_base_model"]["directives"].get("resources", "")
+
+
+def test_snakemake_lint_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Lints for" not in output, output

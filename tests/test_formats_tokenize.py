@@ -1,0 +1,322 @@
+"""qlora_pipeline.data.formats/tokenize and the tokenize stage, with the tiny ChatML tokenizer:
+which tokens carry loss, truncation, packing and the statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CHAT_TEMPLATE
+from qlora_pipeline.data import formats
+from qlora_pipeline.data.tokenize import IGNORE, pack, tokenize_record, tokenize_split
+from qlora_pipeline.errors import InputError
+from qlora_pipeline.stages import fetch_dataset, read_split, tokenize_dataset
+
+CFG = {"max_length": 256, "train_on_prompt": False, "packing": False}
+CHAT = {"messages": [{"role": "user", "content": "What is 12 + 34?"},
+                     {"role": "assistant", "content": "46"}]}
+MULTI_TURN = {"messages": [
+    {"role": "system", "content": "Answer with the number only."},
+    {"role": "user", "content": "What is 12 + 34?"},
+    {"role": "assistant", "content": "46"},
+    {"role": "user", "content": "And 46 - 12?"},
+    {"role": "assistant", "content": "34"},
+]}
+ALPACA = {"instruction": "What is 12 + 34?", "input": "", "output": "46"}
+ALPACA_INPUT = {"instruction": "Classify the topic.", "input": "The storm hit the valley.",
+                "output": "weather"}
+COMPLETION = {"prompt": "What is 12 + 34?\n", "completion": "46"}
+
+
+def loss_spans(example: dict) -> list[list[int]]:
+    """Runs of consecutive positions whose label is not IGNORE."""
+    spans, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            assert label == token  # a labelled token is labelled with itself
+            current.append(token)
+    return spans + ([current] if current else [])
+
+
+def masked_text(example: dict, tokenizer) -> str:
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                             if label == IGNORE])
+
+
+class CharTokenizer:
+    """One token per character (id = code point) and eos 0: lengths are known by hand."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def completion(prompt_len: int, answer_len: int) -> dict:
+    return {"prompt": "p" * prompt_len, "completion": "a" * answer_len}
+
+
+# ---- which tokens carry loss -------------------------------------------------------------------
+
+@pytest.mark.parametrize("record, fmt", [(ALPACA, "alpaca"), (ALPACA_INPUT, "alpaca"),
+                                         (COMPLETION, "completion")])
+def test_prompt_is_masked_and_answer_plus_eos_is_labelled(tiny_tokenizer, record, fmt):
+    example, truncated = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
+    assert not truncated
+    prompt = formats.prompt_text(record, fmt, tiny_tokenizer)
+    answer = formats.answer_text(record, fmt)
+    n_prompt = len(tiny_tokenizer(prompt)["input_ids"])
+    assert example["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert tiny_tokenizer.decode(example["input_ids"][:n_prompt]) == prompt
+    spans = loss_spans(example)
+    assert len(spans) == 1 and len(spans[0]) == len(example["input_ids"]) - n_prompt
+    assert tiny_tokenizer.decode(spans[0]) == answer + "<|im_end|>"
+    assert example["input_ids"][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_alpaca_prompt_is_the_stanford_template(tiny_tokenizer):
+    assert formats.prompt_text(ALPACA_INPUT, "alpaca", tiny_tokenizer) == (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nClassify the topic.\n\n### Input:\nThe storm hit the valley.\n\n"
+        "### Response:\n")
+    without = formats.prompt_text(ALPACA, "alpaca", tiny_tokenizer)
+    assert "### Input:" not in without and without.endswith("### Response:\n")
+
+
+def test_chat_labels_the_assistant_turn_and_its_end_marker(tiny_tokenizer):
+    example, _ = tokenize_record(CHAT, "chat", tiny_tokenizer, 256, False)
+    rendered = tiny_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert tiny_tokenizer.decode(example["input_ids"]) == rendered
+    assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n"]
+    assert masked_text(example, tiny_tokenizer) == (
+        "<|im_start|>user\nWhat is 12 + 34?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_multi_turn_chat_every_assistant_turn_carries_loss(tiny_tokenizer):
+    example, _ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
+    assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == [
+        "46<|im_end|>\n", "34<|im_end|>\n"]
+    masked = masked_text(example, tiny_tokenizer)
+    for message in MULTI_TURN["messages"]:
+        if message["role"] != "assistant":
+            assert f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n" in masked
+    assert masked.count("<|im_start|>assistant\n") == 2  # the headers are prompt, not answer
+
+
+def test_chat_turns_after_the_last_answer_are_masked(tiny_tokenizer):
+    record = {"messages": CHAT["messages"] + [{"role": "user", "content": "Thanks"}]}
+    example, _ = tokenize_record(record, "chat", tiny_tokenizer, 256, False)
+    assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n"]
+    assert masked_text(example, tiny_tokenizer).endswith("<|im_start|>user\nThanks<|im_end|>\n")
+
+
+def test_chat_template_with_a_default_system_prompt(tiny_tokenizer, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = (  # SmolLM2's: a system turn is added when there is none
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    example, _ = tokenize_record(MULTI_TURN | {"messages": MULTI_TURN["messages"][1:]}, "chat",
+                                 tokenizer, 256, False)
+    assert [tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n",
+                                                                  "34<|im_end|>\n"]
+    assert masked_text(example, tokenizer).startswith("<|im_start|>system\nYou are helpful.")
+
+
+def test_template_that_is_not_prefix_consistent_is_refused(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{{ messages | length }}\n" + CHAT_TEMPLATE
+    with pytest.raises(InputError, match="prefix-consistently"):
+        tokenize_record(MULTI_TURN, "chat", tokenizer, 256, False)
+
+
+@pytest.mark.parametrize("record, fmt", [(ALPACA_INPUT, "alpaca"), (COMPLETION, "completion"),
+                                         (MULTI_TURN, "chat")])
+def test_train_on_prompt_labels_everything(tiny_tokenizer, record, fmt):
+    masked, _ = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
+    full, _ = tokenize_record(record, fmt, tiny_tokenizer, 256, True)
+    assert full["input_ids"] == masked["input_ids"]
+    assert full["labels"] == full["input_ids"]
+    assert IGNORE in masked["labels"]
+
+
+# ---- truncation, dropping, packing -------------------------------------------------------------
+
+def test_truncation_keeps_max_length_tokens(tiny_tokenizer):
+    whole, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
+    assert not truncated
+    n = len(whole["input_ids"])
+    cut, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n - 3, False)
+    assert truncated
+    assert cut == {"input_ids": whole["input_ids"][:n - 3], "labels": whole["labels"][:n - 3]}
+    exact, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n, False)
+    assert not truncated and exact == whole
+
+
+def test_stats_on_a_handmade_set():
+    records = [completion(2, 1),    # 2 + 1 + eos = 4 tokens, 2 carry loss
+               completion(4, 3),    # 8 tokens, 4 carry loss
+               completion(8, 2),    # 11 tokens, cut to 10: the answer keeps 2 of 3
+               completion(12, 1)]   # 14 tokens, cut to 10: no answer left, dropped
+    examples, stats = tokenize_split(records, "completion", CharTokenizer(),
+                                     {"max_length": 10, "train_on_prompt": False,
+                                      "packing": False})
+    assert [len(e["input_ids"]) for e in examples] == [4, 8, 10]
+    assert stats == {"examples": 3, "truncated": 2, "truncated_pct": 50.0,
+                     "dropped_no_answer_left": 1,
+                     "length_percentiles": {"p50": 8, "p90": 10, "p99": 10, "max": 10},
+                     "tokens": 22, "loss_tokens_pct": round(100 * 8 / 22, 2)}
+    assert examples[2]["labels"] == [IGNORE] * 8 + [ord("a")] * 2
+    assert all(e["attention_mask"] == [1] * len(e["input_ids"]) for e in examples)
+
+
+def test_length_percentiles_are_observed_lengths():
+    records = [completion(n, 1) for n in range(1, 101)]  # lengths 3..102
+    _, stats = tokenize_split(records, "completion", CharTokenizer(), CFG)
+    lengths = np.arange(3, 103)
+    for q in (50, 90, 99):
+        p = stats["length_percentiles"][f"p{q}"]
+        assert p in lengths and np.mean(lengths <= p) >= q / 100
+        assert np.mean(lengths <= p - 1) < q / 100  # and the smallest such length
+    assert stats["length_percentiles"]["max"] == 102 and stats["tokens"] == int(lengths.sum())
+
+
+def test_dropped_examples_with_the_tiny_tokenizer(tiny_tokenizer):
+    prompt_only = len(tiny_tokenizer.apply_chat_template(
+        CHAT["messages"][:1], tokenize=True, add_generation_prompt=True, return_dict=True,
+    )["input_ids"])
+    records = [CHAT, {"messages": [{"role": "user", "content": "What is 12 + 34? " * 5},
+                                   {"role": "assistant", "content": "46"}]}]
+    examples, stats = tokenize_split(records, "chat", tiny_tokenizer,
+                                     CFG | {"max_length": prompt_only + 1})
+    assert stats["examples"] == 1 and stats["dropped_no_answer_left"] == 1
+    assert stats["truncated"] == 2 and stats["truncated_pct"] == 100.0
+    # One token past the prompt: the answer's first token ("46" is one token here).
+    assert loss_spans(examples[0]) == [tiny_tokenizer("46")["input_ids"][:1]]
+
+
+def test_train_on_prompt_still_drops_examples_without_answer():
+    records = [completion(3, 2), completion(20, 2)]
+    examples, stats = tokenize_split(records, "completion", CharTokenizer(),
+                                     {"max_length": 10, "train_on_prompt": True,
+                                      "packing": False})
+    assert len(examples) == 1 and stats["dropped_no_answer_left"] == 1
+    assert stats["loss_tokens_pct"] == 100.0 and examples[0]["labels"] == \
+        examples[0]["input_ids"]
+
+
+def test_pack_concatenates_whole_examples_greedily():
+    examples = [{"input_ids": [i] * n, "labels": [IGNORE] * (n - 1) + [i]}
+                for i, n in enumerate([3, 4, 2, 6, 1, 5, 5], start=1)]
+    packed = pack(examples, max_length=8)
+    # In order: 3+4 (+2 > 8) | 2+6 (+1 > 8) | 1+5 (+5 > 8) | 5
+    assert [p["input_ids"] for p in packed] == [
+        [1] * 3 + [2] * 4, [3] * 2 + [4] * 6, [5] + [6] * 5, [7] * 5]
+    assert packed[0]["labels"] == [IGNORE, IGNORE, 1, IGNORE, IGNORE, IGNORE, 2]
+    assert pack([], 8) == []
+
+
+def test_pack_never_exceeds_max_length_nor_splits_an_example(tiny_tokenizer):
+    records = [{"prompt": f"What is {a} + {b}?\n", "completion": str(a + b)}
+               for a in range(10, 40, 3) for b in (11, 57)]
+    cfg = {"max_length": 40, "train_on_prompt": False, "packing": True}
+    packed, stats = tokenize_split(records, "completion", tiny_tokenizer, cfg)
+    singles, _ = tokenize_split(records, "completion", tiny_tokenizer, cfg | {"packing": False})
+    assert stats["packed_sequences"] == len(packed) < len(singles)
+    assert stats["examples"] == len(singles) == len(records)
+    assert all(len(p["input_ids"]) <= 40 for p in packed)
+    assert all(len(p["attention_mask"]) == len(p["input_ids"]) == len(p["labels"])
+               for p in packed)
+    # The concatenation is unchanged and every sequence boundary is an example boundary.
+    for field in ("input_ids", "labels"):
+        assert sum((p[field] for p in packed), []) == sum((s[field] for s in singles), [])
+    ends = np.cumsum([len(s["input_ids"]) for s in singles]).tolist()
+    assert set(np.cumsum([len(p["input_ids"]) for p in packed]).tolist()) <= set(ends)
+    # Greedy: the next example would not have fitted into the sequence before it.
+    for i in range(len(packed) - 1):
+        start = sum(len(p["input_ids"]) for p in packed[: i + 1])
+        nxt = singles[ends.index(start) + 1]
+        assert len(packed[i]["input_ids"]) + len(nxt["input_ids"]) > 40
+
+
+# ---- the tokenize stage ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def raw_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "raw"
+    fetch_dataset({"source": "builtin", "name": "arithmetic", "num_examples": 40, "seed": 1,
+                   "validation_fraction": 0.1, "test_fraction": 0.1}, "chat", out)
+    return out
+
+
+def test_tokenize_dataset_writes_a_loadable_dataset(raw_dir, tiny_model_dir, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "tokenized"
+    tokenize_dataset(raw_dir, tiny_model_dir, "chat", CFG, out)
+    data = load_from_disk(str(out))
+    assert set(data) == {"train", "validation", "test"}
+    assert [len(data[s]) for s in ("train", "validation", "test")] == [32, 4, 4]
+    assert set(data["train"].column_names) == {"input_ids", "labels", "attention_mask"}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for record, example in zip(read_split(raw_dir, "validation"), data["validation"]):
+        answer = record["messages"][-1]["content"]
+        assert [tokenizer.decode(s) for s in loss_spans(example)] == [answer + "<|im_end|>\n"]
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    assert stats["format"] == "chat" and stats["max_length"] == 256
+    assert stats["splits"]["train"]["examples"] == 32
+    assert stats["splits"]["test"]["truncated"] == 0
+    assert stats["splits"]["train"]["tokens"] == sum(len(x) for x in data["train"]["input_ids"])
+    provenance = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+    assert provenance["stage"] == "tokenize"
+    assert provenance["config"] == {"format": "chat", "tokenize": CFG}
+    assert set(provenance["inputs"]) == {"raw", "tokenizer"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenized"]
+
+
+def test_tokenize_dataset_with_packing(raw_dir, tiny_model_dir, tmp_path):
+    from datasets import load_from_disk
+
+    cfg = CFG | {"max_length": 64, "packing": True}
+    tokenize_dataset(raw_dir, tiny_model_dir, "chat", cfg, tmp_path / "packed")
+    data = load_from_disk(str(tmp_path / "packed"))
+    stats = json.loads((tmp_path / "packed/stats.json").read_text(encoding="utf-8"))
+    assert len(data["train"]) == stats["splits"]["train"]["packed_sequences"] < 32
+    assert max(len(x) for x in data["train"]["input_ids"]) <= 64
+
+
+def test_chat_needs_a_tokenizer_with_a_chat_template(raw_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = None
+    plain = tmp_path / "plain-tokenizer"
+    tokenizer.save_pretrained(plain)
+    assert not AutoTokenizer.from_pretrained(plain).chat_template
+    out = tmp_path / "out" / "tokenized"
+    with pytest.raises(InputError) as info:
+        tokenize_dataset(raw_dir, plain, "chat", CFG, out)
+    message = str(info.value)
+    assert "format 'chat'" in message and str(plain) in message and "expected" in message
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_max_length_that_cuts_every_answer(raw_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "tokenized"
+    with pytest.raises(InputError, match=r"train\.jsonl: no example left.*max_length 8"):
+        tokenize_dataset(raw_dir, tiny_model_dir, "chat", CFG | {"max_length": 8}, out)
+    assert list(tmp_path.iterdir()) == []
