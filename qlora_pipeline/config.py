@@ -171,20 +171,23 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
     override = config.get("task_overrides", {}).get(name, {})
-    raw = deep_merge(raw, override)
+    raw = deep_merge(config["defaults"], deep_merge(raw, override))
     # The global seed is the seed of everything a task does not seed itself (config schema).
     if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
         raw["dataset"]["seed"] = config.get("seed", 0)
     where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
     validate(raw, load_schema("task.schema.yaml"), where)
-    effective = deep_merge(config["defaults"], raw)
-    effective["name"] = name
-    return effective
+    raw["name"] = name
+    return raw
 
 
 def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
     """Validate the main config (in place, with defaults) and load every listed task."""
     validate(config, load_schema("config.schema.yaml"), "config")
+    # Defaults are task settings: the task schema checks them, with nothing required.
+    defaults_schema = {**load_schema("task.schema.yaml"), "required": []}
+    del defaults_schema["$schema"]  # nested, it would switch to a validator without defaults
+    validate(config, {"type": "object", "properties": {"defaults": defaults_schema}}, "config")
     unknown = set(config.get("task_overrides", {})) - set(config["tasks"])
     if unknown:
         raise InputError(

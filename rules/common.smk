@@ -37,9 +37,20 @@ def tokenized_dirs(wildcards=None):
     return {task: f"{RESULTS}/data/{task}/tokenized" for task in TASKS}
 
 
+def recovery_enabled(task):
+    return TASKS[task]["recovery"]["enabled"]
+
+
+def final_adapter(wildcards):
+    """The adapter a task ships: the recovered one when recovery is on, else the QLoRA one."""
+    kind = "recovered" if recovery_enabled(wildcards.task) else "qlora"
+    return f"{RESULTS}/adapters/{wildcards.task}/{kind}"
+
+
 def all_outputs():
     return [
-        *expand(f"{RESULTS}/data/{{task}}/tokenized", task=TASKS),
-        f"{RESULTS}/models/base-4bit",
         f"{RESULTS}/quantization/report.md",
+        *expand(f"{RESULTS}/adapters/{{task}}/qlora", task=TASKS),
+        *[f"{RESULTS}/adapters/{t}/recovered" for t in TASKS if recovery_enabled(t)],
+        *expand(f"{RESULTS}/models/merged/{{task}}", task=TASKS),
     ]

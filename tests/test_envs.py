@@ -3,7 +3,6 @@ logs, benchmarks and names an env, GPU rules claim the GPU, and `snakemake --lin
 
 from __future__ import annotations
 
-import ast
 import re
 import subprocess
 import sys
@@ -132,47 +131,19 @@ def test_rule_logs_benchmarks_and_names_an_env(rule):
         f"rule {rule}: conda env {env} is not a file in envs/"
 
 
-def stage_function(rule: str):
-    """The qlora_pipeline.stages function the rule's script runs (None if it has no script)."""
-    info = RULES[rule]
-    if "script" not in info["directives"]:
-        return None
-    script = (info["file"].parent / string_value(info["directives"]["script"])).resolve()
-    assert script.is_file(), f"rule {rule}: script {script} not found"
-    found = re.search(r"stages\.(\w+)", script.read_text())
-    return found[1] if found else None
-
-
-def runs_on_accelerator(function: str) -> bool:
-    """Whether a stage picks a device: its own code or a subpackage module it imports
-    (`from .models import quantize`) calls runtime.device() or passes device_map."""
-    stages_src = (REPO / "qlora_pipeline" / "stages.py").read_text()
-    tree = ast.parse(stages_src)
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
-    sources = [ast.get_source_segment(stages_src, node)]
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.ImportFrom) and sub.level == 1 and sub.module:
-            package = REPO / "qlora_pipeline" / sub.module.replace(".", "/")
-            for alias in sub.names:  # `from .models import quantize`: a module of a subpackage
-                module = package / f"{alias.name}.py"
-                if module.is_file():
-                    sources.append(module.read_text())
-    return any(re.search(r"\bdevice\(\)|device_map", src) for src in sources)
-
-
 def test_gpu_rules_claim_the_gpu():
-    gpu_rules = set(GPU_RULES)
-    for rule in RULES:
-        function = stage_function(rule)
-        if function and runs_on_accelerator(function):
-            gpu_rules.add(rule)
+    """Every rule in the torch environment but the import (CPU-only dequantization) uses the
+    accelerator when there is one, so it must hold `gpu=1` for Snakemake to serialize it."""
     assert GPU_RULES <= set(RULES)
-    for rule in sorted(gpu_rules):
-        resources = RULES[rule]["directives"].get("resources", "")
+    for rule, info in sorted(RULES.items()):
+        env = string_value(info["directives"]["conda"])
+        if rule == "import_base_model" or not env.endswith("torch.yaml"):
+            continue
+        resources = info["directives"].get("resources", "")
         assert re.search(r"\bgpu\s*=\s*1\b", resources), \
             f"rule {rule} runs torch work on the accelerator but does not declare resources: gpu=1"
-        env = string_value(RULES[rule]["directives"]["conda"])
-        assert env.endswith("torch.yaml"), f"rule {rule} needs torch but uses {env}"
+    for rule in GPU_RULES:
+        assert string_value(RULES[rule]["directives"]["conda"]).endswith("torch.yaml")
 
 
 def test_import_base_model_is_not_a_gpu_rule():

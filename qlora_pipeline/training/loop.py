@@ -1,0 +1,170 @@
+"""The training loop: transformers' Trainer with our data collator, metrics and guards.
+
+Trainer rather than TRL's SFTTrainer: our data arrive already tokenized and masked by the
+tokenize stage, which is SFTTrainer's main job; Trainer gives the rest (schedulers, paged
+optimizers, gradient checkpointing, early stopping, checkpoint resume) with fewer moving parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer,
+                          TrainerCallback, TrainingArguments)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..errors import InputError
+from ..runtime import device
+
+log = logging.getLogger(__name__)
+PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops at once."""
+
+
+class GuardedTrainer(Trainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"training loss became {loss.item()} at step "
+                                f"{self.state.global_step + 1}; lower train.learning_rate or "
+                                f"check the data")
+        return loss
+
+
+class MetricsLog(TrainerCallback):
+    """Every log event as one JSON line: step, loss, learning rate, grad norm, eval loss."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, "epoch": state.epoch, **(logs or {})}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def optimizer_name(requested: str) -> str:
+    """Paged optimizers need CUDA; on the CPU plain AdamW does the same job."""
+    if device() != "cuda" and requested in PAGED:
+        log.info("optimizer: %s needs CUDA; using adamw_torch on the CPU instead", requested)
+        return "adamw_torch"
+    return requested
+
+
+def total_steps(cfg: dict, train_examples: int) -> int:
+    if cfg.get("max_steps"):
+        return cfg["max_steps"]
+    per_epoch = math.ceil(train_examples / (cfg["batch_size"] * cfg["gradient_accumulation"]))
+    return math.ceil(per_epoch * cfg["epochs"])  # a fractional epoch count rounds up
+
+
+def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
+              bf16: bool) -> TrainingArguments:
+    steps = total_steps(cfg, train_examples)
+    eval_steps = min(cfg["eval_steps"], steps)
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=cfg["batch_size"],
+        per_device_eval_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=cfg["gradient_accumulation"],
+        learning_rate=cfg["learning_rate"],
+        warmup_steps=round(cfg["warmup_ratio"] * steps),
+        lr_scheduler_type=cfg["lr_scheduler"],
+        weight_decay=cfg["weight_decay"],
+        max_grad_norm=cfg["max_grad_norm"],
+        optim=optimizer_name(cfg["optimizer"]),
+        gradient_checkpointing=False,  # enabled on the model by prepare_model_for_kbit_training
+        bf16=bf16,
+        use_cpu=device() != "cuda",
+        seed=seed,
+        data_seed=seed,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,  # a checkpoint at every evaluation: resume + keep the best
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        include_num_input_tokens_seen=True,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def peak_memory_mb() -> float:
+    if device() == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
+          seed: int, bf16: bool = False) -> dict:
+    """Train `model` (its trainable parameters) on data['train']; return the run summary.
+
+    Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
+    resumes from them); the best checkpoint by validation loss is restored at the end.
+    """
+    if len(data["train"]) == 0 or len(data["validation"]) == 0:
+        raise InputError("training needs non-empty train and validation splits")
+    args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, bf16)
+    callbacks = [MetricsLog(metrics_path)]
+    if cfg.get("early_stopping_patience"):
+        callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
+    validation = data["validation"]
+    if cfg.get("max_eval_examples"):
+        validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
+    trainer = GuardedTrainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+    )
+    initial = trainer.evaluate()["eval_loss"]
+    log.info("validation loss before training (adapter = 0): %.4f", initial)
+    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume:
+        log.info("resuming from %s", resume)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - started
+    best = trainer.state.best_metric  # the restored checkpoint's validation loss
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss_initial": initial,
+        "eval_loss_best": best,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_seconds": round(seconds, 2),
+        "tokens_seen": int(tokens),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "peak_memory_kind": "cuda max allocated" if device() == "cuda" else "process max RSS",
+        "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
+        "resumed_from": resume,
+    }
+
+
+def discard_stale_checkpoints(root: Path, keep: str) -> None:
+    """Checkpoints are keyed by config hash; those of another config are never resumed."""
+    if not root.is_dir():
+        return
+    for other in root.iterdir():
+        if other.name != keep:
+            log.info("discarding checkpoints %s: made under another configuration", other)
+            shutil.rmtree(other, ignore_errors=True)

@@ -1,0 +1,116 @@
+"""LoRA on a (quantized) causal LM with PEFT: W = W0 + (alpha/r)·BA, W0 frozen, B = 0 at start."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _is_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit))
+
+
+def linear_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (q_proj, v_proj, ...), output head excluded."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if _is_linear(module) and module is not head})
+
+
+def targeted_layers(model, target_modules, layers: list[int] | None = None) -> list[tuple[str, object]]:
+    """The (name, module) pairs a LoRA config with these targets will adapt."""
+    names = set(linear_names(model)) if target_modules == "all-linear" else set(target_modules)
+    head = model.get_output_embeddings()
+    out = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or module is head or name.rsplit(".", 1)[-1] not in names:
+            continue
+        if layers is not None and not any(f".{i}." in f".{name}." for i in layers):
+            continue
+        out.append((name, module))
+    return out
+
+
+def check(model, cfg: dict) -> None:
+    """Refuse targets that match nothing and ranks larger than a targeted layer's dims."""
+    targets = cfg["target_modules"]
+    available = linear_names(model)
+    if targets == "all-linear" and cfg.get("layers_to_transform") is not None:
+        raise InputError("lora.layers_to_transform needs explicit lora.target_modules (PEFT "
+                         f"cannot combine it with 'all-linear'); expected names among {available}")
+    if targets != "all-linear":
+        missing = [t for t in targets if t not in available]
+        if missing:
+            raise InputError(f"lora.target_modules: {missing} match no linear layer of the "
+                             f"model; expected names among {available} or 'all-linear'")
+    layers = targeted_layers(model, targets, cfg.get("layers_to_transform"))
+    if not layers:
+        raise InputError(f"lora.layers_to_transform {cfg.get('layers_to_transform')}: no "
+                         f"targeted layer is in those layers")
+    smallest = min(min(m.in_features, m.out_features) for _, m in layers)
+    if cfg["r"] > smallest:
+        raise InputError(f"lora.r: found {cfg['r']}, expected at most {smallest} (the smallest "
+                         f"dimension of a targeted layer)")
+
+
+def expected_trainable(model, cfg: dict) -> int:
+    """LoRA's parameter count: r·(in + out) per adapted layer (+ out for DoRA's magnitude)."""
+    layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
+    per_layer = [cfg["r"] * (m.in_features + m.out_features)
+                 + (m.out_features if cfg.get("use_dora") else 0) for _, m in layers]
+    return sum(per_layer)
+
+
+def peft_config(cfg: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg["r"],
+        lora_alpha=cfg["alpha"],
+        lora_dropout=cfg["dropout"],
+        target_modules=cfg["target_modules"],
+        init_lora_weights=cfg["init"],
+        use_rslora=cfg["use_rslora"],
+        use_dora=cfg["use_dora"],
+        layers_to_transform=cfg.get("layers_to_transform"),
+        bias="none",
+    )
+
+
+def inject(model, cfg: dict, gradient_checkpointing: bool):
+    """Prepare the quantized model for k-bit training, then add LoRA: in that order."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    check(model, cfg)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = get_peft_model(model, peft_config(cfg))
+    keep_adapters_fp32(model)
+    return model
+
+
+def keep_adapters_fp32(model) -> None:
+    """Trainable (adapter) weights in float32 whatever the compute dtype: the QLoRA recipe."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def trainable_summary(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_stored_numel(p) for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_pct": round(100 * trainable / total, 4)}
+
+
+def _stored_numel(param) -> int:
+    # A 4-bit weight is stored packed two per byte; count the parameters it represents.
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()

@@ -1,0 +1,84 @@
+"""Merging an adapter into a base, and checking what the merged weights compute.
+
+Two merge bases: `full` (the full-precision W0: what users usually ship) and `dequantized`
+(deq(Q(W0)): the weights the QLoRA adapter was actually trained against). The check compares
+logits of the merged model with (a) the same base + the adapter unmerged (does the merge
+arithmetic hold?) and (b) the 4-bit base + the adapter (is it the model that was trained?).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from ..runtime import device
+
+log = logging.getLogger(__name__)
+
+
+def resolve_base(setting: str, recovered: bool) -> str:
+    """'auto': the weights the final adapter was last trained against. A QLoRA adapter was
+    trained on deq(Q(W0)); a recovered one was last trained on W0."""
+    if setting != "auto":
+        return setting
+    return "full" if recovered else "dequantized"
+
+
+def load_base(kind: str, base_dir, quant_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ..models.quantize import load_quantized
+
+    if kind == "full":
+        dtype = torch.float32 if device() == "cpu" else torch.bfloat16
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device())
+    # deq(Q(W)) for every 4-bit layer, in the compute dtype; the rest as stored.
+    return load_quantized(quant_dir).dequantize()
+
+
+def with_adapter(model, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
+@torch.no_grad()
+def logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    model.eval()
+    dev = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu()
+            for ids in prompts]
+
+
+def gaps(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    """Largest and mean |logit difference|, and how often the top-1 next token agrees."""
+    diffs = [(x - y).abs() for x, y in zip(a, b)]
+    agree = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b))
+    return {"max_abs_logit_gap": max(float(d.max()) for d in diffs),
+            "mean_abs_logit_gap": float(torch.cat([d.flatten() for d in diffs]).mean()),
+            "top1_agreement": agree / sum(x.shape[0] for x in a)}
+
+
+def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, prompts, trained_logits):
+    """The merged model on base `kind`, and its two logit gaps."""
+    model = with_adapter(load_base(kind, base_dir, quant_dir), adapter_dir)
+    unmerged = logits(model, prompts)
+    merged = model.merge_and_unload()
+    merged_logits = logits(merged, prompts)
+    check = {"vs_unmerged": gaps(merged_logits, unmerged),
+             "vs_4bit_trained": gaps(merged_logits, trained_logits)}
+    log.info("merge check: %s", check)
+    return merged, check
+
+
+def trained_model_logits(quant_dir, adapter_dir, prompts) -> list[torch.Tensor]:
+    """Logits of the model as trained: the 4-bit base with the adapter on top."""
+    from ..models.quantize import load_quantized
+
+    model = with_adapter(load_quantized(quant_dir), adapter_dir)
+    out = logits(model, prompts)
+    del model
+    gc.collect()
+    return out
