@@ -23,8 +23,9 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 
 demo: setup
 	source $(VENV)/bin/activate && snakemake --cores all --resources gpu=1
-	@echo; echo "Quantization report: results/quantization/report.md"; echo
-	@cat results/quantization/report.md
+	@echo; sed -n '/^## /,/^## Training/p' results/report/report.md | sed '$$d'
+	@echo "Full report: results/report/report.md (scores: results/report/scores.csv;"
+	@echo "browsable: snakemake --report report.html)"
 
 test: setup
 	source $(VENV)/bin/activate && python -m pytest

@@ -16,6 +16,7 @@ except InputError as err:
 
 wildcard_constraints:
     task="|".join(TASKS),
+    variant="|".join(["base", "base-4bit", "qlora", "recovered", "merged"]),
 
 
 RESULTS = "results"
@@ -47,10 +48,45 @@ def final_adapter(wildcards):
     return f"{RESULTS}/adapters/{wildcards.task}/{kind}"
 
 
+def variants(task):
+    """The configured variants that exist for a task (`recovered` only where enabled)."""
+    wanted = config["evaluation"]["variants"]
+    return [v for v in wanted if v != "recovered" or recovery_enabled(task)]
+
+
+def variant_inputs(wildcards):
+    """What one variant × task evaluation loads (the base always: it holds the tokenizer)."""
+    task, variant = wildcards.task, wildcards.variant
+    inputs = {"spec": f"{RESULTS}/eval/tasks/{task}", "base": f"{RESULTS}/models/base"}
+    if variant in ("base-4bit", "qlora"):
+        inputs["base_4bit"] = f"{RESULTS}/models/base-4bit"
+    if variant in ("qlora", "recovered"):
+        inputs["adapter"] = f"{RESULTS}/adapters/{task}/{variant}"
+    if variant == "merged":
+        inputs["merged"] = f"{RESULTS}/models/merged/{task}"
+    return inputs
+
+
+def eval_settings(wildcards=None):
+    """The evaluation settings a score depends on (not the variant list)."""
+    return {k: v for k, v in config["evaluation"].items() if k != "variants"}
+
+
+def eval_results():
+    return [f"{RESULTS}/eval/{v}/{t}/results.json" for t in TASKS for v in variants(t)]
+
+
+def all_adapters():
+    return [f"{RESULTS}/adapters/{t}/{kind}" for t in TASKS
+            for kind in (["qlora", "recovered"] if recovery_enabled(t) else ["qlora"])]
+
+
 def all_outputs():
     return [
         f"{RESULTS}/quantization/report.md",
         *expand(f"{RESULTS}/adapters/{{task}}/qlora", task=TASKS),
         *[f"{RESULTS}/adapters/{t}/recovered" for t in TASKS if recovery_enabled(t)],
         *expand(f"{RESULTS}/models/merged/{{task}}", task=TASKS),
+        *eval_results(),
+        f"{RESULTS}/report/report.md",
     ]

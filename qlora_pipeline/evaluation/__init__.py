@@ -1,0 +1,1 @@
+"""Scoring every model variant with lm-evaluation-harness, and the report."""

@@ -1,0 +1,150 @@
+"""The report: every score in one table (scores.csv), per-task tables with the gain over
+the base model (report.md), and plots of training curves and scores (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .tasks import lm_eval_name
+
+VARIANT_ORDER = ["base", "base-4bit", "qlora", "recovered", "merged"]
+
+
+def score_rows(results_file: str | Path) -> list[dict]:
+    """One row per (benchmark, metric) of one variant × task results.json."""
+    data = json.loads(Path(results_file).read_text(encoding="utf-8"))
+    rows = []
+    for benchmark, metrics in data["results"].items():
+        name = data["task"] if benchmark == lm_eval_name(data["task"]) else benchmark
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({"task": data["task"], "variant": data["variant"], "benchmark": name,
+                         "metric": metric, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+    return rows
+
+
+def scores(results_files: list) -> pd.DataFrame:
+    frame = pd.DataFrame([row for f in results_files for row in score_rows(f)],
+                         columns=["task", "variant", "benchmark", "metric", "value", "stderr"])
+    order = {v: i for i, v in enumerate(VARIANT_ORDER)}
+    return frame.sort_values(["task", "benchmark", "metric", "variant"],
+                             key=lambda c: c.map(order) if c.name == "variant" else c,
+                             ignore_index=True)
+
+
+def task_table(frame: pd.DataFrame) -> str:
+    """Variants as columns; each tuned variant's cell shows its gain over `base`."""
+    wide = frame.pivot_table(index=["benchmark", "metric"], columns="variant", values="value")
+    wide = wide[[v for v in VARIANT_ORDER if v in wide.columns]]
+    lines = ["| benchmark | metric | " + " | ".join(wide.columns) + " |",
+             "|---|---|" + "---|" * len(wide.columns)]
+    for (benchmark, metric), row in wide.iterrows():
+        cells = []
+        for variant, value in row.items():
+            gain = "" if variant == "base" or "base" not in row else f" ({value - row['base']:+.3f})"
+            cells.append(f"{value:.3f}{gain}")
+        lines.append(f"| {benchmark} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_rows(adapter_dirs: list) -> pd.DataFrame:
+    rows = []
+    for directory in map(Path, adapter_dirs):
+        summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
+        rows.append({"task": directory.parent.name, "adapter": directory.name,
+                     **{k: summary.get(k) for k in (
+                         "steps", "eval_loss_initial", "eval_loss_best", "train_seconds",
+                         "tokens_per_second", "peak_memory_mb", "trainable_params",
+                         "trainable_pct")}})
+    return pd.DataFrame(rows)
+
+
+def merge_rows(merged_dirs: list) -> pd.DataFrame:
+    rows = []
+    for directory in map(Path, merged_dirs):
+        check = json.loads((directory / "merge_check.json").read_text(encoding="utf-8"))
+        for base, gaps in check["checks"].items():
+            rows.append({"task": directory.name, "merge_base": base,
+                         "chosen": base == check["chosen"], "recovered": check.get("recovered"),
+                         "max_gap_vs_unmerged": gaps["vs_unmerged"]["max_abs_logit_gap"],
+                         "max_gap_vs_4bit_trained": gaps["vs_4bit_trained"]["max_abs_logit_gap"],
+                         "top1_agreement_vs_4bit_trained":
+                             gaps["vs_4bit_trained"]["top1_agreement"]})
+    return pd.DataFrame(rows)
+
+
+def read_metrics(adapter_dir: Path) -> pd.DataFrame:
+    path = Path(adapter_dir) / "metrics.jsonl"
+    if not path.exists():
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line])
+
+
+def plot_losses(adapter_dirs: list, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({Path(d).parent.name for d in adapter_dirs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        offset = 0
+        for directory in sorted((Path(d) for d in adapter_dirs if Path(d).parent.name == task),
+                                key=lambda d: d.name != "qlora"):
+            metrics = read_metrics(directory)
+            if metrics.empty:
+                continue
+            for column, style in (("loss", "-"), ("eval_loss", "o--")):
+                if column in metrics:
+                    points = metrics.dropna(subset=[column])
+                    ax.plot(points["step"] + offset, points[column], style,
+                            label=f"{directory.name} {'train' if column == 'loss' else 'validation'}")
+            offset += int(metrics["step"].max())  # recovery continues after QLoRA
+        ax.set(title=task, xlabel="step", ylabel="loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def plot_scores(frame: pd.DataFrame, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(frame.groupby(["task", "benchmark", "metric"]))
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.5),
+                             squeeze=False)
+    for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
+        ax.bar(group["variant"], group["value"],
+               yerr=group["stderr"].fillna(0).astype(float), capsize=3)
+        ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, 1.05))
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
+             quantization_md: str) -> str:
+    parts = ["# Fine-tuning report", "",
+             "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
+             "cell shows its gain over the full-precision base in parentheses.", ""]
+    for task, group in frame.groupby("task"):
+        parts += [f"## {task}", "", task_table(group), ""]
+    parts += ["## Training", "", training.to_markdown(index=False, floatfmt=".4g"), "",
+              "Validation loss before training is the 4-bit base's (the adapter starts at zero).",
+              "", "![losses](loss.png)", "", "## Merge checks", "",
+              merges.to_markdown(index=False, floatfmt=".3g"), "",
+              "![scores](scores.png)", "",
+              quantization_md.replace("# Quantization report", "## Quantization", 1)]
+    return "\n".join(parts) + "\n"

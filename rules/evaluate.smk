@@ -1,0 +1,42 @@
+# Evaluation: each task's test split as an lm-eval task, then one job per variant × task,
+# so that adding a variant or a benchmark reruns nothing else.
+
+
+rule eval_task_spec:
+    input:
+        raw=f"{RESULTS}/data/{{task}}/raw",
+        base=f"{RESULTS}/models/base",
+    output:
+        directory(f"{RESULTS}/eval/tasks/{{task}}"),
+    params:
+        format=lambda wc: task_cfg(wc)["format"],
+        max_gen_tokens=config["evaluation"]["max_gen_tokens"],
+    log:
+        f"{RESULTS}/logs/eval_task_spec/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval_task_spec/{{task}}.tsv"
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../scripts/eval_task_spec.py"
+
+
+rule evaluate:
+    input:
+        unpack(variant_inputs),
+    output:
+        results=f"{RESULTS}/eval/{{variant}}/{{task}}/results.json",
+        provenance=f"{RESULTS}/eval/{{variant}}/{{task}}/provenance.json",
+    params:
+        evaluation=eval_settings,
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/evaluate/{{variant}}/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{variant}}/{{task}}.tsv"
+    conda:
+        "../envs/eval.yaml"
+    resources:
+        gpu=1,
+    script:
+        "../scripts/evaluate.py"
