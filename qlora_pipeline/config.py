@@ -181,6 +181,16 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     return raw
 
 
+def canonical(value: Any) -> Any:
+    """Mappings with sorted keys, recursively: rules' params compare equal whatever the key
+    order in the YAML files, so reordering a file reruns nothing."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
 def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
     """Validate the main config (in place, with defaults) and load every listed task."""
     validate(config, load_schema("config.schema.yaml"), "config")
@@ -194,5 +204,5 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
             f"config key 'task_overrides': found {sorted(unknown)}, not in 'tasks'; expected "
             f"only tasks listed in 'tasks' {config['tasks']}"
         )
-    tasks = {name: load_task(name, config, root) for name in config["tasks"]}
-    return config, tasks
+    tasks = {name: canonical(load_task(name, config, root)) for name in config["tasks"]}
+    return canonical(config), tasks

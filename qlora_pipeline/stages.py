@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from . import provenance
-from .data import formats, sources, tokenize
+from .data import sources, tokenize
 from .errors import InputError
 from .outputs import atomic_dir, atomic_file, read_json, write_json, write_jsonl
 from .runtime import device, device_description, seed_everything

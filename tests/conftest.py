@@ -74,6 +74,31 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
+def task_blocks() -> dict:
+    """Complete lora/train/recovery/merge blocks: a minimal task with the schema defaults."""
+    from qlora_pipeline.config import load_schema, validate
+
+    task = {"format": "chat",
+            "dataset": {"source": "builtin", "name": "arithmetic", "num_examples": 80}}
+    return validate(task, load_schema("task.schema.yaml"), "test")
+
+
+def build_inputs(root: Path, model_dir: Path) -> tuple[Path, Path]:
+    """A saved 4-bit base and tokenized arithmetic (chat) data, built with the library."""
+    from qlora_pipeline import stages
+
+    stages.quantize_base_model(model_dir, {"quant_type": "nf4", "double_quant": True,
+                                           "compute_dtype": "auto", "skip_modules": ["lm_head"]},
+                               root / "base-4bit", seed=0)
+    stages.fetch_dataset({"source": "builtin", "name": "arithmetic", "num_examples": 80,
+                          "seed": 1, "validation_fraction": 0.1, "test_fraction": 0.1,
+                          "columns": {}}, "chat", root / "raw")
+    stages.tokenize_dataset(root / "raw", model_dir, "chat",
+                            {"max_length": 128, "train_on_prompt": False, "packing": False},
+                            root / "tokenized")
+    return root / "base-4bit", root / "tokenized"
+
+
 def write_yaml(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -87,25 +112,56 @@ def tiny_config(model_dir: Path, tasks=("arithmetic", "topic")) -> dict:
         "base_model": {"source": "local", "path": str(model_dir)},
         "quantization": {"quant_type": "nf4", "double_quant": True},
         "quantization_report": {"max_examples": 8},
-        "defaults": {"tokenize": {"max_length": 128}},
+        "evaluation": {"limit": 8, "max_gen_tokens": 4},
+        "defaults": {
+            "tokenize": {"max_length": 128},
+            "train": {"max_steps": 6, "eval_steps": 3, "batch_size": 4, "logging_steps": 1,
+                      "learning_rate": 0.005},
+            "merge": {"check_examples": 2},
+        },
     }
 
 
+# One task of each kind; arithmetic also exercises recovery.
 TINY_TASKS = {
     "arithmetic": {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
-                                                 "num_examples": 60, "seed": 1}},
+                                                 "num_examples": 60, "seed": 1},
+                   "recovery": {"enabled": True, "steps": 2}},
     "topic": {"format": "completion", "dataset": {"source": "builtin", "name": "topic",
                                                   "num_examples": 60, "seed": 2}},
 }
 
 
+def make_workdir(path: Path, model_dir: Path) -> Path:
+    write_yaml(path / "config" / "config.yaml", tiny_config(model_dir))
+    for name, task in TINY_TASKS.items():
+        write_yaml(path / "config" / "tasks" / f"{name}.yaml", task)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """The whole pipeline, once per test session, on the tiny model. Tests only read it;
+    a test that edits config or outputs works on a copy (`copy_run`)."""
+    workdir = make_workdir(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture
+def copy_run(tiny_run, tmp_path):
+    """A private copy of the finished tiny run (outputs, mtimes and Snakemake metadata)."""
+    def copy(name: str = "run") -> Path:
+        target = tmp_path / name
+        shutil.copytree(tiny_run, target, symlinks=True)
+        return target
+    return copy
+
+
 @pytest.fixture
 def workdir(tmp_path, tiny_model_dir) -> Path:
     """A Snakemake working directory holding a tiny-model config and two small tasks."""
-    write_yaml(tmp_path / "config" / "config.yaml", tiny_config(tiny_model_dir))
-    for name, task in TINY_TASKS.items():
-        write_yaml(tmp_path / "config" / "tasks" / f"{name}.yaml", task)
-    return tmp_path
+    return make_workdir(tmp_path, tiny_model_dir)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -123,8 +179,3 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 @pytest.fixture
 def run_snakemake():
     return snakemake
-
-
-@pytest.fixture
-def copy_tree():
-    return shutil.copytree

@@ -7,20 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_TASKS, write_yaml
+from conftest import TINY_TASKS
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir):
-    """One complete run of the foundation stages, shared by the checks below."""
-    from conftest import snakemake, tiny_config
-
-    workdir = tmp_path_factory.mktemp("run")
-    write_yaml(workdir / "config/config.yaml", tiny_config(tiny_model_dir))
-    for name, task in TINY_TASKS.items():
-        write_yaml(workdir / "config/tasks" / f"{name}.yaml", task)
-    snakemake(workdir)
-    return workdir
+def finished(tiny_run):
+    return tiny_run
 
 
 def test_dry_run_lists_every_stage_for_every_task(workdir, run_snakemake):

@@ -6,6 +6,8 @@ import gc
 import logging
 from pathlib import Path
 
+import yaml
+
 from .. import provenance
 from ..outputs import atomic_dir, write_json
 from ..runtime import device_description, seed_everything
@@ -24,10 +26,14 @@ def eval_task_spec(task: str, raw_dir, tokenizer_dir, fmt: str, max_gen_tokens: 
     with atomic_dir(out_dir) as tmp:
         info = tasks.write_task(task, read_split(raw_dir, "test"), fmt, tokenizer, tmp,
                                 max_gen_tokens)
-        # lm-eval reads the data file by absolute path: point it at the final location.
+        # lm-eval reads the data file by absolute path: point it at the final location. Edit
+        # the parsed YAML, not its text: YAML quotes, escapes (non-ASCII) or folds some paths.
         spec = tmp / f"{info['name']}.yaml"
-        spec.write_text(spec.read_text(encoding="utf-8").replace(str(tmp.resolve()),
-                                                                 str(Path(out_dir).resolve())),
+        data = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        files = data["dataset_kwargs"]["data_files"]
+        relative = Path(files["test"]).relative_to(tmp.resolve())
+        files["test"] = str(Path(out_dir).resolve() / relative)
+        spec.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True),
                         encoding="utf-8")
         write_json(tmp / "task.json", info)
         write_json(tmp / "provenance.json", provenance.build(

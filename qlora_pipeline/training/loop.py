@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer,
-                          TrainerCallback, TrainingArguments)
-from transformers.trainer_utils import get_last_checkpoint
+                          TrainerCallback, TrainerState, TrainingArguments)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
 from ..runtime import device
@@ -72,6 +72,10 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
               bf16: bool) -> TrainingArguments:
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
+    save_steps = cfg.get("checkpoint_steps") or eval_steps
+    if save_steps % eval_steps:
+        raise InputError(f"train.checkpoint_steps: found {save_steps}, expected a multiple of "
+                         f"train.eval_steps ({eval_steps}) so the best checkpoint can be kept")
     return TrainingArguments(
         output_dir=str(out_dir),
         max_steps=steps,
@@ -92,7 +96,7 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         eval_strategy="steps",
         eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=eval_steps,  # a checkpoint at every evaluation: resume + keep the best
+        save_steps=save_steps,  # checkpoints serve resuming and keeping the best
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
@@ -134,11 +138,17 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=callbacks,
     )
-    initial = trainer.evaluate()["eval_loss"]
-    log.info("validation loss before training (adapter = 0): %.4f", initial)
-    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    resume = last_complete_checkpoint(checkpoint_dir)
+    tokens_before = 0  # seen before the interruption: not part of this run's throughput
     if resume:
         log.info("resuming from %s", resume)
+        forget_metrics_after(metrics_path, int(resume.rsplit("-", 1)[-1]))
+        tokens_before = TrainerState.load_from_json(
+            str(Path(resume) / "trainer_state.json")).num_input_tokens_seen or 0
+        initial = _logged_initial_loss(metrics_path)
+    else:
+        initial = trainer.evaluate()["eval_loss"]
+    log.info("validation loss before training (adapter = 0): %.4f", initial)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
@@ -152,12 +162,47 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds else None,
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "peak_memory_kind": "cuda max allocated" if device() == "cuda" else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
     }
+
+
+def _logged_initial_loss(metrics_path: Path) -> float:
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["step"] == 0 and "eval_loss" in record:
+            return record["eval_loss"]
+    return float("nan")
+
+
+def forget_metrics_after(metrics_path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from: they will be redone."""
+    if not metrics_path.exists():
+        return
+    lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+             if line and json.loads(line)["step"] <= step]
+    metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint that was written completely (a job killed while saving leaves a
+    partial one: Trainer writes trainer_state.json last). Partial ones are deleted."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for candidate in found:
+        try:
+            TrainerState.load_from_json(str(candidate / "trainer_state.json"))
+            return str(candidate)
+        except (OSError, ValueError):  # missing or cut short
+            pass
+        log.info("discarding incomplete checkpoint %s", candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
 
 
 def discard_stale_checkpoints(root: Path, keep: str) -> None:

@@ -1,0 +1,273 @@
+"""The report: scores from lm-eval results files, per-task tables with the gain over the
+base, training and merge summaries, plots, and Snakemake's HTML report of a finished run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qlora_pipeline.evaluation import report
+from qlora_pipeline.evaluation import stages as estages
+
+COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
+# Task t: own benchmark (acc) + arc_easy; task u: own benchmark (exact match) only.
+SCORES = {
+    ("t", "base"): 0.5, ("t", "base-4bit"): 0.4, ("t", "qlora"): 0.9, ("t", "recovered"): 0.95,
+    ("t", "merged"): 0.85, ("u", "base"): 0.2, ("u", "qlora"): 0.6, ("u", "merged"): 0.55,
+}
+
+
+def results_json(task: str, variant: str, value: float) -> dict:
+    """A results.json as evaluate_variant writes it (lm-eval's shape)."""
+    if task == "t":
+        results = {
+            "qlora_t": {"name": "qlora_t", "alias": "qlora_t", "sample_len": 40,
+                        "acc,none": value, "acc_stderr,none": 0.1},
+            "arc_easy": {"alias": "arc_easy", "acc,none": value / 2, "acc_stderr,none": 0.02,
+                         "acc_norm,none": value / 3, "acc_norm_stderr,none": "N/A"},
+        }
+    else:
+        results = {"qlora_u": {"alias": "qlora_u", "exact_match,strip": value,
+                               "exact_match_stderr,strip": 0.05, "bleu,none": "N/A"}}
+    return {"results": results, "n-samples": {}, "config": {"limit": 40},
+            "variant": variant, "task": task}
+
+
+def write_results(root: Path) -> list[Path]:
+    files = []
+    for (task, variant), value in reversed(list(SCORES.items())):  # not in report order
+        path = root / "results/eval" / variant / task / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results_json(task, variant, value)))
+        files.append(path)
+    return files
+
+
+def test_score_rows_name_pair_and_skip(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results_json("t", "qlora", 0.5)))
+    rows = report.score_rows(path)
+    assert rows == [
+        {"task": "t", "variant": "qlora", "benchmark": "t", "metric": "acc", "value": 0.5,
+         "stderr": 0.1},
+        {"task": "t", "variant": "qlora", "benchmark": "arc_easy", "metric": "acc",
+         "value": 0.25, "stderr": 0.02},
+        {"task": "t", "variant": "qlora", "benchmark": "arc_easy", "metric": "acc_norm",
+         "value": pytest.approx(0.5 / 3), "stderr": None},  # "N/A" stderr: none
+    ]
+    path.write_text(json.dumps(results_json("u", "base", 0.2)))
+    assert report.score_rows(path) == [
+        {"task": "u", "variant": "base", "benchmark": "u", "metric": "exact_match",
+         "value": 0.2, "stderr": 0.05}]  # the filter name is not part of the metric
+
+
+def test_scores_table_orders_variants(tmp_path):
+    frame = report.scores(write_results(tmp_path))
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 5 * 3 + 3  # t: 3 metrics x 5 variants; u: 1 metric x 3 variants
+    own = frame[(frame.task == "t") & (frame.benchmark == "t")]
+    assert list(own.variant) == ["base", "base-4bit", "qlora", "recovered", "merged"]
+    assert list(own.value) == [0.5, 0.4, 0.9, 0.95, 0.85]
+    assert list(frame[frame.task == "u"].variant) == ["base", "qlora", "merged"]
+    assert set(frame.benchmark) == {"t", "arc_easy", "u"}
+    assert frame.stderr.isna().sum() == 5  # arc_easy acc_norm for every variant of t
+    # Sorted by task, benchmark, metric, then variant order.
+    keys = list(zip(frame.task, frame.benchmark, frame.metric))
+    assert keys == sorted(keys)
+
+
+def test_task_table_shows_gain_over_base(tmp_path):
+    frame = report.scores(write_results(tmp_path))
+    lines = report.task_table(frame[frame.task == "t"]).splitlines()
+    assert lines[0] == "| benchmark | metric | base | base-4bit | qlora | recovered | merged |"
+    assert lines[1] == "|---|---|---|---|---|---|---|"
+    assert ("| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400) | 0.950 (+0.450) "
+            "| 0.850 (+0.350) |") in lines
+    assert "| arc_easy | acc | 0.250 | 0.200 (-0.050) | 0.450 (+0.200) |" in lines[2]
+    assert len(lines) == 2 + 3  # one row per benchmark x metric
+
+    u = report.task_table(frame[frame.task == "u"]).splitlines()
+    assert u[0] == "| benchmark | metric | base | qlora | merged |"
+    assert u[2] == "| u | exact_match | 0.200 | 0.600 (+0.400) | 0.550 (+0.350) |"
+
+    no_base = report.task_table(frame[(frame.task == "u") & (frame.variant != "base")])
+    assert "| u | exact_match | 0.600 | 0.550 |" in no_base and "(" not in no_base
+
+
+def make_run(root: Path) -> dict:
+    """Handmade inputs of the report stage, laid out as the pipeline lays them out."""
+    files = write_results(root)
+    adapters = []
+    for task, kinds in (("t", ("qlora", "recovered")), ("u", ("qlora",))):
+        for kind in kinds:
+            directory = root / "results/adapters" / task / kind
+            directory.mkdir(parents=True)
+            steps = 6 if kind == "qlora" else 3
+            (directory / "summary.json").write_text(json.dumps({
+                "steps": steps, "eval_loss_initial": 3.5, "eval_loss_best": 1.25,
+                "train_seconds": 12.0, "tokens_per_second": 480.0, "peak_memory_mb": 900.0,
+                "trainable_params": 4096, "trainable_pct": 1.5}))
+            lines = []
+            for step in range(1, steps + 1):
+                lines.append({"step": step, "epoch": step / steps, "loss": 4.0 - step * 0.3,
+                              "learning_rate": 1e-3})
+                if step % 3 == 0:
+                    lines.append({"step": step, "epoch": step / steps, "eval_loss": 3.0 - step * 0.2})
+            lines.append({"step": steps, "epoch": 1.0, "train_runtime": 12.0})
+            (directory / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            adapters.append(directory)
+    merged = []
+    for task in ("t", "u"):
+        directory = root / "results/models/merged" / task
+        directory.mkdir(parents=True)
+        gaps = {"max_abs_logit_gap": 0.002, "mean_abs_logit_gap": 0.0004, "top1_agreement": 1.0}
+        checks = {"dequantized": {"vs_unmerged": gaps,
+                                  "vs_4bit_trained": {**gaps, "max_abs_logit_gap": 0.03,
+                                                      "top1_agreement": 0.875}},
+                  "full": {"vs_unmerged": gaps,
+                           "vs_4bit_trained": {**gaps, "max_abs_logit_gap": 0.4,
+                                               "top1_agreement": 0.75}}}
+        chosen = "full" if task == "t" else "dequantized"
+        (directory / "merge_check.json").write_text(json.dumps({
+            "chosen": chosen, "recovered": task == "t", "examples": 8, "checks": checks}))
+        merged.append(directory)
+    quantization = root / "results/quantization/report.md"
+    quantization.parent.mkdir(parents=True)
+    quantization.write_text("# Quantization report\n\n| layer | error |\n|---|---|\n"
+                            "| q_proj | 0.1 |\n")
+    out = root / "results/report"
+    outputs = {"scores": out / "scores.csv", "markdown": out / "report.md",
+               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png"}
+    return {"results_files": files, "adapter_dirs": adapters, "merged_dirs": merged,
+            "quantization_md": quantization, "outputs": outputs}
+
+
+def test_build_report(tmp_path):
+    import matplotlib.image
+
+    run = make_run(tmp_path)
+    estages.build_report(**run)
+    outputs = run["outputs"]
+
+    scores = pd.read_csv(outputs["scores"])
+    assert list(scores.columns) == COLUMNS
+    assert len(scores) == 18
+    row = scores[(scores.task == "t") & (scores.variant == "qlora") & (scores.benchmark == "t")]
+    assert row[["metric", "value", "stderr"]].values.tolist() == [["acc", 0.9, 0.1]]
+
+    text = outputs["markdown"].read_text()
+    sections = [line for line in text.splitlines() if line.startswith("#")]
+    assert sections == ["# Fine-tuning report", "## t", "## u", "## Training",
+                        "## Merge checks", "## Quantization"]
+    t_part = text.split("## t\n", 1)[1].split("## u\n", 1)[0]
+    assert "| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400)" in t_part
+    assert "| arc_easy | acc_norm |" in t_part
+    u_part = text.split("## u\n", 1)[1].split("## Training", 1)[0]
+    assert "| u | exact_match | 0.200 | 0.600 (+0.400) | 0.550 (+0.350) |" in u_part
+
+    training = text.split("## Training", 1)[1].split("## Merge checks", 1)[0]
+    table = [line for line in training.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3  # header, rule, one row per adapter
+    assert "eval_loss_best" in table[0] and "trainable_pct" in table[0]
+    assert any("recovered" in line and "| t " in line for line in table)
+    assert "![losses](loss.png)" in training
+
+    merges = text.split("## Merge checks", 1)[1].split("## Quantization", 1)[0]
+    table = [line for line in merges.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4  # two merge bases checked per task
+    assert "max_gap_vs_4bit_trained" in table[0]
+    assert any("0.875" in line and "dequantized" in line for line in table)
+    assert "| q_proj | 0.1 |" in text.split("## Quantization", 1)[1]
+    assert "# Quantization report" not in text
+
+    # One panel per task (losses), one per task x benchmark x metric (scores: 4 here),
+    # each 5 and 4 inches wide at 100 dpi.
+    for key, width in (("loss_plot", 2 * 5 * 100), ("scores_plot", 4 * 4 * 100)):
+        png = outputs[key]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(png).shape[1] == width
+    assert not list(outputs["scores"].parent.glob(".*tmp-*"))
+
+
+def test_merge_and_training_rows(tmp_path):
+    run = make_run(tmp_path)
+    merges = report.merge_rows(run["merged_dirs"])
+    chosen = merges[merges.chosen]
+    assert chosen[["task", "merge_base"]].values.tolist() == [["t", "full"], ["u", "dequantized"]]
+    assert list(chosen.recovered) == [True, False]
+    training = report.training_rows(run["adapter_dirs"])
+    assert training[["task", "adapter", "steps"]].values.tolist() == [
+        ["t", "qlora", 6], ["t", "recovered", 3], ["u", "qlora", 6]]
+
+
+# ---- the report rule and `snakemake --report` ---------------------------------------------
+
+def snakemake_inputs(workdir: Path) -> None:
+    """Handmade inputs of the report rule for the tiny config's tasks and variants."""
+    from conftest import TINY_TASKS
+
+    from qlora_pipeline.outputs import write_json
+
+    results = workdir / "results"
+    gaps = {"max_abs_logit_gap": 0.01, "mean_abs_logit_gap": 0.001, "top1_agreement": 1.0}
+    for task, cfg in TINY_TASKS.items():
+        recovery = cfg.get("recovery", {}).get("enabled", False)
+        variants = [v for v in report.VARIANT_ORDER if v != "recovered" or recovery]
+        for i, variant in enumerate(variants):
+            write_json(results / "eval" / variant / task / "results.json", {
+                "results": {f"qlora_{task}": {"acc,none": 0.1 * (i + 1),
+                                              "acc_stderr,none": 0.05}},
+                "variant": variant, "task": task})
+        for kind in ("qlora", "recovered") if recovery else ("qlora",):
+            write_json(results / "adapters" / task / kind / "summary.json", {"steps": 2})
+            (results / "adapters" / task / kind / "metrics.jsonl").write_text(
+                '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n')
+        write_json(results / "models/merged" / task / "merge_check.json", {
+            "chosen": "dequantized", "recovered": recovery, "examples": 2,
+            "checks": {"dequantized": {"vs_unmerged": gaps, "vs_4bit_trained": gaps}}})
+    (results / "quantization").mkdir(parents=True)
+    (results / "quantization/report.md").write_text("# Quantization report\n\nnumbers\n")
+
+
+def test_report_rule_and_html_report(workdir):
+    """The report rule alone (upstream outputs given), then `snakemake --report`."""
+    from conftest import TINY_TASKS, snakemake
+
+    snakemake_inputs(workdir)
+    only_report = ("--allowed-rules", "report")
+    snakemake(workdir, *only_report)
+    out = workdir / "results/report"
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns) == COLUMNS
+    assert set(scores.task) == set(TINY_TASKS)
+    assert list(scores[scores.task == "arithmetic"].variant) == report.VARIANT_ORDER
+    assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
+    assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+
+    html = workdir / "report.html"
+    snakemake(workdir, *only_report, "--report", str(html))
+    text = html.read_text(encoding="utf-8", errors="replace")
+    for name in ("scores.csv", "report.md", "scores.png", "loss.png"):
+        assert name in text, name
+
+
+def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
+    """`snakemake --report` on the session's full tiny run (shared with other test files)."""
+    from conftest import TINY_TASKS, snakemake
+
+    scores = pd.read_csv(tiny_run / "results/report/scores.csv")
+    expected = {(task, variant) for task, cfg in TINY_TASKS.items()
+                for variant in report.VARIANT_ORDER
+                if variant != "recovered" or cfg.get("recovery", {}).get("enabled")}
+    assert set(zip(scores.task, scores.variant)) == expected
+    assert set(scores.benchmark) == set(TINY_TASKS)
+    assert scores.value.between(0, 1).all()
+
+    html = tmp_path / "report.html"
+    snakemake(tiny_run, "--report", str(html))
+    text = html.read_text(encoding="utf-8", errors="replace")
+    for name in ("scores.csv", "report.md", "scores.png", "loss.png"):
+        assert name in text, name

@@ -1,0 +1,348 @@
+"""LoRA injection, the training loop and the training stages, on the tiny 4-bit model.
+
+Tiny Llama dims (conftest.build_model): hidden 64, intermediate 128, 4 heads of 16, 2 kv
+heads, so q/o are 64x64, k/v 64->32, gate/up 64->128, down 128->64; two layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import build_inputs, task_blocks
+from qlora_pipeline.errors import InputError
+from qlora_pipeline.training import lora, loop
+from qlora_pipeline.training import stages as tstages
+
+HIDDEN, INTER, KV_OUT, LAYERS = 64, 128, 32, 2
+QV_PER_LAYER = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, KV_OUT)}
+ALL_PER_LAYER = {**QV_PER_LAYER, "k_proj": (HIDDEN, KV_OUT), "o_proj": (HIDDEN, HIDDEN),
+                 "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER),
+                 "down_proj": (INTER, HIDDEN)}
+
+
+def by_hand(r: int, dims: dict, layers: int = LAYERS, dora: bool = False) -> int:
+    return layers * sum(r * (i + o) + (o if dora else 0) for i, o in dims.values())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir) -> dict:
+    quant, tokenized = build_inputs(tmp_path_factory.mktemp("training"), tiny_model_dir)
+    return {"base": tiny_model_dir, "quant": quant, "tokenized": tokenized}
+
+
+def load4(prepared):
+    from qlora_pipeline.models.quantize import load_quantized
+
+    return load_quantized(prepared["quant"])
+
+
+def lora_cfg(**overrides) -> dict:
+    return {**task_blocks()["lora"], **overrides}
+
+
+def fast_train(**overrides) -> dict:
+    return {**task_blocks()["train"], "max_steps": 30, "eval_steps": 10, "logging_steps": 5,
+            "learning_rate": 5e-3, "batch_size": 8, **overrides}
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory) -> dict:
+    """One QLoRA run (30 steps, high learning rate), shared by the checks below."""
+    root = tmp_path_factory.mktemp("trained")
+    summary = tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(),
+                                  fast_train(), 0, root / "qlora", root / "checkpoints")
+    return {"summary": summary, "adapter": root / "qlora", "checkpoints": root / "checkpoints"}
+
+
+def leftovers(parent, name: str) -> list:
+    """The output itself or a temporary sibling of it, if any was left behind."""
+    if not parent.exists():
+        return []
+    return [p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.")]
+
+
+# ---- injection -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, by_hand(8, QV_PER_LAYER)),
+    ({"r": 4}, by_hand(4, QV_PER_LAYER)),
+    ({"target_modules": "all-linear"}, by_hand(8, ALL_PER_LAYER)),
+    ({"use_dora": True}, by_hand(8, QV_PER_LAYER, dora=True)),
+    ({"layers_to_transform": [0]}, by_hand(8, QV_PER_LAYER, layers=1)),
+], ids=["q_v", "r4", "all-linear", "dora", "layer0"])
+def test_inject_freezes_base_and_trains_exactly_lora(prepared, overrides, expected):
+    model = load4(prepared)
+    cfg = lora_cfg(**overrides)
+    assert lora.expected_trainable(model, cfg) == expected
+    model = lora.inject(model, cfg, gradient_checkpointing=False)
+    named = list(model.named_parameters())
+    assert named
+    frozen_wrong = [n for n, p in named if p.requires_grad and "lora_" not in n]
+    assert frozen_wrong == []
+    assert all(p.requires_grad for n, p in named if "lora_" in n)
+    assert sum(p.numel() for _, p in named if p.requires_grad) == expected
+    assert tstages.verify_frozen(model, expected)["trainable_params"] == expected
+
+
+def test_layers_to_transform_halves_and_all_linear_covers_every_projection(prepared):
+    model = lora.inject(load4(prepared), lora_cfg(target_modules="all-linear"), False)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")
+               and "default" in m.lora_A}
+    assert adapted == set(ALL_PER_LAYER)
+    assert not any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    half = lora.inject(load4(prepared), lora_cfg(layers_to_transform=[0]), False)
+    layers = {re.search(r"layers\.(\d+)\.", n).group(1)
+              for n, p in half.named_parameters() if p.requires_grad}
+    assert layers == {"0"}
+    full = by_hand(8, QV_PER_LAYER)
+    assert sum(p.numel() for p in half.parameters() if p.requires_grad) * 2 == full
+
+
+def test_init_is_identity_and_adapters_are_float32(prepared):
+    model = load4(prepared).eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.clone()
+    model = lora.inject(model, lora_cfg(), gradient_checkpointing=False).eval()
+    a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(a) == len(b) == LAYERS * len(QV_PER_LAYER)
+    assert all(torch.count_nonzero(p) == 0 for p in b)          # B = 0
+    assert all(torch.count_nonzero(p) == p.numel() for p in a)  # A random
+    assert {p.dtype for p in a + b} == {torch.float32}
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)  # W0 + (alpha/r)·B·A with B = 0 is W0 exactly
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling(prepared, rslora):
+    model = lora.inject(load4(prepared), lora_cfg(r=4, alpha=16, use_rslora=rslora), False)
+    scalings = [m.scaling["default"] for _, m in model.named_modules()
+                if hasattr(m, "scaling") and "default" in getattr(m, "lora_A", {})]
+    assert len(scalings) == LAYERS * len(QV_PER_LAYER)
+    expected = 16 / math.sqrt(4) if rslora else 16 / 4
+    assert scalings == pytest.approx([expected] * len(scalings))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"target_modules": ["nope"]}, r"\['nope'\].*q_proj"),
+    ({"target_modules": ["q_proj", "nope"]}, r"\['nope'\]"),
+    ({"r": 40}, r"lora\.r: found 40, expected at most 32"),
+    ({"target_modules": "all-linear", "layers_to_transform": [0]}, r"layers_to_transform"),
+    ({"layers_to_transform": [7]}, r"no targeted layer"),
+], ids=["unknown", "one-unknown", "r-too-big", "layers+all-linear", "layer-out-of-range"])
+def test_bad_lora_config_is_input_error_and_leaves_nothing(prepared, tmp_path, overrides,
+                                                            message):
+    cfg = lora_cfg(**overrides)
+    with pytest.raises(InputError, match=message):
+        tstages.train_qlora(prepared["quant"], prepared["tokenized"], cfg, fast_train(), 0,
+                            tmp_path / "qlora", tmp_path / "checkpoints")
+    assert leftovers(tmp_path, "qlora") == []
+
+
+def test_rank_bound_is_the_smallest_targeted_dimension(prepared):
+    model = load4(prepared)
+    lora.check(model, lora_cfg(r=32))  # v_proj's 32 outputs
+    lora.check(model, lora_cfg(r=40, target_modules=["q_proj"]))  # q_proj is 64x64
+    with pytest.raises(InputError, match="at most 32"):
+        lora.check(model, lora_cfg(r=33))
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+def test_paged_optimizer_falls_back_to_adamw_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("the swap only happens without CUDA")
+    assert loop.optimizer_name("paged_adamw_8bit") == "adamw_torch"
+    assert loop.optimizer_name("paged_adamw_32bit") == "adamw_torch"
+    assert loop.optimizer_name("adafactor") == "adafactor"
+
+
+def test_total_steps():
+    cfg = {"max_steps": None, "epochs": 1, "batch_size": 8, "gradient_accumulation": 1}
+    assert loop.total_steps(cfg, 80) == 10
+    assert loop.total_steps({**cfg, "epochs": 2}, 80) == 20
+    assert loop.total_steps(cfg, 81) == 11  # a last partial batch is a step
+    assert loop.total_steps({**cfg, "epochs": 1.5}, 70) == 14  # 9 per epoch * 1.5 = 13.5
+    assert loop.total_steps({**cfg, "epochs": 0.25}, 80) == 3  # 2.5 rounds up
+    assert loop.total_steps({**cfg, "gradient_accumulation": 2}, 80) == 5
+    assert loop.total_steps({**cfg, "max_steps": 7, "epochs": 3}, 80) == 7
+
+
+def test_epochs_drive_the_step_count(prepared, tmp_path):
+    from datasets import load_from_disk
+
+    n_train = len(load_from_disk(str(prepared["tokenized"]))["train"])
+    train = fast_train(max_steps=None, epochs=0.5, eval_steps=50)
+    summary = tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(), train,
+                                  0, tmp_path / "qlora", tmp_path / "checkpoints")
+    assert summary["steps"] == math.ceil(math.ceil(n_train / 8) * 0.5)
+
+
+# ---- train_qlora -----------------------------------------------------------------------------
+
+def test_train_qlora_lowers_validation_loss(trained):
+    s = trained["summary"]
+    assert s["steps"] == 30
+    assert math.isfinite(s["eval_loss_initial"])
+    assert s["eval_loss_best"] < s["eval_loss_initial"] - 0.05, s
+    assert s["trainable_params"] == by_hand(8, QV_PER_LAYER)
+    assert s["optimizer"] == loop.optimizer_name("paged_adamw_8bit")
+
+
+def test_train_qlora_outputs(trained):
+    out = trained["adapter"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl",
+                 "summary.json", "provenance.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in records if {"loss", "learning_rate", "grad_norm"} <= set(r)]
+    eval_lines = [r for r in records if "eval_loss" in r]
+    assert len(train_lines) >= 30 // 5
+    assert len(eval_lines) >= 3  # before training, then every 10 steps
+    assert all(math.isfinite(r["loss"]) for r in train_lines)
+    assert max(r["learning_rate"] for r in train_lines) == pytest.approx(5e-3, rel=0.2)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_seconds"] > 0
+    assert summary["tokens_per_second"] > 0
+    assert summary["peak_memory_mb"] > 0
+    assert summary["trainable_params"] == by_hand(8, QV_PER_LAYER)
+    assert 0 < summary["trainable_pct"] < 100
+    assert summary["trainable_pct"] == pytest.approx(
+        100 * summary["trainable_params"] / summary["total_params"], abs=1e-3)
+
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["stage"] == "train_qlora"
+    assert set(prov["inputs"]) == {"base_4bit", "tokenized"}
+    assert prov["config"]["lora"]["r"] == 8
+
+
+def test_saved_adapter_is_float32_and_trained(trained):
+    from safetensors.torch import load_file
+
+    tensors = load_file(trained["adapter"] / "adapter_model.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
+    b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert len(b) == LAYERS * len(QV_PER_LAYER)
+    assert all(torch.count_nonzero(t) > 0 for t in b)  # B moved away from its zero init
+
+
+def test_checkpoints_removed_on_success(trained):
+    root = trained["checkpoints"]
+    assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_nan_loss_stops_training_and_leaves_no_adapter(prepared, tmp_path, monkeypatch):
+    inject = lora.inject
+
+    def poisoned(model, cfg, gradient_checkpointing):
+        model = inject(model, cfg, gradient_checkpointing)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(lora, "inject", poisoned)
+    with pytest.raises(loop.NonFiniteLoss, match=r"at step 1\b"):
+        tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(), fast_train(),
+                            0, tmp_path / "qlora", tmp_path / "checkpoints")
+    assert leftovers(tmp_path, "qlora") == []
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp_path,
+                                                          monkeypatch):
+    class Interrupted(Exception):
+        pass
+
+    step = loop.GuardedTrainer.training_step
+
+    def interrupt_at_15(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 14:
+            raise Interrupted
+        return step(self, model, inputs, num_items_in_batch)
+
+    args = (prepared["quant"], prepared["tokenized"], lora_cfg(), fast_train(), 0,
+            tmp_path / "qlora", tmp_path / "checkpoints")
+    monkeypatch.setattr(loop.GuardedTrainer, "training_step", interrupt_at_15)
+    with pytest.raises(Interrupted):
+        tstages.train_qlora(*args)
+    assert leftovers(tmp_path, "qlora") == []
+    saved = list((tmp_path / "checkpoints").glob("*/checkpoint-*"))
+    assert [p.name for p in saved] == ["checkpoint-10"]  # eval_steps 10: one so far
+    tokens_at_10 = json.loads((saved[0] / "trainer_state.json").read_text())[
+        "num_input_tokens_seen"]
+    monkeypatch.undo()
+
+    summary = tstages.train_qlora(*args)
+    assert summary["resumed_from"] == str(saved[0])
+    assert summary["steps"] == 30
+    # Same data order and optimizer state: the same result as the uninterrupted run.
+    assert summary["eval_loss_best"] == pytest.approx(trained["summary"]["eval_loss_best"],
+                                                      rel=1e-5)
+    # Throughput counts only the tokens this (resumed) run processed.
+    assert summary["tokens_seen"] == trained["summary"]["tokens_seen"]
+    assert summary["tokens_per_second"] * summary["train_seconds"] == pytest.approx(
+        summary["tokens_seen"] - tokens_at_10, rel=0.05)
+    assert not saved[0].exists()
+
+
+def test_checkpoints_of_another_configuration_are_discarded(tmp_path):
+    for key in ("aaaa", "bbbb"):
+        (tmp_path / key / "checkpoint-5").mkdir(parents=True)
+    loop.discard_stale_checkpoints(tmp_path, keep="bbbb")
+    assert [p.name for p in tmp_path.iterdir()] == ["bbbb"]
+    assert (tmp_path / "bbbb" / "checkpoint-5").is_dir()
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+def test_recovery_without_adapter_is_input_error(prepared, tmp_path):
+    blocks = task_blocks()
+    missing = tmp_path / "adapters" / "qlora"
+    with pytest.raises(InputError, match=r"no QLoRA adapter at .*adapters/qlora"):
+        tstages.recover(prepared["base"], missing, prepared["tokenized"],
+                        {**blocks["recovery"], "enabled": True, "steps": 3}, fast_train(), 0,
+                        tmp_path / "recovered", tmp_path / "checkpoints")
+    assert leftovers(tmp_path, "recovered") == []
+
+
+def test_recovery_continues_the_qlora_adapter(prepared, trained, tmp_path):
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    blocks = task_blocks()
+    recovery = {**blocks["recovery"], "enabled": True, "steps": 3, "learning_rate": 1e-4}
+    out = tmp_path / "recovered"
+    summary = tstages.recover(prepared["base"], trained["adapter"], prepared["tokenized"],
+                              recovery, fast_train(), 0, out, tmp_path / "checkpoints")
+    assert summary["steps"] == 3
+    assert math.isfinite(summary["eval_loss_initial"])
+    # It starts where QLoRA ended: not at the untrained loss.
+    qlora = trained["summary"]
+    assert summary["eval_loss_initial"] < qlora["eval_loss_initial"] - 0.05, (summary, qlora)
+    assert summary["trainable_params"] == qlora["trainable_params"]
+
+    assert PeftConfig.from_pretrained(str(out)).peft_type == "LORA"
+    before = load_file(trained["adapter"] / "adapter_model.safetensors")
+    after = load_file(out / "adapter_model.safetensors")
+    assert set(before) == set(after)
+    assert {t.dtype for t in after.values()} == {torch.float32}
+    for key, weight in before.items():  # 3 small steps from the QLoRA weights
+        assert torch.allclose(after[key], weight, atol=3e-3), key
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # but it did train
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["stage"] == "recover" and set(prov["inputs"]) == {"base", "adapter", "tokenized"}
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
