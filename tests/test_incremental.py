@@ -1,0 +1,119 @@
+"""A config edit reruns exactly the stages that depend on it (Snakemake's params trigger).
+
+Each test edits a private copy of one finished tiny run and asks a dry run which jobs would
+run; jobs are compared as (rule, task, variant) triples.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import yaml
+
+from conftest import snakemake
+
+TASKS = ("arithmetic", "topic")
+
+
+def planned(workdir) -> set[tuple[str, str, str]]:
+    """The jobs a dry run would execute, as (rule, task, variant)."""
+    out = snakemake(workdir, "-n").stdout
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        head = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if not head or head[1] == "all":
+            continue
+        wildcards = dict(re.findall(r"(\w+)=([\w-]+)", (re.search(r"wildcards: (.*)", block)
+                                                      or [None, ""])[1]))
+        jobs.add((head[1], wildcards.get("task", ""), wildcards.get("variant", "")))
+    return jobs
+
+
+def edit(path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def rules(jobs) -> set[str]:
+    return {rule for rule, _, _ in jobs}
+
+
+def test_no_change_nothing_to_do_and_fast(copy_run):
+    workdir = copy_run()
+    started = time.time()
+    assert planned(workdir) == set()
+    assert time.time() - started < 5
+
+
+def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))
+    jobs = planned(workdir)
+    assert rules(jobs) == {"evaluate", "report"}
+    variants = {"arithmetic": {"base", "base-4bit", "qlora", "recovered", "merged"},
+                "topic": {"base", "base-4bit", "qlora", "merged"}}
+    assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
+        (t, v) for t, vs in variants.items() for v in vs}
+
+
+def test_lora_rank_of_one_task(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/arithmetic.yaml", lambda t: t.setdefault("lora", {}).update(r=4))
+    jobs = planned(workdir)
+    assert jobs == {
+        ("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
+        ("merge", "arithmetic", ""), ("evaluate", "arithmetic", "qlora"),
+        ("evaluate", "arithmetic", "recovered"), ("evaluate", "arithmetic", "merged"),
+        ("report", "", ""),
+    }
+
+
+def test_dataset_of_one_task(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml", lambda t: t["dataset"].update(num_examples=70))
+    jobs = planned(workdir)
+    assert not any(task == "arithmetic" for _, task, _ in jobs), jobs
+    assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
+            ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
+            ("merge", "topic", ""), ("quantization_report", "", ""), ("report", "", "")} <= jobs
+    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "base-4bit", "qlora", "merged"}
+    assert not rules(jobs) & {"import_base_model", "quantize"}
+
+
+def test_quantization_block(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
+    jobs = planned(workdir)
+    assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
+            "evaluate", "report"} == rules(jobs)
+    assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
+    # the full-precision base's scores do not depend on quantization
+    assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
+
+
+def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
+    import shutil
+
+    workdir = copy_run()
+    config = yaml.safe_load((workdir / "config/config.yaml").read_text())
+    moved = tmp_path / "other-model"
+    shutil.copytree(config["base_model"]["path"], moved)
+    edit(workdir / "config/config.yaml", lambda c: c["base_model"].update(path=str(moved)))
+    jobs = planned(workdir)
+    assert "fetch_dataset" not in rules(jobs)
+    assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
+            "recover", "merge", "eval_task_spec", "evaluate", "report"} == rules(jobs)
+
+
+def test_recovery_switched_on_for_one_task(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml",
+         lambda t: t.update(recovery={"enabled": True, "steps": 2}))
+    jobs = planned(workdir)
+    assert jobs == {
+        ("recover", "topic", ""), ("merge", "topic", ""),
+        ("evaluate", "topic", "recovered"), ("evaluate", "topic", "merged"),
+        ("report", "", ""),
+    }

@@ -1,0 +1,99 @@
+"""A training job killed with SIGKILL resumes from its last checkpoint when snakemake is run
+again, and ends with the same adapter as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, snakemake
+
+TARGET = "results/adapters/topic/qlora"
+TRAIN = {"max_steps": 60, "eval_steps": 4, "batch_size": 4, "logging_steps": 1}
+
+
+def longer_training(workdir) -> None:
+    path = workdir / "config/tasks/topic.yaml"
+    task = yaml.safe_load(path.read_text())
+    task["train"] = TRAIN
+    path.write_text(yaml.safe_dump(task))
+
+
+def start(workdir) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
+           "--cores", "1", "--resources", "gpu=1", "--workflow-profile", "none", TARGET]
+    # Its own process group, so that the kill takes the job's Python process too, as a
+    # crashed node would.
+    return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_at_checkpoint(workdir, step: int, timeout: float = 300) -> None:
+    process = start(workdir)
+    deadline = time.time() + timeout
+    root = workdir / "results/checkpoints/topic/qlora"
+    while time.time() < deadline and process.poll() is None:
+        if any((d / f"checkpoint-{step}" / "trainer_state.json").exists()
+               for d in root.glob("*")):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"training ended or timed out before checkpoint-{step}")
+
+
+def adapter(workdir) -> dict:
+    return load_file(workdir / TARGET / "adapter_model.safetensors")
+
+
+def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
+    reference, interrupted = copy_run("reference"), copy_run("interrupted")
+    for workdir in (reference, interrupted):
+        longer_training(workdir)
+    snakemake(reference, TARGET)
+
+    step = random.Random().choice(range(8, 52, 4))  # a random checkpointed step
+    kill_at_checkpoint(interrupted, step)
+    assert not (interrupted / TARGET).exists()  # a killed job leaves no adapter behind
+    snakemake(interrupted, "--unlock")
+    snakemake(interrupted, TARGET, "--rerun-incomplete")
+
+    log = (interrupted / "results/logs/train_qlora/topic.log").read_text()
+    assert "resuming from" in log and f"checkpoint-{step}" in log
+    summary = yaml.safe_load((interrupted / TARGET / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["steps"] == TRAIN["max_steps"]
+    want, got = adapter(reference), adapter(interrupted)
+    assert want.keys() == got.keys()
+    for name in want:  # bitwise: CPU training is deterministic and Trainer restores RNG state
+        assert (want[name] == got[name]).all(), name
+    metrics = [yaml.safe_load(line) for line in
+               (interrupted / TARGET / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [m["step"] for m in metrics if "loss" in m]
+    assert len(train_steps) == len(set(train_steps))  # redone steps are not logged twice
+    assert not (interrupted / "results/checkpoints/topic/qlora").exists() or not any(
+        (interrupted / "results/checkpoints/topic/qlora").iterdir())
+
+
+def test_checkpoint_of_another_config_is_discarded(copy_run):
+    workdir = copy_run()
+    longer_training(workdir)
+    kill_at_checkpoint(workdir, 8)
+    snakemake(workdir, "--unlock")
+    path = workdir / "config/tasks/topic.yaml"
+    task = yaml.safe_load(path.read_text())
+    task["train"]["learning_rate"] = 0.002  # another config: the old checkpoint must not be used
+    path.write_text(yaml.safe_dump(task))
+    snakemake(workdir, TARGET, "--rerun-incomplete")
+    log = (workdir / "results/logs/train_qlora/topic.log").read_text()
+    assert "made under another configuration" in log
+    assert "resuming from" not in log.split("made under another configuration")[-1]
