@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import gpus
 from .errors import InputError
 
 log = logging.getLogger("qlora_pipeline")
@@ -89,7 +90,9 @@ def logged_to(log_path: str | Path | None):
 def run_script(smk, stage: Callable[..., object], **kwargs) -> None:
     """Entry point of every scripts/*.py: log to the rule's log, then run the stage."""
     log_path = smk.log[0] if len(smk.log) else None
-    with logged_to(log_path):
+    # A rule that declares a GPU gets one of its own for the stage (see gpus.py).
+    wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1
+    with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()):
         log.info("rule %s: %s", smk.rule, stage.__name__)
         stage(**kwargs)
         log.info("rule %s: done", smk.rule)

@@ -1,0 +1,163 @@
+"""Workstation GPU pinning: each concurrent GPU job gets a GPU of its own.
+
+Snakemake counts GPUs (`--resources gpu=N` lets at most N jobs that declare `gpu=1` run at
+once) but does not say which GPU a job should use: without pinning, every job would run on
+GPU 0. A job that declares a GPU claims one here for the duration of its stage: it takes an
+exclusive `flock` on one lock file per GPU index (`gpu-<i>.lock` in the lock directory) and
+sets `CUDA_VISIBLE_DEVICES` to that index before CUDA is initialised. When every GPU is
+claimed, it waits until one is released. The kernel drops an flock when its holder exits, so
+a job that crashes or is killed frees its GPU.
+
+Nothing is pinned
+- when `CUDA_VISIBLE_DEVICES` is already set (the user's or a launcher's choice stands),
+- under Slurm (`SLURM_JOB_ID` set): the scheduler has assigned the job its GPUs,
+- when there is no GPU (no `nvidia-smi`, or it lists none).
+
+Environment:
+- `QLORA_NUM_GPUS`: the number of GPUs, instead of asking `nvidia-smi -L` (tests, simulation).
+- `QLORA_GPU_LOCK_DIR`: where the lock files are (default `/tmp/qlora-gpu-locks-<uid>`).
+  Every run that should share the GPUs must use the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NUM_GPUS_ENV = "QLORA_NUM_GPUS"
+LOCK_DIR_ENV = "QLORA_GPU_LOCK_DIR"
+
+
+def lock_dir() -> Path:
+    return Path(os.environ.get(LOCK_DIR_ENV) or f"/tmp/qlora-gpu-locks-{os.getuid()}")
+
+
+def gpu_count() -> int:
+    """GPUs on this machine: $QLORA_NUM_GPUS, else the lines of `nvidia-smi -L`, else 0."""
+    override = os.environ.get(NUM_GPUS_ENV)
+    if override not in (None, ""):
+        try:
+            count = int(override)
+        except ValueError:
+            raise ValueError(f"{NUM_GPUS_ENV}={override!r}: expected a whole number") from None
+        if count < 0:
+            raise ValueError(f"{NUM_GPUS_ENV}={override!r}: expected 0 or more")
+        return count
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def skip_reason(env=None) -> str | None:
+    """Why this process must not pin a GPU, or None when it should."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        return (f"Slurm job {env['SLURM_JOB_ID']}: the scheduler's GPU assignment stands "
+                f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} is already set"
+    return None
+
+
+class GpuClaim:
+    """An exclusive claim on one GPU index; released by `release()` or by process exit."""
+
+    def __init__(self, index: int, handle):
+        self.index = index
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> GpuClaim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_lock(path: Path):
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    except BaseException:
+        handle.close()
+        raise
+    # Who holds it, for a person looking at the lock directory (not read by the code).
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def claim(num_gpus: int, *, poll_s: float = 0.5, timeout_s: float | None = None,
+          directory: Path | None = None) -> GpuClaim:
+    """Claim a free GPU among `num_gpus`, waiting until one is released if all are taken."""
+    if num_gpus < 1:
+        raise ValueError("claim() needs at least one GPU")
+    directory = directory or lock_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    waiting_logged = False
+    while True:
+        for index in range(num_gpus):
+            handle = _try_lock(directory / f"gpu-{index}.lock")
+            if handle is not None:
+                return GpuClaim(index, handle)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no GPU of {num_gpus} free after {timeout_s}s "
+                               f"(locks in {directory})")
+        if not waiting_logged:
+            log.info("all %d GPUs are claimed (locks in %s); waiting for one", num_gpus,
+                     directory)
+            waiting_logged = True
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def pinned_gpu(**claim_kwargs) -> Iterator[int | None]:
+    """Claim a GPU and expose only it to CUDA for the duration of the block.
+
+    Yields the GPU index, or None where nothing is pinned (see the module docstring).
+    """
+    reason = skip_reason()
+    if reason:
+        log.info("GPU pinning skipped: %s", reason)
+        yield None
+        return
+    count = gpu_count()
+    if count == 0:
+        log.info("GPU pinning skipped: no GPU found")
+        yield None
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log.warning("CUDA was initialised before the GPU was pinned; "
+                    "CUDA_VISIBLE_DEVICES will not take effect in this process")
+    with claim(count, **claim_kwargs) as gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
+        log.info("pinned to GPU %d of %d (CUDA_VISIBLE_DEVICES=%d)", gpu.index, count,
+                 gpu.index)
+        try:
+            yield gpu.index
+        finally:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)

@@ -1,0 +1,230 @@
+"""The pipeline on a real Slurm cluster through profiles/slurm, not a mock.
+
+CI starts a single-node Slurm first (.ci/slurm-up.sh: one node, one GPU generic resource, no
+accounting database) and sets QLORA_REQUIRE_SLURM=1. Elsewhere the test is skipped unless
+`sinfo` answers; on a real cluster (run it from a login node) set QLORA_SLURM_PARTITION and
+QLORA_SLURM_ACCOUNT (default: the default partition, no account).
+
+The run is small: import + quantize the tiny model (quantize is a GPU rule) and fetch +
+tokenize one task. The profile is used as it is, except for what a test cluster must change:
+the partition and account, and each job's memory and CPUs capped to fit the test node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_workdir
+
+PROFILE = REPO / "profiles" / "slurm"
+TARGETS = ["results/models/base-4bit", "results/data/topic/tokenized"]
+EXPECTED_RULES = {"import_base_model", "quantize", "fetch_dataset", "tokenize"}
+RUN_TIMEOUT_S = 1200
+
+
+def _run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def no_slurm_reason() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no Slurm here: `sinfo` not found (CI starts one with .ci/slurm-up.sh)"
+    try:
+        result = _run("sinfo", "-h", "-o", "%P")
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"no Slurm reachable: `sinfo` failed: {err}"
+    if result.returncode != 0:
+        return f"no Slurm reachable: `sinfo` failed: {result.stderr.strip()[:300]}"
+    if not result.stdout.strip():
+        return "Slurm answers but has no partition"
+    return None
+
+
+NO_SLURM = no_slurm_reason()
+# .ci/run sets this after starting Slurm: there, a Slurm that does not answer is a failure.
+REQUIRED = os.environ.get("QLORA_REQUIRE_SLURM") == "1"
+pytestmark = pytest.mark.skipif(NO_SLURM is not None and not REQUIRED, reason=NO_SLURM or "")
+
+
+def ci_partition() -> str:
+    if os.environ.get("QLORA_SLURM_PARTITION"):
+        return os.environ["QLORA_SLURM_PARTITION"]
+    names = _run("sinfo", "-h", "-o", "%P").stdout.split()
+    default = [name for name in names if name.endswith("*")]
+    return (default or names)[0].rstrip("*")
+
+
+def node_limits(partition: str) -> tuple[int, int]:
+    """(CPUs, memory MB) of the smallest node of the partition."""
+    out = _run("sinfo", "-h", "-N", "-p", partition, "-o", "%c %m").stdout.split("\n")
+    cpus, mems = [], []
+    for line in out:
+        if line.strip():
+            cpu, mem = line.split()
+            cpus.append(int(cpu.rstrip("+")))
+            mems.append(int(mem.rstrip("+")))
+    assert cpus, f"partition {partition} has no nodes"
+    return min(cpus), min(mems)
+
+
+def sacct_works() -> bool:
+    if shutil.which("sacct") is None:
+        return False
+    return _run("sacct", "-n", "-X", "-o", "JobID").returncode == 0
+
+
+def ci_overrides(partition: str, account: str) -> list[str]:
+    """The profile's resources with the test cluster's partition, account and sizes.
+
+    On the command line, --default-resources and --set-resources replace the profile's whole
+    entries, so every entry is repeated here, changed only where the test node needs it.
+    """
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    cpus, mem = node_limits(partition)
+    max_cpus, max_mem = max(1, cpus // 2), max(500, mem // 4)
+
+    def fit(name, value):
+        if name == "mem_mb":
+            return min(int(value), max_mem)
+        if name == "cpus_per_task":
+            return min(int(value), max_cpus)
+        return value
+
+    defaults = dict(profile["default-resources"])
+    assert {"slurm_partition", "slurm_account", "runtime", "mem_mb"} <= set(defaults)
+    defaults.update(slurm_partition=partition, slurm_account=account)
+    default_args = [f"{k}={fit(k, v)!r}" if isinstance(v, str) else f"{k}={fit(k, v)}"
+                    for k, v in defaults.items()]
+    set_args = []
+    for rule, resources in profile["set-resources"].items():
+        for name, value in resources.items():
+            if name == "gpu_model":  # the test node's GPU has no model type
+                continue
+            value = fit(name, value)
+            set_args.append(f"{rule}:{name}={value!r}" if isinstance(value, str)
+                            else f"{rule}:{name}={value}")
+    status = [] if sacct_works() else ["--slurm-status-command", "squeue"]
+    return ["--default-resources", *default_args, "--set-resources", *set_args, *status,
+            "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
+            "--verbose"]  # --verbose: the log shows each sbatch command line
+
+
+def show_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -d` as key=value pairs, or {} once the controller forgot the job."""
+    result = _run("scontrol", "show", "job", "-d", "-o", job_id)
+    if result.returncode != 0:
+        return {}
+    fields = {}
+    for token in result.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def jobcomp_records() -> dict[str, dict[str, str]]:
+    """The job completion log (JobCompType=jobcomp/filetxt), by job id; {} without one."""
+    config = _run("scontrol", "show", "config").stdout
+    kind = re.search(r"^JobCompType\s*=\s*(\S+)", config, re.MULTILINE)
+    where = re.search(r"^JobCompLoc\s*=\s*(\S+)", config, re.MULTILINE)
+    if not (kind and where and kind.group(1) == "jobcomp/filetxt"):
+        return {}
+    path = Path(where.group(1))
+    if not path.is_file():
+        return {}
+    records = {}
+    for line in path.read_text(errors="replace").splitlines():
+        fields = dict(tok.partition("=")[::2] for tok in line.split() if "=" in tok)
+        if "JobId" in fields:
+            records[fields["JobId"]] = fields
+    return records
+
+
+@pytest.fixture
+def slurm_run(tmp_path, request):
+    if NO_SLURM:
+        pytest.fail(f"QLORA_REQUIRE_SLURM=1, but {NO_SLURM}")
+    workdir = make_workdir(tmp_path / "run", request.getfixturevalue("tiny_model_dir"))
+    partition = ci_partition()
+    account = os.environ.get("QLORA_SLURM_ACCOUNT", "")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
+           "--workflow-profile", "none", "--profile", str(PROFILE),
+           *ci_overrides(partition, account), "--", *TARGETS]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        run_id = re.search(r"SLURM run ID: (\S+)", out)
+        if run_id:  # leave no job of ours behind
+            subprocess.run(["scancel", "--name", run_id.group(1)], check=False)
+        pytest.fail(f"snakemake through Slurm ran over {RUN_TIMEOUT_S}s:\n{out[-6000:]}")
+    (tmp_path / "snakemake.log").write_text(out)
+    assert proc.returncode == 0, f"snakemake through Slurm failed:\n{out[-6000:]}"
+    return workdir, partition, out
+
+
+def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
+    workdir, partition, out = slurm_run
+    # "Job 3 has been submitted with SLURM jobid 17 (log: .../slurm_logs/rule_quantize/17.log)."
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", out, re.MULTILINE)
+    jobs = {}
+    for job_id, log_path in submitted:
+        rule = re.search(r"/rule_([A-Za-z0-9_]+)/", log_path).group(1)
+        jobs[job_id] = rule
+    assert sorted(jobs.values()) == sorted(EXPECTED_RULES), out[-6000:]
+    snakemake_jobs = re.findall(r"^(?:local)?rule (\w+):", out, re.MULTILINE)
+    assert sorted(snakemake_jobs) == sorted(jobs.values()), "a job ran outside Slurm"
+
+    gpu_rules = {rule for rule, res in
+                 yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
+                 if res.get("gpu", 0) >= 1}
+    assert "quantize" in gpu_rules
+    # The sbatch command lines: GPU rules ask for --gpus, the others do not.
+    sbatch_calls = re.findall(r"sbatch call: (sbatch .*)$", out, re.MULTILINE)
+    assert len(sbatch_calls) == len(jobs)
+    for call in sbatch_calls:
+        rule = re.search(r"--comment '?rule_(.+?)(?:_wildcards_\S*)?'? ", call).group(1)
+        assert ("--gpus=" in call) == (rule in gpu_rules), call
+    jobcomp = jobcomp_records()
+    rows = []
+    for job_id, rule in sorted(jobs.items(), key=lambda item: int(item[0])):
+        info = show_job(job_id)
+        assert info, f"slurmctld no longer knows job {job_id} (MinJobAge too short?)"
+        assert info["JobState"] == "COMPLETED", (job_id, rule, info["JobState"])
+        assert info["Partition"] == partition
+        assert info["Comment"].startswith(f"rule_{rule}"), info["Comment"]
+        gpu_request = info.get("TresPerJob", "") + " " + info.get("TRES", "")
+        asks_gpu = "gres:gpu" in gpu_request or "gres/gpu" in gpu_request
+        assert asks_gpu == (rule in gpu_rules), (rule, gpu_request)
+        if rule in gpu_rules:
+            assert info.get("JOB_GRES", "").startswith("gpu"), info  # and it was allocated
+        if jobcomp:
+            assert jobcomp[job_id]["JobState"] == "COMPLETED"
+            assert jobcomp[job_id]["Name"] == info["JobName"]
+        rows.append(f"{job_id:>6}  {rule:<18} {info['RunTime']:>9}  "
+                    f"{info.get('TresPerJob') or '-':<12} {info.get('JOB_GRES') or '-':<9} "
+                    f"{info['TRES']}")
+    print("\nSlurm job  rule               runtime    gpu request  gres      TRES")
+    print("\n".join(rows))
+
+    # The stages themselves ran inside their Slurm jobs: the GPU stage's log names its job,
+    # and the workstation GPU pinning left the scheduler's assignment alone.
+    quantize_id = next(i for i, r in jobs.items() if r == "quantize")
+    quantize_log = (workdir / "results/logs/quantize.log").read_text()
+    assert f"GPU pinning skipped: Slurm job {quantize_id}" in quantize_log, quantize_log
+    assert (workdir / "results/models/base-4bit/provenance.json").is_file()
+    assert (workdir / "results/data/topic/tokenized/provenance.json").is_file()
+    # The plugin's own log of each job (kept with --slurm-keep-successful-logs).
+    slurm_logs = workdir / ".snakemake" / "slurm_logs"
+    assert {p.stem for p in slurm_logs.rglob("*.log")} >= set(jobs)
