@@ -27,15 +27,11 @@ def check_benchmarks(names: list[str]) -> None:
 
 def load_variant(variant: str, paths: dict):
     """(model, tokenizer) of one variant. `paths`: base, base_4bit, adapter, merged."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from ..models.quantize import load_full_precision as full
     from ..models.quantize import load_quantized
-
-    def full(path):
-        dtype = torch.float32 if device() == "cpu" else torch.bfloat16
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device())
 
     if variant == "base":
         model = full(paths["base"])

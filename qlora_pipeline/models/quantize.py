@@ -52,6 +52,16 @@ def load_quantized(path: str | Path):
     return AutoModelForCausalLM.from_pretrained(path, device_map=device())
 
 
+def load_full_precision(path: str | Path):
+    """The full-precision base for training, merging and scoring: bf16 on a CUDA device that
+    supports it, float32 otherwise (the CPU path)."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = device() == "cuda" and torch.cuda.is_bf16_supported()
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if bf16 else torch.float32, device_map=device())
+
+
 def theoretical_bits(quant_type: str, double_quant: bool) -> float:
     """4 bits per weight plus the block constants: one fp32 absmax per 64 weights, or with
     double quantization one 8-bit absmax per 64 and one fp32 per 256 of those."""

@@ -13,7 +13,6 @@ import logging
 
 import torch
 
-from ..runtime import device
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +26,10 @@ def resolve_base(setting: str, recovered: bool) -> str:
 
 
 def load_base(kind: str, base_dir, quant_dir):
-    from transformers import AutoModelForCausalLM
-
-    from ..models.quantize import load_quantized
+    from ..models.quantize import load_full_precision, load_quantized
 
     if kind == "full":
-        dtype = torch.float32 if device() == "cpu" else torch.bfloat16
-        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device())
+        return load_full_precision(base_dir)
     # deq(Q(W)) for every 4-bit layer, in the compute dtype; the rest as stored.
     return load_quantized(quant_dir).dequantize()
 

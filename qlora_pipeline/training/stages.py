@@ -100,13 +100,6 @@ def verify_frozen(model, expected_trainable: int) -> dict:
     return params
 
 
-def full_precision_base(base_dir):
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if _bf16() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map=device())
-
-
 def check_adapter(adapter_dir, key: str) -> None:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -133,7 +126,9 @@ def recover(base_dir, adapter_dir, tokenized_dir, recovery_cfg: dict, train_cfg:
               "tokenized": Path(tokenized_dir)}
     checkpoints = _checkpoints(Path(checkpoint_root), _inputs_key(config_slice, inputs))
 
-    base = full_precision_base(base_dir)
+    from ..models.quantize import load_full_precision
+
+    base = load_full_precision(base_dir)
     if _checkpointing(cfg):
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
