@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .data.builtin import check_arithmetic
 from .errors import InputError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
@@ -157,6 +158,23 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _check_dataset(dataset: dict, fmt: str, where: str) -> None:
+    """What the schema cannot say: keys that depend on the source or the format."""
+    arithmetic = dataset["source"] == "builtin" and dataset.get("name") == "arithmetic"
+    if "options" in dataset and not arithmetic:
+        raise InputError(f"{where}: key 'dataset.options': found it for source "
+                         f"'{dataset['source']}' {dataset.get('name', '')}; expected it only "
+                         f"for the builtin arithmetic generator")
+    if arithmetic:
+        try:  # refused here, before any job runs, rather than in fetch_dataset
+            check_arithmetic(dataset["num_examples"], **dataset.get("options", {}))
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+    if "system_prompt" in dataset and fmt != "chat":
+        raise InputError(f"{where}: key 'dataset.system_prompt': found format "
+                         f"'{fmt}'; expected format 'chat' (only chat has system turns)")
+
+
 def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     """The effective config of one task: global defaults, then its file, then inline overrides."""
     task_dir = Path(root) / config["task_dir"]
@@ -177,6 +195,7 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
         raw["dataset"]["seed"] = config.get("seed", 0)
     where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
     validate(raw, load_schema("task.schema.yaml"), where)
+    _check_dataset(raw["dataset"], raw["format"], where)
     raw["name"] = name
     return raw
 

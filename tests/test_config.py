@@ -160,6 +160,32 @@ def test_hub_dataset_without_revision(root):
     assert "expected" in message and "dataset.source is hub" in message
 
 
+def test_arithmetic_options_are_checked_before_any_job(root):
+    ok = load(root, tasks=["arithmetic"])[1]["arithmetic"]
+    assert "options" not in ok["dataset"]  # the generator's own defaults apply
+    options = {"min_operand": 0, "max_operand": 2}  # 3·3·2 = 18 distinct problems
+    too_many = task_error(root, deep_merge(ARITHMETIC, {"dataset": {"options": options}}))
+    assert ("dataset.num_examples: found 20, but operands 0..2 with '+-' make only 18 "
+            "distinct problems; expected at most 18") in too_many
+    reversed_range = task_error(root, deep_merge(ARITHMETIC, {"dataset": {
+        "options": {"min_operand": 30, "max_operand": 20}}}))
+    assert "found min_operand 30 above max_operand 20" in reversed_range
+    bad_op = task_error(root, deep_merge(ARITHMETIC, {"dataset": {"options": {"operations": "*"}}}))
+    assert "key 'dataset.options.operations': found \"*\"" in bad_op
+    filled = task_error(root, deep_merge(TOPIC, {"dataset": {"options": {"max_operand": 9}}}),
+                        name="topic")
+    assert "key 'dataset.options': found it for source 'builtin' topic" in filled
+
+
+def test_system_prompt_only_for_chat(root):
+    chat = deep_merge(ARITHMETIC, {"dataset": {"system_prompt": "Be brief."}})
+    write_yaml(root / "config/tasks/arithmetic.yaml", chat)
+    assert load(root)[1]["arithmetic"]["dataset"]["system_prompt"] == "Be brief."
+    message = task_error(root, deep_merge(TOPIC, {"dataset": {"system_prompt": "Be brief."}}),
+                         name="topic")
+    assert "key 'dataset.system_prompt': found format 'completion'; expected format 'chat'" in message
+
+
 def test_local_dataset_needs_exactly_one_of_path_and_files(root):
     both = task_error(root, {"format": "chat", "dataset": {
         "source": "local", "path": "a.jsonl", "files": {"train": "b.jsonl"}}})

@@ -90,6 +90,28 @@ def test_arithmetic_answers_are_correct():
     assert len({r["prompt"] for r in records}) == len(records)  # no repeated question
 
 
+def test_arithmetic_options_set_the_range_and_operations():
+    records = builtin.arithmetic(30, seed=0, min_operand=0, max_operand=5, operations="+")
+    for record in records:
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\? .*", record["prompt"]).groups())
+        assert 0 <= a <= 5 and 0 <= b <= 5 and record["completion"] == str(a + b)
+    # every distinct problem can be drawn, each once
+    assert len({r["prompt"] for r in builtin.arithmetic(36, 0, 0, 5, "+")}) == 36
+    message = input_error(builtin.arithmetic, 37, 0, 0, 5, "+")
+    assert "found 37, but operands 0..5 with '+' make only 36 distinct problems" in message
+
+
+def test_system_prompt_goes_first_unless_a_record_has_its_own():
+    cfg = {"source": "builtin", "name": "topic", "num_examples": 20, "seed": 2,
+           "validation_fraction": 0.1, "test_fraction": 0.1, "system_prompt": "Classify."}
+    for record in all_records(sources.fetch(cfg, "chat")):
+        assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+        assert record["messages"][0]["content"] == "Classify."
+    own = {"messages": [{"role": "system", "content": "Mine."},
+                        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert sources.with_system_prompt(own, "Classify.") == own
+
+
 def test_topic_labels_match_choices_and_sentence():
     records = builtin.topic(200, seed=0)
     assert {r["completion"] for r in records} == set(builtin.TOPICS)

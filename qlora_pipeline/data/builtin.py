@@ -8,21 +8,39 @@ from __future__ import annotations
 
 import random
 
-# Two-digit arithmetic with an exact answer: the QLoRA literature warns that 4-bit
+from ..errors import InputError
+
+# Integer addition/subtraction with an exact answer: the QLoRA literature warns that 4-bit
 # quantization hurts numerical reasoning, so this is where quantization error shows.
-def arithmetic(num_examples: int, seed: int) -> list[dict]:
+def arithmetic(num_examples: int, seed: int, min_operand: int = 10, max_operand: int = 99,
+               operations: str = "+-") -> list[dict]:
+    check_arithmetic(num_examples, min_operand, max_operand, operations)
     rng = random.Random(seed)
     seen: set[tuple[int, str, int]] = set()
     records = []
     while len(records) < num_examples:
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
-        if (a, op, b) in seen and len(seen) < 2 * 90 * 90:
-            continue
+        a, b = rng.randint(min_operand, max_operand), rng.randint(min_operand, max_operand)
+        op = rng.choice(operations)
+        if (a, op, b) in seen:
+            continue  # every problem once, so no test problem is also a training problem
         seen.add((a, op, b))
         answer = a + b if op == "+" else a - b
         records.append({"prompt": f"What is {a} {op} {b}? Answer with the number only.",
                         "completion": str(answer)})
     return records
+
+
+def check_arithmetic(num_examples: int, min_operand: int = 10, max_operand: int = 99,
+                     operations: str = "+-") -> None:
+    if min_operand > max_operand:
+        raise InputError(f"dataset.options: found min_operand {min_operand} above max_operand "
+                         f"{max_operand}; expected min_operand <= max_operand")
+    distinct = (max_operand - min_operand + 1) ** 2 * len(set(operations))
+    if num_examples > distinct:
+        raise InputError(
+            f"dataset.num_examples: found {num_examples}, but operands {min_operand}..{max_operand}"
+            f" with '{operations}' make only {distinct} distinct problems; expected at most "
+            f"{distinct}, or a wider operand range")
 
 
 TOPICS = {
@@ -78,5 +96,5 @@ def topic(num_examples: int, seed: int) -> list[dict]:
 GENERATORS = {"arithmetic": arithmetic, "topic": topic}
 
 
-def generate(name: str, num_examples: int, seed: int) -> list[dict]:
-    return GENERATORS[name](num_examples, seed)
+def generate(name: str, num_examples: int, seed: int, options: dict | None = None) -> list[dict]:
+    return GENERATORS[name](num_examples, seed, **(options or {}))

@@ -204,11 +204,20 @@ def carve(splits: dict[str, list], cfg: dict) -> dict[str, list]:
     return splits
 
 
+def with_system_prompt(record: dict, text: str) -> dict:
+    """A chat record with `text` as its system message, unless it has its own. Without one,
+    chat templates such as SmolLM2's insert a default system prompt of their own."""
+    if record["messages"][0]["role"] == "system":
+        return record
+    return {**record, "messages": [{"role": "system", "content": text}, *record["messages"]]}
+
+
 def fetch(cfg: dict, fmt: str) -> dict[str, list[dict]]:
     """All three splits of a task's dataset, each record checked and in `fmt`'s fields."""
     source = cfg["source"]
     if source == "builtin":
-        generated = builtin.generate(cfg["name"], cfg["num_examples"], cfg.get("seed", 0))
+        generated = builtin.generate(cfg["name"], cfg["num_examples"], cfg.get("seed", 0),
+                                     cfg.get("options"))
         splits = {"train": [formats.from_prompt_completion(r, fmt) for r in generated]}
     elif source == "local":
         files = cfg.get("files") or {"train": cfg["path"]}
@@ -219,6 +228,9 @@ def fetch(cfg: dict, fmt: str) -> dict[str, list[dict]]:
         raise InputError(f"dataset.source: unknown source '{source}'; "
                          f"expected builtin, local or hub")
     splits = carve(splits, cfg)
+    if cfg.get("system_prompt") is not None:
+        splits = {s: [with_system_prompt(r, cfg["system_prompt"]) for r in rows]
+                  for s, rows in splits.items()}
     if cfg.get("max_examples"):
         splits = {s: rows[: cfg["max_examples"]] for s, rows in splits.items()}
     for split in SPLITS:
