@@ -10,6 +10,7 @@ import random
 
 from ..errors import InputError
 
+
 # Integer addition/subtraction with an exact answer: the QLoRA literature warns that 4-bit
 # quantization hurts numerical reasoning, so this is where quantization error shows.
 def arithmetic(num_examples: int, seed: int, min_operand: int = 10, max_operand: int = 99,
