@@ -27,6 +27,7 @@ rule evaluate:
     output:
         results=f"{RESULTS}/eval/{{variant}}/{{task}}/results.json",
         provenance=f"{RESULTS}/eval/{{variant}}/{{task}}/provenance.json",
+        samples=f"{RESULTS}/eval/{{variant}}/{{task}}/samples.jsonl",
     params:
         evaluation=eval_settings,
         seed=config["seed"],

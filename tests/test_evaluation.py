@@ -395,3 +395,19 @@ def test_evaluate_base_variant(tmp_path, specs, tiny_model_dir, batch_sizes, tas
     provenance = json.loads((out.parent / "provenance.json").read_text())
     assert provenance["stage"] == "evaluate"
     assert provenance["config"]["variant"] == "base"
+
+    # Every scored example is kept, and its own score agrees with its response.
+    samples = read_jsonl(out.parent / "samples.jsonl")
+    assert len(samples) == EVAL_CFG["limit"]
+    name = metric.split(",")[0]
+    docs = read_jsonl(specs[task] / "test.jsonl")
+    for row in samples:
+        assert row["benchmark"] == f"qlora_{task}" and row["prompt"] == docs[row["doc_id"]]["prompt"]
+        if task == "arithmetic":
+            right = row["response"].strip().lower() == row["target"].strip().lower()
+        else:
+            assert row["target"] == docs[row["doc_id"]]["label"]
+            right = row["response"] == row["target"]
+            assert len(row["loglikelihoods"]) == len(docs[row["doc_id"]]["choices"])
+        assert row[name] == float(right), row
+    assert sum(row[name] for row in samples) / len(samples) == pytest.approx(scores[metric])

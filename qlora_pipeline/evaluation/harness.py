@@ -62,9 +62,27 @@ def evaluate(model, tokenizer, task_dir: Path, task_names: list[str], cfg: dict,
                           include_defaults=len(task_names) > 1)  # only ours: skip the index
     results = lm_eval.simple_evaluate(
         model=lm, tasks=task_names, task_manager=manager, num_fewshot=cfg["num_fewshot"],
-        limit=cfg["limit"], log_samples=False, random_seed=seed, numpy_random_seed=seed,
+        limit=cfg["limit"], log_samples=True, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
     )
     return {"results": results["results"], "n-samples": results.get("n-samples"),
             "config": {k: v for k, v in results.get("config", {}).items()
-                       if isinstance(v, (str, int, float, bool, type(None)))}}
+                       if isinstance(v, (str, int, float, bool, type(None)))},
+            "samples": [sample_row(name, sample)
+                        for name, samples in results.get("samples", {}).items()
+                        for sample in samples]}
+
+
+def sample_row(benchmark: str, sample: dict) -> dict:
+    """One scored example, small enough to read: what the model saw, answered and scored."""
+    row = {"benchmark": benchmark, "doc_id": sample["doc_id"], "filter": sample["filter"],
+           "prompt": sample["arguments"][0][0], "target": sample["target"]}
+    responses = sample["filtered_resps"]
+    if responses and isinstance(responses[0], str):  # generation
+        row["response"] = responses[0]
+    else:  # multiple choice: one (log-likelihood, is-greedy) pair per choice
+        logliks = [float(r[0]) for r in responses]
+        row["loglikelihoods"] = logliks
+        row["response"] = max(range(len(logliks)), key=logliks.__getitem__)
+    row.update({metric: sample[metric] for metric in sample["metrics"]})
+    return row

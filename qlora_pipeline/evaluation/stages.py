@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from .. import provenance
-from ..outputs import atomic_dir, write_json
+from ..outputs import atomic_dir, write_json, write_jsonl
 from ..runtime import device_description, seed_everything
 from ..stages import read_split
 from . import harness, tasks
@@ -56,9 +56,11 @@ def evaluate_variant(variant: str, task: str, paths: dict, spec_dir, cfg: dict, 
     results = harness.evaluate(model, tokenizer, Path(spec_dir), names, cfg, seed)
     del model
     gc.collect()
+    samples = results.pop("samples")
     results.update(variant=variant, task=task)
     out_file = Path(out_file)
     write_json(out_file, results)
+    write_jsonl(out_file.parent / "samples.jsonl", samples)
     write_json(out_file.parent / "provenance.json", provenance.build(
         stage="evaluate", config_slice={"variant": variant, "evaluation": cfg},
         inputs={k: v for k, v in paths.items() if v}, device=device_description(), seed=seed,
