@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import machine
+
 PACKAGES = [
     "torch", "transformers", "bitsandbytes", "peft", "datasets", "tokenizers",
     "accelerate", "safetensors", "gguf", "lm_eval", "snakemake",
@@ -75,6 +77,7 @@ def build(
         "inputs": {name: {"path": str(p), "sha256": checksum(p)} for name, p in inputs.items()},
         "packages": package_versions(),
         "device": device,
+        "machine": machine.facts(),  # CPU model and numerics flags, torch threads, bnb library
         "seed": seed,
         "git_commit": git_commit(),
         "started": started,

@@ -87,12 +87,39 @@ def logged_to(log_path: str | Path | None):
             os.close(saved_err)
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def using_threads(threads: int):
+    """Torch uses the job's `threads:` whatever the environment said: through the variables
+    torch reads when it is imported, and directly if it already is. Restored afterwards."""
+    threads = max(1, int(threads))
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    torch = sys.modules.get("torch")
+    saved_torch = torch.get_num_threads() if torch else None
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+    if torch:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if saved_torch is not None:
+            torch.set_num_threads(saved_torch)
+
+
 def run_script(smk, stage: Callable[..., object], **kwargs) -> None:
     """Entry point of every scripts/*.py: log to the rule's log, then run the stage."""
     log_path = smk.log[0] if len(smk.log) else None
     # A rule that declares a GPU gets one of its own for the stage (see gpus.py).
     wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1
-    with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()):
-        log.info("rule %s: %s", smk.rule, stage.__name__)
+    with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()), \
+            using_threads(smk.threads):
+        log.info("rule %s: %s (threads: %s)", smk.rule, stage.__name__, smk.threads)
         stage(**kwargs)
         log.info("rule %s: done", smk.rule)

@@ -103,7 +103,7 @@ def _state_dict(model_dir: Path) -> dict:
 
 
 def quantize_base_model(base_dir: str | Path, cfg: dict, out_dir: str | Path, seed: int) -> None:
-    from .models import quantize
+    from .models import numerics, quantize
 
     started = provenance.now()
     seed_everything(seed)
@@ -113,11 +113,14 @@ def quantize_base_model(base_dir: str | Path, cfg: dict, out_dir: str | Path, se
     if not rows:
         raise InputError(f"quantization: no linear layer of {base_dir} was quantized "
                          f"(skip_modules {cfg['skip_modules']}); expected at least one")
+    # Fails the job (no checkpoint saved) if the 4-bit math is not the configured math.
+    checked = numerics.check(model4, quantize.compute_dtype(cfg["compute_dtype"]))
     with atomic_dir(out_dir) as tmp:
         model4.save_pretrained(tmp, safe_serialization=True)
         _tokenizer_files(base_dir, tmp)
         summary = quantize.summarize(rows, cfg, tmp, base_dir)
-        write_json(tmp / "quantization.json", {"summary": summary, "layers": rows})
+        write_json(tmp / "quantization.json", {"summary": summary, "layers": rows,
+                                               "numerics_check": checked})
         log.info("quantization summary: %s", summary)
         _provenance(tmp, "quantize", cfg, {"base": base_dir}, seed, started)
 

@@ -22,6 +22,19 @@ wildcard_constraints:
 RESULTS = "results"
 
 
+def _global_resource(name, default):
+    resource = workflow.global_resources.get(name)
+    return default if resource is None or resource.value is None else resource.value
+
+
+# Threads of a model job (torch reads them; Snakemake sets OMP_NUM_THREADS to them): every
+# core given (--cores) on a CPU, an equal share per GPU when --resources gpu=N lets N model
+# jobs run side by side. A cluster profile sets them per rule (set-threads), and Slurm's
+# --cpus-per-task follows. Data jobs are single-threaded: DATA_THREADS.
+MODEL_THREADS = max(1, workflow.cores // max(1, _global_resource("gpu", 1)))
+DATA_THREADS = 1
+
+
 def task_cfg(wildcards):
     return TASKS[wildcards.task]
 

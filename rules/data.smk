@@ -9,6 +9,7 @@ rule fetch_dataset:
     params:
         dataset=lambda wc: task_cfg(wc)["dataset"],
         format=lambda wc: task_cfg(wc)["format"],
+    threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/fetch_dataset/{{task}}.log",
     benchmark:
@@ -28,6 +29,7 @@ rule tokenize:
     params:
         format=lambda wc: task_cfg(wc)["format"],
         tokenize=lambda wc: task_cfg(wc)["tokenize"],
+    threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/tokenize/{{task}}.log",
     benchmark:

@@ -11,6 +11,7 @@ rule eval_task_spec:
     params:
         format=lambda wc: task_cfg(wc)["format"],
         max_gen_tokens=config["evaluation"]["max_gen_tokens"],
+    threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/eval_task_spec/{{task}}.log",
     benchmark:
@@ -31,6 +32,7 @@ rule evaluate:
     params:
         evaluation=eval_settings,
         seed=config["seed"],
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/evaluate/{{variant}}/{{task}}.log",
     benchmark:

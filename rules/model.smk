@@ -6,6 +6,7 @@ rule import_base_model:
         directory(f"{RESULTS}/models/base"),
     params:
         base_model=config["base_model"],
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/import_base_model.log",
     benchmark:
@@ -24,6 +25,7 @@ rule quantize:
     params:
         quantization=config["quantization"],
         seed=config["seed"],
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/quantize.log",
     benchmark:
@@ -47,6 +49,7 @@ rule quantization_report:
         provenance=f"{RESULTS}/quantization/provenance.json",
     params:
         report=config["quantization_report"],
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/quantization_report.log",
     benchmark:

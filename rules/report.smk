@@ -29,6 +29,7 @@ rule report:
             caption="../report/loss_plot.rst",
             category="Training",
         ),
+    threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:

@@ -15,6 +15,7 @@ rule train_qlora:
         # Outside the declared output: Snakemake deletes outputs before a rerun, and these
         # must survive an interrupted job so that it can resume.
         checkpoints=f"{RESULTS}/checkpoints/{{task}}/qlora",
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}.log",
     benchmark:
@@ -39,6 +40,7 @@ rule recover:
         train=lambda wc: task_cfg(wc)["train"],
         seed=config["seed"],
         checkpoints=f"{RESULTS}/checkpoints/{{task}}/recovered",
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/recover/{{task}}.log",
     benchmark:
@@ -62,6 +64,7 @@ rule merge:
     params:
         merge=lambda wc: task_cfg(wc)["merge"],
         recovered=lambda wc: recovery_enabled(wc.task),
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/merge/{{task}}.log",
     benchmark:

@@ -48,16 +48,29 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(vocab_size: int, seed: int = 0):
+def build_model(vocab_size: int, seed: int = 0, arch: str = "llama"):
+    """A 2-layer random causal LM. `arch`: llama (q/k/v/o, gate/up/down, no biases), qwen2
+    (biases on q/k/v), gpt_neox (query_key_value, dense, dense_h_to_4h..., biases everywhere,
+    an output head named embed_out), phi (q/k/v, dense, fc1/fc2, biases)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(config)
+    shared = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                  bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    extra = {"llama": dict(num_key_value_heads=2, tie_word_embeddings=True),
+             "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+             "gpt_neox": dict(rotary_pct=0.25, tie_word_embeddings=False),
+             "phi": dict(num_key_value_heads=4, partial_rotary_factor=0.5,
+                         tie_word_embeddings=False)}[arch]
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **shared, **extra))
+
+
+def save_model(path: Path, tokenizer, arch: str = "llama", seed: int = 0) -> Path:
+    build_model(len(tokenizer), seed, arch).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +81,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """An HF safetensors checkpoint + tokenizer of a 2-layer random Llama."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    build_model(len(tiny_tokenizer)).save_pretrained(path, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_model(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer)
 
 
 def task_blocks() -> dict:

@@ -151,6 +151,47 @@ def test_import_base_model_is_not_a_gpu_rule():
     assert "gpu" not in RULES["import_base_model"]["directives"].get("resources", "")
 
 
+def test_every_rule_declares_its_threads():
+    """Snakemake gives a job `threads` cores (1 if undeclared) and sets OMP_NUM_THREADS to
+    it: model rules (the torch env) take MODEL_THREADS, the others DATA_THREADS."""
+    for rule, info in sorted(RULES.items()):
+        threads = info["directives"].get("threads", "").strip()
+        torch_env = string_value(info["directives"]["conda"]).endswith("torch.yaml")
+        expected = "MODEL_THREADS" if torch_env or rule == "evaluate" else "DATA_THREADS"
+        assert threads == expected, f"rule {rule}: threads {threads!r}, expected {expected}"
+
+
+def test_slurm_cpus_per_task_are_the_rules_threads():
+    """Under the Slurm profile a job's --cpus-per-task is its threads: every model rule gets
+    its threads from set-threads, and no cpus_per_task resource can part the two."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    model_rules = {r for r, i in RULES.items() if "MODEL_THREADS" in i["directives"]["threads"]}
+    assert set(profile["set-threads"]) == model_rules
+    assert all(isinstance(n, int) and n >= 1 for n in profile["set-threads"].values())
+    resources = [profile["default-resources"], *profile["set-resources"].values()]
+    assert not any("cpus_per_task" in r or "cpus_per_gpu" in r for r in resources)
+
+
+def test_model_threads_are_every_core_or_a_share_per_gpu(tmp_path):
+    """What `threads: MODEL_THREADS` becomes, from Snakemake's own dry run of a rule."""
+    common = (REPO / "rules" / "common.smk").read_text()
+    start = common.index("def _global_resource")
+    end = common.index("DATA_THREADS = 1")
+    (tmp_path / "Snakefile").write_text(common[start:end] + (
+        "rule a:\n    output: 'a'\n    threads: MODEL_THREADS\n    shell: 'touch {output}'\n"))
+
+    def threads(*args):
+        out = subprocess.run([sys.executable, "-m", "snakemake", "-n", *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        found = re.search(r"threads: (\d+)", out.stdout)
+        return int(found[1]) if found else 1  # a dry run omits "threads: 1"
+
+    assert threads("--cores", "4") == 4
+    assert threads("--cores", "4", "--resources", "gpu=1") == 4
+    assert threads("--cores", "4", "--resources", "gpu=2") == 2
+    assert threads("--cores", "1", "--resources", "gpu=2") == 1
+
+
 def test_snakemake_lint_is_clean():
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)

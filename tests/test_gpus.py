@@ -223,7 +223,7 @@ def test_a_killed_holder_releases_its_gpu(sim):
 # ---- the hook in run_script --------------------------------------------------------------------
 
 def fake_smk(resources: dict) -> SimpleNamespace:
-    return SimpleNamespace(log=[], resources=resources, rule="fake")
+    return SimpleNamespace(log=[], resources=resources, rule="fake", threads=1)
 
 
 @pytest.mark.parametrize("resources, expected", [

@@ -12,6 +12,7 @@ the partition and account, and each job's memory and CPUs capped to fit the test
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,11 +92,7 @@ def ci_overrides(partition: str, account: str) -> list[str]:
     max_cpus, max_mem = max(1, cpus // 2), max(500, mem // 4)
 
     def fit(name, value):
-        if name == "mem_mb":
-            return min(int(value), max_mem)
-        if name == "cpus_per_task":
-            return min(int(value), max_cpus)
-        return value
+        return min(int(value), max_mem) if name == "mem_mb" else value
 
     defaults = dict(profile["default-resources"])
     assert {"slurm_partition", "slurm_account", "runtime", "mem_mb"} <= set(defaults)
@@ -110,10 +107,24 @@ def ci_overrides(partition: str, account: str) -> list[str]:
             value = fit(name, value)
             set_args.append(f"{rule}:{name}={value!r}" if isinstance(value, str)
                             else f"{rule}:{name}={value}")
+    threads = [f"{rule}={n}" for rule, n in fitted_threads(profile, max_cpus).items()]
     status = [] if sacct_works() else ["--slurm-status-command", "squeue"]
-    return ["--default-resources", *default_args, "--set-resources", *set_args, *status,
+    return ["--default-resources", *default_args, "--set-resources", *set_args,
+            "--set-threads", *threads, *status,
             "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
             "--verbose"]  # --verbose: the log shows each sbatch command line
+
+
+def fitted_threads(profile: dict, max_cpus: int) -> dict[str, int]:
+    """The profile's threads per rule, capped to what the test node can give."""
+    return {rule: min(int(n), max_cpus) for rule, n in profile["set-threads"].items()}
+
+
+def expected_threads(rule: str) -> int:
+    """A rule's threads on the test cluster: the profile's (fitted), else 1 (data rules)."""
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    cpus, _ = node_limits(ci_partition())
+    return fitted_threads(profile, max(1, cpus // 2)).get(rule, 1)
 
 
 def show_job(job_id: str) -> dict[str, str]:
@@ -196,6 +207,8 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     for call in sbatch_calls:
         rule = re.search(r"--comment '?rule_(.+?)(?:_wildcards_\S*)?'? ", call).group(1)
         assert ("--gpus=" in call) == (rule in gpu_rules), call
+        # One value: Slurm's CPUs per task are the rule's threads.
+        assert f"--cpus-per-task={expected_threads(rule)}" in call, call
     jobcomp = jobcomp_records()
     rows = []
     for job_id, rule in sorted(jobs.items(), key=lambda item: int(item[0])):
@@ -223,7 +236,11 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     quantize_id = next(i for i, r in jobs.items() if r == "quantize")
     quantize_log = (workdir / "results/logs/quantize.log").read_text()
     assert f"GPU pinning skipped: Slurm job {quantize_id}" in quantize_log, quantize_log
-    assert (workdir / "results/models/base-4bit/provenance.json").is_file()
+    # ... and torch used the job's threads there, the count Slurm allocated.
+    threads = expected_threads("quantize")
+    assert f"(threads: {threads})" in quantize_log, quantize_log
+    provenance = json.loads((workdir / "results/models/base-4bit/provenance.json").read_text())
+    assert provenance["machine"]["torch"]["threads"] == threads
     assert (workdir / "results/data/topic/tokenized/provenance.json").is_file()
     # The plugin's own log of each job (kept with --slurm-keep-successful-logs).
     slurm_logs = workdir / ".snakemake" / "slurm_logs"

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..runtime import device
+from . import numerics
 
 log = logging.getLogger(__name__)
 BLOCKSIZE = 64  # transformers' 4-bit blocksize (not configurable there)
@@ -36,20 +37,32 @@ def bnb_config(cfg: dict):
 
 
 def quantize(base_dir: str | Path, cfg: dict):
+    """The base quantized in memory, on the single numerics path (numerics.py); the caller
+    runs and records numerics.check."""
     from transformers import AutoModelForCausalLM
 
     log.info("quantizing %s: %s, double quant %s", base_dir, cfg["quant_type"], cfg["double_quant"])
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=bnb_config(cfg), device_map=device(),
         dtype=torch.float32 if device() == "cpu" else "auto",
     )
+    return numerics.single_path(model)
+
+
+def saved_compute_dtype(model) -> torch.dtype:
+    """The compute dtype a saved 4-bit checkpoint was quantized for."""
+    value = model.config.quantization_config.bnb_4bit_compute_dtype
+    return DTYPES[value.replace("torch.", "")] if isinstance(value, str) else value
 
 
 def load_quantized(path: str | Path):
-    """The saved 4-bit checkpoint, loaded as is (its config carries the quantization)."""
+    """The saved 4-bit checkpoint, loaded as is (its config carries the quantization), on the
+    single numerics path and checked: every job that loads it computes the configured math."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map=device())
+    model = numerics.single_path(AutoModelForCausalLM.from_pretrained(path, device_map=device()))
+    numerics.check(model, saved_compute_dtype(model))
+    return model
 
 
 def load_full_precision(path: str | Path):

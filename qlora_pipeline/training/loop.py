@@ -1,4 +1,5 @@
-"""The training loop: transformers' Trainer with our data collator, metrics and guards.
+"""The training loop: transformers' Trainer with our data collator, metrics and guards
+(a non-finite loss stops it; so does an adapter that gets no gradient: gradient_guard.py).
 
 Trainer rather than TRL's SFTTrainer: our data arrive already tokenized and masked by the
 tokenize stage, which is SFTTrainer's main job; Trainer gives the rest (schedulers, paged
@@ -22,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
 from ..runtime import device
+from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
 PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
@@ -127,7 +129,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, bf16)
-    callbacks = [MetricsLog(metrics_path)]
+    callbacks = [MetricsLog(metrics_path), GradientGuard()]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]

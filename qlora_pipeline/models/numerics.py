@@ -1,0 +1,119 @@
+"""One numerics path for every 4-bit layer, and a run-time check that it is the configured one.
+
+bitsandbytes (0.50) has a second CPU path for `Linear4bit`: on a CPU with AVX512-BF16, the
+first forward in eval mode without grad repacks the weight in place for a fused kernel
+(`gemv_4bit`). That kernel computes in bf16 whatever the compute dtype, and it has no
+autograd: after one evaluation, no gradient flows through any 4-bit layer, so QLoRA learns
+nothing (and a layer with a bias fails in its first training step). Checkpoint saving unpacks
+the weight again, re-quantizing the double-quantized scales on the way.
+
+We switch that path off on every machine (`single_path`), for training and for scoring alike:
+the scores and the merge checks then describe the model that was trained, in the configured
+compute dtype. The cost is speed of 4-bit inference on such CPUs only. `check` proves the
+switch held: after an eval pass, each layer's output and input gradient must equal those of
+x @ deq(W)^T in the compute dtype. It raises rather than let a job produce a wrong result.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Largest relative error ‖y − y_ref‖ / ‖y_ref‖ accepted for the same math in the same dtype
+# (only the summation order may differ). The packed bf16 kernel under a float32 compute dtype
+# is off by ~3e-3, so float32's bound catches it; its missing gradient fails at any dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+PROBE_ROWS = 4
+
+
+class NumericsError(RuntimeError):
+    """A 4-bit layer does not compute what its configuration says."""
+
+
+def linear4bit_layers(model) -> list[tuple[str, object]]:
+    import bitsandbytes as bnb
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def is_packed(module) -> bool:
+    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def single_path(model):
+    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path, on any CPU."""
+    for name, module in linear4bit_layers(model):
+        if is_packed(module):  # packed before we saw it: its scales were already rounded
+            raise NumericsError(f"{name}: weight already repacked for bitsandbytes' CPU "
+                                f"inference kernel; load the model again before using it")
+        # Read by Linear4bit.forward; False keeps it off the packed kernel.
+        module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def check(model, compute_dtype: torch.dtype) -> dict:
+    """Each 4-bit layer against x @ deq(W)^T after an eval pass, forward and backward.
+
+    Returns the largest relative gaps (recorded in quantization.json); raises NumericsError
+    naming the layers whose gap exceeds TOLERANCE or whose input gets no gradient.
+    """
+    tolerance = TOLERANCE[compute_dtype]
+    worst = {"eval": 0.0, "train": 0.0, "input_grad": 0.0}
+    bad = []
+    generator = torch.Generator().manual_seed(0)
+    for name, module in linear4bit_layers(model):
+        gaps = _probe(module, compute_dtype, generator)
+        for kind, gap in gaps.items():
+            worst[kind] = max(worst[kind], gap)
+        if is_packed(module) or any(gap > tolerance for gap in gaps.values()):
+            bad.append(f"{name} ({', '.join(f'{k} {v:.2e}' for k, v in gaps.items())}"
+                       f"{', packed' if is_packed(module) else ''})")
+    result = {"layers_checked": len(linear4bit_layers(model)),
+              "compute_dtype": str(compute_dtype).replace("torch.", ""),
+              "tolerance": tolerance, "max_relative_gap": worst}
+    if bad:
+        raise NumericsError(
+            f"4-bit layers do not compute x @ deq(W)^T in {result['compute_dtype']} after an "
+            f"eval pass (tolerance {tolerance:g}; a gap of 1 is a missing gradient): "
+            f"{len(bad)} of {result['layers_checked']}: {'; '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}")
+    log.info("4-bit numerics check: %s", result)
+    return result
+
+
+def _relative(a: torch.Tensor | None, ref: torch.Tensor) -> float:
+    if a is None:  # no gradient at all
+        return 1.0
+    a, ref = a.detach().float(), ref.detach().float()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, float]:
+    """Relative gaps of one layer: eval output, then train output and input gradient."""
+    import bitsandbytes.functional as F
+
+    device = module.weight.device
+    weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    bias = module.bias.to(dtype) if module.bias is not None else None
+    x = torch.randn(PROBE_ROWS, module.in_features, generator=generator).to(device, dtype)
+    upstream = torch.randn(PROBE_ROWS, module.out_features, generator=generator).to(device, dtype)
+    reference = torch.nn.functional.linear(x, weight, bias)
+    reference_grad = upstream @ weight
+
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():  # the pass that would repack the weight
+            eval_out = module(x)
+        module.train()
+        x_grad = x.clone().requires_grad_(True)
+        train_out = module(x_grad)
+        if train_out.requires_grad:
+            train_out.backward(upstream)
+    finally:
+        module.train(was_training)
+    return {"eval": _relative(eval_out, reference), "train": _relative(train_out, reference),
+            "input_grad": _relative(x_grad.grad, reference_grad)}

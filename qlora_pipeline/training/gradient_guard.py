@@ -1,0 +1,88 @@
+"""Training fails, naming the layers, when an adapter gets no gradient.
+
+A cut gradient path does not crash anything: the loss is finite, the optimizer steps, and
+the adapter silently stays where it started (bitsandbytes' packed CPU kernel did exactly
+this after every evaluation; see models/numerics.py). So the invariant is checked where it
+must hold, before the optimizer step:
+
+- every lora_B has a non-zero gradient (B = 0 at the start, but its gradient is x·A ≠ 0);
+- every lora_A whose B is non-zero has one too (A's gradient is Bᵀ·g, zero only while B is);
+
+on the first two optimizer steps of a run (or of a resumed run) and on the first step after
+every evaluation. A logged gradient norm of 0 fails as well.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+SHOWN = 5  # layer names in the message; the count is always given
+
+
+class GradientPathBroken(RuntimeError):
+    """Some adapter weights get no gradient: training would not change them."""
+
+
+def adapter_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
+    """(name, A, B) for every trainable LoRA pair of the model."""
+    params = dict(model.named_parameters())
+    pairs = []
+    for name, a in params.items():
+        if ".lora_A." in name and a.requires_grad:
+            b = params.get(name.replace(".lora_A.", ".lora_B."))
+            if b is not None:
+                pairs.append((name.replace(".lora_A.", ".lora_{A,B}."), a, b))
+    return pairs
+
+
+def _has_gradient(param) -> bool:
+    return param.grad is not None and bool(torch.count_nonzero(param.grad))
+
+
+def missing_gradients(model) -> list[str]:
+    """The LoRA weights that should have a gradient now and have none."""
+    missing = []
+    for name, a, b in adapter_pairs(model):
+        if not _has_gradient(b):
+            missing.append(name.replace("lora_{A,B}", "lora_B"))
+        if bool(torch.count_nonzero(b)) and not _has_gradient(a):
+            missing.append(name.replace("lora_{A,B}", "lora_A"))
+    return missing
+
+
+class GradientGuard(TrainerCallback):
+    """Checks gradient flow into the adapters at the steps where the bug class shows."""
+
+    def __init__(self):
+        self.checks_left = 0
+        self.reason = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.checks_left, self.reason = 2, "at the start of training"
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.checks_left, self.reason = max(self.checks_left, 1), "after an evaluation"
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.checks_left == 0:
+            return
+        self.checks_left -= 1
+        missing = missing_gradients(model)
+        if missing:
+            total = 2 * len(adapter_pairs(model))
+            raise GradientPathBroken(
+                f"optimizer step {state.global_step + 1} ({self.reason}): {len(missing)} of "
+                f"{total} LoRA weights got no gradient: {', '.join(missing[:SHOWN])}"
+                f"{' …' if len(missing) > SHOWN else ''}. The base model's layers do not pass "
+                f"gradients back (a non-differentiable kernel, or a detached or frozen path); "
+                f"training would leave these adapters unchanged")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = (logs or {}).get("grad_norm")
+        if norm is not None and norm == 0:
+            raise GradientPathBroken(f"step {state.global_step}: gradient norm 0 — no gradient "
+                                     f"reached the adapters; training would change nothing")
