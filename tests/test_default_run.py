@@ -86,6 +86,24 @@ def test_adapters_learned(default_run):
         assert (default_run / "adapters" / task / "recovered").exists() == _recovers(task)
 
 
+def test_every_step_had_gradients_and_used_the_cores(default_run):
+    """The bug class of issue 10: adapters that get no gradient, jobs on one thread."""
+    for task in TASKS:
+        for kind in ["qlora", *(["recovered"] if _recovers(task) else [])]:
+            adapter = default_run / "adapters" / task / kind
+            records = [json.loads(line) for line in
+                       (adapter / "metrics.jsonl").read_text().splitlines()]
+            norms = [r["grad_norm"] for r in records if "grad_norm" in r]
+            assert norms and min(norms) > 0, (task, kind, norms)
+            machine = json.loads((adapter / "provenance.json").read_text())["machine"]
+            assert machine["torch"]["threads"] == 2, machine  # --cores 2, one model job
+            assert machine["bitsandbytes"]["cpu_packed_inference"] == "disabled"
+    check = json.loads((default_run / "models/base-4bit/quantization.json").read_text())[
+        "numerics_check"]
+    assert check["layers_checked"] == 30 * 7
+    assert max(check["max_relative_gap"].values()) <= check["tolerance"], check
+
+
 def test_merged_models_and_checks(default_run):
     for task in TASKS:
         merged = default_run / "models/merged" / task
@@ -95,7 +113,9 @@ def test_merged_models_and_checks(default_run):
         for gaps in check["checks"].values():
             assert gaps["vs_unmerged"]["max_abs_logit_gap"] < 1e-2  # the merge arithmetic holds
         if not _recovers(task):  # merged into deq(Q(W)): the model as trained
-            assert check["checks"]["dequantized"]["vs_4bit_trained"]["top1_agreement"] == 1.0
+            trained = check["checks"]["dequantized"]["vs_4bit_trained"]
+            assert trained["top1_agreement"] == 1.0
+            assert trained["max_abs_logit_gap"] <= 1e-2, trained  # same math, same dtype
 
 
 def test_tuned_variants_beat_the_base(default_run):
