@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: setup
 
 test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -m "not slow"
+
+# Speed goals, measured side by side (benchmarks/run.py): results/benchmarks/*.{json,md}.
+bench: setup
+	source $(VENV)/bin/activate && python benchmarks/run.py
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint

@@ -120,16 +120,17 @@ def peak_memory_mb() -> float:
 
 
 def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
-          seed: int, bf16: bool = False) -> dict:
+          seed: int, bf16: bool = False, observers: tuple = ()) -> dict:
     """Train `model` (its trainable parameters) on data['train']; return the run summary.
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
     resumes from them); the best checkpoint by validation loss is restored at the end.
+    `observers`: extra callbacks that only watch (the step-time benchmark).
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, bf16)
-    callbacks = [MetricsLog(metrics_path), GradientGuard()]
+    callbacks = [MetricsLog(metrics_path), GradientGuard(), *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]

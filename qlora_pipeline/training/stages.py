@@ -25,7 +25,7 @@ def _inputs_key(config_slice: dict, inputs: dict[str, Path]) -> str:
     return provenance.config_hash({"config": config_slice, "inputs": stamps})
 
 
-def _checkpointing(train_cfg: dict) -> bool:
+def use_gradient_checkpointing(train_cfg: dict) -> bool:
     """Gradient checkpointing trades compute for memory: worth it on a GPU, not on a CPU."""
     setting = train_cfg["gradient_checkpointing"]
     return device() == "cuda" if setting == "auto" else bool(setting)
@@ -69,7 +69,7 @@ def train_qlora(quant_dir, tokenized_dir, lora_cfg: dict, train_cfg: dict, seed:
 
     model = load_quantized(quant_dir)  # the saved 4-bit base: never quantized again here
     expected = lora.expected_trainable(model, lora_cfg) if lora_cfg["target_modules"] else 0
-    model = lora.inject(model, lora_cfg, _checkpointing(train_cfg))
+    model = lora.inject(model, lora_cfg, use_gradient_checkpointing(train_cfg))
     params = verify_frozen(model, expected)
     log.info("trainable: %s", params)
 
@@ -129,7 +129,7 @@ def recover(base_dir, adapter_dir, tokenized_dir, recovery_cfg: dict, train_cfg:
     from ..models.quantize import load_full_precision
 
     base = load_full_precision(base_dir)
-    if _checkpointing(cfg):
+    if use_gradient_checkpointing(cfg):
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
