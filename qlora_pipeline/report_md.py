@@ -7,6 +7,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _numerics_row(check: dict | None) -> list[str]:
+    """The run-time check that the 4-bit layers compute x @ deq(W)^T (models/numerics.py)."""
+    if not check:
+        return []
+    worst = max(check["max_relative_gap"].values())
+    return [f"| 4-bit layers vs x @ deq(W)^T after an eval pass (output, input gradient), "
+            f"largest relative gap | {worst:.1e} over {check['layers_checked']} layers "
+            f"(tolerance {check['tolerance']:g}, {check['compute_dtype']}) |"]
+
+
 def quantization_markdown(report: dict) -> str:
     s = report["summary"]
     lines = [
@@ -24,6 +34,7 @@ def quantization_markdown(report: dict) -> str:
         f"| size on disk, 4-bit | {_mib(s['size_bytes_4bit'])} |",
         f"| relative weight error ‖W − deq(Q(W))‖/‖W‖, mean / max | "
         f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f} |",
+        *_numerics_row(report.get("numerics_check")),
         "",
         "Theory: NF4 stores 4 bits per weight plus one fp32 absmax per 64 weights (4.5 bits); "
         "double quantization stores that absmax in 8 bits with one fp32 per 256 blocks "

@@ -9,6 +9,7 @@ so the loaders' switch must hold. The test of the real kernel runs only where th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from conftest import build_inputs, save_model
 from qlora_pipeline import machine, stages
 from qlora_pipeline.models import numerics, quantize
+from qlora_pipeline.report_md import quantization_markdown
 
 HAS_AVX512_BF16 = "avx512_bf16" in machine.cpu_info()["numeric_flags"]
 QUANT_CFG = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
@@ -122,6 +124,10 @@ def test_quantize_records_the_check_and_fails_without_output_when_the_path_is_wr
         assert check["compute_dtype"] == "float32" and check["tolerance"] == 1e-4
         assert check["layers_checked"] == len(check_layers(out))
         assert all(gap <= 1e-4 for gap in check["max_relative_gap"].values()), check
+        report = json.loads((out / "quantization.json").read_text())
+        assert re.search(rf"largest relative gap \| \d\.\de[+-]\d+ over {len(report['layers'])} "
+                         rf"layers \(tolerance 0.0001, float32\) \|",
+                         quantization_markdown(report))
         return
     # As on an AVX512-BF16 CPU without the switch: the packed path is taken and refused.
     monkeypatch.setattr(numerics, "single_path", lambda model: model)
