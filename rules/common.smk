@@ -22,16 +22,24 @@ wildcard_constraints:
 RESULTS = "results"
 
 
-def _global_resource(name, default):
-    resource = workflow.global_resources.get(name)
-    return default if resource is None or resource.value is None else resource.value
+def _gpus():
+    resource = workflow.global_resources.get("gpu")
+    return 1 if resource is None or resource.value is None else max(1, resource.value)
+
+
+def _cores():
+    """--cores; a cluster executor may run without a total (then set-threads decides)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 # Threads of a model job (torch reads them; Snakemake sets OMP_NUM_THREADS to them): every
 # core given (--cores) on a CPU, an equal share per GPU when --resources gpu=N lets N model
 # jobs run side by side. A cluster profile sets them per rule (set-threads), and Slurm's
 # --cpus-per-task follows. Data jobs are single-threaded: DATA_THREADS.
-MODEL_THREADS = max(1, workflow.cores // max(1, _global_resource("gpu", 1)))
+MODEL_THREADS = max(1, _cores() // _gpus())
 DATA_THREADS = 1
 
 

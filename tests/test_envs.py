@@ -175,9 +175,10 @@ def test_slurm_cpus_per_task_are_the_rules_threads():
 def test_model_threads_are_every_core_or_a_share_per_gpu(tmp_path):
     """What `threads: MODEL_THREADS` becomes, from Snakemake's own dry run of a rule."""
     common = (REPO / "rules" / "common.smk").read_text()
-    start = common.index("def _global_resource")
+    start = common.index("def _gpus")
     end = common.index("DATA_THREADS = 1")
-    (tmp_path / "Snakefile").write_text(common[start:end] + (
+    (tmp_path / "Snakefile").write_text(
+        "from snakemake.exceptions import WorkflowError\n" + common[start:end] + (
         "rule a:\n    output: 'a'\n    threads: MODEL_THREADS\n    shell: 'touch {output}'\n"))
 
     def threads(*args):
@@ -190,6 +191,8 @@ def test_model_threads_are_every_core_or_a_share_per_gpu(tmp_path):
     assert threads("--cores", "4", "--resources", "gpu=1") == 4
     assert threads("--cores", "4", "--resources", "gpu=2") == 2
     assert threads("--cores", "1", "--resources", "gpu=2") == 1
+    # A cluster executor may run without --cores: 1, unless the profile's set-threads says
+    assert threads("--executor", "slurm", "--jobs", "5") == 1
 
 
 def test_snakemake_lint_is_clean():
