@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # a script run from the checkout, like the tests
 
-from qlora_pipeline import machine  # noqa: E402
+from qlora_pipeline import machine, runtime  # noqa: E402
 from qlora_pipeline.outputs import atomic_file, write_json  # noqa: E402
 
 GOAL = 1.03
@@ -36,7 +36,9 @@ def prepare_inputs(task: str) -> None:
 
 
 def measure(impl: str, threads: int, steps: int, task: str) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # The environment a pipeline job runs in (runtime.job_environment), for both alike.
+    env = {**runtime.ALLOCATOR_VARIABLES, **os.environ,
+           **{name: str(threads) for name in runtime.THREAD_VARIABLES}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), impl,

@@ -88,17 +88,25 @@ def logged_to(log_path: str | Path | None):
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# torch puts CPU allocations of 2 MB and more on transparent huge pages. A training step
+# allocates several 60-100 MB buffers (logits and their gradients) that glibc maps afresh
+# each time; with 4 KB pages faulting them in cost ~0.5 s of kernel time per step on a 2-core
+# CPU and made step times vary by ±20% (docs/benchmarks.md). A user's own setting wins.
+ALLOCATOR_VARIABLES = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 @contextlib.contextmanager
-def using_threads(threads: int):
-    """Torch uses the job's `threads:` whatever the environment said: through the variables
-    torch reads when it is imported, and directly if it already is. Restored afterwards."""
+def job_environment(threads: int):
+    """Torch uses the job's `threads:` whatever the environment said (through the variables
+    torch reads when it is imported, and directly if it already is), and huge pages for large
+    CPU buffers (read lazily by torch). Restored afterwards."""
     threads = max(1, int(threads))
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    wanted = {**{k: os.environ.get(k, v) for k, v in ALLOCATOR_VARIABLES.items()},
+              **{name: str(threads) for name in THREAD_VARIABLES}}
+    saved = {name: os.environ.get(name) for name in wanted}
     torch = sys.modules.get("torch")
     saved_torch = torch.get_num_threads() if torch else None
-    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+    os.environ.update(wanted)
     if torch:
         torch.set_num_threads(threads)
     try:
@@ -119,7 +127,7 @@ def run_script(smk, stage: Callable[..., object], **kwargs) -> None:
     # A rule that declares a GPU gets one of its own for the stage (see gpus.py).
     wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1
     with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()), \
-            using_threads(smk.threads):
+            job_environment(smk.threads):
         log.info("rule %s: %s (threads: %s)", smk.rule, stage.__name__, smk.threads)
         stage(**kwargs)
         log.info("rule %s: done", smk.rule)
