@@ -64,14 +64,15 @@ def check(model, compute_dtype: torch.dtype) -> dict:
     worst = {"eval": 0.0, "train": 0.0, "input_grad": 0.0}
     bad = []
     generator = torch.Generator().manual_seed(0)
-    for name, module in linear4bit_layers(model):
+    layers = linear4bit_layers(model)
+    for name, module in layers:
         gaps = _probe(module, compute_dtype, generator)
         for kind, gap in gaps.items():
             worst[kind] = max(worst[kind], gap)
         if is_packed(module) or any(gap > tolerance for gap in gaps.values()):
             bad.append(f"{name} ({', '.join(f'{k} {v:.2e}' for k, v in gaps.items())}"
                        f"{', packed' if is_packed(module) else ''})")
-    result = {"layers_checked": len(linear4bit_layers(model)),
+    result = {"layers_checked": len(layers),
               "compute_dtype": str(compute_dtype).replace("torch.", ""),
               "tolerance": tolerance, "max_relative_gap": worst}
     if bad:
