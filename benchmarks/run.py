@@ -30,7 +30,7 @@ IMPLS = ("pipeline", "bare")
 def prepare_inputs(task: str) -> None:
     """The saved 4-bit base and the task's tokenized data, made (or found up to date) by the
     pipeline itself."""
-    targets = ["results/models/base-4bit", f"results/data/{task}/tokenized"]
+    targets = ["results/models/quantized", f"results/data/{task}/tokenized"]
     subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1",
                     "--quiet", "rules", "--", *targets], cwd=REPO, check=True)
 

@@ -55,14 +55,16 @@ def bench_cfg(train: dict, steps: int) -> dict:
 
 def pipeline(quant_dir, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
              timer: StepTimer) -> None:
-    from qlora_pipeline.models.quantize import load_quantized
-    from qlora_pipeline.training import lora, loop, stages
+    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.training import loop
+    from qlora_pipeline.training.lora import prepare_qlora
 
     cfg = bench_cfg(settings["train"], steps)
-    model = lora.inject(load_quantized(quant_dir), settings["lora"],
-                        stages.use_gradient_checkpointing(cfg))
+    policy = Policy.detect()
+    model, _ = prepare_qlora(quant_dir, settings["lora"], policy,
+                             policy.gradient_checkpointing(cfg["gradient_checkpointing"]))
     loop.train(model, tokenizer, data, cfg, work / "checkpoints", work / "metrics.jsonl", seed,
-               observers=(timer,))
+               policy, observers=(timer,))
 
 
 def bare(quant_dir, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     results = Path(args.results)
-    quant_dir = results / "models" / "base-4bit"
+    quant_dir = results / "models" / "quantized"
     data = load_from_disk(str(results / "data" / args.task / "tokenized"))
     tokenizer = AutoTokenizer.from_pretrained(quant_dir)
     settings = task_settings(args.task)

@@ -210,6 +210,17 @@ def canonical(value: Any) -> Any:
     return value
 
 
+def recovery_train(task: dict) -> dict:
+    """The training settings recovery runs with: the task's `train` block, with recovery's
+    steps and learning rate, a fixed number of steps (no epochs, no early stopping) and an
+    evaluation at least at the end. The recover rule's params hold exactly this."""
+    train, recovery = task["train"], task["recovery"]
+    return canonical({**train, "max_steps": recovery["steps"], "epochs": None,
+                      "learning_rate": recovery["learning_rate"],
+                      "early_stopping_patience": None,
+                      "eval_steps": min(train["eval_steps"], recovery["steps"])})
+
+
 def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
     """Validate the main config (in place, with defaults) and load every listed task."""
     validate(config, load_schema("config.schema.yaml"), "config")

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import machine
+from . import code_digest, machine
 
 PACKAGES = [
     "torch", "transformers", "bitsandbytes", "peft", "datasets", "tokenizers",
@@ -65,21 +65,22 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def build(
-    *, stage: str, config_slice: Any, inputs: dict[str, str], device: str, seed: int | None,
-    started: str,
-) -> dict:
+def build(*, stage: str, config_slice: Any, inputs: dict[str, str], policy, seed: int | None,
+          started: str) -> dict:
+    """The one provenance shape (written by outputs.stage_outputs for every stage)."""
     # Checksumming is cheap next to the work each stage does, and makes "same inputs" provable.
     return {
         "stage": stage,
         "config": config_slice,
         "config_hash": config_hash(config_slice),
         "inputs": {name: {"path": str(p), "sha256": checksum(p)} for name, p in inputs.items()},
+        "code": code_digest.for_rule(stage),  # equals the rule's params.code
         "packages": package_versions(),
-        "device": device,
+        "device": policy.device_name,
+        "policy": policy.as_dict(),
         "machine": machine.facts(),  # CPU model and numerics flags, torch threads, bnb library
         "seed": seed,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(Path(__file__).parent),  # of the code that ran
         "started": started,
         "finished": now(),
     }

@@ -1,8 +1,10 @@
-"""What every stage script shares: its log file, the device it runs on, and the seed."""
+"""What every stage job shares: its log file, its threads and GPU, its runtime policy (built
+once here and passed down), and the seed."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -15,25 +17,9 @@ import numpy as np
 
 from . import gpus
 from .errors import InputError
+from .policy import Policy
 
 log = logging.getLogger("qlora_pipeline")
-
-
-def device() -> str:
-    """'cuda' when an accelerator is present, else 'cpu': chosen once, recorded in provenance."""
-    try:
-        import torch
-    except ImportError:  # the data stages' environment has no torch
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def device_description() -> str:
-    if device() == "cuda":
-        import torch
-
-        return f"cuda:{torch.cuda.get_device_name(0)}"
-    return f"cpu:{os.cpu_count()} cores"
 
 
 def seed_everything(seed: int) -> None:
@@ -121,13 +107,33 @@ def job_environment(threads: int):
             torch.set_num_threads(saved_torch)
 
 
-def run_script(smk, stage: Callable[..., object], **kwargs) -> None:
-    """Entry point of every scripts/*.py: log to the rule's log, then run the stage."""
+def stage_arguments(smk, stage: Callable[..., object]) -> dict:
+    """The rule's named inputs, outputs and params, by the names the rule gives them, and the
+    wildcards the stage takes. `params.code` (the code digest) only triggers reruns."""
+    groups = {"input": smk.input.items(), "output": smk.output.items(),
+              "params": [(k, v) for k, v in smk.params.items() if k != "code"]}
+    kwargs: dict = {}
+    for group, items in groups.items():
+        for name, value in items:
+            if name in kwargs:
+                raise ValueError(f"rule {smk.rule}: {group} '{name}' repeats a name; expected "
+                                 f"the rule's inputs, outputs and params to have distinct names")
+            kwargs[name] = value
+    accepted = inspect.signature(stage).parameters
+    kwargs.update({k: v for k, v in smk.wildcards.items() if k in accepted and k not in kwargs})
+    return kwargs
+
+
+def run_script(smk, stage: Callable[..., object]) -> None:
+    """Entry point of every scripts/*.py: log to the rule's log, take the job's threads (and
+    its own GPU where the rule declares one), settle the policy, run the stage."""
     log_path = smk.log[0] if len(smk.log) else None
-    # A rule that declares a GPU gets one of its own for the stage (see gpus.py).
-    wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1
+    wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1  # see gpus.py
+    kwargs = stage_arguments(smk, stage)
     with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()), \
             job_environment(smk.threads):
-        log.info("rule %s: %s (threads: %s)", smk.rule, stage.__name__, smk.threads)
-        stage(**kwargs)
+        policy = Policy.detect(smk.threads)
+        log.info("rule %s: %s (threads: %s, device: %s, bf16: %s)", smk.rule, stage.__name__,
+                 policy.threads, policy.device_name, policy.bf16)
+        stage(**kwargs, policy=policy)
         log.info("rule %s: done", smk.rule)

@@ -1,12 +1,16 @@
 # Configuration loading and validation, path helpers and input functions.
 # Everything here runs when the workflow is parsed, so a bad config fails before any job.
+# The library (qlora_pipeline) is installed into .venv by `make setup`, and into each conda
+# env by its post-deploy script (envs/*.post-deploy.sh), which reads QLORA_PIPELINE_ROOT.
 
-import sys
+import os
 
-sys.path.insert(0, workflow.basedir)
-
-from qlora_pipeline.config import load_config
+from qlora_pipeline import code_digest, layout
+from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.layout import RESULTS
+
+os.environ.setdefault("QLORA_PIPELINE_ROOT", workflow.basedir)
 
 try:
     config, TASKS = load_config(config, root=".")
@@ -16,10 +20,12 @@ except InputError as err:
 
 wildcard_constraints:
     task="|".join(TASKS),
-    variant="|".join(["base", "base-4bit", "qlora", "recovered", "merged"]),
+    variant=layout.VARIANT_PATTERN,
 
 
-RESULTS = "results"
+def code(rule):
+    """A digest of the library code the rule's stage runs: a rerun trigger (params.code)."""
+    return code_digest.for_rule(rule)
 
 
 def _gpus():
@@ -55,10 +61,6 @@ def local_dataset_files(wildcards):
     return list((dataset.get("files") or {"train": dataset["path"]}).values())
 
 
-def tokenized_dirs(wildcards=None):
-    return {task: f"{RESULTS}/data/{task}/tokenized" for task in TASKS}
-
-
 def recovery_enabled(task):
     return TASKS[task]["recovery"]["enabled"]
 
@@ -66,7 +68,7 @@ def recovery_enabled(task):
 def final_adapter(wildcards):
     """The adapter a task ships: the recovered one when recovery is on, else the QLoRA one."""
     kind = "recovered" if recovery_enabled(wildcards.task) else "qlora"
-    return f"{RESULTS}/adapters/{wildcards.task}/{kind}"
+    return layout.adapter(wildcards.task, kind)
 
 
 def variants(task):
@@ -76,16 +78,8 @@ def variants(task):
 
 
 def variant_inputs(wildcards):
-    """What one variant × task evaluation loads (the base always: it holds the tokenizer)."""
-    task, variant = wildcards.task, wildcards.variant
-    inputs = {"spec": f"{RESULTS}/eval/tasks/{task}", "base": f"{RESULTS}/models/base"}
-    if variant in ("base-4bit", "qlora"):
-        inputs["base_4bit"] = f"{RESULTS}/models/base-4bit"
-    if variant in ("qlora", "recovered"):
-        inputs["adapter"] = f"{RESULTS}/adapters/{task}/{variant}"
-    if variant == "merged":
-        inputs["merged"] = f"{RESULTS}/models/merged/{task}"
-    return inputs
+    """What one variant × task evaluation loads (layout.variant_inputs)."""
+    return layout.variant_inputs(wildcards.variant, wildcards.task)
 
 
 def eval_settings(wildcards=None):
@@ -94,20 +88,19 @@ def eval_settings(wildcards=None):
 
 
 def eval_results():
-    return [f"{RESULTS}/eval/{v}/{t}/results.json" for t in TASKS for v in variants(t)]
+    return [layout.evaluation(v, t)["results"] for t in TASKS for v in variants(t)]
 
 
 def all_adapters():
-    return [f"{RESULTS}/adapters/{t}/{kind}" for t in TASKS
+    return [layout.adapter(t, kind) for t in TASKS
             for kind in (["qlora", "recovered"] if recovery_enabled(t) else ["qlora"])]
 
 
 def all_outputs():
     return [
-        f"{RESULTS}/quantization/report.md",
-        *expand(f"{RESULTS}/adapters/{{task}}/qlora", task=TASKS),
-        *[f"{RESULTS}/adapters/{t}/recovered" for t in TASKS if recovery_enabled(t)],
-        *expand(f"{RESULTS}/models/merged/{{task}}", task=TASKS),
+        layout.quantization_report()["markdown"],
+        *all_adapters(),
+        *[layout.merged(t) for t in TASKS],
         *eval_results(),
-        f"{RESULTS}/report/report.md",
+        layout.report()["markdown"],
     ]

@@ -3,12 +3,13 @@
 
 rule fetch_dataset:
     input:
-        local_dataset_files,
+        files=local_dataset_files,
     output:
-        directory(f"{RESULTS}/data/{{task}}/raw"),
+        raw=directory(layout.raw("{task}")),
     params:
         dataset=lambda wc: task_cfg(wc)["dataset"],
         format=lambda wc: task_cfg(wc)["format"],
+        code=code("fetch_dataset"),
     threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/fetch_dataset/{{task}}.log",
@@ -22,13 +23,14 @@ rule fetch_dataset:
 
 rule tokenize:
     input:
-        raw=f"{RESULTS}/data/{{task}}/raw",
-        base=f"{RESULTS}/models/base",
+        raw=layout.raw("{task}"),
+        base=layout.BASE,
     output:
-        directory(f"{RESULTS}/data/{{task}}/tokenized"),
+        tokenized=directory(layout.tokenized("{task}")),
     params:
         format=lambda wc: task_cfg(wc)["format"],
         tokenize=lambda wc: task_cfg(wc)["tokenize"],
+        code=code("tokenize"),
     threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/tokenize/{{task}}.log",

@@ -4,13 +4,14 @@
 
 rule eval_task_spec:
     input:
-        raw=f"{RESULTS}/data/{{task}}/raw",
-        base=f"{RESULTS}/models/base",
+        raw=layout.raw("{task}"),
+        base=layout.BASE,
     output:
-        directory(f"{RESULTS}/eval/tasks/{{task}}"),
+        spec=directory(layout.eval_spec("{task}")),
     params:
         format=lambda wc: task_cfg(wc)["format"],
         max_gen_tokens=config["evaluation"]["max_gen_tokens"],
+        code=code("eval_task_spec"),
     threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/eval_task_spec/{{task}}.log",
@@ -26,12 +27,11 @@ rule evaluate:
     input:
         unpack(variant_inputs),
     output:
-        results=f"{RESULTS}/eval/{{variant}}/{{task}}/results.json",
-        provenance=f"{RESULTS}/eval/{{variant}}/{{task}}/provenance.json",
-        samples=f"{RESULTS}/eval/{{variant}}/{{task}}/samples.jsonl",
+        **layout.evaluation("{variant}", "{task}"),
     params:
         evaluation=eval_settings,
         seed=config["seed"],
+        code=code("evaluate"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/evaluate/{{variant}}/{{task}}.log",

@@ -1,11 +1,12 @@
-# Model stages: import the base model once, quantize it to 4 bits, measure what that cost.
+# Model stages: import the base model once, quantize it, measure what that cost.
 
 
 rule import_base_model:
     output:
-        directory(f"{RESULTS}/models/base"),
+        base=directory(layout.BASE),
     params:
         base_model=config["base_model"],
+        code=code("import_base_model"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/import_base_model.log",
@@ -19,12 +20,13 @@ rule import_base_model:
 
 rule quantize:
     input:
-        f"{RESULTS}/models/base",
+        base=layout.BASE,
     output:
-        directory(f"{RESULTS}/models/base-4bit"),
+        quantized=directory(layout.QUANTIZED),
     params:
         quantization=config["quantization"],
         seed=config["seed"],
+        code=code("quantize"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/quantize.log",
@@ -40,15 +42,15 @@ rule quantize:
 
 rule quantization_report:
     input:
-        base=f"{RESULTS}/models/base",
-        quantized=f"{RESULTS}/models/base-4bit",
-        tokenized=list(tokenized_dirs().values()),
+        base=layout.BASE,
+        quantized=layout.QUANTIZED,
+        tokenized=[layout.tokenized(task) for task in TASKS],
     output:
-        json=f"{RESULTS}/quantization/report.json",
-        md=f"{RESULTS}/quantization/report.md",
-        provenance=f"{RESULTS}/quantization/provenance.json",
+        **layout.quantization_report(),
     params:
-        report=config["quantization_report"],
+        tasks=list(TASKS),
+        max_examples=config["quantization_report"]["max_examples"],
+        code=code("quantization_report"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/quantization_report.log",

@@ -6,29 +6,32 @@ rule report:
     input:
         results=eval_results(),
         adapters=all_adapters(),
-        merged=expand(f"{RESULTS}/models/merged/{{task}}", task=TASKS),
-        quantization=f"{RESULTS}/quantization/report.md",
+        merged=[layout.merged(task) for task in TASKS],
+        quantization=layout.quantization_report()["markdown"],
     output:
         scores=report(
-            f"{RESULTS}/report/scores.csv",
+            layout.report()["scores"],
             caption="../report/scores.rst",
             category="Scores",
         ),
         markdown=report(
-            f"{RESULTS}/report/report.md",
+            layout.report()["markdown"],
             caption="../report/report.rst",
             category="Scores",
         ),
         scores_plot=report(
-            f"{RESULTS}/report/scores.png",
+            layout.report()["scores_plot"],
             caption="../report/scores_plot.rst",
             category="Scores",
         ),
         loss_plot=report(
-            f"{RESULTS}/report/loss.png",
+            layout.report()["loss_plot"],
             caption="../report/loss_plot.rst",
             category="Training",
         ),
+        provenance=layout.report()["provenance"],
+    params:
+        code=code("report"),
     threads: DATA_THREADS
     log:
         f"{RESULTS}/logs/report.log",

@@ -4,17 +4,16 @@
 
 rule train_qlora:
     input:
-        base_4bit=f"{RESULTS}/models/base-4bit",
-        tokenized=f"{RESULTS}/data/{{task}}/tokenized",
+        quantized=layout.QUANTIZED,
+        tokenized=layout.tokenized("{task}"),
     output:
-        directory(f"{RESULTS}/adapters/{{task}}/qlora"),
+        adapter=directory(layout.adapter("{task}", "qlora")),
     params:
         lora=lambda wc: task_cfg(wc)["lora"],
         train=lambda wc: task_cfg(wc)["train"],
         seed=config["seed"],
-        # Outside the declared output: Snakemake deletes outputs before a rerun, and these
-        # must survive an interrupted job so that it can resume.
-        checkpoints=f"{RESULTS}/checkpoints/{{task}}/qlora",
+        checkpoints=layout.checkpoints("{task}", "qlora"),
+        code=code("train_qlora"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}.log",
@@ -30,16 +29,17 @@ rule train_qlora:
 
 rule recover:
     input:
-        base=f"{RESULTS}/models/base",
-        adapter=f"{RESULTS}/adapters/{{task}}/qlora",
-        tokenized=f"{RESULTS}/data/{{task}}/tokenized",
+        base=layout.BASE,
+        qlora=layout.adapter("{task}", "qlora"),
+        tokenized=layout.tokenized("{task}"),
     output:
-        directory(f"{RESULTS}/adapters/{{task}}/recovered"),
+        adapter=directory(layout.adapter("{task}", "recovered")),
     params:
-        recovery=lambda wc: task_cfg(wc)["recovery"],
-        train=lambda wc: task_cfg(wc)["train"],
+        # What the job trains with: the task's train block with recovery's steps and rate.
+        train=lambda wc: recovery_train(task_cfg(wc)),
         seed=config["seed"],
-        checkpoints=f"{RESULTS}/checkpoints/{{task}}/recovered",
+        checkpoints=layout.checkpoints("{task}", "recovered"),
+        code=code("recover"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/recover/{{task}}.log",
@@ -55,15 +55,16 @@ rule recover:
 
 rule merge:
     input:
-        base=f"{RESULTS}/models/base",
-        base_4bit=f"{RESULTS}/models/base-4bit",
+        base=layout.BASE,
+        quantized=layout.QUANTIZED,
         adapter=final_adapter,
-        tokenized=f"{RESULTS}/data/{{task}}/tokenized",
+        tokenized=layout.tokenized("{task}"),
     output:
-        directory(f"{RESULTS}/models/merged/{{task}}"),
+        merged=directory(layout.merged("{task}")),
     params:
         merge=lambda wc: task_cfg(wc)["merge"],
         recovered=lambda wc: recovery_enabled(wc.task),
+        code=code("merge"),
     threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/merge/{{task}}.log",

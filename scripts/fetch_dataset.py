@@ -1,10 +1,4 @@
-import sys
-
-sys.path.insert(0, snakemake.scriptdir + "/..")
-from qlora_pipeline import stages
 from qlora_pipeline.runtime import run_script
+from qlora_pipeline.stages.data import fetch_dataset
 
-run_script(snakemake, stages.fetch_dataset,
-           dataset=snakemake.params.dataset, fmt=snakemake.params.format,
-           out_dir=snakemake.output[0],
-           inputs={f"file{i}": path for i, path in enumerate(snakemake.input)})
+run_script(snakemake, fetch_dataset)

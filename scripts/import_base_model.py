@@ -1,8 +1,4 @@
-import sys
-
-sys.path.insert(0, snakemake.scriptdir + "/..")
-from qlora_pipeline import stages
 from qlora_pipeline.runtime import run_script
+from qlora_pipeline.stages.model import import_base_model
 
-run_script(snakemake, stages.import_base_model,
-           cfg=snakemake.params.base_model, out_dir=snakemake.output[0])
+run_script(snakemake, import_base_model)

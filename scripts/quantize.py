@@ -1,9 +1,4 @@
-import sys
-
-sys.path.insert(0, snakemake.scriptdir + "/..")
-from qlora_pipeline import stages
 from qlora_pipeline.runtime import run_script
+from qlora_pipeline.stages.model import quantize
 
-run_script(snakemake, stages.quantize_base_model,
-           base_dir=snakemake.input[0], cfg=snakemake.params.quantization,
-           out_dir=snakemake.output[0], seed=snakemake.params.seed)
+run_script(snakemake, quantize)

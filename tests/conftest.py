@@ -94,19 +94,37 @@ def task_blocks() -> dict:
 
 
 def build_inputs(root: Path, model_dir: Path) -> tuple[Path, Path]:
-    """A saved 4-bit base and tokenized arithmetic (chat) data, built with the library."""
-    from qlora_pipeline import stages
+    """A saved quantized base and tokenized arithmetic (chat) data, built with the stages."""
+    from qlora_pipeline.stages import data, model
 
-    stages.quantize_base_model(model_dir, {"quant_type": "nf4", "double_quant": True,
-                                           "compute_dtype": "auto", "skip_modules": ["lm_head"]},
-                               root / "base-4bit", seed=0)
-    stages.fetch_dataset({"source": "builtin", "name": "arithmetic", "num_examples": 80,
-                          "seed": 1, "validation_fraction": 0.1, "test_fraction": 0.1,
-                          "columns": {}}, "chat", root / "raw")
-    stages.tokenize_dataset(root / "raw", model_dir, "chat",
-                            {"max_length": 128, "train_on_prompt": False, "packing": False},
-                            root / "tokenized")
-    return root / "base-4bit", root / "tokenized"
+    policy = job_policy()
+    model.quantize(base=model_dir, quantized=root / "quantized", seed=0, policy=policy,
+                   quantization={"quant_type": "nf4", "double_quant": True,
+                                 "compute_dtype": "auto", "skip_modules": ["lm_head"]})
+    data.fetch_dataset(raw=root / "raw", format="chat", policy=policy,
+                       dataset={"source": "builtin", "name": "arithmetic", "num_examples": 80,
+                                "seed": 1, "validation_fraction": 0.1, "test_fraction": 0.1,
+                                "columns": {}})
+    data.tokenize(raw=root / "raw", base=model_dir, tokenized=root / "tokenized", format="chat",
+                  tokenize={"max_length": 128, "train_on_prompt": False, "packing": False},
+                  policy=policy)
+    return root / "quantized", root / "tokenized"
+
+
+def job_policy():
+    """The policy a job on this machine gets (tests call stages without a job around them)."""
+    from qlora_pipeline.policy import Policy
+
+    return Policy.detect()
+
+
+def stage(rule: str):
+    """The stage function of `rule` with this machine's policy: called with the rule's names."""
+    import functools
+
+    from qlora_pipeline.stages import stage_function
+
+    return functools.partial(stage_function(rule), policy=job_policy())
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -174,12 +192,16 @@ def workdir(tmp_path, tiny_model_dir) -> Path:
     return make_workdir(tmp_path, tiny_model_dir)
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the repository's Snakefile in `workdir` (no profile, so tests set every flag)."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None,
+              repo: Path = REPO) -> subprocess.CompletedProcess:
+    """Run the repository's Snakefile in `workdir` (no profile, so tests set every flag).
+    `env`: variables added to this process's environment; `repo`: another copy of the
+    workflow and its library."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
            "--cores", "2", "--resources", "gpu=1", "--workflow-profile", "none", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir,
+                            env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}"
                              f"\n{result.stderr[-4000:]}")

@@ -12,11 +12,10 @@ import json
 
 import pytest
 
-from conftest import build_inputs, save_model, task_blocks
-from qlora_pipeline.evaluation import stages as estages
+from conftest import build_inputs, job_policy, save_model, stage, task_blocks
+from qlora_pipeline.config import recovery_train
 from qlora_pipeline.models.numerics import linear4bit_layers
-from qlora_pipeline.models.quantize import load_quantized
-from qlora_pipeline.training import stages as tstages
+from qlora_pipeline.models.quantization import load_quantized
 
 ARCHITECTURES = {"llama": False, "qwen2": True, "gpt_neox": True, "phi": True}  # biases?
 EVAL_CFG = {"benchmarks": [], "num_fewshot": 0, "limit": 3, "batch_size": "auto",
@@ -32,29 +31,33 @@ def run(request, tmp_path_factory, tiny_tokenizer) -> dict:
     lora = {**blocks["lora"], "target_modules": "all-linear"}
     train = {**blocks["train"], "max_steps": 8, "eval_steps": 4, "logging_steps": 1,
              "learning_rate": 5e-3, "batch_size": 8}
-    qlora = tstages.train_qlora(quant, tokenized, lora, train, 0, root / "qlora", root / "ckpt")
+    qlora = stage("train_qlora")(quantized=quant, tokenized=tokenized, adapter=root / "qlora",
+                                 lora=lora, train=train, seed=0, checkpoints=root / "ckpt")
     recovery = {**blocks["recovery"], "enabled": True, "steps": 2}
-    recovered = tstages.recover(base, root / "qlora", tokenized, recovery, train, 0,
-                                root / "recovered", root / "ckpt-r")
-    checks = tstages.merge_adapter(base, quant, root / "recovered", tokenized,
-                                   {**blocks["merge"], "check_examples": 2},
-                                   root / "merged", recovered=True)
-    estages.eval_task_spec("arithmetic", root / "raw", base, "chat", 4, root / "spec")
-    paths = {"base": str(base), "base_4bit": str(quant), "merged": str(root / "merged")}
+    recovered = stage("recover")(base=base, qlora=root / "qlora", tokenized=tokenized,
+                                 adapter=root / "recovered", seed=0, checkpoints=root / "ckpt-r",
+                                 train=recovery_train({"train": train, "recovery": recovery}))
+    checks = stage("merge")(base=base, quantized=quant, adapter=root / "recovered",
+                            tokenized=tokenized, merged=root / "merged", recovered=True,
+                            merge={**blocks["merge"], "check_examples": 2})
+    stage("eval_task_spec")(raw=root / "raw", base=base, spec=root / "spec", format="chat",
+                            max_gen_tokens=4, task="arithmetic")
     scores = {}
-    for variant, adapter in [("qlora", root / "qlora"), ("recovered", root / "recovered"),
-                             ("merged", None)]:
-        out = root / "eval" / variant / "results.json"
-        estages.evaluate_variant(variant, "arithmetic", {**paths, "adapter": adapter and
-                                                         str(adapter)},
-                                 root / "spec", EVAL_CFG, 0, out)
-        scores[variant] = json.loads(out.read_text())["results"]["qlora_arithmetic"]
+    for variant, models in [("qlora", {"quantized": quant, "adapter": root / "qlora"}),
+                            ("recovered", {"adapter": root / "recovered"}),
+                            ("merged", {"merged": root / "merged"})]:
+        out = {name: root / "eval" / variant / name for name in
+               ("results.json", "samples.jsonl", "provenance.json")}
+        stage("evaluate")(spec=root / "spec", base=base, **models, evaluation=EVAL_CFG, seed=0,
+                          task="arithmetic", variant=variant, results=out["results.json"],
+                          samples=out["samples.jsonl"], provenance=out["provenance.json"])
+        scores[variant] = json.loads(out["results.json"].read_text())["results"]["qlora_arithmetic"]
     return {"arch": arch, "root": root, "quant": quant, "qlora": qlora,
             "recovered": recovered, "checks": checks, "scores": scores}
 
 
 def test_4bit_layers_and_their_biases(run):
-    layers = linear4bit_layers(load_quantized(run["quant"]))
+    layers = linear4bit_layers(load_quantized(run["quant"], job_policy()))
     assert len(layers) >= 2 * 4  # every projection of both layers is 4-bit
     assert any(m.bias is not None for _, m in layers) == ARCHITECTURES[run["arch"]]
 

@@ -11,7 +11,13 @@ import pytest
 
 from qlora_pipeline.data import builtin, sources
 from qlora_pipeline.errors import InputError
-from qlora_pipeline.stages import fetch_dataset, read_split
+from qlora_pipeline.data.sources import read_split
+
+
+def fetch_dataset(dataset: dict, fmt: str, out, files=()) -> None:
+    from conftest import stage
+
+    stage("fetch_dataset")(raw=out, dataset=dataset, format=fmt, files=files)
 
 # ---- helpers -----------------------------------------------------------------------------------
 
@@ -486,7 +492,7 @@ def test_fetch_dataset_writes_the_three_splits_and_provenance(tmp_path):
             for i in range(20)]
     cfg = local(write_jsonl(tmp_path / "in.jsonl", rows), seed=3)
     out = tmp_path / "results/raw"
-    fetch_dataset(cfg, "chat", out, inputs={"train": cfg["path"]})
+    fetch_dataset(cfg, "chat", out, files=[cfg["path"]])
     assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "test.jsonl",
                                                      "train.jsonl", "validation.jsonl"]
     expected = sources.fetch(cfg, "chat")
@@ -495,7 +501,7 @@ def test_fetch_dataset_writes_the_three_splits_and_provenance(tmp_path):
     provenance = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["stage"] == "fetch_dataset" and provenance["seed"] == 3
     assert provenance["config"] == {"dataset": cfg, "format": "chat"}
-    assert len(provenance["inputs"]["train"]["sha256"]) == 64
+    assert len(provenance["inputs"]["file0"]["sha256"]) == 64
     assert [p.name for p in out.parent.iterdir()] == ["raw"]  # no temporary left behind
 
 

@@ -65,9 +65,9 @@ def test_quantization_report(default_run):
     assert summary["quantized_layers"] == 30 * 7  # q, k, v, o, gate, up, down per layer
     assert summary["bits_per_param_theoretical"] == pytest.approx(4.127, abs=1e-3)
     assert 4.127 <= summary["bits_per_param_measured"] <= 4.2, summary
-    assert summary["size_bytes_4bit"] < summary["size_bytes_full_precision"] / 2
+    assert summary["size_bytes_quantized"] < summary["size_bytes_full_precision"] / 2
     for task in TASKS:
-        for variant in ("full_precision", "4bit"):
+        for variant in ("full_precision", "quantized"):
             ppl = report["perplexity"][task][variant]["perplexity"]
             assert math.isfinite(ppl) and ppl > 1, (task, variant, ppl)
 
@@ -98,7 +98,7 @@ def test_every_step_had_gradients_and_used_the_cores(default_run):
             machine = json.loads((adapter / "provenance.json").read_text())["machine"]
             assert machine["torch"]["threads"] == 2, machine  # --cores 2, one model job
             assert machine["bitsandbytes"]["cpu_packed_inference"] == "disabled"
-    check = json.loads((default_run / "models/base-4bit/quantization.json").read_text())[
+    check = json.loads((default_run / "models/quantized/quantization.json").read_text())[
         "numerics_check"]
     assert check["layers_checked"] == 30 * 7
     assert max(check["max_relative_gap"].values()) <= check["tolerance"], check
@@ -113,7 +113,7 @@ def test_merged_models_and_checks(default_run):
         for gaps in check["checks"].values():
             assert gaps["vs_unmerged"]["max_abs_logit_gap"] < 1e-2  # the merge arithmetic holds
         if not _recovers(task):  # merged into deq(Q(W)): the model as trained
-            trained = check["checks"]["dequantized"]["vs_4bit_trained"]
+            trained = check["checks"]["dequantized"]["vs_trained"]
             assert trained["top1_agreement"] == 1.0
             assert trained["max_abs_logit_gap"] <= 1e-2, trained  # same math, same dtype
 
@@ -125,9 +125,9 @@ def test_tuned_variants_beat_the_base(default_run):
     for task in TASKS:
         own = scores[(scores.task == task) & (scores.benchmark == task)]
         by_variant = dict(zip(own.variant, own.value))
-        expected = {"base", "base-4bit", "qlora", "merged"} | ({"recovered"} if _recovers(task) else set())
+        expected = {"base", "quantized", "qlora", "merged"} | ({"recovered"} if _recovers(task) else set())
         assert set(by_variant) == expected, by_variant
-        tuned = expected - {"base", "base-4bit"}
+        tuned = expected - {"base", "quantized"}
         # Every tuned variant beats the base by a clear margin: a quarter of the test
         # examples, over three times the standard error of a 40-example score.
         for variant in tuned:

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import stage
 from qlora_pipeline import config as cfgmod
-from qlora_pipeline import stages
-from qlora_pipeline.training import stages as training
 
 TASK = {"format": "chat",
         "dataset": {"source": "builtin", "name": "arithmetic", "num_examples": 40, "seed": 3},
@@ -22,12 +21,13 @@ QUANT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
 
 def run_once(root, model_dir):
     task = cfgmod.validate(copy.deepcopy(TASK), cfgmod.load_schema("task.schema.yaml"), "test")
-    stages.fetch_dataset(task["dataset"], task["format"], root / "raw")
-    stages.tokenize_dataset(root / "raw", model_dir, task["format"], task["tokenize"],
-                            root / "tokenized")
-    stages.quantize_base_model(model_dir, QUANT, root / "base-4bit", seed=0)
-    training.train_qlora(root / "base-4bit", root / "tokenized", task["lora"], task["train"],
-                         0, root / "adapter", root / "checkpoints")
+    stage("fetch_dataset")(raw=root / "raw", dataset=task["dataset"], format=task["format"])
+    stage("tokenize")(raw=root / "raw", base=model_dir, tokenized=root / "tokenized",
+                      format=task["format"], tokenize=task["tokenize"])
+    stage("quantize")(base=model_dir, quantized=root / "quantized", quantization=QUANT, seed=0)
+    stage("train_qlora")(quantized=root / "quantized", tokenized=root / "tokenized",
+                         adapter=root / "adapter", lora=task["lora"], train=task["train"],
+                         seed=0, checkpoints=root / "checkpoints")
     return root
 
 
@@ -50,6 +50,6 @@ def test_two_runs_from_scratch_are_identical(tmp_path, tiny_model_dir):
         one = load_from_disk(str(first / "tokenized"))[split].to_dict()
         two = load_from_disk(str(second / "tokenized"))[split].to_dict()
         assert one == two
-    same_tensors(first / "base-4bit/model.safetensors", second / "base-4bit/model.safetensors")
+    same_tensors(first / "quantized/model.safetensors", second / "quantized/model.safetensors")
     same_tensors(first / "adapter/adapter_model.safetensors",
                  second / "adapter/adapter_model.safetensors")

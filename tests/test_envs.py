@@ -201,3 +201,15 @@ def test_snakemake_lint_is_clean():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Lints for" not in output, output
+
+
+@pytest.mark.parametrize("env", ENV_FILES, ids=lambda p: p.name)
+def test_each_env_installs_the_library(env):
+    """Under --use-conda each env gets the library installed editable (a post-deploy script,
+    run by Snakemake once per env), so that jobs run this repository's code."""
+    script = env.with_name(env.stem + ".post-deploy.sh")
+    assert script.is_file() and script.stat().st_mode & 0o111, f"{script.name} missing"
+    text = script.read_text()
+    assert "pip install --no-deps --editable \"${QLORA_PIPELINE_ROOT" in text
+    assert 'os.environ.setdefault("QLORA_PIPELINE_ROOT", workflow.basedir)' in (
+        REPO / "rules/common.smk").read_text()

@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 
-from qlora_pipeline import stages
+from conftest import job_policy, stage
 from qlora_pipeline.data import formats
+from qlora_pipeline.data.sources import read_split
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.evaluation import harness, tasks
-from qlora_pipeline.evaluation import stages as estages
+from qlora_pipeline.layout import evaluation
+from qlora_pipeline.outputs import read_jsonl
 
 FORMATS = {"arithmetic": "chat", "topic": "completion"}
 EVAL_CFG = {"benchmarks": [], "num_fewshot": 0, "limit": 3, "batch_size": "auto",
@@ -25,22 +27,30 @@ def dataset(name: str, num_examples: int = 40) -> dict:
             "validation_fraction": 0.1, "test_fraction": 0.2, "columns": {}}
 
 
-def read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+def located(spec_dir):
+    """The spec as lm-eval is given it: data file paths made absolute, in a fresh folder."""
+    import tempfile
+    from pathlib import Path
+
+    return harness.located_spec(spec_dir, Path(tempfile.mkdtemp(prefix="located-")))
 
 
-def lm_eval_tasks(include_path) -> list[str]:
+def lm_eval_tasks(spec_dir) -> list[str]:
     from lm_eval.tasks import TaskManager
 
-    return list(TaskManager(include_path=str(include_path), include_defaults=False).all_tasks)
+    return list(TaskManager(include_path=str(located(spec_dir)), include_defaults=False).all_tasks)
 
 
-def built_task(include_path, name: str):
+def built_task(spec_dir, name: str):
     """The lm-eval task object our YAML describes (its data loaded from the data file)."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    manager = TaskManager(include_path=str(include_path), include_defaults=False)
+    manager = TaskManager(include_path=str(located(spec_dir)), include_defaults=False)
     return get_task_dict([name], manager)[name]
+
+
+def eval_outputs(root, variant: str, task: str) -> dict:
+    return {name: root / path for name, path in evaluation(variant, task).items()}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def raw(tmp_path_factory) -> dict:
     """Raw splits of both builtin tasks: arithmetic as chat, topic as completion."""
     root = tmp_path_factory.mktemp("eval-raw")
     for name, fmt in FORMATS.items():
-        stages.fetch_dataset(dataset(name), fmt, root / name)
+        stage("fetch_dataset")(raw=root / name, dataset=dataset(name), format=fmt)
     return {name: root / name for name in FORMATS}
 
 
@@ -56,7 +66,8 @@ def raw(tmp_path_factory) -> dict:
 def specs(tmp_path_factory, raw, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("eval-specs")
     for name, fmt in FORMATS.items():
-        estages.eval_task_spec(name, raw[name], tiny_model_dir, fmt, 8, root / name)
+        stage("eval_task_spec")(raw=raw[name], base=tiny_model_dir, spec=root / name, format=fmt,
+                                max_gen_tokens=8, task=name)
     return {name: root / name for name in FORMATS}
 
 
@@ -83,7 +94,7 @@ def shared_index(monkeypatch, default_index):
 
 def test_chat_task_renders_the_chat_template_and_generates(specs, raw, tiny_tokenizer):
     out = specs["arithmetic"]
-    records = stages.read_split(raw["arithmetic"], "test")
+    records = read_split(raw["arithmetic"], "test")
     docs = read_jsonl(out / "test.jsonl")
     assert len(docs) == len(records) > 0
     for record, doc in zip(records, docs):
@@ -104,10 +115,9 @@ def test_chat_task_renders_the_chat_template_and_generates(specs, raw, tiny_toke
     assert "\n" in until and tiny_tokenizer.eos_token in until
     assert spec["generation_kwargs"]["max_gen_toks"] == 8
     assert spec["generation_kwargs"]["do_sample"] is False
-    # The data file at its final place, never the temporary directory the stage built in.
-    data_file = spec["dataset_kwargs"]["data_files"]["test"]
-    assert data_file == str((out / "test.jsonl").resolve())
-    assert ".tmp-" not in (out / "qlora_arithmetic.yaml").read_text(encoding="utf-8")
+    # Named relative to the spec's folder: results/ can move (no absolute path is stored).
+    assert spec["dataset_kwargs"]["data_files"]["test"] == "test.jsonl"
+    assert str(out.parent) not in (out / "qlora_arithmetic.yaml").read_text(encoding="utf-8")
     assert json.loads((out / "task.json").read_text()) == {
         "name": "qlora_arithmetic", "kind": "generate_until", "examples": len(records)}
     assert json.loads((out / "provenance.json").read_text())["stage"] == "eval_task_spec"
@@ -122,7 +132,7 @@ def test_chat_task_renders_the_chat_template_and_generates(specs, raw, tiny_toke
 
 def test_classification_task_is_multiple_choice(specs, raw, tiny_tokenizer):
     out = specs["topic"]
-    records = stages.read_split(raw["topic"], "test")
+    records = read_split(raw["topic"], "test")
     docs = read_jsonl(out / "test.jsonl")
     assert len(docs) == len(records) > 0
     for record, doc in zip(records, docs):
@@ -136,7 +146,7 @@ def test_classification_task_is_multiple_choice(specs, raw, tiny_tokenizer):
     assert spec["doc_to_choice"] == "choices" and spec["doc_to_target"] == "label"
     assert [m["metric"] for m in spec["metric_list"]] == ["acc"]
     assert "generation_kwargs" not in spec
-    assert spec["dataset_kwargs"]["data_files"]["test"] == str((out / "test.jsonl").resolve())
+    assert spec["dataset_kwargs"]["data_files"]["test"] == "test.jsonl"
 
     assert lm_eval_tasks(out) == ["qlora_topic"]
     task = built_task(out, "qlora_topic")
@@ -170,13 +180,28 @@ def test_alpaca_and_completion_prompts(tmp_path, tiny_tokenizer):
 
 def test_task_spec_with_an_awkward_directory_name(tmp_path, raw, tiny_model_dir):
     """Non-ASCII, quotes and ': ' make YAML escape or quote a path; the spec must still
-    point at the final data file."""
+    point at the data file when it is located for lm-eval."""
     out = tmp_path / "résultats: l'évaluation" / ("long directory name " * 4).strip() / "topic"
-    estages.eval_task_spec("topic", raw["topic"], tiny_model_dir, "completion", 4, out)
-    spec = yaml.safe_load((out / "qlora_topic.yaml").read_text(encoding="utf-8"))
+    stage("eval_task_spec")(raw=raw["topic"], base=tiny_model_dir, spec=out, format="completion",
+                            max_gen_tokens=4, task="topic")
+    located_dir = located(out)
+    spec = yaml.safe_load((located_dir / "qlora_topic.yaml").read_text(encoding="utf-8"))
     assert spec["dataset_kwargs"]["data_files"]["test"] == str((out / "test.jsonl").resolve())
     assert len(list(built_task(out, "qlora_topic").test_docs())) == len(
         read_jsonl(out / "test.jsonl"))
+
+
+def test_task_spec_is_relocatable(tmp_path, specs):
+    """A results/ folder moved (or mounted elsewhere) still evaluates: the spec stores no
+    absolute path, so the moved copy reads the moved data."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "topic"
+    shutil.copytree(specs["topic"], moved)
+    (moved / "test.jsonl").write_text("".join(
+        line + "\n" for line in (moved / "test.jsonl").read_text().splitlines()[:2]))
+    assert len(list(built_task(moved, "qlora_topic").test_docs())) == 2
+    assert len(list(built_task(specs["topic"], "qlora_topic").test_docs())) > 2
 
 
 def test_empty_test_split_is_refused(tmp_path, raw, tiny_tokenizer, tiny_model_dir):
@@ -191,7 +216,8 @@ def test_empty_test_split_is_refused(tmp_path, raw, tiny_tokenizer, tiny_model_d
     (empty / "test.jsonl").write_text("")
     out = tmp_path / "eval/tasks/empty"
     with pytest.raises(InputError, match="task 'empty'"):
-        estages.eval_task_spec("empty", empty, tiny_model_dir, "chat", 4, out)
+        stage("eval_task_spec")(raw=empty, base=tiny_model_dir, spec=out, format="chat",
+                                max_gen_tokens=4, task="empty")
     assert not out.exists()
     assert not list(out.parent.iterdir())  # no temporary directory left behind
 
@@ -223,34 +249,34 @@ def test_no_benchmarks_skips_the_index(monkeypatch):
 
 def test_unknown_benchmark_fails_before_any_model_loads(shared_index, monkeypatch, tmp_path,
                                                        specs, tiny_model_dir):
-    def load_variant(*args, **kwargs):
+    def load_model(*args, **kwargs):
         pytest.fail("a model was loaded before the benchmarks were checked")
 
-    monkeypatch.setattr(harness, "load_variant", load_variant)
-    out = tmp_path / "eval/base/arithmetic/results.json"
+    monkeypatch.setattr(harness, "load_model", load_model)
+    out = eval_outputs(tmp_path, "base", "arithmetic")
     with pytest.raises(InputError, match="no_such_task_xyz"):
-        estages.evaluate_variant("base", "arithmetic", {"base": str(tiny_model_dir)},
-                                 specs["arithmetic"],
-                                 {**EVAL_CFG, "benchmarks": ["no_such_task_xyz"]}, 0, out)
-    assert not out.parent.exists()
+        stage("evaluate")(spec=specs["arithmetic"], base=tiny_model_dir, seed=0, task="arithmetic",
+                          variant="base", **out,
+                          evaluation={**EVAL_CFG, "benchmarks": ["no_such_task_xyz"]})
+    assert not out["results"].parent.exists()
 
 
 # ---- model variants ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def variant_paths(tmp_path_factory, tiny_model_dir, raw) -> dict:
-    """Every variant's inputs built with the library: 4-bit base, adapter (random B), merge."""
+    """Every variant's inputs built with the library: quantized base, adapter (random B),
+    merged model."""
     from peft import LoraConfig, get_peft_model
 
-    from qlora_pipeline.models.quantize import load_quantized
-    from qlora_pipeline.training.stages import merge_adapter
+    from qlora_pipeline.models.quantization import load_quantized
 
     root = tmp_path_factory.mktemp("variants")
-    quant, adapter, merged = root / "base-4bit", root / "adapter", root / "merged"
-    stages.quantize_base_model(tiny_model_dir, {"quant_type": "nf4", "double_quant": True,
-                                                "compute_dtype": "auto",
-                                                "skip_modules": ["lm_head"]}, quant, seed=0)
-    model = get_peft_model(load_quantized(quant), LoraConfig(
+    quant, adapter, merged = root / "quantized", root / "adapter", root / "merged"
+    stage("quantize")(base=tiny_model_dir, quantized=quant, seed=0,
+                      quantization={"quant_type": "nf4", "double_quant": True,
+                                    "compute_dtype": "auto", "skip_modules": ["lm_head"]})
+    model = get_peft_model(load_quantized(quant, job_policy()), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     generator = torch.Generator().manual_seed(0)
     lora_b = {}
@@ -262,13 +288,22 @@ def variant_paths(tmp_path_factory, tiny_model_dir, raw) -> dict:
     model.save_pretrained(adapter)
     del model
 
-    stages.tokenize_dataset(raw["arithmetic"], tiny_model_dir, "chat",
-                            {"max_length": 128, "train_on_prompt": False, "packing": False},
-                            root / "tokenized")
-    merge_adapter(tiny_model_dir, quant, adapter, root / "tokenized",
-                  {"base": "dequantized", "compare_bases": False, "check_examples": 2}, merged)
-    return {"base": str(tiny_model_dir), "base_4bit": str(quant), "adapter": str(adapter),
+    stage("tokenize")(raw=raw["arithmetic"], base=tiny_model_dir, tokenized=root / "tokenized",
+                      format="chat",
+                      tokenize={"max_length": 128, "train_on_prompt": False, "packing": False})
+    stage("merge")(base=tiny_model_dir, quantized=quant, adapter=adapter,
+                   tokenized=root / "tokenized", merged=merged, recovered=False,
+                   merge={"base": "dequantized", "compare_bases": False, "check_examples": 2})
+    return {"base": str(tiny_model_dir), "quantized": str(quant), "adapter": str(adapter),
             "merged": str(merged), "lora_b": lora_b}
+
+
+def load(variant: str, paths: dict):
+    """A variant loaded from the inputs its evaluation job gets (layout.variant_inputs)."""
+    from qlora_pipeline.layout import variant_inputs
+
+    names = set(variant_inputs(variant, "t")) - {"spec"}
+    return harness.load_model(job_policy(), **{k: paths[k] for k in names})
 
 
 def linear4bit_count(model) -> int:
@@ -284,13 +319,13 @@ def loaded_lora_b(model) -> dict:
 def test_full_precision_variants(variant_paths):
     from peft import PeftModel
 
-    base, tokenizer = harness.load_variant("base", variant_paths)
+    base, tokenizer = load("base", variant_paths)
     assert not isinstance(base, PeftModel) and not base.training
     assert linear4bit_count(base) == 0
     assert {p.dtype for p in base.parameters()} == {torch.float32}
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
 
-    merged, _ = harness.load_variant("merged", variant_paths)
+    merged, _ = load("merged", variant_paths)
     assert not isinstance(merged, PeftModel) and linear4bit_count(merged) == 0
     assert not any("lora" in n for n, _ in merged.named_parameters())
     # The adapter is in the weights: q_proj moved (v_proj too), the MLP did not (beyond
@@ -304,15 +339,15 @@ def test_full_precision_variants(variant_paths):
         assert not torch.allclose(merged(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
-def test_4bit_variants(variant_paths):
+def test_quantized_variants(variant_paths):
     from peft import PeftModel
 
-    model4, _ = harness.load_variant("base-4bit", variant_paths)
+    model4, _ = load("quantized", variant_paths)
     assert not isinstance(model4, PeftModel)
     # Every linear layer of the blocks is 4-bit (q, k, v, o, gate, up, down per layer).
     assert linear4bit_count(model4) == 7 * len(model4.model.layers)
 
-    qlora, _ = harness.load_variant("qlora", variant_paths)
+    qlora, _ = load("qlora", variant_paths)
     assert isinstance(qlora, PeftModel) and not qlora.training
     assert linear4bit_count(qlora) == 7 * len(model4.model.layers)
     loaded = loaded_lora_b(qlora)
@@ -324,17 +359,12 @@ def test_4bit_variants(variant_paths):
 def test_recovered_variant_is_the_adapter_on_the_full_precision_base(variant_paths):
     from peft import PeftModel
 
-    recovered, _ = harness.load_variant("recovered", variant_paths)
+    recovered, _ = load("recovered", variant_paths)
     assert isinstance(recovered, PeftModel) and not recovered.training
     assert linear4bit_count(recovered) == 0
     loaded = loaded_lora_b(recovered)
     for name, value in variant_paths["lora_b"].items():
         torch.testing.assert_close(loaded[name], value)
-
-
-def test_unknown_variant(variant_paths):
-    with pytest.raises(InputError, match="unknown variant 'fp8'.*base, base-4bit, qlora"):
-        harness.load_variant("fp8", variant_paths)
 
 
 # ---- end to end ----------------------------------------------------------------------------
@@ -378,9 +408,10 @@ def choice_accuracy(model_dir, docs: list[dict]) -> float:
 @pytest.mark.parametrize("task,metric", [("arithmetic", "exact_match,strip"),
                                          ("topic", "acc,none")])
 def test_evaluate_base_variant(tmp_path, specs, tiny_model_dir, batch_sizes, task, metric):
-    out = tmp_path / "eval/base" / task / "results.json"
-    paths = {"base": str(tiny_model_dir), "base_4bit": None, "adapter": None, "merged": None}
-    results = estages.evaluate_variant("base", task, paths, specs[task], EVAL_CFG, 0, out)
+    outputs = eval_outputs(tmp_path, "base", task)
+    out = outputs["results"]
+    results = stage("evaluate")(spec=specs[task], base=tiny_model_dir, evaluation=EVAL_CFG,
+                                seed=0, task=task, variant="base", **outputs)
 
     saved = json.loads(out.read_text())
     assert saved["variant"] == "base" and saved["task"] == task

@@ -8,11 +8,19 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CHAT_TEMPLATE
+from conftest import CHAT_TEMPLATE, stage
 from qlora_pipeline.data import formats
 from qlora_pipeline.data.tokenize import IGNORE, pack, tokenize_record, tokenize_split
 from qlora_pipeline.errors import InputError
-from qlora_pipeline.stages import fetch_dataset, read_split, tokenize_dataset
+from qlora_pipeline.data.sources import read_split
+
+
+def fetch_dataset(dataset: dict, fmt: str, out) -> None:
+    stage("fetch_dataset")(raw=out, dataset=dataset, format=fmt)
+
+
+def tokenize_dataset(raw, base, fmt: str, cfg: dict, out) -> None:
+    stage("tokenize")(raw=raw, base=base, tokenized=out, format=fmt, tokenize=cfg)
 
 CFG = {"max_length": 256, "train_on_prompt": False, "packing": False}
 CHAT = {"messages": [{"role": "user", "content": "What is 12 + 34?"},

@@ -223,7 +223,8 @@ def test_a_killed_holder_releases_its_gpu(sim):
 # ---- the hook in run_script --------------------------------------------------------------------
 
 def fake_smk(resources: dict) -> SimpleNamespace:
-    return SimpleNamespace(log=[], resources=resources, rule="fake", threads=1)
+    return SimpleNamespace(log=[], resources=resources, rule="fake", threads=1, input={},
+                           output={}, params={}, wildcards={})
 
 
 @pytest.mark.parametrize("resources, expected", [
@@ -235,7 +236,7 @@ def test_run_script_pins_only_rules_that_declare_a_gpu(sim, resources, expected)
     sim.env(2)
     seen = {}
     run_script(fake_smk(resources),
-               lambda: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
+               lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
     assert seen["cvd"] == expected
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
@@ -246,5 +247,5 @@ def test_run_script_leaves_a_slurm_assignment_alone(sim, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     seen = {}
     run_script(fake_smk({"gpu": 1}),
-               lambda: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
+               lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
     assert seen["cvd"] == "5"

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_inputs, task_blocks
+from conftest import build_inputs, stage, task_blocks
 from qlora_pipeline.training import gradient_guard, loop
-from qlora_pipeline.training import stages as tstages
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,9 @@ def prepared(tmp_path_factory, tiny_model_dir) -> dict:
 def train(prepared, tmp_path, **train_overrides) -> dict:
     cfg = {**task_blocks()["train"], "max_steps": 12, "eval_steps": 4, "logging_steps": 1,
            "learning_rate": 5e-3, "batch_size": 8, **train_overrides}
-    return tstages.train_qlora(prepared["quant"], prepared["tokenized"], task_blocks()["lora"],
-                               cfg, 0, tmp_path / "qlora", tmp_path / "checkpoints")
+    return stage("train_qlora")(quantized=prepared["quant"], tokenized=prepared["tokenized"],
+                                adapter=tmp_path / "qlora", lora=task_blocks()["lora"], train=cfg,
+                                seed=0, checkpoints=tmp_path / "checkpoints")
 
 
 def cut_after_evaluation_at(monkeypatch, step: int) -> None:

@@ -9,11 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_pipeline import stages
+from conftest import stage
 from qlora_pipeline.errors import InputError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = "tiny-org/tiny-llama"
+
+
+def import_base(base_model: dict, out) -> None:
+    stage("import_base_model")(base=out, base_model=base_model)
 
 
 def local_cfg(path, **overrides) -> dict:
@@ -46,7 +50,7 @@ def test_local_import_writes_a_complete_checkpoint(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     out = tmp_path / "models" / "base"
-    stages.import_base_model(local_cfg(tiny_model_dir), out)
+    import_base(local_cfg(tiny_model_dir), out)
     names = {p.name for p in out.iterdir()}
     assert list(out.glob("*.safetensors"))
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "provenance.json"} <= names
@@ -79,7 +83,7 @@ def test_local_pickled_weights_are_refused(tiny_model_dir, tiny_tokenizer, tmp_p
 
     out = tmp_path / "models" / "base"
     with pytest.raises(InputError) as err:
-        stages.import_base_model(local_cfg(pickled), out)
+        import_base(local_cfg(pickled), out)
     message = str(err.value)
     assert "base_model.path" in message and str(pickled) in message
     assert "pytorch_model.bin" in message and "config.json" in message  # what was found
@@ -93,7 +97,7 @@ def test_local_directory_without_config_is_refused(tiny_model_dir, tmp_path):
     (bare / "config.json").unlink()
     out = tmp_path / "models" / "base"
     with pytest.raises(InputError, match="config.json") as err:
-        stages.import_base_model(local_cfg(bare), out)
+        import_base(local_cfg(bare), out)
     assert str(bare) in str(err.value)
     assert_nothing_left(tmp_path, out)
 
@@ -101,7 +105,7 @@ def test_local_directory_without_config_is_refused(tiny_model_dir, tmp_path):
 def test_local_missing_directory_is_refused(tmp_path):
     out = tmp_path / "models" / "base"
     with pytest.raises(InputError, match="base_model.path"):
-        stages.import_base_model(local_cfg(tmp_path / "does-not-exist"), out)
+        import_base(local_cfg(tmp_path / "does-not-exist"), out)
     assert_nothing_left(tmp_path, out)
 
 
@@ -109,7 +113,7 @@ def test_dtype_conversion_to_bfloat16(tiny_model_dir, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "bf16"
-    stages.import_base_model(local_cfg(tiny_model_dir, dtype="bfloat16"), out)
+    import_base(local_cfg(tiny_model_dir, dtype="bfloat16"), out)
     for shard in out.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
             assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
@@ -144,7 +148,7 @@ def hub_cache(tmp_path, tiny_model_dir, monkeypatch) -> Path:
 @pytest.mark.parametrize("revision", [COMMIT, "main"])
 def test_hub_import_from_the_cache(hub_cache, tiny_model_dir, tmp_path, revision):
     out = tmp_path / "models" / "base"
-    stages.import_base_model({"source": "hub", "id": HUB_ID, "revision": revision,
+    import_base({"source": "hub", "id": HUB_ID, "revision": revision,
                               "dtype": "auto", "trust_remote_code": False}, out)
     assert list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
     assert_same_weights(tiny_model_dir, out)
@@ -154,7 +158,7 @@ def test_hub_import_from_the_cache(hub_cache, tiny_model_dir, tmp_path, revision
 def test_hub_unknown_revision(hub_cache, tmp_path, revision):
     out = tmp_path / "models" / "base"
     with pytest.raises(InputError) as err:
-        stages.import_base_model({"source": "hub", "id": HUB_ID, "revision": revision}, out)
+        import_base({"source": "hub", "id": HUB_ID, "revision": revision}, out)
     assert HUB_ID in str(err.value) and revision in str(err.value)
     assert "base_model.id" in str(err.value)
     assert_nothing_left(tmp_path, out)
@@ -162,13 +166,13 @@ def test_hub_unknown_revision(hub_cache, tmp_path, revision):
 
 def test_hub_unknown_repository(hub_cache, tmp_path):
     with pytest.raises(InputError, match="tiny-org/other-model"):
-        stages.import_base_model({"source": "hub", "id": "tiny-org/other-model",
+        import_base({"source": "hub", "id": "tiny-org/other-model",
                                   "revision": COMMIT}, tmp_path / "out")
 
 
 def test_hub_malformed_id(hub_cache, tmp_path):
     with pytest.raises(InputError, match="base_model.id 'not a repo id!'.*expected"):
-        stages.import_base_model({"source": "hub", "id": "not a repo id!", "revision": "main"},
+        import_base({"source": "hub", "id": "not a repo id!", "revision": "main"},
                                  tmp_path / "out")
 
 
@@ -176,7 +180,7 @@ def test_hub_snapshot_with_pickled_weights_only(hub_cache, tmp_path):
     snapshot = hub_cache / ("models--" + HUB_ID.replace("/", "--")) / "snapshots" / COMMIT
     (snapshot / "model.safetensors").rename(snapshot / "pytorch_model.bin")
     with pytest.raises(InputError, match="base_model.id.*safetensors"):
-        stages.import_base_model({"source": "hub", "id": HUB_ID, "revision": COMMIT},
+        import_base({"source": "hub", "id": HUB_ID, "revision": COMMIT},
                                  tmp_path / "out")
 
 
@@ -187,7 +191,7 @@ def test_gguf_missing_package(tmp_path, package):
     out = tmp_path / "models" / "base"
     cfg = {"source": "gguf", "package": package, "file": "model.gguf", "dtype": "float32"}
     with pytest.raises(InputError) as err:
-        stages.import_base_model(cfg, out)
+        import_base(cfg, out)
     assert "base_model.package" in str(err.value) and package in str(err.value)
     assert "model.gguf" in str(err.value)
     assert_nothing_left(tmp_path, out)
@@ -196,7 +200,7 @@ def test_gguf_missing_package(tmp_path, package):
 def test_gguf_missing_file_in_installed_package(tmp_path):
     cfg = {"source": "gguf", "package": "pytest", "file": "absent.gguf"}
     with pytest.raises(InputError, match="absent.gguf.*not found"):
-        stages.import_base_model(cfg, tmp_path / "out")
+        import_base(cfg, tmp_path / "out")
 
 
 @pytest.mark.parametrize("name", ["missing.gguf", "weights.bin", "folder.gguf"])
@@ -205,11 +209,11 @@ def test_gguf_bad_path(tmp_path, name):
     (tmp_path / "folder.gguf").mkdir()
     out = tmp_path / "models" / "base"
     with pytest.raises(InputError, match="expected a .gguf file") as err:
-        stages.import_base_model({"source": "gguf", "path": str(tmp_path / name)}, out)
+        import_base({"source": "gguf", "path": str(tmp_path / name)}, out)
     assert name in str(err.value)
     assert_nothing_left(tmp_path, out)
 
 
 def test_unknown_source(tmp_path):
     with pytest.raises(InputError, match="base_model.source.*expected"):
-        stages.import_base_model({"source": "ftp", "path": "x"}, tmp_path / "out")
+        import_base({"source": "ftp", "path": "x"}, tmp_path / "out")

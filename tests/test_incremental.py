@@ -1,4 +1,5 @@
-"""A config edit reruns exactly the stages that depend on it (Snakemake's params trigger).
+"""A config edit reruns exactly the stages that depend on it (Snakemake's params trigger; a
+library edit: tests/test_code_digest.py).
 
 Each test edits a private copy of one finished tiny run and asks a dry run which jobs would
 run; jobs are compared as (rule, task, variant) triples.
@@ -18,13 +19,19 @@ TASKS = ("arithmetic", "topic")
 
 def planned(workdir) -> set[tuple[str, str, str]]:
     """The jobs a dry run would execute, as (rule, task, variant)."""
-    out = snakemake(workdir, "-n").stdout
+    return planned_with(workdir)
+
+
+def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
+    """planned(), with conftest.snakemake's options (e.g. repo: an edited copy of the
+    workflow and its library)."""
+    out = snakemake(workdir, "-n", **options).stdout
     jobs = set()
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         head = re.match(r"(?:local)?rule (\w+):", block.strip())
         if not head or head[1] == "all":
             continue
-        wildcards = dict(re.findall(r"(\w+)=([\w-]+)", (re.search(r"wildcards: (.*)", block)
+        wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
         jobs.add((head[1], wildcards.get("task", ""), wildcards.get("variant", "")))
     return jobs
@@ -52,8 +59,8 @@ def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))
     jobs = planned(workdir)
     assert rules(jobs) == {"evaluate", "report"}
-    variants = {"arithmetic": {"base", "base-4bit", "qlora", "recovered", "merged"},
-                "topic": {"base", "base-4bit", "qlora", "merged"}}
+    variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged"},
+                "topic": {"base", "quantized", "qlora", "merged"}}
     assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
         (t, v) for t, vs in variants.items() for v in vs}
 
@@ -78,7 +85,7 @@ def test_dataset_of_one_task(copy_run):
     assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
             ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
             ("merge", "topic", ""), ("quantization_report", "", ""), ("report", "", "")} <= jobs
-    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "base-4bit", "qlora", "merged"}
+    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "quantized", "qlora", "merged"}
     assert not rules(jobs) & {"import_base_model", "quantize"}
 
 

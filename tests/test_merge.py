@@ -7,25 +7,26 @@ import json
 import pytest
 import torch
 
-from conftest import build_inputs, task_blocks
+from conftest import build_inputs, job_policy, stage, task_blocks
 from qlora_pipeline.errors import InputError
-from qlora_pipeline.training import lora, merge
-from qlora_pipeline.training import stages as tstages
+from qlora_pipeline.training import lora
+from qlora_pipeline.training import merging as merge
 
 KINDS = ("dequantized", "full")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model_dir) -> dict:
-    """A 4-bit base, tokenized data and a non-trivial adapter (random B), then both merges."""
-    from qlora_pipeline.models.quantize import load_quantized
+    """A quantized base, tokenized data and a non-trivial adapter (random B), then both
+    merges."""
+    from qlora_pipeline.models.quantization import load_quantized
 
     root = tmp_path_factory.mktemp("merge")
     quant, tokenized = build_inputs(root, tiny_model_dir)
     adapter = root / "adapter"
 
     # An adapter as if trained: B = 0 would make every merge trivially exact.
-    model = lora.inject(load_quantized(quant), {**task_blocks()["lora"],
+    model = lora.inject(load_quantized(quant, job_policy()), {**task_blocks()["lora"],
                                                 "target_modules": "all-linear"}, False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -38,7 +39,8 @@ def prepared(tmp_path_factory, tiny_model_dir) -> dict:
     for kind in KINDS:
         cfg = {**task_blocks()["merge"], "base": kind, "compare_bases": True}
         merged[kind] = root / f"merged-{kind}"
-        tstages.merge_adapter(tiny_model_dir, quant, adapter, tokenized, cfg, merged[kind])
+        stage("merge")(base=tiny_model_dir, quantized=quant, adapter=adapter, tokenized=tokenized,
+                       merge=cfg, merged=merged[kind], recovered=False)
     return {"base": tiny_model_dir, "quant": quant, "tokenized": tokenized, "adapter": adapter,
             "merged": merged, "root": root}
 
@@ -71,7 +73,7 @@ def test_merged_model_is_a_plain_checkpoint(prepared, kind):
     assert tokenizer.chat_template
     assert len(tokenizer) == len(AutoTokenizer.from_pretrained(prepared["base"]))
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["stage"] == "merge" and set(prov["inputs"]) == {"base", "base_4bit", "adapter"}
+    assert prov["stage"] == "merge" and set(prov["inputs"]) == {"base", "quantized", "adapter"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -85,11 +87,11 @@ def test_merge_check_covers_both_bases(prepared, kind):
         assert checks[base]["vs_unmerged"]["max_abs_logit_gap"] < 1e-4
         assert checks[base]["vs_unmerged"]["top1_agreement"] == 1.0
     # Merged into deq(Q(W0)): the very model that was trained on the 4-bit base.
-    trained = checks["dequantized"]["vs_4bit_trained"]
+    trained = checks["dequantized"]["vs_trained"]
     assert trained["max_abs_logit_gap"] < 1e-3
     assert trained["top1_agreement"] == 1.0
     # Merged into W0: off by the quantization error, which the check must show.
-    assert checks["full"]["vs_4bit_trained"]["max_abs_logit_gap"] > 1e-3
+    assert checks["full"]["vs_trained"]["max_abs_logit_gap"] > 1e-3
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -99,20 +101,21 @@ def test_merged_logits_match_base_plus_adapter(prepared, kind):
 
     ids = prompts(prepared, 4)
     merged = merge.logits(AutoModelForCausalLM.from_pretrained(prepared["merged"][kind]), ids)
-    base = merge.load_base(kind, prepared["base"], prepared["quant"])
+    base = merge.load_base(kind, prepared["base"], prepared["quant"], job_policy())
     without = merge.logits(base, ids)
     unmerged = merge.logits(PeftModel.from_pretrained(base, prepared["adapter"]), ids)
     assert max_gap(merged, without) > 1e-2  # the adapter does change the model
     assert max_gap(merged, unmerged) < 1e-4
 
 
-def test_dequantized_merge_reproduces_the_4bit_trained_model(prepared):
+def test_dequantized_merge_reproduces_the_trained_model(prepared):
     from transformers import AutoModelForCausalLM
 
     ids = prompts(prepared, 4)
     merged = merge.logits(AutoModelForCausalLM.from_pretrained(
         prepared["merged"]["dequantized"]), ids)
-    trained = merge.trained_model_logits(prepared["quant"], prepared["adapter"], ids)
+    trained = merge.trained_model_logits(prepared["quant"], prepared["adapter"], ids,
+                                         job_policy())
     assert max_gap(merged, trained) < 1e-3
 
 
@@ -126,9 +129,9 @@ def test_resolve_base():
 def test_auto_after_recovery_merges_into_full_only(prepared, tmp_path):
     cfg = {**task_blocks()["merge"], "compare_bases": False, "check_examples": 2}
     assert cfg["base"] == "auto"
-    checks = tstages.merge_adapter(prepared["base"], prepared["quant"], prepared["adapter"],
-                                   prepared["tokenized"], cfg, tmp_path / "merged",
-                                   recovered=True)
+    checks = stage("merge")(base=prepared["base"], quantized=prepared["quant"],
+                            adapter=prepared["adapter"], tokenized=prepared["tokenized"], merge=cfg,
+                            merged=tmp_path / "merged", recovered=True)
     assert set(checks) == {"full"}
     record = json.loads((tmp_path / "merged/merge_check.json").read_text())
     assert record["chosen"] == "full" and record["recovered"] is True
@@ -137,8 +140,8 @@ def test_auto_after_recovery_merges_into_full_only(prepared, tmp_path):
 
 def test_missing_adapter_is_input_error(prepared, tmp_path):
     with pytest.raises(InputError, match=r"merge: no QLoRA adapter at .*nowhere"):
-        tstages.merge_adapter(prepared["base"], prepared["quant"], tmp_path / "nowhere",
-                              prepared["tokenized"], task_blocks()["merge"],
-                              tmp_path / "merged")
+        stage("merge")(base=prepared["base"], quantized=prepared["quant"],
+                       adapter=tmp_path / "nowhere", tokenized=prepared["tokenized"],
+                       merge=task_blocks()["merge"], merged=tmp_path / "merged", recovered=False)
     assert not any(p.name == "merged" or p.name.startswith(".merged.")
                    for p in tmp_path.iterdir())

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_inputs, save_model
-from qlora_pipeline import machine, stages
-from qlora_pipeline.models import numerics, quantize
-from qlora_pipeline.report_md import quantization_markdown
+from conftest import build_inputs, job_policy, save_model, stage
+from qlora_pipeline import machine
+from qlora_pipeline.models import numerics
+from qlora_pipeline.models import quantization as quantize
+from qlora_pipeline.models.quantization_report import markdown as quantization_markdown
 
 HAS_AVX512_BF16 = "avx512_bf16" in machine.cpu_info()["numeric_flags"]
 QUANT_CFG = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
@@ -50,13 +51,13 @@ def eval_pass(model, ids) -> None:
 
 
 def test_loaders_keep_every_4bit_layer_off_the_packed_path(quantized, cpu_kind):
-    model = quantize.load_quantized(quantized["quant"])
+    model = quantize.load_quantized(quantized["quant"], job_policy())
     layers = numerics.linear4bit_layers(model)
     assert layers and all(m.support_avx512bf16_for_cpu is False for _, m in layers)
     eval_pass(model, torch.tensor([[1, 5, 9, 20, 33]]))
     assert not any(numerics.is_packed(m) for _, m in layers)
 
-    fresh = quantize.quantize(quantized["base"], QUANT_CFG)  # the quantize stage's model
+    fresh = quantize.quantize(quantized["base"], QUANT_CFG, job_policy())  # the quantize stage's model
     assert all(m.support_avx512bf16_for_cpu is False for _, m in numerics.linear4bit_layers(fresh))
 
 
@@ -80,11 +81,11 @@ def lora_gradients(model, ids) -> dict[str, torch.Tensor]:
 
 def test_gradients_after_an_eval_pass_equal_the_dequantized_fp32_reference(quantized, cpu_kind):
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2, 11], [4, 8, 15, 16, 23, 42, 3, 6]])
-    trained = with_adapter(quantize.load_quantized(quantized["quant"]))
+    trained = with_adapter(quantize.load_quantized(quantized["quant"], job_policy()))
     eval_pass(trained, ids)  # what Trainer.evaluate() does before training and between steps
     got = lora_gradients(trained, ids)
 
-    reference = with_adapter(quantize.load_quantized(quantized["quant"]).dequantize().float())
+    reference = with_adapter(quantize.load_quantized(quantized["quant"], job_policy()).dequantize().float())
     adapter = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
     assert not reference.load_state_dict(adapter, strict=False).unexpected_keys
     want = lora_gradients(reference, ids)
@@ -96,7 +97,7 @@ def test_gradients_after_an_eval_pass_equal_the_dequantized_fp32_reference(quant
 
 
 def test_check_names_a_layer_that_computes_something_else(quantized, monkeypatch):
-    model = quantize.load_quantized(quantized["quant"])
+    model = quantize.load_quantized(quantized["quant"], job_policy())
     layers = numerics.linear4bit_layers(model)
     name, victim = layers[1]
     forward = type(victim).forward
@@ -106,7 +107,7 @@ def test_check_names_a_layer_that_computes_something_else(quantized, monkeypatch
 
 
 def test_check_names_a_layer_that_passes_no_gradient(quantized, monkeypatch):
-    model = quantize.load_quantized(quantized["quant"])
+    model = quantize.load_quantized(quantized["quant"], job_policy())
     name, victim = numerics.linear4bit_layers(model)[0]
     forward = type(victim).forward
     monkeypatch.setattr(victim, "forward", lambda x: forward(victim, x).detach())
@@ -117,9 +118,9 @@ def test_check_names_a_layer_that_passes_no_gradient(quantized, monkeypatch):
 
 def test_quantize_records_the_check_and_fails_without_output_when_the_path_is_wrong(
         quantized, tmp_path, monkeypatch, cpu_kind):
-    out = tmp_path / "base-4bit"
+    out = tmp_path / "quantized"
     if cpu_kind == "this-cpu":
-        stages.quantize_base_model(quantized["base"], QUANT_CFG, out, seed=0)
+        stage("quantize")(base=quantized["base"], quantized=out, quantization=QUANT_CFG, seed=0)
         check = json.loads((out / "quantization.json").read_text())["numerics_check"]
         assert check["compute_dtype"] == "float32" and check["tolerance"] == 1e-4
         assert check["layers_checked"] == len(check_layers(out))
@@ -132,8 +133,8 @@ def test_quantize_records_the_check_and_fails_without_output_when_the_path_is_wr
     # As on an AVX512-BF16 CPU without the switch: the packed path is taken and refused.
     monkeypatch.setattr(numerics, "single_path", lambda model: model)
     with pytest.raises(numerics.NumericsError, match="packed"):
-        stages.quantize_base_model(quantized["base"], QUANT_CFG, out, seed=0)
-    assert not out.exists() and not list(tmp_path.glob(".base-4bit*"))
+        stage("quantize")(base=quantized["base"], quantized=out, quantization=QUANT_CFG, seed=0)
+    assert not out.exists() and not list(tmp_path.glob(".quantized*"))
 
 
 def check_layers(quant_dir: Path) -> list[dict]:
@@ -153,7 +154,7 @@ def test_the_real_packed_kernel_is_refused_and_switched_off(quantized):
     with pytest.raises(numerics.NumericsError, match="packed"):
         numerics.check(raw, torch.float32)
 
-    model = quantize.load_quantized(quantized["quant"])
+    model = quantize.load_quantized(quantized["quant"], job_policy())
     eval_pass(model, torch.tensor([[1, 5, 9, 20, 33]]))
     assert not any(numerics.is_packed(m) for _, m in numerics.linear4bit_layers(model))
     assert numerics.check(model, torch.float32)["max_relative_gap"]["input_grad"] < 1e-4

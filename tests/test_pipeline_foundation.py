@@ -33,7 +33,7 @@ def test_outputs_load_with_standard_libraries(finished):
         assert len(data["train"]) > len(data["validation"]) > 0
         assert set(data["train"].column_names) >= {"input_ids", "labels", "attention_mask"}
     AutoTokenizer.from_pretrained(results / "models/base")
-    model4 = AutoModelForCausalLM.from_pretrained(results / "models/base-4bit")
+    model4 = AutoModelForCausalLM.from_pretrained(results / "models/quantized")
     import bitsandbytes as bnb
 
     assert isinstance(model4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
@@ -43,7 +43,7 @@ def test_outputs_load_with_standard_libraries(finished):
 
 def test_every_output_directory_has_provenance(finished):
     results = finished / "results"
-    for directory in [results / "models/base", results / "models/base-4bit",
+    for directory in [results / "models/base", results / "models/quantized",
                       *[results / "data" / t / s for t in TINY_TASKS for s in ("raw", "tokenized")],
                       results / "quantization"]:
         prov = json.loads((directory / "provenance.json").read_text())
@@ -60,10 +60,10 @@ def test_quantization_report_numbers(finished):
     # test_quantize.py for the exact count on a realistic layer.
     assert summary["bits_per_param_theoretical"] < summary["bits_per_param_measured"] < 6.5
     assert 0 < summary["relative_error_max"] < 0.2
-    assert summary["size_bytes_4bit"] < summary["size_bytes_full_precision"]
+    assert summary["size_bytes_quantized"] < summary["size_bytes_full_precision"]
     for task in TINY_TASKS:
         ppl = report["perplexity"][task]
-        assert ppl["full_precision"]["perplexity"] > 1 and ppl["4bit"]["perplexity"] > 1
+        assert ppl["full_precision"]["perplexity"] > 1 and ppl["quantized"]["perplexity"] > 1
     assert "| arithmetic |" in (finished / "results/quantization/report.md").read_text()
 
 

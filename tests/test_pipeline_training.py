@@ -121,7 +121,7 @@ def test_disabling_recovery_merges_the_qlora_adapter(copy_run):
     path = workdir / "config/tasks" / f"{task}.yaml"
     cfg = yaml.safe_load(path.read_text())
     cfg["recovery"]["enabled"] = False
-    write_yaml(path, cfg)  # key order kept: reordered keys alone would rerun the task
+    write_yaml(path, cfg)  # key order does not matter: params are canonical (config.canonical)
 
     result = snakemake(workdir, "-n", *targets(recovered=RECOVERED[1:]))
     assert scheduled(result.stdout) == {"merge": 1}, result.stdout  # no recover, no retrain

@@ -1,11 +1,11 @@
-"""4-bit quantization: storage arithmetic and error bounds on real bitsandbytes layers."""
+"""bitsandbytes 4-bit quantization: storage arithmetic and error bounds on real bitsandbytes layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qlora_pipeline.models import quantize
+from qlora_pipeline.models import quantization as quantize
 
 
 def _linear4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
@@ -23,7 +23,7 @@ def _linear4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
 
 @pytest.mark.parametrize("double_quant, theory", [(True, 4.127), (False, 4.5)])
 def test_theoretical_bits(double_quant, theory):
-    assert quantize.theoretical_bits("nf4", double_quant) == pytest.approx(theory, abs=1e-3)
+    assert quantize.theoretical_bits(double_quant) == pytest.approx(theory, abs=1e-3)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -39,7 +39,7 @@ def test_storage_bits_counts_every_constant(double_quant):
         expected = (n / 2 + 4 * blocks + 4 * 16) * 8 / n
     assert quantize.storage_bits(layer.weight) == pytest.approx(expected, rel=1e-6)
     assert quantize.storage_bits(layer.weight) == pytest.approx(
-        quantize.theoretical_bits("nf4", double_quant), abs=0.02)
+        quantize.theoretical_bits(double_quant), abs=0.02)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -69,10 +69,3 @@ def test_nf4_beats_fp4_on_normal_weights():
         restored = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         errors[quant_type] = float((weight - restored).norm() / weight.norm())
     assert errors["nf4"] < errors["fp4"]
-
-
-def test_compute_dtype_auto_is_float32_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("CPU behaviour")
-    assert quantize.compute_dtype("auto") == torch.float32
-    assert quantize.compute_dtype("bfloat16") == torch.bfloat16

@@ -9,13 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qlora_pipeline.evaluation import report
-from qlora_pipeline.evaluation import stages as estages
+from conftest import stage
+from qlora_pipeline.evaluation import reporting as report
+from qlora_pipeline.layout import VARIANT_KINDS
 
 COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
 # Task t: own benchmark (acc) + arc_easy; task u: own benchmark (exact match) only.
 SCORES = {
-    ("t", "base"): 0.5, ("t", "base-4bit"): 0.4, ("t", "qlora"): 0.9, ("t", "recovered"): 0.95,
+    ("t", "base"): 0.5, ("t", "quantized"): 0.4, ("t", "qlora"): 0.9, ("t", "recovered"): 0.95,
     ("t", "merged"): 0.85, ("u", "base"): 0.2, ("u", "qlora"): 0.6, ("u", "merged"): 0.55,
 }
 
@@ -69,7 +70,7 @@ def test_scores_table_orders_variants(tmp_path):
     assert list(frame.columns) == COLUMNS
     assert len(frame) == 5 * 3 + 3  # t: 3 metrics x 5 variants; u: 1 metric x 3 variants
     own = frame[(frame.task == "t") & (frame.benchmark == "t")]
-    assert list(own.variant) == ["base", "base-4bit", "qlora", "recovered", "merged"]
+    assert list(own.variant) == ["base", "quantized", "qlora", "recovered", "merged"]
     assert list(own.value) == [0.5, 0.4, 0.9, 0.95, 0.85]
     assert list(frame[frame.task == "u"].variant) == ["base", "qlora", "merged"]
     assert set(frame.benchmark) == {"t", "arc_easy", "u"}
@@ -82,7 +83,7 @@ def test_scores_table_orders_variants(tmp_path):
 def test_task_table_shows_gain_over_base(tmp_path):
     frame = report.scores(write_results(tmp_path))
     lines = report.task_table(frame[frame.task == "t"]).splitlines()
-    assert lines[0] == "| benchmark | metric | base | base-4bit | qlora | recovered | merged |"
+    assert lines[0] == "| benchmark | metric | base | quantized | qlora | recovered | merged |"
     assert lines[1] == "|---|---|---|---|---|---|---|"
     assert ("| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400) | 0.950 (+0.450) "
             "| 0.850 (+0.350) |") in lines
@@ -125,10 +126,10 @@ def make_run(root: Path) -> dict:
         directory.mkdir(parents=True)
         gaps = {"max_abs_logit_gap": 0.002, "mean_abs_logit_gap": 0.0004, "top1_agreement": 1.0}
         checks = {"dequantized": {"vs_unmerged": gaps,
-                                  "vs_4bit_trained": {**gaps, "max_abs_logit_gap": 0.03,
+                                  "vs_trained": {**gaps, "max_abs_logit_gap": 0.03,
                                                       "top1_agreement": 0.875}},
                   "full": {"vs_unmerged": gaps,
-                           "vs_4bit_trained": {**gaps, "max_abs_logit_gap": 0.4,
+                           "vs_trained": {**gaps, "max_abs_logit_gap": 0.4,
                                                "top1_agreement": 0.75}}}
         chosen = "full" if task == "t" else "dequantized"
         (directory / "merge_check.json").write_text(json.dumps({
@@ -140,17 +141,18 @@ def make_run(root: Path) -> dict:
                             "| q_proj | 0.1 |\n")
     out = root / "results/report"
     outputs = {"scores": out / "scores.csv", "markdown": out / "report.md",
-               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png"}
-    return {"results_files": files, "adapter_dirs": adapters, "merged_dirs": merged,
-            "quantization_md": quantization, "outputs": outputs}
+               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png",
+               "provenance": out / "provenance.json"}
+    return {"results": files, "adapters": adapters, "merged": merged,
+            "quantization": quantization, "outputs": outputs}
 
 
 def test_build_report(tmp_path):
     import matplotlib.image
 
     run = make_run(tmp_path)
-    estages.build_report(**run)
-    outputs = run["outputs"]
+    outputs = run.pop("outputs")
+    stage("report")(**run, **outputs)
 
     scores = pd.read_csv(outputs["scores"])
     assert list(scores.columns) == COLUMNS
@@ -178,7 +180,7 @@ def test_build_report(tmp_path):
     merges = text.split("## Merge checks", 1)[1].split("## Quantization", 1)[0]
     table = [line for line in merges.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # two merge bases checked per task
-    assert "max_gap_vs_4bit_trained" in table[0]
+    assert "max_gap_vs_trained" in table[0]
     assert any("0.875" in line and "dequantized" in line for line in table)
     assert "| q_proj | 0.1 |" in text.split("## Quantization", 1)[1]
     assert "# Quantization report" not in text
@@ -190,15 +192,17 @@ def test_build_report(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(png).shape[1] == width
     assert not list(outputs["scores"].parent.glob(".*tmp-*"))
+    provenance = json.loads(outputs["provenance"].read_text())
+    assert provenance["stage"] == "report" and provenance["code"]
 
 
 def test_merge_and_training_rows(tmp_path):
     run = make_run(tmp_path)
-    merges = report.merge_rows(run["merged_dirs"])
+    merges = report.merge_rows(run["merged"])
     chosen = merges[merges.chosen]
     assert chosen[["task", "merge_base"]].values.tolist() == [["t", "full"], ["u", "dequantized"]]
     assert list(chosen.recovered) == [True, False]
-    training = report.training_rows(run["adapter_dirs"])
+    training = report.training_rows(run["adapters"])
     assert training[["task", "adapter", "steps"]].values.tolist() == [
         ["t", "qlora", 6], ["t", "recovered", 3], ["u", "qlora", 6]]
 
@@ -215,7 +219,7 @@ def snakemake_inputs(workdir: Path) -> None:
     gaps = {"max_abs_logit_gap": 0.01, "mean_abs_logit_gap": 0.001, "top1_agreement": 1.0}
     for task, cfg in TINY_TASKS.items():
         recovery = cfg.get("recovery", {}).get("enabled", False)
-        variants = [v for v in report.VARIANT_ORDER if v != "recovered" or recovery]
+        variants = [v for v in VARIANT_KINDS if v != "recovered" or recovery]
         for i, variant in enumerate(variants):
             write_json(results / "eval" / variant / task / "results.json", {
                 "results": {f"qlora_{task}": {"acc,none": 0.1 * (i + 1),
@@ -227,7 +231,7 @@ def snakemake_inputs(workdir: Path) -> None:
                 '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n')
         write_json(results / "models/merged" / task / "merge_check.json", {
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
-            "checks": {"dequantized": {"vs_unmerged": gaps, "vs_4bit_trained": gaps}}})
+            "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})
     (results / "quantization").mkdir(parents=True)
     (results / "quantization/report.md").write_text("# Quantization report\n\nnumbers\n")
 
@@ -243,7 +247,7 @@ def test_report_rule_and_html_report(workdir):
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns) == COLUMNS
     assert set(scores.task) == set(TINY_TASKS)
-    assert list(scores[scores.task == "arithmetic"].variant) == report.VARIANT_ORDER
+    assert list(scores[scores.task == "arithmetic"].variant) == list(VARIANT_KINDS)
     assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
     assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
 
@@ -260,7 +264,7 @@ def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
 
     scores = pd.read_csv(tiny_run / "results/report/scores.csv")
     expected = {(task, variant) for task, cfg in TINY_TASKS.items()
-                for variant in report.VARIANT_ORDER
+                for variant in VARIANT_KINDS
                 if variant != "recovered" or cfg.get("recovery", {}).get("enabled")}
     assert set(zip(scores.task, scores.variant)) == expected
     assert set(scores.benchmark) == set(TINY_TASKS)

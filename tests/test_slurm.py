@@ -25,7 +25,7 @@ import yaml
 from conftest import REPO, make_workdir
 
 PROFILE = REPO / "profiles" / "slurm"
-TARGETS = ["results/models/base-4bit", "results/data/topic/tokenized"]
+TARGETS = ["results/models/quantized", "results/data/topic/tokenized"]
 EXPECTED_RULES = {"import_base_model", "quantize", "fetch_dataset", "tokenize"}
 RUN_TIMEOUT_S = 1200
 
@@ -238,8 +238,8 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     assert f"GPU pinning skipped: Slurm job {quantize_id}" in quantize_log, quantize_log
     # ... and torch used the job's threads there, the count Slurm allocated.
     threads = expected_threads("quantize")
-    assert f"(threads: {threads})" in quantize_log, quantize_log
-    provenance = json.loads((workdir / "results/models/base-4bit/provenance.json").read_text())
+    assert f"(threads: {threads}, " in quantize_log, quantize_log
+    provenance = json.loads((workdir / "results/models/quantized/provenance.json").read_text())
     assert provenance["machine"]["torch"]["threads"] == threads
     assert (workdir / "results/data/topic/tokenized/provenance.json").is_file()
     # The plugin's own log of each job (kept with --slurm-keep-successful-logs).

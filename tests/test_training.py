@@ -1,4 +1,4 @@
-"""LoRA injection, the training loop and the training stages, on the tiny 4-bit model.
+"""LoRA injection, the training loop and the training stages, on the tiny quantized model.
 
 Tiny Llama dims (conftest.build_model): hidden 64, intermediate 128, 4 heads of 16, 2 kv
 heads, so q/o are 64x64, k/v 64->32, gate/up 64->128, down 128->64; two layers.
@@ -13,10 +13,10 @@ import re
 import pytest
 import torch
 
-from conftest import build_inputs, task_blocks
+from conftest import build_inputs, job_policy, stage, task_blocks
+from qlora_pipeline.config import recovery_train
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.training import lora, loop
-from qlora_pipeline.training import stages as tstages
 
 HIDDEN, INTER, KV_OUT, LAYERS = 64, 128, 32, 2
 QV_PER_LAYER = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, KV_OUT)}
@@ -36,9 +36,23 @@ def prepared(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def load4(prepared):
-    from qlora_pipeline.models.quantize import load_quantized
+    from qlora_pipeline.models.quantization import load_quantized
 
-    return load_quantized(prepared["quant"])
+    return load_quantized(prepared["quant"], job_policy())
+
+
+def train_qlora(prepared, root, lora: dict, train: dict) -> dict:
+    """The train_qlora stage into root/qlora (checkpoints in root/checkpoints)."""
+    return stage("train_qlora")(quantized=prepared["quant"], tokenized=prepared["tokenized"],
+                                adapter=root / "qlora", lora=lora, train=train, seed=0,
+                                checkpoints=root / "checkpoints")
+
+
+def recover(prepared, adapter, root, recovery: dict, train: dict) -> dict:
+    """The recover stage into root/recovered, with the params its rule gives it."""
+    return stage("recover")(base=prepared["base"], qlora=adapter, tokenized=prepared["tokenized"],
+                            adapter=root / "recovered", seed=0, checkpoints=root / "checkpoints",
+                            train=recovery_train({"train": train, "recovery": recovery}))
 
 
 def lora_cfg(**overrides) -> dict:
@@ -54,8 +68,7 @@ def fast_train(**overrides) -> dict:
 def trained(prepared, tmp_path_factory) -> dict:
     """One QLoRA run (30 steps, high learning rate), shared by the checks below."""
     root = tmp_path_factory.mktemp("trained")
-    summary = tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(),
-                                  fast_train(), 0, root / "qlora", root / "checkpoints")
+    summary = train_qlora(prepared, root, lora_cfg(), fast_train())
     return {"summary": summary, "adapter": root / "qlora", "checkpoints": root / "checkpoints"}
 
 
@@ -86,7 +99,7 @@ def test_inject_freezes_base_and_trains_exactly_lora(prepared, overrides, expect
     assert frozen_wrong == []
     assert all(p.requires_grad for n, p in named if "lora_" in n)
     assert sum(p.numel() for _, p in named if p.requires_grad) == expected
-    assert tstages.verify_frozen(model, expected)["trainable_params"] == expected
+    assert lora.verify_frozen(model, expected)["trainable_params"] == expected
 
 
 def test_layers_to_transform_halves_and_all_linear_covers_every_projection(prepared):
@@ -142,8 +155,7 @@ def test_bad_lora_config_is_input_error_and_leaves_nothing(prepared, tmp_path, o
                                                             message):
     cfg = lora_cfg(**overrides)
     with pytest.raises(InputError, match=message):
-        tstages.train_qlora(prepared["quant"], prepared["tokenized"], cfg, fast_train(), 0,
-                            tmp_path / "qlora", tmp_path / "checkpoints")
+        train_qlora(prepared, tmp_path, cfg, fast_train())
     assert leftovers(tmp_path, "qlora") == []
 
 
@@ -156,14 +168,6 @@ def test_rank_bound_is_the_smallest_targeted_dimension(prepared):
 
 
 # ---- the loop --------------------------------------------------------------------------------
-
-def test_paged_optimizer_falls_back_to_adamw_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("the swap only happens without CUDA")
-    assert loop.optimizer_name("paged_adamw_8bit") == "adamw_torch"
-    assert loop.optimizer_name("paged_adamw_32bit") == "adamw_torch"
-    assert loop.optimizer_name("adafactor") == "adafactor"
-
 
 def test_total_steps():
     cfg = {"max_steps": None, "epochs": 1, "batch_size": 8, "gradient_accumulation": 1}
@@ -181,8 +185,7 @@ def test_epochs_drive_the_step_count(prepared, tmp_path):
 
     n_train = len(load_from_disk(str(prepared["tokenized"]))["train"])
     train = fast_train(max_steps=None, epochs=0.5, eval_steps=50)
-    summary = tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(), train,
-                                  0, tmp_path / "qlora", tmp_path / "checkpoints")
+    summary = train_qlora(prepared, tmp_path, lora_cfg(), train)
     assert summary["steps"] == math.ceil(math.ceil(n_train / 8) * 0.5)
 
 
@@ -194,7 +197,7 @@ def test_train_qlora_lowers_validation_loss(trained):
     assert math.isfinite(s["eval_loss_initial"])
     assert s["eval_loss_best"] < s["eval_loss_initial"] - 0.05, s
     assert s["trainable_params"] == by_hand(8, QV_PER_LAYER)
-    assert s["optimizer"] == loop.optimizer_name("paged_adamw_8bit")
+    assert s["optimizer"] == job_policy().optimizer("paged_adamw_8bit")
 
 
 def test_train_qlora_outputs(trained):
@@ -224,7 +227,7 @@ def test_train_qlora_outputs(trained):
 
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "train_qlora"
-    assert set(prov["inputs"]) == {"base_4bit", "tokenized"}
+    assert set(prov["inputs"]) == {"quantized", "tokenized"}
     assert prov["config"]["lora"]["r"] == 8
 
 
@@ -256,8 +259,7 @@ def test_nan_loss_stops_training_and_leaves_no_adapter(prepared, tmp_path, monke
 
     monkeypatch.setattr(lora, "inject", poisoned)
     with pytest.raises(loop.NonFiniteLoss, match=r"at step 1\b"):
-        tstages.train_qlora(prepared["quant"], prepared["tokenized"], lora_cfg(), fast_train(),
-                            0, tmp_path / "qlora", tmp_path / "checkpoints")
+        train_qlora(prepared, tmp_path, lora_cfg(), fast_train())
     assert leftovers(tmp_path, "qlora") == []
 
 
@@ -273,11 +275,10 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
             raise Interrupted
         return step(self, model, inputs, num_items_in_batch)
 
-    args = (prepared["quant"], prepared["tokenized"], lora_cfg(), fast_train(), 0,
-            tmp_path / "qlora", tmp_path / "checkpoints")
+    args = (prepared, tmp_path, lora_cfg(), fast_train())
     monkeypatch.setattr(loop.GuardedTrainer, "training_step", interrupt_at_15)
     with pytest.raises(Interrupted):
-        tstages.train_qlora(*args)
+        train_qlora(*args)
     assert leftovers(tmp_path, "qlora") == []
     saved = list((tmp_path / "checkpoints").glob("*/checkpoint-*"))
     assert [p.name for p in saved] == ["checkpoint-10"]  # eval_steps 10: one so far
@@ -285,7 +286,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
         "num_input_tokens_seen"]
     monkeypatch.undo()
 
-    summary = tstages.train_qlora(*args)
+    summary = train_qlora(*args)
     assert summary["resumed_from"] == str(saved[0])
     assert summary["steps"] == 30
     # Same data order and optimizer state: the same result as the uninterrupted run.
@@ -312,9 +313,8 @@ def test_recovery_without_adapter_is_input_error(prepared, tmp_path):
     blocks = task_blocks()
     missing = tmp_path / "adapters" / "qlora"
     with pytest.raises(InputError, match=r"no QLoRA adapter at .*adapters/qlora"):
-        tstages.recover(prepared["base"], missing, prepared["tokenized"],
-                        {**blocks["recovery"], "enabled": True, "steps": 3}, fast_train(), 0,
-                        tmp_path / "recovered", tmp_path / "checkpoints")
+        recover(prepared, missing, tmp_path, {**blocks["recovery"], "enabled": True, "steps": 3},
+                fast_train())
     assert leftovers(tmp_path, "recovered") == []
 
 
@@ -325,14 +325,13 @@ def test_recovery_continues_the_qlora_adapter(prepared, trained, tmp_path):
     blocks = task_blocks()
     recovery = {**blocks["recovery"], "enabled": True, "steps": 3, "learning_rate": 1e-4}
     out = tmp_path / "recovered"
-    summary = tstages.recover(prepared["base"], trained["adapter"], prepared["tokenized"],
-                              recovery, fast_train(), 0, out, tmp_path / "checkpoints")
+    summary = recover(prepared, trained["adapter"], tmp_path, recovery, fast_train())
     assert summary["steps"] == 3
     assert math.isfinite(summary["eval_loss_initial"])
     # It starts where QLoRA ended: not at the untrained loss.
     qlora = trained["summary"]
     assert summary["eval_loss_initial"] < qlora["eval_loss_initial"] - 0.05, (summary, qlora)
-    assert summary["trainable_params"] == qlora["trainable_params"]
+    assert summary["trainable_params"] == qlora["trainable_params"]  # counted and checked
 
     assert PeftConfig.from_pretrained(str(out)).peft_type == "LORA"
     before = load_file(trained["adapter"] / "adapter_model.safetensors")
@@ -343,6 +342,24 @@ def test_recovery_continues_the_qlora_adapter(prepared, trained, tmp_path):
         assert torch.allclose(after[key], weight, atol=3e-3), key
     assert any(not torch.equal(after[k], before[k]) for k in before)  # but it did train
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["stage"] == "recover" and set(prov["inputs"]) == {"base", "adapter", "tokenized"}
+    assert prov["stage"] == "recover" and set(prov["inputs"]) == {"base", "qlora", "tokenized"}
+    assert prov["config"]["train"]["max_steps"] == 3 and prov["config"]["train"]["epochs"] is None
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
+
+
+def test_recovery_checks_the_trainable_count(prepared, trained, tmp_path, monkeypatch):
+    """Recovery's trainable parameters are counted against the saved adapter's LoRA
+    arithmetic, as QLoRA's are (a base weight made trainable is refused)."""
+    prepare = lora.prepare_recovery
+
+    def one_more_trainable(*args, **kwargs):
+        model, expected = prepare(*args, **kwargs)
+        return model, expected + 1
+
+    monkeypatch.setattr("qlora_pipeline.stages.train.prepare_recovery", one_more_trainable)
+    with pytest.raises(RuntimeError, match="trainable parameters .* != LoRA arithmetic"):
+        recover(prepared, trained["adapter"], tmp_path, {**task_blocks()["recovery"],
+                                                         "enabled": True, "steps": 2},
+                fast_train())
+    assert leftovers(tmp_path, "recovered") == []

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 from ..errors import InputError
+from ..outputs import read_jsonl
 from . import builtin, formats
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,11 @@ def with_system_prompt(record: dict, text: str) -> dict:
     if record["messages"][0]["role"] == "system":
         return record
     return {**record, "messages": [{"role": "system", "content": text}, *record["messages"]]}
+
+
+def read_split(raw_dir: str | Path, split: str) -> list[dict]:
+    """One split written by the fetch_dataset stage."""
+    return read_jsonl(Path(raw_dir) / f"{split}.jsonl")
 
 
 def fetch(cfg: dict, fmt: str) -> dict[str, list[dict]]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
+import yaml
+
 from ..errors import InputError
-from ..runtime import device
+from ..policy import Policy
 
 log = logging.getLogger(__name__)
-VARIANTS = ("base", "base-4bit", "qlora", "recovered", "merged")
 
 
 def check_benchmarks(names: list[str]) -> None:
@@ -25,39 +27,52 @@ def check_benchmarks(names: list[str]) -> None:
                          f"names that lm-eval knows (list them with `lm-eval ls tasks`)")
 
 
-def load_variant(variant: str, paths: dict):
-    """(model, tokenizer) of one variant. `paths`: base, base_4bit, adapter, merged."""
+def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
+    """(model, tokenizer) from what an evaluation was given (layout.variant_inputs): a merged
+    model; else the quantized or the full-precision base, with the adapter on top if there is
+    one. The base always gives the tokenizer."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from ..models.quantize import load_full_precision as full
-    from ..models.quantize import load_quantized
+    from ..models.quantization import load_full_precision, load_quantized
 
-    if variant == "base":
-        model = full(paths["base"])
-    elif variant == "base-4bit":
-        model = load_quantized(paths["base_4bit"])
-    elif variant == "qlora":  # as trained: the 4-bit base with the adapter on top
-        model = PeftModel.from_pretrained(load_quantized(paths["base_4bit"]), paths["adapter"])
-    elif variant == "recovered":  # as recovered: the full-precision base with the adapter
-        model = PeftModel.from_pretrained(full(paths["base"]), paths["adapter"])
-    elif variant == "merged":
-        model = full(paths["merged"])
+    if merged:
+        model = load_full_precision(merged, policy)
     else:
-        raise InputError(f"unknown variant '{variant}'; expected one of {', '.join(VARIANTS)}")
+        model = load_quantized(quantized, policy) if quantized else load_full_precision(base, policy)
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(paths["base"])
+    return model, AutoTokenizer.from_pretrained(base)
 
 
-def evaluate(model, tokenizer, task_dir: Path, task_names: list[str], cfg: dict, seed: int) -> dict:
+def located_spec(spec_dir: Path, into: Path) -> Path:
+    """A copy of the task's lm-eval YAML files in `into`, with their data files (stored
+    relative to the spec folder, so that results/ can move) made absolute for lm-eval."""
+    for source in Path(spec_dir).glob("*.yaml"):
+        spec = yaml.safe_load(source.read_text(encoding="utf-8"))
+        files = spec.get("dataset_kwargs", {}).get("data_files", {})
+        for split, name in files.items():
+            files[split] = str((Path(spec_dir) / name).resolve())
+        (into / source.name).write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True),
+                                        encoding="utf-8")
+    return into
+
+
+def evaluate(model, tokenizer, spec_dir: Path, task_names: list[str], cfg: dict, seed: int,
+             policy: Policy) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lm-eval-spec-") as located:
+        return _evaluate(model, tokenizer, located_spec(spec_dir, Path(located)), task_names,
+                         cfg, seed, policy)
+
+
+def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    batch_size = cfg["batch_size"]
-    if batch_size == "auto" and device() != "cuda":
-        batch_size = 8  # lm-eval's auto search probes GPU memory
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer,
+              batch_size=policy.eval_batch_size(cfg["batch_size"]))
     manager = TaskManager(include_path=str(task_dir),
                           include_defaults=len(task_names) > 1)  # only ours: skip the index
     results = lm_eval.simple_evaluate(

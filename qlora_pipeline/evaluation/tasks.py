@@ -37,7 +37,9 @@ def task_yaml(name: str, data_file: Path, kind: str, max_gen_tokens: int, stop: 
     spec = {
         "task": name,
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        # Relative to the spec's folder (harness.located_spec makes it absolute for lm-eval):
+        # no output stores an absolute path that a later job reads.
+        "dataset_kwargs": {"data_files": {"test": data_file.name}},
         "test_split": "test",
         "output_type": kind,
         "doc_to_text": "prompt",

@@ -7,12 +7,11 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import torch
 
 from ..errors import InputError
+from ..policy import torch_dtype
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Only what a safetensors checkpoint needs: never pickled weights, never code.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
 
@@ -99,7 +98,7 @@ def load(cfg: dict):
         del model.config.quantization_config
         model.hf_quantizer = None
     if cfg.get("dtype", "auto") != "auto":
-        model = model.to(DTYPES[cfg["dtype"]])
+        model = model.to(torch_dtype(cfg["dtype"]))
     return model, tokenizer
 
 

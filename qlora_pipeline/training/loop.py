@@ -22,11 +22,11 @@ from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
-from ..runtime import device
+from ..outputs import read_jsonl
+from ..policy import Policy
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
-PAGED = {"paged_adamw_8bit", "paged_adamw_32bit"}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -55,14 +55,6 @@ class MetricsLog(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
-def optimizer_name(requested: str) -> str:
-    """Paged optimizers need CUDA; on the CPU plain AdamW does the same job."""
-    if device() != "cuda" and requested in PAGED:
-        log.info("optimizer: %s needs CUDA; using adamw_torch on the CPU instead", requested)
-        return "adamw_torch"
-    return requested
-
-
 def total_steps(cfg: dict, train_examples: int) -> int:
     if cfg.get("max_steps"):
         return cfg["max_steps"]
@@ -71,7 +63,7 @@ def total_steps(cfg: dict, train_examples: int) -> int:
 
 
 def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
-              bf16: bool) -> TrainingArguments:
+              policy: Policy) -> TrainingArguments:
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
     save_steps = cfg.get("checkpoint_steps") or eval_steps
@@ -89,10 +81,10 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         lr_scheduler_type=cfg["lr_scheduler"],
         weight_decay=cfg["weight_decay"],
         max_grad_norm=cfg["max_grad_norm"],
-        optim=optimizer_name(cfg["optimizer"]),
+        optim=policy.optimizer(cfg["optimizer"]),
         gradient_checkpointing=False,  # enabled on the model by prepare_model_for_kbit_training
-        bf16=bf16,
-        use_cpu=device() != "cuda",
+        bf16=policy.bf16,
+        use_cpu=not policy.cuda,
         seed=seed,
         data_seed=seed,
         eval_strategy="steps",
@@ -113,14 +105,14 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
     )
 
 
-def peak_memory_mb() -> float:
-    if device() == "cuda":
+def peak_memory_mb(policy: Policy) -> float:
+    if policy.cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
-          seed: int, bf16: bool = False, observers: tuple = ()) -> dict:
+          seed: int, policy: Policy, observers: tuple = ()) -> dict:
     """Train `model` (its trainable parameters) on data['train']; return the run summary.
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
@@ -129,7 +121,9 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
-    args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, bf16)
+    args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy)
+    if args.optim != cfg["optimizer"]:
+        log.info("optimizer: %s needs CUDA; using %s instead", cfg["optimizer"], args.optim)
     callbacks = [MetricsLog(metrics_path), GradientGuard(), *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
@@ -166,16 +160,15 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "train_seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
         "tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds else None,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "peak_memory_kind": "cuda max allocated" if device() == "cuda" else "process max RSS",
+        "peak_memory_mb": round(peak_memory_mb(policy), 1),
+        "peak_memory_kind": "cuda max allocated" if policy.cuda else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
     }
 
 
 def _logged_initial_loss(metrics_path: Path) -> float:
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_jsonl(metrics_path):
         if record["step"] == 0 and "eval_loss" in record:
             return record["eval_loss"]
     return float("nan")
@@ -185,9 +178,8 @@ def forget_metrics_after(metrics_path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint we resume from: they will be redone."""
     if not metrics_path.exists():
         return
-    lines = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-             if line and json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    kept = [record for record in read_jsonl(metrics_path) if record["step"] <= step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:

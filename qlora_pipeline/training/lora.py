@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -83,6 +84,62 @@ def peft_config(cfg: dict):
         layers_to_transform=cfg.get("layers_to_transform"),
         bias="none",
     )
+
+
+def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool):
+    """(model, expected trainable count): the saved quantized base (never quantized again
+    here) with new LoRA layers (A random, B zero)."""
+    from ..models.quantization import load_quantized
+
+    model = load_quantized(quantized_dir, policy)
+    expected = expected_trainable(model, cfg) if cfg["target_modules"] else 0
+    return inject(model, cfg, gradient_checkpointing), expected
+
+
+def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool):
+    """(model, expected trainable count): the full-precision base with a trained adapter,
+    trainable again, to continue it on the weights it will be merged into."""
+    from peft import LoraConfig, PeftModel
+
+    from ..models.quantization import load_full_precision
+
+    check_adapter(adapter_dir, "recovery")
+    base = load_full_precision(base_dir, policy)
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
+    saved = LoraConfig.from_pretrained(adapter_dir)
+    targets = saved.target_modules
+    expected = expected_trainable(base, {
+        "r": saved.r, "use_dora": saved.use_dora, "layers_to_transform": saved.layers_to_transform,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets)})
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    keep_adapters_fp32(model)
+    return model, expected
+
+
+def check_adapter(adapter_dir, key: str) -> None:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError(f"{key}: no QLoRA adapter at {adapter_dir} (expected "
+                         f"adapter_config.json and adapter_model.safetensors); run the "
+                         f"train_qlora stage for this task first")
+
+
+def verify_frozen(model, expected_trainable: int) -> dict:
+    """Every base weight frozen; exactly the LoRA parameters train (count checked when the
+    LoRA arithmetic gives one: `expected_trainable` > 0)."""
+    not_lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    if not_lora:
+        raise RuntimeError(f"base parameters left trainable: {not_lora[:5]}")
+    params = trainable_summary(model)
+    if expected_trainable and params["trainable_params"] != expected_trainable:
+        raise RuntimeError(f"trainable parameters {params['trainable_params']} != LoRA "
+                           f"arithmetic {expected_trainable}")
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    if dtypes != {torch.float32}:
+        raise RuntimeError(f"adapter weights must be float32, found {dtypes}")
+    return params
 
 
 def inject(model, cfg: dict, gradient_checkpointing: bool):

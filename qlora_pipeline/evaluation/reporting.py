@@ -3,19 +3,23 @@ the base model (report.md), and plots of training curves and scores (PNG)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from ..layout import VARIANT_KINDS, parse_variant
+from ..outputs import read_json, read_jsonl
 from .tasks import lm_eval_name
 
-VARIANT_ORDER = ["base", "base-4bit", "qlora", "recovered", "merged"]
+
+def variant_order(variant: str) -> tuple[int, str]:
+    """Kinds in pipeline order (base first: gains are shown against it), then by name."""
+    return VARIANT_KINDS.index(parse_variant(variant)[0]), variant
 
 
 def score_rows(results_file: str | Path) -> list[dict]:
     """One row per (benchmark, metric) of one variant × task results.json."""
-    data = json.loads(Path(results_file).read_text(encoding="utf-8"))
+    data = read_json(results_file)
     rows = []
     for benchmark, metrics in data["results"].items():
         name = data["task"] if benchmark == lm_eval_name(data["task"]) else benchmark
@@ -33,16 +37,15 @@ def score_rows(results_file: str | Path) -> list[dict]:
 def scores(results_files: list) -> pd.DataFrame:
     frame = pd.DataFrame([row for f in results_files for row in score_rows(f)],
                          columns=["task", "variant", "benchmark", "metric", "value", "stderr"])
-    order = {v: i for i, v in enumerate(VARIANT_ORDER)}
     return frame.sort_values(["task", "benchmark", "metric", "variant"],
-                             key=lambda c: c.map(order) if c.name == "variant" else c,
+                             key=lambda c: c.map(variant_order) if c.name == "variant" else c,
                              ignore_index=True)
 
 
 def task_table(frame: pd.DataFrame) -> str:
     """Variants as columns; each tuned variant's cell shows its gain over `base`."""
     wide = frame.pivot_table(index=["benchmark", "metric"], columns="variant", values="value")
-    wide = wide[[v for v in VARIANT_ORDER if v in wide.columns]]
+    wide = wide[sorted(wide.columns, key=variant_order)]
     lines = ["| benchmark | metric | " + " | ".join(wide.columns) + " |",
              "|---|---|" + "---|" * len(wide.columns)]
     for (benchmark, metric), row in wide.iterrows():
@@ -57,7 +60,7 @@ def task_table(frame: pd.DataFrame) -> str:
 def training_rows(adapter_dirs: list) -> pd.DataFrame:
     rows = []
     for directory in map(Path, adapter_dirs):
-        summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(directory / "summary.json")
         rows.append({"task": directory.parent.name, "adapter": directory.name,
                      **{k: summary.get(k) for k in (
                          "steps", "eval_loss_initial", "eval_loss_best", "train_seconds",
@@ -69,14 +72,13 @@ def training_rows(adapter_dirs: list) -> pd.DataFrame:
 def merge_rows(merged_dirs: list) -> pd.DataFrame:
     rows = []
     for directory in map(Path, merged_dirs):
-        check = json.loads((directory / "merge_check.json").read_text(encoding="utf-8"))
+        check = read_json(directory / "merge_check.json")
         for base, gaps in check["checks"].items():
             rows.append({"task": directory.name, "merge_base": base,
                          "chosen": base == check["chosen"], "recovered": check.get("recovered"),
                          "max_gap_vs_unmerged": gaps["vs_unmerged"]["max_abs_logit_gap"],
-                         "max_gap_vs_4bit_trained": gaps["vs_4bit_trained"]["max_abs_logit_gap"],
-                         "top1_agreement_vs_4bit_trained":
-                             gaps["vs_4bit_trained"]["top1_agreement"]})
+                         "max_gap_vs_trained": gaps["vs_trained"]["max_abs_logit_gap"],
+                         "top1_agreement_vs_trained": gaps["vs_trained"]["top1_agreement"]})
     return pd.DataFrame(rows)
 
 
@@ -84,7 +86,7 @@ def read_metrics(adapter_dir: Path) -> pd.DataFrame:
     path = Path(adapter_dir) / "metrics.jsonl"
     if not path.exists():
         return pd.DataFrame()
-    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line])
+    return pd.DataFrame(read_jsonl(path))
 
 
 def plot_losses(adapter_dirs: list, out_png: Path) -> None:
@@ -142,7 +144,7 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
     for task, group in frame.groupby("task"):
         parts += [f"## {task}", "", task_table(group), ""]
     parts += ["## Training", "", training.to_markdown(index=False, floatfmt=".4g"), "",
-              "Validation loss before training is the 4-bit base's (the adapter starts at zero).",
+              "Validation loss before training is the quantized base's (the adapter starts at zero).",
               "", "![losses](loss.png)", "", "## Merge checks", "",
               merges.to_markdown(index=False, floatfmt=".3g"), "",
               "![scores](scores.png)", "",

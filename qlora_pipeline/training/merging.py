@@ -3,7 +3,7 @@
 Two merge bases: `full` (the full-precision W0: what users usually ship) and `dequantized`
 (deq(Q(W0)): the weights the QLoRA adapter was actually trained against). The check compares
 logits of the merged model with (a) the same base + the adapter unmerged (does the merge
-arithmetic hold?) and (b) the 4-bit base + the adapter (is it the model that was trained?).
+arithmetic hold?) and (b) the quantized base + the adapter (is it the model that was trained?).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ def resolve_base(setting: str, recovered: bool) -> str:
     return "full" if recovered else "dequantized"
 
 
-def load_base(kind: str, base_dir, quant_dir):
-    from ..models.quantize import load_full_precision, load_quantized
+def load_base(kind: str, base_dir, quant_dir, policy):
+    from ..models.quantization import load_full_precision, load_quantized
 
     if kind == "full":
-        return load_full_precision(base_dir)
-    # deq(Q(W)) for every 4-bit layer, in the compute dtype; the rest as stored.
-    return load_quantized(quant_dir).dequantize()
+        return load_full_precision(base_dir, policy)
+    # deq(Q(W)) for every quantized layer, in the compute dtype; the rest as stored.
+    return load_quantized(quant_dir, policy).dequantize()
 
 
 def with_adapter(model, adapter_dir):
@@ -57,23 +57,23 @@ def gaps(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
             "top1_agreement": agree / sum(x.shape[0] for x in a)}
 
 
-def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, prompts, trained_logits):
+def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, prompts, trained_logits, policy):
     """The merged model on base `kind`, and its two logit gaps."""
-    model = with_adapter(load_base(kind, base_dir, quant_dir), adapter_dir)
+    model = with_adapter(load_base(kind, base_dir, quant_dir, policy), adapter_dir)
     unmerged = logits(model, prompts)
     merged = model.merge_and_unload()
     merged_logits = logits(merged, prompts)
     check = {"vs_unmerged": gaps(merged_logits, unmerged),
-             "vs_4bit_trained": gaps(merged_logits, trained_logits)}
+             "vs_trained": gaps(merged_logits, trained_logits)}
     log.info("merge check: %s", check)
     return merged, check
 
 
-def trained_model_logits(quant_dir, adapter_dir, prompts) -> list[torch.Tensor]:
-    """Logits of the model as trained: the 4-bit base with the adapter on top."""
-    from ..models.quantize import load_quantized
+def trained_model_logits(quant_dir, adapter_dir, prompts, policy) -> list[torch.Tensor]:
+    """Logits of the model as trained: the quantized base with the adapter on top."""
+    from ..models.quantization import load_quantized
 
-    model = with_adapter(load_quantized(quant_dir), adapter_dir)
+    model = with_adapter(load_quantized(quant_dir, policy), adapter_dir)
     out = logits(model, prompts)
     del model
     gc.collect()

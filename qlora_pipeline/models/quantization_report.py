@@ -1,6 +1,32 @@
-"""Markdown renderings of the pipeline's JSON reports."""
+"""What quantizing the base cost: validation perplexity of the full-precision and the
+quantized base on every task, next to the quantize stage's weight-level numbers, as JSON and
+markdown."""
 
 from __future__ import annotations
+
+import gc
+import logging
+
+from ..policy import Policy
+from . import perplexity, quantization
+
+log = logging.getLogger(__name__)
+
+
+def perplexities(base_dir, quantized_dir, validation: dict, max_examples: int,
+                 policy: Policy) -> dict[str, dict]:
+    """task -> {"full_precision": ..., "quantized": ...}; one model in memory at a time."""
+    loaders = {"full_precision": lambda: quantization.load_full_precision(base_dir, policy),
+               "quantized": lambda: quantization.load_quantized(quantized_dir, policy)}
+    results: dict[str, dict] = {task: {} for task in validation}
+    for variant, load in loaders.items():
+        model = load()
+        for task, examples in validation.items():
+            results[task][variant] = perplexity.perplexity(model, examples, max_examples)
+            log.info("%s %s: %s", task, variant, results[task][variant])
+        del model
+        gc.collect()
+    return results
 
 
 def _mib(n: int) -> str:
@@ -8,17 +34,18 @@ def _mib(n: int) -> str:
 
 
 def _numerics_row(check: dict | None) -> list[str]:
-    """The run-time check that the 4-bit layers compute x @ deq(W)^T (models/numerics.py)."""
+    """The run-time check that the quantized layers compute x @ deq(W)^T (numerics.py)."""
     if not check:
         return []
     worst = max(check["max_relative_gap"].values())
-    return [f"| 4-bit layers vs x @ deq(W)^T after an eval pass (output, input gradient), "
+    return [f"| quantized layers vs x @ deq(W)^T after an eval pass (output, input gradient), "
             f"largest relative gap | {worst:.1e} over {check['layers_checked']} layers "
             f"(tolerance {check['tolerance']:g}, {check['compute_dtype']}) |"]
 
 
-def quantization_markdown(report: dict) -> str:
+def markdown(report: dict) -> str:
     s = report["summary"]
+    scheme = s["quant_type"].upper()
     lines = [
         "# Quantization report",
         "",
@@ -31,22 +58,22 @@ def quantization_markdown(report: dict) -> str:
         f"| bits per quantized parameter (stored, all constants) | {s['bits_per_param_measured']:.4f} |",
         f"| bits per quantized parameter (theory) | {s['bits_per_param_theoretical']:.4f} |",
         f"| size on disk, full precision | {_mib(s['size_bytes_full_precision'])} |",
-        f"| size on disk, 4-bit | {_mib(s['size_bytes_4bit'])} |",
+        f"| size on disk, quantized | {_mib(s['size_bytes_quantized'])} |",
         f"| relative weight error ‖W − deq(Q(W))‖/‖W‖, mean / max | "
         f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f} |",
         *_numerics_row(report.get("numerics_check")),
         "",
-        "Theory: NF4 stores 4 bits per weight plus one fp32 absmax per 64 weights (4.5 bits); "
-        "double quantization stores that absmax in 8 bits with one fp32 per 256 blocks "
-        "(≈4.127 bits). Layers kept in full precision (embeddings, norms, the output head) "
+        f"Theory: {scheme} stores {s['bits']} bits per weight plus one fp32 absmax per 64 weights "
+        f"({s['bits'] + 0.5:g} bits); double quantization stores that absmax in 8 bits with one "
+        f"fp32 per 256 blocks (≈{s['bits'] + 0.127:.3f} bits). Layers kept in full precision (embeddings, norms, the output head) "
         "are not counted above but are in the size on disk.",
         "",
     ]
     if "perplexity" in report:
         lines += ["## Validation perplexity (answer tokens)", "",
-                  "| task | full precision | 4-bit | change |", "|---|---|---|---|"]
+                  f"| task | full precision | {scheme} | change |", "|---|---|---|---|"]
         for task, r in report["perplexity"].items():
-            fp, q = r["full_precision"]["perplexity"], r["4bit"]["perplexity"]
+            fp, q = r["full_precision"]["perplexity"], r["quantized"]["perplexity"]
             lines.append(f"| {task} | {fp:.3f} | {q:.3f} | {100 * (q / fp - 1):+.1f}% |")
         lines.append("")
     worst = sorted(report["layers"], key=lambda r: -r["relative_error"])[:10]

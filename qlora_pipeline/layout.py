@@ -1,0 +1,98 @@
+"""Names and paths that the rules, the stages and the schema share, written once.
+
+rules/common.smk builds every output path and every evaluation's inputs from here; the
+config schema's variant list is checked against VARIANT_KINDS (tests/test_layout.py).
+
+A variant is what gets scored: `<kind>` for a task's own model (base, quantized, qlora,
+recovered, merged), or `<kind>+<source>` for an adapter-bearing kind taken from elsewhere (the
+adapter of task <source> scored on this task). New kinds (a compressed adapter, a combination,
+a sweep point) add an entry to ADAPTERS and reuse everything else: an evaluation loads a model
+from which inputs it has (evaluation/harness.py), not from the variant's name.
+"""
+
+from __future__ import annotations
+
+import re
+
+RESULTS = "results"
+
+BASE = f"{RESULTS}/models/base"
+QUANTIZED = f"{RESULTS}/models/quantized"  # the quantized base, whatever its bits
+
+VARIANT_KINDS = ("base", "quantized", "qlora", "recovered", "merged")
+# Kinds scored with an adapter, and the base that adapter is put on: the model as trained.
+ADAPTERS = {"qlora": "quantized", "recovered": "base"}
+NAME = r"[A-Za-z0-9_-]+"
+VARIANT_PATTERN = (rf"(?:base|quantized)|(?:{'|'.join([*ADAPTERS, 'merged'])})"
+                   rf"(?:\+{NAME})?")
+
+
+def raw(task: str) -> str:
+    return f"{RESULTS}/data/{task}/raw"
+
+
+def tokenized(task: str) -> str:
+    return f"{RESULTS}/data/{task}/tokenized"
+
+
+def eval_spec(task: str) -> str:
+    return f"{RESULTS}/eval/tasks/{task}"
+
+
+def adapter(task: str, kind: str) -> str:
+    return f"{RESULTS}/adapters/{task}/{kind}"
+
+
+def checkpoints(task: str, kind: str) -> str:
+    """Outside every declared output: Snakemake deletes outputs before a rerun, and these must
+    survive an interrupted job so that it can resume."""
+    return f"{RESULTS}/checkpoints/{task}/{kind}"
+
+
+def merged(task: str) -> str:
+    return f"{RESULTS}/models/merged/{task}"
+
+
+def evaluation(variant: str, task: str) -> dict[str, str]:
+    folder = f"{RESULTS}/eval/{variant}/{task}"
+    return {"results": f"{folder}/results.json", "samples": f"{folder}/samples.jsonl",
+            "provenance": f"{folder}/provenance.json"}
+
+
+def quantization_report() -> dict[str, str]:
+    folder = f"{RESULTS}/quantization"
+    return {"report": f"{folder}/report.json", "markdown": f"{folder}/report.md",
+            "provenance": f"{folder}/provenance.json"}
+
+
+def report() -> dict[str, str]:
+    folder = f"{RESULTS}/report"
+    return {"scores": f"{folder}/scores.csv", "markdown": f"{folder}/report.md",
+            "scores_plot": f"{folder}/scores.png", "loss_plot": f"{folder}/loss.png",
+            "provenance": f"{folder}/provenance.json"}
+
+
+def parse_variant(variant: str) -> tuple[str, str | None]:
+    """('qlora', None) for 'qlora'; ('qlora', 'topic') for 'qlora+topic'."""
+    if not re.fullmatch(VARIANT_PATTERN, variant):
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_KINDS)}, "
+                         f"or qlora/recovered/merged followed by +<task>")
+    kind, _, source = variant.partition("+")
+    return kind, source or None
+
+
+def variant_inputs(variant: str, task: str) -> dict[str, str]:
+    """What scoring `variant` on `task` loads, by input name: spec (the task's lm-eval task),
+    base (always: it holds the tokenizer), and quantized / adapter / merged as the kind needs."""
+    kind, source = parse_variant(variant)
+    source = source or task
+    inputs = {"spec": eval_spec(task), "base": BASE}
+    if kind == "quantized":
+        inputs["quantized"] = QUANTIZED
+    elif kind in ADAPTERS:
+        inputs["adapter"] = adapter(source, kind)
+        if ADAPTERS[kind] == "quantized":
+            inputs["quantized"] = QUANTIZED
+    elif kind == "merged":
+        inputs["merged"] = merged(source)
+    return inputs

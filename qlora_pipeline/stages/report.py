@@ -1,0 +1,33 @@
+"""Stage of rules/report.smk: every score in one table, per-task tables, training curves,
+merge checks and the quantization report, in one place."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..outputs import stage_outputs
+from ..policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+def report(*, results: list, adapters: list, merged: list, quantization, scores, markdown,
+           scores_plot, loss_plot, provenance, policy: Policy) -> None:
+    """scores.csv, report.md and the two plots (written together or not at all)."""
+    from ..evaluation import reporting
+
+    outputs = {"scores": scores, "markdown": markdown, "scores_plot": scores_plot,
+               "loss_plot": loss_plot, "provenance": provenance}
+    inputs = {"quantization": quantization, **{f"results{i}": p for i, p in enumerate(results)},
+              **{f"adapter{i}": p for i, p in enumerate(adapters)}}
+    with stage_outputs("report", outputs, config={}, inputs=inputs, policy=policy) as out:
+        frame = reporting.scores(results)
+        frame.to_csv(out["scores"], index=False)
+        reporting.plot_losses(adapters, out["loss_plot"])
+        reporting.plot_scores(frame, out["scores_plot"])
+        text = reporting.markdown(frame, reporting.training_rows(adapters),
+                                  reporting.merge_rows(merged),
+                                  Path(quantization).read_text(encoding="utf-8"))
+        out["markdown"].write_text(text, encoding="utf-8")
+    log.info("\n%s", text)
