@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # a script run from the checkout, like the tests
+from qlora_pipeline import machine, runtime  # installed by make setup
+from qlora_pipeline.outputs import atomic_file, write_json
 
-from qlora_pipeline import machine, runtime  # noqa: E402
-from qlora_pipeline.outputs import atomic_file, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 GOAL = 1.03
 IMPLS = ("pipeline", "bare")

@@ -22,7 +22,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from the checkout, like the rules' scripts
 WARMUP = 2
 
 

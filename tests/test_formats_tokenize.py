@@ -246,7 +246,12 @@ def test_pack_never_exceeds_max_length_nor_splits_an_example(tiny_tokenizer):
     assert stats["examples"] == len(singles) == len(records)
     assert all(len(p["input_ids"]) <= 40 for p in packed)
     assert all(len(p["attention_mask"]) == len(p["input_ids"]) == len(p["labels"])
-               for p in packed)
+               == len(p["position_ids"]) for p in packed)
+    # Positions restart at every example (training/packing.py isolates them by these).
+    assert sum((p["position_ids"] for p in packed), []) == sum(
+        (list(range(len(s["input_ids"]))) for s in singles), [])
+    unpacked, _ = tokenize_split(records, "completion", tiny_tokenizer, cfg, packable=False)
+    assert unpacked == singles
     # The concatenation is unchanged and every sequence boundary is an example boundary.
     for field in ("input_ids", "labels"):
         assert sum((p[field] for p in packed), []) == sum((s[field] for s in singles), [])

@@ -35,22 +35,28 @@ def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
 def pack(examples: list[dict], max_length: int) -> list[dict]:
     """Greedy packing: concatenate whole examples into sequences of at most max_length tokens.
 
-    Examples are not split across sequences, so no answer loses its prompt.
+    Examples are not split across sequences, so no answer loses its prompt. Each example's
+    position ids restart at 0: training turns them into a block-diagonal causal mask, so that
+    no example attends to another (training/packing.py).
     """
-    packed, current = [], {"input_ids": [], "labels": []}
+    packed, current = [], {"input_ids": [], "labels": [], "position_ids": []}
     for example in examples:
         if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > max_length:
             packed.append(current)
-            current = {"input_ids": [], "labels": []}
+            current = {"input_ids": [], "labels": [], "position_ids": []}
         current["input_ids"] += example["input_ids"]
         current["labels"] += example["labels"]
+        current["position_ids"] += list(range(len(example["input_ids"])))
     if current["input_ids"]:
         packed.append(current)
     return packed
 
 
-def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict) -> tuple[list[dict], dict]:
-    """Tokenize one split; returns the examples and that split's statistics."""
+def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict,
+                   packable: bool = True) -> tuple[list[dict], dict]:
+    """Tokenize one split; returns the examples and that split's statistics. `packable`:
+    whether tokenize.packing applies (the train split only: validation and test stay one
+    example per row, as the perplexity report and the merge check read them)."""
     examples, truncated, dropped = [], 0, 0
     for record in records:
         example, was_truncated, answer_left = _tokenize(record, fmt, tokenizer,
@@ -77,7 +83,7 @@ def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict) -> tuple
         "tokens": int(lengths.sum()),
         "loss_tokens_pct": round(100 * loss_tokens / max(int(lengths.sum()), 1), 2),
     }
-    if cfg["packing"]:
+    if cfg["packing"] and packable:
         examples = pack(examples, cfg["max_length"])
         stats["packed_sequences"] = len(examples)
     for example in examples:

@@ -40,7 +40,7 @@ def tokenize(*, raw, base, tokenized, format: str, tokenize: dict, policy: Polic
         splits, stats = {}, {"format": format, **tokenize, "splits": {}}
         for split in sources.SPLITS:
             examples, split_stats = tokenize_split(sources.read_split(raw, split), format,
-                                                   tokenizer, tokenize)
+                                                   tokenizer, tokenize, packable=split == "train")
             if not examples:
                 raise InputError(f"{raw}/{split}.jsonl: no example left after tokenization "
                                  f"(max_length {tokenize['max_length']} cuts every answer); "

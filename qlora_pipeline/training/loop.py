@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer,
-                          TrainerCallback, TrainerState, TrainingArguments)
+from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState,
+                          TrainingArguments)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
 from ..outputs import read_jsonl
 from ..policy import Policy
+from . import packing
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy)
     if args.optim != cfg["optimizer"]:
         log.info("optimizer: %s needs CUDA; using %s instead", cfg["optimizer"], args.optim)
+    isolation = packed_isolation(model, data["train"], tokenizer)
     callbacks = [MetricsLog(metrics_path), GradientGuard(), *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
@@ -132,7 +134,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=packing.Collator(tokenizer),
         callbacks=callbacks,
     )
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -164,7 +166,21 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "peak_memory_kind": "cuda max allocated" if policy.cuda else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
+        **({"packing_check": isolation} if isolation else {}),
     }
+
+
+def packed_isolation(model, train, tokenizer) -> dict | None:
+    """For packed data: no KV cache, and proof on the row holding the most examples (among
+    the first 16) that none attends to another (packing.check_isolation)."""
+    if not packing.is_packed(train):
+        return None
+    packing.without_cache(model)
+    rows = range(min(len(train), 16))
+    best = max(rows, key=lambda i: train[i]["position_ids"].count(0))
+    result = packing.check_isolation(model, train[best], tokenizer)
+    log.info("packing: examples isolated in packed rows: %s", result)
+    return result
 
 
 def _logged_initial_loss(metrics_path: Path) -> float:
