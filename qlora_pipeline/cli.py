@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora-stage: {err.args[0]}", file=sys.stderr)
         return 2
     kwargs = {k: _value(v) for k, v in (a.split("=", 1) for a in args.arguments)}
-    expected = [n for n, p in inspect.signature(stage).parameters.items() if n != "policy"]
-    unknown = sorted(set(kwargs) - set(expected))
-    missing = [n for n, p in inspect.signature(stage).parameters.items()
-               if n != "policy" and p.default is inspect.Parameter.empty and n not in kwargs]
+    params = {n: p for n, p in inspect.signature(stage).parameters.items() if n != "policy"}
+    expected = list(params)
+    unknown = sorted(set(kwargs) - set(params))
+    missing = [n for n, p in params.items()
+               if p.default is inspect.Parameter.empty and n not in kwargs]
     if unknown or missing:
         print(f"qlora-stage {args.rule}: found {sorted(kwargs)}; missing {missing}, unknown "
               f"{unknown}; expected {', '.join(expected)}", file=sys.stderr)

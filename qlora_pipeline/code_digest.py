@@ -100,15 +100,23 @@ def _closure(modules: set[str], root: Path) -> set[str]:
     return seen
 
 
-def _stage_function(rule: str, root: Path) -> tuple[str, ast.Module, ast.FunctionDef]:
+def stage_functions(root: Path = PACKAGE_DIR) -> dict[str, tuple[str, ast.Module, ast.FunctionDef]]:
+    """Every public stage function, by name: (its module, the module's tree, its definition)."""
+    found = {}
     for name in STAGE_MODULES:
         module = f"{PACKAGE}.stages.{name}"
-        tree = _parse(_module_file(module, root))
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name == rule:
-                return module, tree, node
-    raise KeyError(f"no stage function named {rule!r} in {PACKAGE}.stages "
-                   f"({', '.join(STAGE_MODULES)})")
+        tree = _parse(_module_file(module, Path(root)))
+        found.update({node.name: (module, tree, node) for node in tree.body
+                      if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")})
+    return found
+
+
+def _stage_function(rule: str, root: Path) -> tuple[str, ast.Module, ast.FunctionDef]:
+    functions = stage_functions(root)
+    if rule not in functions:
+        raise KeyError(f"no stage function named {rule!r} in {PACKAGE}.stages "
+                       f"({', '.join(STAGE_MODULES)})")
+    return functions[rule]
 
 
 def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[list, set[str]]:

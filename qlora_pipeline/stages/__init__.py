@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import importlib
 
-from ..code_digest import STAGE_MODULES
+from ..code_digest import stage_functions
 
 
 def stage_function(rule: str):
-    """The stage function of a rule, found by name in the stage modules."""
-    for name in STAGE_MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        function = getattr(module, rule, None)
-        if callable(function) and getattr(function, "__module__", None) == module.__name__:
-            return function
-    raise KeyError(f"no stage named {rule!r}; expected one of: {', '.join(rules())}")
+    """The stage function of a rule; imports only the stage module that defines it."""
+    found = stage_functions()
+    if rule not in found:
+        raise KeyError(f"no stage named {rule!r}; expected one of: {', '.join(found)}")
+    return getattr(importlib.import_module(found[rule][0]), rule)
 
 
 def rules() -> list[str]:
-    """Every stage's name (= its rule's name)."""
-    import ast
-
-    from ..code_digest import PACKAGE_DIR
-
-    names = []
-    for name in STAGE_MODULES:
-        tree = ast.parse((PACKAGE_DIR / "stages" / f"{name}.py").read_text(encoding="utf-8"))
-        names += [n.name for n in tree.body
-                  if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
-    return names
+    """Every stage's name (= its rule's name), read from the source without importing it."""
+    return list(stage_functions())
