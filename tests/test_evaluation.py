@@ -293,7 +293,8 @@ def variant_paths(tmp_path_factory, tiny_model_dir, raw) -> dict:
                       tokenize={"max_length": 128, "train_on_prompt": False, "packing": False})
     stage("merge")(base=tiny_model_dir, quantized=quant, adapter=adapter,
                    tokenized=root / "tokenized", merged=merged, recovered=False,
-                   merge={"base": "dequantized", "compare_bases": False, "check_examples": 2})
+                   merge={"base": "dequantized", "compare_bases": False, "check_examples": 2,
+                          "max_shard_mb": 2048})
     return {"base": str(tiny_model_dir), "quantized": str(quant), "adapter": str(adapter),
             "merged": str(merged), "lora_b": lora_b}
 

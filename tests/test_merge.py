@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_inputs, job_policy, stage, task_blocks
+
 from qlora_pipeline.errors import InputError
-from qlora_pipeline.training import lora
+from qlora_pipeline.training import lora, streamed_merge
 from qlora_pipeline.training import merging as merge
 
 KINDS = ("dequantized", "full")
@@ -145,3 +145,132 @@ def test_missing_adapter_is_input_error(prepared, tmp_path):
                        merge=task_blocks()["merge"], merged=tmp_path / "merged", recovered=False)
     assert not any(p.name == "merged" or p.name.startswith(".merged.")
                    for p in tmp_path.iterdir())
+
+
+# ---- the streamed merge, tensor by tensor against PEFT's ---------------------------------
+
+ADAPTER_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+
+
+@pytest.fixture(scope="module")
+def sharded(prepared) -> dict:
+    """The tiny base and its 4-bit checkpoint re-saved in many shards (a 4-bit weight's parts
+    may land in different shards), and one non-trivial adapter per LoRA variant."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.models.quantization import load_quantized
+
+    root = prepared["root"] / "sharded"
+    dirs = {"full": root / "base", "dequantized": root / "quantized"}
+    AutoModelForCausalLM.from_pretrained(prepared["base"]).save_pretrained(
+        dirs["full"], max_shard_size="40KB")
+    reshard(prepared["quant"], dirs["dequantized"], "8KB")
+    adapters = {}
+    for name, extra in ADAPTER_VARIANTS.items():
+        model = get_peft_model(load_quantized(prepared["quant"], job_policy()), LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra))
+        adapters[name] = root / f"adapter-{name}"
+        model.save_pretrained(adapters[name])
+    return {"dirs": dirs, "adapters": adapters}
+
+
+def reshard(model_dir, out_dir, max_shard_size: str) -> None:
+    """A saved checkpoint's tensors in many shards, split by huggingface_hub as save_pretrained
+    splits (a 4-bit checkpoint, once loaded, cannot be saved again by transformers)."""
+    import shutil
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from qlora_pipeline.models.quantization import state_dict
+
+    state = state_dict(model_dir)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    out_dir.mkdir(parents=True)
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, out_dir / name, metadata={"format": "pt"})
+    (out_dir / streamed_merge.INDEX).write_text(json.dumps(
+        {"metadata": split.metadata, "weight_map": split.tensor_to_filename}))
+    shutil.copy2(model_dir / "config.json", out_dir / "config.json")
+
+
+def peft_merged_state(prepared, kind: str, adapter) -> dict:
+    base = merge.load_base(kind, prepared["base"], prepared["quant"], job_policy())
+    return merge.with_adapter(base, adapter).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("variant", ADAPTER_VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_merge_equals_peft_merge(prepared, sharded, tmp_path, kind, variant):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.models.quantization import state_dict
+
+    source = sharded["dirs"][kind]
+    assert len(list(source.glob("*.safetensors"))) > 5  # really many shards
+    info = streamed_merge.merge(source, sharded["adapters"][variant], tmp_path,
+                                torch.float32, max_shard_bytes=30_000)
+    assert info["merged_layers"] == 14 and info["shards"] > 1
+    assert info["dequantized_layers"] == (14 if kind == "dequantized" else 0)
+
+    expected = peft_merged_state(prepared, kind, sharded["adapters"][variant])
+    got = state_dict(tmp_path)
+    assert set(got) == set(expected) - {"lm_head.weight"}  # tied to the embeddings, as saved
+    for key, tensor in got.items():
+        assert tensor.dtype == expected[key].dtype == torch.float32, key
+        torch.testing.assert_close(tensor, expected[key], rtol=0, atol=1e-6, msg=key)
+    # A plain checkpoint that transformers loads from its index.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded.model.layers[0].self_attn.q_proj.weight,
+                               expected["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_streamed_merge_shard_size_bounds_every_output_shard(prepared, sharded, tmp_path):
+    limit = 20_000
+    streamed_merge.merge(sharded["dirs"]["full"], sharded["adapters"]["lora"], tmp_path,
+                         torch.float32, max_shard_bytes=limit)
+    index = json.loads((tmp_path / streamed_merge.INDEX).read_text())
+    largest = max(t.numel() * 4 for t in merge_state(prepared).values())
+    for shard in set(index["weight_map"].values()):
+        # A shard exceeds the limit only by holding a single tensor larger than it.
+        size = (tmp_path / shard).stat().st_size
+        assert size <= max(limit, largest) + 10_000, shard
+
+
+def merge_state(prepared) -> dict:
+    from qlora_pipeline.models.quantization import state_dict
+
+    return state_dict(prepared["merged"]["full"])
+
+
+@pytest.mark.parametrize("setting, value", [("lora_bias", True),
+                                            ("alpha_pattern", {"q_proj": 32}),
+                                            ("peft_type", "IA3")])
+def test_streamed_merge_refuses_what_it_does_not_compute(sharded, tmp_path, setting, value):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sharded["adapters"]["lora"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, setting: value}))
+    with pytest.raises(InputError, match=rf"adapter_config.json: .*{setting}"):
+        streamed_merge.merge(sharded["dirs"]["full"], adapter, tmp_path / "out", torch.float32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_streamed_merge_refuses_an_adapter_for_another_model(sharded, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sharded["adapters"]["lora"], adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    renamed = {k.replace("layers.0.", "layers.7."): v for k, v in tensors.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors")
+    with pytest.raises(InputError, match=r"model.layers.7.* does not store"):
+        streamed_merge.merge(sharded["dirs"]["full"], adapter, tmp_path / "out", torch.float32)
+    assert not (tmp_path / "out").exists()

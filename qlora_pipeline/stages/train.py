@@ -4,9 +4,9 @@ one training routine (`_train_adapter`) with two ways of preparing the model."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from .. import provenance as prov
@@ -99,16 +99,15 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
                                                                  len(test))))]
         trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
         chosen = merging.resolve_base(merge["base"], recovered)
-        # The other base (if compared) first, so only one merged model is ever in memory.
         others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []
+        shard_bytes = merge["max_shard_mb"] * 1024 ** 2
         checks = {}
-        for kind in [*others, chosen]:
-            model, checks[kind] = merging.merge_and_check(kind, base, quantized, adapter, prompts,
-                                                          trained, policy)
-            if kind != chosen:
-                del model
-                gc.collect()
-        model.save_pretrained(out["merged"], safe_serialization=True)
+        for kind in others:  # checked, then deleted (inside the output's temporary folder)
+            with tempfile.TemporaryDirectory(dir=out["merged"]) as scratch:
+                checks[kind] = merging.merge_and_check(kind, base, quantized, adapter, scratch,
+                                                       prompts, trained, policy, shard_bytes)
+        checks[chosen] = merging.merge_and_check(chosen, base, quantized, adapter, out["merged"],
+                                                 prompts, trained, policy, shard_bytes)
         AutoTokenizer.from_pretrained(base).save_pretrained(out["merged"])
         write_json(out["merged"] / "merge_check.json", {"chosen": chosen, "recovered": recovered,
                                                          "examples": len(prompts), "checks": checks})

@@ -4,6 +4,7 @@ Two merge bases: `full` (the full-precision W0: what users usually ship) and `de
 (deq(Q(W0)): the weights the QLoRA adapter was actually trained against). The check compares
 logits of the merged model with (a) the same base + the adapter unmerged (does the merge
 arithmetic hold?) and (b) the quantized base + the adapter (is it the model that was trained?).
+The merge itself streams the base's shards (streamed_merge.py), so it never holds the model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 
 import torch
 
+from . import streamed_merge
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +59,36 @@ def gaps(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
             "top1_agreement": agree / sum(x.shape[0] for x in a)}
 
 
-def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, prompts, trained_logits, policy):
-    """The merged model on base `kind`, and its two logit gaps."""
-    model = with_adapter(load_base(kind, base_dir, quant_dir, policy), adapter_dir)
-    unmerged = logits(model, prompts)
-    merged = model.merge_and_unload()
-    merged_logits = logits(merged, prompts)
+def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, out_dir, prompts,
+                    trained_logits, policy, max_shard_bytes: int) -> dict:
+    """Merge the adapter into base `kind`, streamed shard by shard into `out_dir`, then the two
+    logit gaps: the merged model (loaded once) against the same base + the adapter unmerged
+    (does the merge arithmetic hold?) and against the model as trained. One model is in memory
+    at a time."""
+    from ..models.quantization import load_full_precision
+
+    source = base_dir if kind == "full" else quant_dir
+    streamed = streamed_merge.merge(source, adapter_dir, out_dir, policy.full_precision_dtype,
+                                    max_shard_bytes)
+    merged_logits = logits_released(load_full_precision(out_dir, policy), prompts)
+    unmerged = logits_released(with_adapter(load_base(kind, base_dir, quant_dir, policy),
+                                            adapter_dir), prompts)
     check = {"vs_unmerged": gaps(merged_logits, unmerged),
-             "vs_trained": gaps(merged_logits, trained_logits)}
-    log.info("merge check: %s", check)
-    return merged, check
+             "vs_trained": gaps(merged_logits, trained_logits), "streamed": streamed}
+    log.info("merge check (%s): %s", kind, check)
+    return check
+
+
+def logits_released(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The model's logits, the model freed before the next one loads."""
+    out = logits(model, prompts)
+    del model
+    gc.collect()
+    return out
 
 
 def trained_model_logits(quant_dir, adapter_dir, prompts, policy) -> list[torch.Tensor]:
     """Logits of the model as trained: the quantized base with the adapter on top."""
     from ..models.quantization import load_quantized
 
-    model = with_adapter(load_quantized(quant_dir, policy), adapter_dir)
-    out = logits(model, prompts)
-    del model
-    gc.collect()
-    return out
+    return logits_released(with_adapter(load_quantized(quant_dir, policy), adapter_dir), prompts)
