@@ -4,9 +4,8 @@ PEFT's `merge_and_unload` needs the whole base in memory, and with a 4-bit base 
 dequantized model: more RAM than training needed, which is how large merges run out of memory.
 Here the base's safetensors shards are read one tensor at a time, each adapted weight is
 dequantized (if 4-bit) and merged with its adapter exactly as PEFT's merge computes it, and the
-result is written in output shards of at most `max_shard_bytes`. Peak memory is about one input
-shard (mapped while it is read) plus one output shard plus the adapter, whatever the model's
-size. Hand-written because neither PEFT nor transformers streams a merge (Axolotl's merge
+result is written in output shards of at most `max_shard_bytes`. Peak memory is about one output
+shard plus the adapter, whatever the model's size. Hand-written because neither PEFT nor transformers streams a merge (Axolotl's merge
 streams the same way); tests/test_merge.py checks it against PEFT's merge tensor by tensor.
 """
 
@@ -16,7 +15,6 @@ import json
 import logging
 import math
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +110,7 @@ def update(module: str, parts: dict, config: dict, adapter_dir: Path) -> Update:
 
 
 class Checkpoint:
-    """A safetensors checkpoint (one file or indexed shards), read one shard at a time: a shard
-    is mapped only while its tensors are read, so memory holds one shard, not the model."""
+    """A safetensors checkpoint (one file or indexed shards), read one tensor at a time."""
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
@@ -124,29 +121,24 @@ class Checkpoint:
             from safetensors import safe_open
 
             with safe_open(self.dir / SINGLE, "pt") as handle:
-                self.weight_map = {key: SINGLE for key in handle}
+                self.weight_map = dict.fromkeys(handle.keys(), SINGLE)
         else:
             raise InputError(f"{self.dir}: no {SINGLE} or {INDEX}; expected a safetensors "
                              f"checkpoint (save_pretrained with safe_serialization)")
 
-    def shards(self) -> list[str]:
-        return list(dict.fromkeys(self.weight_map.values()))
+    def ordered_keys(self) -> list[str]:
+        """Every key, shard after shard (the files are read in order)."""
+        order = {shard: i for i, shard in enumerate(dict.fromkeys(self.weight_map.values()))}
+        return sorted(self.weight_map, key=lambda key: order[self.weight_map[key]])
 
-    @contextmanager
-    def open(self, shard: str):
-        """A reader of `shard` that fetches a key from its own shard wherever it lies."""
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, copied out of its file. A tensor from safe_open is a view of the mapped
+        file and keeps the mapping (and every page of it read so far) resident: copied and
+        closed, memory holds only what the merge keeps, the pending output shard."""
         from safetensors import safe_open
 
-        with safe_open(self.dir / shard, "pt") as handle:
-            def get(key: str) -> torch.Tensor:
-                if self.weight_map[key] == shard:
-                    return handle.get_tensor(key)
-                with safe_open(self.dir / self.weight_map[key], "pt") as other:
-                    return other.get_tensor(key)
-            yield get
-
-    def keys_in(self, shard: str) -> list[str]:
-        return [key for key, name in self.weight_map.items() if name == shard]
+        with safe_open(self.dir / self.weight_map[key], "pt") as handle:
+            return handle.get_tensor(key).clone()
 
 
 def is_quant_part(key: str) -> bool:
@@ -224,18 +216,16 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer, merged, dequantized = ShardWriter(out_dir, max_shard_bytes), 0, 0
-    for shard in checkpoint.shards():
-        with checkpoint.open(shard) as get:
-            for key in checkpoint.keys_in(shard):
-                if is_quant_part(key):
-                    continue
-                tensor = dequantize(key, get, checkpoint.weight_map)
-                dequantized += tensor is not None
-                tensor = get(key) if tensor is None else tensor
-                if key in updates:
-                    tensor = checked(key, updates[key].apply(tensor))
-                    merged += 1
-                writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    for key in checkpoint.ordered_keys():
+        if is_quant_part(key):
+            continue
+        tensor = dequantize(key, checkpoint.get, checkpoint.weight_map)
+        dequantized += tensor is not None
+        tensor = checkpoint.get(key) if tensor is None else tensor
+        if key in updates:
+            tensor = checked(key, updates[key].apply(tensor))
+            merged += 1
+        writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     shards = writer.close()
     write_config(Path(base_dir), out_dir, dtype)
     log.info("streamed merge: %d layers merged, %d dequantized, %d shard(s), %.1f MB",
