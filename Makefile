@@ -35,9 +35,9 @@ test: setup
 test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -m "not slow"
 
-# Speed goals, measured side by side (benchmarks/run.py): results/benchmarks/*.{json,md}.
+# Speed goals, measured side by side (benchmarks/run.py): results/benchmarks/summary.{json,md}.
 bench: setup
-	source $(VENV)/bin/activate && python benchmarks/run.py
+	source $(VENV)/bin/activate && python -m benchmarks.run
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint

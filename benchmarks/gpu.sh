@@ -43,11 +43,12 @@ done
 
 # The project's virtual environment where there is one; the GPU machine's python3 holds torch.
 PYTHON="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
-# Carried packages first (bitsandbytes), then the library from this tree (no install there).
+# Carried packages first (bitsandbytes), then the library and the tests' helpers (a tiny
+# model and workdir, for --pipeline) from this tree: the GPU machine has no install of them.
 if [[ -d .whl/site ]]; then
-  export PYTHONPATH="$REPO/.whl/site:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO/.whl/site:$REPO:$REPO/tests${PYTHONPATH:+:$PYTHONPATH}"
 else
-  export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO:$REPO/tests${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 preflight() {  # WHAT CUDA(0|1) MODULE...: fail before any work, naming what is missing

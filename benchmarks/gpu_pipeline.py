@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the library and the tests' helpers
 
 STARTED = re.compile(r"^(?:local)?rule (\w+):", re.MULTILINE)
 FINISHED = re.compile(r"Finished jobid: \d+ \(Rule: (\w+)\)")

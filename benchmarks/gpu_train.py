@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the GPU machine has no install of the library: use the tree's
 
 # torchtune's README (Llama-3.1-8B QLoRA, one RTX 4090: batch 2, packed to 2048, activation
 # checkpointing, torch.compile). Quoted, never measured here.

@@ -1,104 +1,152 @@
-"""`make bench`: benchmarks measured side by side, written to results/benchmarks/.
+"""`make bench`: every benchmark, measured side by side, with the machine written next to it.
 
-train_step: the pipeline's training step against a bare Trainer + PEFT script (same 4-bit
-model, data, batch, LoRA and thread count); goal: pipeline ≤ 1.03 × bare seconds per step.
-Each measurement runs in its own process (clean thread settings and memory); the two
-implementations alternate, so a drift of the machine's speed touches both alike.
+    python -m benchmarks.run                       # all, after making their inputs
+    python -m benchmarks.run --only packing inference
+    python -m benchmarks.run --smoke --results DIR # tiny models, seconds each (CI)
+
+Run as a module from the repository root: benchmarks are imported as benchmarks.<name> (a
+script's own folder first on the import path would let benchmarks/packing.py shadow any module
+of its name).
+
+Each benchmark is a module benchmarks/<name>.py with `run(smoke: bool) -> dict` giving
+{name, figure (the headline number), goal (text), met (bool, or None without a goal),
+details}, optionally `figure_text` (the figure in words) or `figure_label` (what the number
+is). The module may also have `INPUTS` (pipeline outputs it reads, made through Snakemake
+before a full run), `markdown(result) -> str`, and a `threads` parameter of `run`
+(--threads). Results: <results>/<name>.{json,md} as each finishes, then summary.{json,md}:
+one row per benchmark, and the machine's facts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import inspect
+import math
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
-
-from qlora_pipeline import machine, runtime  # installed by make setup
-from qlora_pipeline.outputs import atomic_file, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
-GOAL = 1.03
-IMPLS = ("pipeline", "bare")
+from qlora_pipeline import machine  # installed by make setup
+from qlora_pipeline.outputs import atomic_file, write_json
+
+# In run order. A new benchmark is one module and one name here.
+BENCHMARKS = ("train_step", "packing", "inference", "bits_per_param", "noop_dryrun",
+              "merge_memory")
+KEYS = ("name", "figure", "goal", "met", "details")
 
 
-def prepare_inputs(task: str) -> None:
-    """The saved 4-bit base and the task's tokenized data, made (or found up to date) by the
-    pipeline itself."""
-    targets = ["results/models/quantized", f"results/data/{task}/tokenized"]
-    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources", "gpu=1",
-                    "--quiet", "rules", "--", *targets], cwd=REPO, check=True)
+def load(name: str):
+    return importlib.import_module(f"benchmarks.{name}")
 
 
-def measure(impl: str, threads: int, steps: int, task: str) -> list[float]:
-    # The environment a pipeline job runs in (runtime.job_environment), for both alike.
-    env = {**runtime.ALLOCATOR_VARIABLES, **os.environ,
-           **{name: str(threads) for name in runtime.THREAD_VARIABLES}}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), impl,
-                        "--threads", str(threads), "--steps", str(steps), "--task", task,
-                        "--out", str(out)], cwd=REPO, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = json.loads(out.read_text())
-    assert result["threads"] == threads, result
-    return result["seconds_per_step"]
+def prepare_inputs(modules: list) -> None:
+    """The pipeline outputs the benchmarks read, made (or found up to date) by the pipeline."""
+    targets = sorted({target for module in modules for target in getattr(module, "INPUTS", ())})
+    if targets:
+        subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--resources",
+                        "gpu=1", "--quiet", "rules", "--", *targets], cwd=REPO, check=True)
 
 
-def train_step(thread_counts: list[int], repeats: int, steps: int, task: str) -> list[dict]:
-    rows = []
-    for threads in thread_counts:
-        samples = {impl: [] for impl in IMPLS}
-        for rep in range(repeats):
-            for impl in (IMPLS if rep % 2 == 0 else IMPLS[::-1]):
-                samples[impl] += measure(impl, threads, steps, task)
-                print(f"train_step: {impl}, {threads} thread(s), run {rep + 1}/{repeats}: "
-                      f"median {statistics.median(samples[impl]):.3f} s/step", flush=True)
-        median = {impl: statistics.median(samples[impl]) for impl in IMPLS}
-        rows.append({"threads": threads, "steps_measured": {i: len(samples[i]) for i in IMPLS},
-                     "median_seconds_per_step": median,
-                     "ratio_pipeline_to_bare": median["pipeline"] / median["bare"],
-                     "samples": samples})
-    return rows
+def run_one(module, smoke: bool, threads: list[int] | None) -> dict:
+    wanted = {"threads": threads} if threads else {}
+    accepted = inspect.signature(module.run).parameters
+    started = time.perf_counter()
+    result = module.run(smoke=smoke, **{k: v for k, v in wanted.items() if k in accepted})
+    check(result, module.__name__.rsplit(".", 1)[-1])
+    return {**result, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def markdown(rows: list[dict], facts: dict, task: str) -> str:
-    cpu = facts["cpu"]
-    lines = [f"# train_step: pipeline vs bare Trainer + PEFT ({task}, SmolLM2-135M 4-bit)", "",
-             f"Machine: {cpu['model']}, {cpu['cores']} cores, flags "
-             f"{', '.join(cpu['numeric_flags']) or 'none'}. Goal: ratio ≤ {GOAL}.", "",
-             "| threads | pipeline s/step | bare s/step | ratio | goal |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        med, ratio = row["median_seconds_per_step"], row["ratio_pipeline_to_bare"]
-        lines.append(f"| {row['threads']} | {med['pipeline']:.3f} | {med['bare']:.3f} | "
-                     f"{ratio:.3f} | {'met' if ratio <= GOAL else 'MISSED'} |")
-    return "\n".join(lines) + "\n"
+def check(result: dict, name: str) -> None:
+    """A benchmark's result has the shared shape (the summary and the tests rely on it)."""
+    missing = [key for key in KEYS if key not in result]
+    figure = result.get("figure")
+    if missing or result["name"] != name:
+        raise ValueError(f"benchmark {name}: result lacks {missing} or names "
+                         f"{result.get('name')!r}; expected keys {KEYS}")
+    if isinstance(figure, bool) or not isinstance(figure, (int, float)) or not math.isfinite(figure):
+        raise ValueError(f"benchmark {name}: figure {figure!r}; expected a finite number")
+    if result["met"] not in (True, False, None):
+        raise ValueError(f"benchmark {name}: met {result['met']!r}; expected true, false or null")
+
+
+def machine_line(facts: dict) -> str:
+    cpu, torch = facts["cpu"], facts.get("torch", {})
+    gpu = torch.get("cuda", {}).get("device", "none")
+    return (f"{cpu['model']}, {cpu['cores']} cores, flags "
+            f"{', '.join(cpu['numeric_flags']) or 'none'}; torch's default threads "
+            f"{torch.get('threads', '?')} (each benchmark states its own), kernels {torch.get('cpu_capability', '?')}; GPU {gpu}")
+
+
+def generic_markdown(result: dict) -> str:
+    return (f"# {result['name']}\n\nFigure: {figure_cell(result)}. Goal: {result['goal']}. "
+            f"Met: {met_cell(result['met'])}.\n\nDetails: {result['out_json']}\n")
+
+
+def figure_cell(result: dict) -> str:
+    """The figure in words where the benchmark gives them; else the number, and its label."""
+    label = f" ({result['figure_label']})" if result.get("figure_label") else ""
+    return result.get("figure_text") or f"{result['figure']:.4g}{label}"
+
+
+def met_cell(met) -> str:
+    return {True: "yes", False: "**no**", None: "n/a"}[met]
+
+
+def write_one(result: dict, facts: dict, out: Path, module) -> None:
+    result["out_json"] = f"{result['name']}.json"
+    write_json(out / result["out_json"], {**result, "machine": facts})
+    text = module.markdown(result) if hasattr(module, "markdown") else generic_markdown(result)
+    with atomic_file(out / f"{result['name']}.md") as handle:
+        handle.write(text + f"\nMachine: {machine_line(facts)}.\n")
+
+
+def write_summary(results: list[dict], facts: dict, out: Path, smoke: bool) -> str:
+    write_json(out / "summary.json", {"smoke": smoke, "machine": facts, "benchmarks": results})
+    lines = [f"# Benchmarks{' (smoke: tiny models, not measurements)' if smoke else ''}", "",
+             f"Machine: {machine_line(facts)}.", "",
+             "| benchmark | figure | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {r['name']} | {figure_cell(r)} | {r['goal']} | {met_cell(r['met'])} |"
+              for r in results]
+    text = "\n".join(lines) + "\n"
+    with atomic_file(out / "summary.md") as handle:
+        handle.write(text)
+    return text
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
+                        help=f"run these only ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--smoke", action="store_true",
+                        help="each benchmark's tiny version: checks that it runs, measures "
+                             "nothing; needs no pipeline output")
+    parser.add_argument("--results", type=Path,
+                        help="output folder (default results/benchmarks, with --smoke "
+                             "results/benchmarks/smoke)")
     parser.add_argument("--threads", type=int, nargs="+",
-                        default=sorted({1, min(2, os.cpu_count() or 1)}))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--task", default="arithmetic")
+                        help="thread counts (train_step: each; the others: the largest)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    out = args.results or REPO / "results" / "benchmarks" / ("smoke" if args.smoke else "")
 
-    prepare_inputs(args.task)
-    rows = train_step(args.threads, args.repeats, args.steps, args.task)
-    facts = machine.facts()
-    out = REPO / "results" / "benchmarks"
-    write_json(out / "train_step.json", {"goal": GOAL, "task": args.task, "machine": facts,
-                                         "rows": rows})
-    text = markdown(rows, facts, args.task)
-    with atomic_file(out / "train_step.md") as handle:
-        handle.write(text)
-    print(text)
+    import torch  # noqa: F401  (machine.facts reports torch's threads and GPU once loaded)
+
+    modules = [load(name) for name in BENCHMARKS if name in (args.only or BENCHMARKS)]
+    if not args.smoke:
+        prepare_inputs(modules)
+    results = []
+    for module in modules:
+        result = run_one(module, args.smoke, args.threads)
+        write_one(result, machine.facts(), out, module)
+        results.append(result)
+        print(f"{result['name']}: {figure_cell(result)} ({result['seconds']} s)", flush=True)
+    print(write_summary(results, machine.facts(), out, args.smoke))
     return 0
 
 

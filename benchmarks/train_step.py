@@ -1,13 +1,14 @@
-"""Seconds per optimizer step of one training implementation, measured in this process.
+"""train_step: the pipeline's training step against a bare Trainer + PEFT script.
 
-    python benchmarks/train_step.py pipeline|bare --threads N --steps S --out FILE.json
+Same saved 4-bit model, tokenized task, batch, LoRA, optimizer, seed and thread count; goal:
+pipeline ≤ 1.03 × bare seconds per step. `run` (in the driver) starts one worker process per
+measurement, the two implementations alternating; the worker (`python -m
+benchmarks.train_step pipeline|bare ...`) times one implementation:
 
 `pipeline`: what the train_qlora job runs (the saved 4-bit base from the loader, LoRA injected
 by lora.inject, loop.train with its callbacks and guards). `bare`: a plain Trainer + PEFT
-script on the same checkpoint, data, batch, sequence lengths, LoRA, optimizer and seed. Both
-are timed the same way: the wall time between the ends of consecutive optimizer steps, so
-everything a step costs (data, logging, callbacks) is counted. The first WARMUP steps are
-left out. The task's settings come from the pipeline's own config (config/config.yaml).
+script on the same checkpoint and data. Both are timed by timing.StepTimer; evaluation and
+saving come after the last step, outside the measurement.
 """
 
 from __future__ import annotations
@@ -16,64 +17,95 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from transformers import TrainerCallback
+from benchmarks import support
+from qlora_pipeline import layout
 
-REPO = Path(__file__).resolve().parent.parent
-WARMUP = 2
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def seconds_per_step(self) -> list[float]:
-        return [b - a for a, b in zip(self.ends[WARMUP:], self.ends[WARMUP + 1:])]
+GOAL = 1.03
+IMPLS = ("pipeline", "bare")
+TASK = "arithmetic"
+INPUTS = [layout.QUANTIZED, layout.tokenized(TASK)]  # made by the pipeline before a full run
+FULL = {"repeats": 3, "steps": 16, "warmup": 2, "one_process": False}
+SMOKE = {"repeats": 1, "steps": 4, "warmup": 1, "one_process": True}
 
 
-def task_settings(task: str) -> dict:
-    import yaml
+def run(smoke: bool, threads: list[int] | None = None) -> dict:
+    plan = SMOKE if smoke else FULL
+    if smoke:
+        quantized, data, threads = support.tiny_quantized(), support.tiny_arithmetic(), [1]
+    else:
+        quantized, data = support.REPO / layout.QUANTIZED, support.REPO / layout.tokenized(TASK)
+        threads = threads or sorted({1, support.default_threads()})
+    rows = [measure_threads(n, plan, quantized, data) for n in threads]
+    worst = max(rows, key=lambda r: r["ratio_pipeline_to_bare"])
+    return {"name": "train_step", "figure": round(worst["ratio_pipeline_to_bare"], 4),
+            "figure_text": ", ".join(f"{r['ratio_pipeline_to_bare']:.3f} ({r['threads']} thr)"
+                                     for r in rows),
+            "goal": f"pipeline ≤ {GOAL} × bare s/step at every thread count",
+            "met": worst["ratio_pipeline_to_bare"] <= GOAL,
+            "details": {"task": TASK, **plan, "rows": rows}}
 
-    from qlora_pipeline.config import load_config
 
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
-    _, tasks = load_config(config, root=REPO)
-    return tasks[task]
+def measure_threads(threads: int, plan: dict, quantized: Path, data: Path) -> dict:
+    samples: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for rep in range(plan["repeats"]):
+        for group in support.worker_groups(IMPLS, rep, plan["one_process"]):
+            result = support.run_worker("train_step", [
+                *group, "--quantized", str(quantized), "--tokenized", str(data), "--task", TASK,
+                "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"])], threads)
+            for impl in group:
+                samples[impl] += result["seconds_per_step"][impl]
+                print(f"train_step: {impl}, {threads} thread(s), run {rep + 1}/"
+                      f"{plan['repeats']}: median {support.median(samples[impl]):.3f} s/step",
+                      flush=True)
+    median = {impl: support.median(samples[impl]) for impl in IMPLS}
+    return {"threads": threads, "steps_measured": {i: len(samples[i]) for i in IMPLS},
+            "median_seconds_per_step": median,
+            "ratio_pipeline_to_bare": median["pipeline"] / median["bare"], "samples": samples}
 
 
-def bench_cfg(train: dict, steps: int) -> dict:
-    """The task's training block, run for `steps` with evaluation and saving only at the end."""
-    return {**train, "max_steps": steps, "epochs": None, "eval_steps": steps,
-            "checkpoint_steps": None, "early_stopping_patience": None}
+def markdown(result: dict) -> str:
+    d = result["details"]
+    lines = [f"# train_step: pipeline vs bare Trainer + PEFT ({d['task']})", "",
+             (f"Goal: {result['goal']}. {d['repeats']} repeats × "
+              f"{d['steps'] - d['warmup'] - 1} measured steps of {d['steps']}."), "",
+             "| threads | pipeline s/step | bare s/step | ratio | goal |", "|---|---|---|---|---|"]
+    for row in d["rows"]:
+        med, ratio = row["median_seconds_per_step"], row["ratio_pipeline_to_bare"]
+        lines.append(f"| {row['threads']} | {med['pipeline']:.3f} | {med['bare']:.3f} | "
+                     f"{ratio:.3f} | {'met' if ratio <= GOAL else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
 
 
-def pipeline(quant_dir, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
-             timer: StepTimer) -> None:
+# ---- worker ----------------------------------------------------------------------------------
+
+def pipeline(quantized, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
+             timer) -> None:
     from qlora_pipeline.policy import Policy
     from qlora_pipeline.training import loop
     from qlora_pipeline.training.lora import prepare_qlora
 
-    cfg = bench_cfg(settings["train"], steps)
+    cfg = support.bench_train_cfg(settings["train"], steps)
     policy = Policy.detect()
-    model, _ = prepare_qlora(quant_dir, settings["lora"], policy,
+    model, _ = prepare_qlora(quantized, settings["lora"], policy,
                              policy.gradient_checkpointing(cfg["gradient_checkpointing"]))
     loop.train(model, tokenizer, data, cfg, work / "checkpoints", work / "metrics.jsonl", seed,
                policy, observers=(timer,))
 
 
-def bare(quant_dir, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
-         timer: StepTimer) -> None:
+def bare(quantized, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
+         timer) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
-    lora, train = settings["lora"], bench_cfg(settings["train"], steps)
-    model = AutoModelForCausalLM.from_pretrained(quant_dir, device_map="cpu")
+    lora, train = settings["lora"], support.bench_train_cfg(settings["train"], steps)
+    model = AutoModelForCausalLM.from_pretrained(quantized, device_map="cpu")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(
         task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"],
@@ -92,12 +124,15 @@ def bare(quant_dir, data, tokenizer, settings: dict, steps: int, seed: int, work
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("impl", choices=["pipeline", "bare"])
+    parser = argparse.ArgumentParser(description="Seconds per optimizer step of one "
+                                                 "training implementation, in this process.")
+    parser.add_argument("impls", nargs="+", choices=IMPLS)
     parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--task", default="arithmetic")
-    parser.add_argument("--results", default=str(REPO / "results"))
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--task", required=True, help="whose settings (config/config.yaml)")
+    parser.add_argument("--quantized", required=True)
+    parser.add_argument("--tokenized", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -105,20 +140,22 @@ def main(argv=None) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    from benchmarks.timing import StepTimer
+
     torch.set_num_threads(args.threads)
-    results = Path(args.results)
-    quant_dir = results / "models" / "quantized"
-    data = load_from_disk(str(results / "data" / args.task / "tokenized"))
-    tokenizer = AutoTokenizer.from_pretrained(quant_dir)
-    settings = task_settings(args.task)
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as work:
-        run = pipeline if args.impl == "pipeline" else bare
-        run(quant_dir, data, tokenizer, settings, args.steps, 0, Path(work), timer)
+    data = load_from_disk(args.tokenized)
+    tokenizer = AutoTokenizer.from_pretrained(args.quantized)
+    seconds = {}
+    for name in args.impls:
+        timer = StepTimer(args.warmup)
+        with tempfile.TemporaryDirectory() as work:
+            impl = pipeline if name == "pipeline" else bare
+            impl(args.quantized, data, tokenizer, support.task_settings(args.task), args.steps,
+                 0, Path(work), timer)
+        seconds[name] = timer.seconds_per_step()
     Path(args.out).write_text(json.dumps({
-        "impl": args.impl, "threads": torch.get_num_threads(), "task": args.task,
-        "steps": args.steps, "warmup": WARMUP, "seconds_per_step": timer.seconds_per_step(),
-    }, indent=2), encoding="utf-8")
+        "threads": torch.get_num_threads(), "task": args.task, "steps": args.steps,
+        "warmup": args.warmup, "seconds_per_step": seconds}, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,20 @@ def input_error(call, *args) -> str:
 
 # ---- builtin generators ------------------------------------------------------------------------
 
+def test_list_sum_answers_and_lengths_spread():
+    """The packing benchmark's data: right sums, and list lengths from 1 to ~100 (most short)."""
+    import re
+
+    records = builtin.generate("list_sum", 400, seed=0)
+    counts = []
+    for record in records:
+        numbers = [int(n) for n in re.findall(r"\d+", record["prompt"])]
+        assert record["completion"] == str(sum(numbers))
+        counts.append(len(numbers))
+    assert min(counts) == 1 and max(counts) >= 80
+    assert sorted(counts)[len(counts) // 2] <= 20  # log-uniform: most lists are short
+
+
 @pytest.mark.parametrize("name", sorted(builtin.GENERATORS))
 def test_builtin_is_deterministic_for_a_seed(name):
     first = builtin.generate(name, 50, seed=4)

@@ -363,3 +363,18 @@ def test_recovery_checks_the_trainable_count(prepared, trained, tmp_path, monkey
                                                          "enabled": True, "steps": 2},
                 fast_train())
     assert leftovers(tmp_path, "recovered") == []
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_group_by_length_picks_trainers_length_grouped_sampler(tmp_path, tiny_model_dir, grouped):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    assert task_blocks()["train"]["group_by_length"] is False  # the schema's default
+    cfg = {**task_blocks()["train"], "group_by_length": grouped}
+    args = loop.arguments(cfg, tmp_path, train_examples=64, seed=0, policy=job_policy())
+    data = Dataset.from_dict({"input_ids": [[1] * (1 + i % 7) for i in range(64)]})
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                      train_dataset=data, eval_dataset=data)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler) == grouped

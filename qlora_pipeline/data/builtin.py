@@ -6,6 +6,7 @@ classification); fetching turns them into the task's prompt format.
 
 from __future__ import annotations
 
+import math
 import random
 
 from ..errors import InputError
@@ -94,7 +95,25 @@ def topic(num_examples: int, seed: int) -> list[dict]:
     return records
 
 
-GENERATORS = {"arithmetic": arithmetic, "topic": topic}
+# Sums of number lists whose length is log-uniform between min_items and max_items: with
+# SmolLM2's tokenizer (digits split) and a short system prompt, chat examples run from ~25 to
+# ~430 tokens, most of them short: padded batches waste much of their width (benchmarks/packing.py).
+def list_sum(num_examples: int, seed: int, min_items: int = 1, max_items: int = 100) -> list[dict]:
+    if not 1 <= min_items <= max_items:
+        raise InputError(f"dataset.options: found min_items {min_items}, max_items {max_items}; "
+                         f"expected 1 <= min_items <= max_items")
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_examples):
+        count = round(math.exp(rng.uniform(math.log(min_items), math.log(max_items))))
+        numbers = [rng.randint(1, 99) for _ in range(count)]
+        records.append({"prompt": f"Add up these numbers: {', '.join(map(str, numbers))}. "
+                                  f"Answer with the number only.",
+                        "completion": str(sum(numbers))})
+    return records
+
+
+GENERATORS = {"arithmetic": arithmetic, "topic": topic, "list_sum": list_sum}
 
 
 def generate(name: str, num_examples: int, seed: int, options: dict | None = None) -> list[dict]:

@@ -1,0 +1,1 @@
+"""`make bench`: one module per benchmark, driven by benchmarks/run.py (docs/performance.md)."""

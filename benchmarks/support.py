@@ -1,0 +1,190 @@
+"""What the benchmarks share: worker processes with a set thread count, the task settings of
+the pipeline's config, and (for --smoke) tiny models and data built with the pipeline's stages.
+
+Light to import: torch, transformers and the stages load only inside the functions that use
+them, so that the driver starts fast and each worker pays only for what it measures.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qlora_pipeline import runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_threads() -> int:
+    """The thread count a model job gets on this machine's first two cores (the demo's)."""
+    return min(2, os.cpu_count() or 1)
+
+
+def worker_env(threads: int) -> dict:
+    """The environment a pipeline job runs in (runtime.job_environment), for every worker."""
+    return {**runtime.ALLOCATOR_VARIABLES, **os.environ,
+            **{name: str(threads) for name in runtime.THREAD_VARIABLES}}
+
+
+def run_worker(module: str, args: list[str], threads: int) -> dict:
+    """Run `python -m benchmarks.<module> ARGS --threads N --out FILE` in its own process (clean
+    thread settings and memory) and return the JSON it wrote."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", f"benchmarks.{module}", *args,
+               "--threads", str(threads), "--out", str(out)]
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=worker_env(threads),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        result = json.loads(out.read_text(encoding="utf-8"))
+    if result.get("threads") != threads:
+        raise RuntimeError(f"{module}: worker ran with {result.get('threads')} threads, "
+                           f"expected {threads}")
+    return result
+
+
+def alternating(items: tuple, repeat: int) -> tuple:
+    """Run order of one repeat: forward, then backward, so a drift of the machine's speed
+    touches every item alike."""
+    return items if repeat % 2 == 0 else items[::-1]
+
+
+def worker_groups(items: tuple, repeat: int, together: bool) -> list[tuple]:
+    """The worker processes of one repeat, each with the items it measures: one process per
+    item (a full run), or all in one process (--smoke: a worker's start-up is most of it)."""
+    ordered = alternating(items, repeat)
+    return [ordered] if together else [(item,) for item in ordered]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_settings(path: Path, settings: dict) -> Path:
+    path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return path
+
+
+@functools.cache
+def task_settings(task: str) -> dict:
+    """A task's effective settings (defaults filled in) from the repository's config."""
+    from qlora_pipeline.config import load_config, load_yaml
+
+    _, tasks = load_config(load_yaml(REPO / "config" / "config.yaml"), root=REPO)
+    return tasks[task]
+
+
+def bench_train_cfg(train: dict, steps: int) -> dict:
+    """A training block run for `steps`, with evaluation and saving only after the last step
+    (outside every measured step)."""
+    return {**train, "max_steps": steps, "epochs": None, "eval_steps": steps,
+            "checkpoint_steps": None, "early_stopping_patience": None}
+
+
+# ---- tiny inputs for --smoke -----------------------------------------------------------------
+
+# The ChatML template of SmolLM2, so chat rendering behaves as with the real model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = ["What is 12 + 34? Answer with the number only. 0123456789 - +, ",
+          "Add up these numbers: 17, 4, 93. You are a calculator. user assistant system"]
+
+
+@functools.cache
+def scratch() -> Path:
+    """One temporary folder per driver process for the tiny inputs, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@functools.cache
+def tiny_base() -> Path:
+    """A 2-layer random Llama (float32 safetensors) with its tokenizer: the smoke base."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    path = scratch() / "base"
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def tiny_quantized() -> Path:
+    """The tiny base quantized by the pipeline's own quantize stage (NF4, double quant)."""
+    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.stages import model
+
+    path = scratch() / "quantized"
+    model.quantize(base=tiny_base(), quantized=path, seed=0, policy=Policy.detect(),
+                   quantization={"quant_type": "nf4", "double_quant": True,
+                                 "compute_dtype": "auto", "skip_modules": ["lm_head"]})
+    return path
+
+
+def dataset_cfg(name: str, num_examples: int, seed: int, **extra) -> dict:
+    return {"source": "builtin", "name": name, "num_examples": num_examples, "seed": seed,
+            "validation_fraction": 0.1, "test_fraction": 0.1, "columns": {}, **extra}
+
+
+def tokenized(root: Path, base: Path, dataset: dict, tokenize: dict) -> Path:
+    """A builtin dataset fetched and tokenized (chat format) by the pipeline's data stages:
+    root/raw once, root/tokenized-<packing|padded> per tokenize block."""
+    import datasets
+
+    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.stages import data
+
+    datasets.disable_progress_bars()  # the driver's output is the benchmarks' progress
+    policy = Policy.detect()
+    raw = root / "raw"
+    if not raw.exists():
+        data.fetch_dataset(raw=raw, dataset=dataset, format="chat", policy=policy)
+    out = root / f"tokenized-{'packed' if tokenize['packing'] else 'padded'}"
+    data.tokenize(raw=raw, base=base, tokenized=out, format="chat", tokenize=tokenize,
+                  policy=policy)
+    return out
+
+
+@functools.cache
+def tiny_arithmetic() -> Path:
+    """The arithmetic task, tokenized with the tiny base's tokenizer."""
+    return tokenized(scratch() / "arithmetic", tiny_base(),
+                     dataset_cfg("arithmetic", 80, 1, options={"max_operand": 20}),
+                     {"max_length": 128, "train_on_prompt": False, "packing": False})
