@@ -10,10 +10,8 @@ import os
 import random
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from . import gpus
 from .errors import InputError
@@ -23,6 +21,8 @@ log = logging.getLogger("qlora_pipeline")
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np  # only the stages that seed need it; the import costs a data job ~0.1 s
+
     random.seed(seed)
     np.random.seed(seed)
     try:
@@ -132,7 +132,8 @@ def run_script(smk, stage: Callable[..., object]) -> None:
     kwargs = stage_arguments(smk, stage)
     with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()), \
             job_environment(smk.threads):
-        policy = Policy.detect(smk.threads)
+        # A job that declares no GPU runs on the CPU: its policy needs no torch (policy.py).
+        policy = Policy.detect(smk.threads) if wants_gpu else Policy.cpu(smk.threads)
         log.info("rule %s: %s (threads: %s, device: %s, bf16: %s)", smk.rule, stage.__name__,
                  policy.threads, policy.device_name, policy.bf16)
         stage(**kwargs, policy=policy)

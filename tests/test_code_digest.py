@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import REPO
+
 from qlora_pipeline import code_digest
 from qlora_pipeline.stages import rules
 
@@ -53,8 +53,10 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
     before = digests(package)
     train = package / "stages/train.py"
     text = train.read_text()
-    assert "gc.collect()" in text.split("def merge(", 1)[1]
-    train.write_text(text.replace("                gc.collect()", "                gc.collect(0)"))
+    edit = ('shard_bytes = merge["max_shard_mb"] * 1024 ** 2',
+            'shard_bytes = merge["max_shard_mb"] * 2 ** 20')
+    assert edit[0] in text.split("def merge(", 1)[1]
+    train.write_text(text.replace(edit[0], *edit[1:]))
     assert changed(before, digests(package)) == {"merge"}
 
 

@@ -31,7 +31,6 @@ def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
     """(model, tokenizer) from what an evaluation was given (layout.variant_inputs): a merged
     model; else the quantized or the full-precision base, with the adapter on top if there is
     one. The base always gives the tokenizer."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from ..models.quantization import load_full_precision, load_quantized
@@ -41,6 +40,10 @@ def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
     else:
         model = load_quantized(quantized, policy) if quantized else load_full_precision(base, policy)
         if adapter:
+            # Only here: peft, with the bitsandbytes it imports, takes 1.5-2 s to import on a
+            # 2-core CPU that scoring a base, quantized or merged model would spend for nothing.
+            from peft import PeftModel
+
             model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, AutoTokenizer.from_pretrained(base)
