@@ -36,7 +36,7 @@ from qlora_pipeline.outputs import atomic_file, write_json
 
 # In run order. A new benchmark is one module and one name here.
 BENCHMARKS = ("train_step", "packing", "inference", "bits_per_param", "noop_dryrun",
-              "merge_memory")
+              "merge_memory", "default_run")
 KEYS = ("name", "figure", "goal", "met", "details")
 
 
