@@ -111,9 +111,9 @@ def per_rule(jobs: dict[str, dict]) -> dict[str, dict]:
 def markdown(result: dict) -> str:
     d = result["details"]
     lines = [f"# default_run: {result['figure']:.2f} {result['figure_label']}", "",
-             (f"Goal: {result['goal']}. Jobs' time: {d['startup_seconds']:.0f} s start-up + "
-             f"{d['work_seconds']:.0f} s work (jobs overlap, so they add up to more than the "
-             f"pipeline's {d['seconds']:.0f} s)."), "",
+             (f"Goal: {result['goal']}. The pipeline took {d['seconds']:.0f} s; its jobs "
+              f"{d['startup_seconds']:.0f} s start-up + {d['work_seconds']:.0f} s work (jobs "
+              f"that ran side by side each count)."), "",
              "| rule | jobs | job time, s | start-up (median), s | work (median), s |",
              "|---|---|---|---|---|"]
     for rule, r in sorted(d["by_rule"].items(), key=lambda item: -item[1]["wall"]):

@@ -14,7 +14,8 @@ details}, optionally `figure_text` (the figure in words) or `figure_label` (what
 is). The module may also have `INPUTS` (pipeline outputs it reads, made through Snakemake
 before a full run), `markdown(result) -> str`, and a `threads` parameter of `run`
 (--threads). Results: <results>/<name>.{json,md} as each finishes, then summary.{json,md}:
-one row per benchmark, and the machine's facts.
+one row per benchmark (those of this run, and of an earlier one in the same folder for the
+benchmarks not run now, each with its date and commit), and the machine's facts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import math
 import os
 import subprocess
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from qlora_pipeline import machine  # installed by make setup
 from qlora_pipeline.outputs import atomic_file, write_json
+from qlora_pipeline.provenance import git_commit
 
 # In run order. A new benchmark is one module and one name here.
 BENCHMARKS = ("train_step", "packing", "inference", "bits_per_param", "noop_dryrun",
@@ -58,7 +61,9 @@ def run_one(module, smoke: bool, threads: list[int] | None) -> dict:
     started = time.perf_counter()
     result = module.run(smoke=smoke, **{k: v for k, v in wanted.items() if k in accepted})
     check(result, module.__name__.rsplit(".", 1)[-1])
-    return {**result, "seconds": round(time.perf_counter() - started, 1)}
+    return {**result, "seconds": round(time.perf_counter() - started, 1),
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": git_commit(REPO)}
 
 
 def check(result: dict, name: str) -> None:
@@ -105,13 +110,23 @@ def write_one(result: dict, facts: dict, out: Path, module) -> None:
         handle.write(text + f"\nMachine: {machine_line(facts)}.\n")
 
 
+def gathered(results: list[dict], out: Path) -> list[dict]:
+    """This run's results, then those an earlier run left in `out` for the other benchmarks
+    (`--only` measures a few at a time): each row says when and at which commit it was made."""
+    ran = {r["name"] for r in results}
+    earlier = [json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+               for name in BENCHMARKS if name not in ran and (out / f"{name}.json").exists()]
+    by_name = {r["name"]: r for r in [*results, *earlier]}
+    return [by_name[name] for name in BENCHMARKS if name in by_name]
+
+
 def write_summary(results: list[dict], facts: dict, out: Path, smoke: bool) -> str:
     write_json(out / "summary.json", {"smoke": smoke, "machine": facts, "benchmarks": results})
     lines = [f"# Benchmarks{' (smoke: tiny models, not measurements)' if smoke else ''}", "",
              f"Machine: {machine_line(facts)}.", "",
-             "| benchmark | figure | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {figure_cell(r)} | {r['goal']} | {met_cell(r['met'])} |"
-              for r in results]
+             "| benchmark | figure | goal | met | measured (commit) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {figure_cell(r)} | {r['goal']} | {met_cell(r['met'])} | "
+              f"{r.get('measured', '?')} ({(r.get('commit') or '?')[:7]}) |" for r in results]
     text = "\n".join(lines) + "\n"
     with atomic_file(out / "summary.md") as handle:
         handle.write(text)
@@ -146,7 +161,8 @@ def main(argv=None) -> int:
         write_one(result, machine.facts(), out, module)
         results.append(result)
         print(f"{result['name']}: {figure_cell(result)} ({result['seconds']} s)", flush=True)
-    print(write_summary(results, machine.facts(), out, args.smoke))
+    print(write_summary(results if args.smoke else gathered(results, out), machine.facts(),
+                        out, args.smoke))
     return 0
 
 
