@@ -23,8 +23,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# Model jobs side by side: one per GPU, or two on a CPU-only machine (gpus.model_slots).
 demo: setup
-	source $(VENV)/bin/activate && snakemake --cores all --resources gpu=1
+	source $(VENV)/bin/activate && snakemake --cores all --resources \
+		gpu=$$(python -c 'from qlora_pipeline.gpus import model_slots; print(model_slots())')
 	@echo; sed -n '/^## /,/^## Training/p' results/report/report.md | sed '$$d'
 	@echo "Full report: results/report/report.md (scores: results/report/scores.csv;"
 	@echo "browsable: snakemake --report report.html)"

@@ -60,6 +60,18 @@ def gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+# Model jobs side by side on a machine without a GPU, each with its share of the cores: torch's
+# training step gains only ~1.55x from a second core, so two one-core jobs do more than one
+# two-core job (the default run on 2 cores: 7.2 min against 9.6; docs/performance.md).
+CPU_MODEL_SLOTS = 2
+
+
+def model_slots() -> int:
+    """What `--resources gpu=N` should say on this machine: its GPUs, one model job each; on a
+    CPU-only machine CPU_MODEL_SLOTS (no GPU is pinned there; N only shares out the cores)."""
+    return gpu_count() or CPU_MODEL_SLOTS
+
+
 def skip_reason(env=None) -> str | None:
     """Why this process must not pin a GPU, or None when it should."""
     env = os.environ if env is None else env

@@ -249,3 +249,9 @@ def test_run_script_leaves_a_slurm_assignment_alone(sim, monkeypatch):
     run_script(fake_smk({"gpu": 1}),
                lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
     assert seen["cvd"] == "5"
+
+
+@pytest.mark.parametrize("count, slots", [("0", gpus.CPU_MODEL_SLOTS), ("1", 1), ("3", 3)])
+def test_model_slots_are_the_gpus_or_two_cpu_jobs(monkeypatch, count, slots):
+    monkeypatch.setenv(gpus.NUM_GPUS_ENV, count)
+    assert gpus.model_slots() == slots
