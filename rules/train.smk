@@ -15,6 +15,7 @@ rule train_qlora:
         checkpoints=layout.checkpoints("{task}", "qlora"),
         code=code("train_qlora"),
     threads: MODEL_THREADS
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}.log",
     benchmark:
@@ -41,6 +42,7 @@ rule recover:
         checkpoints=layout.checkpoints("{task}", "recovered"),
         code=code("recover"),
     threads: MODEL_THREADS
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/recover/{{task}}.log",
     benchmark:
@@ -66,6 +68,7 @@ rule merge:
         recovered=lambda wc: recovery_enabled(wc.task),
         code=code("merge"),
     threads: MODEL_THREADS
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/merge/{{task}}.log",
     benchmark:
