@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.gpu_train import output_path
+
 REPO = Path(__file__).resolve().parent.parent
 
 STARTED = re.compile(r"^(?:local)?rule (\w+):", re.MULTILINE)
@@ -93,14 +95,6 @@ def cuda_checks(work: Path) -> dict[str, str]:
     return checks
 
 
-def output_path(given: str | None) -> Path:
-    if given:
-        return Path(given)
-    if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "gpu_pipeline.json"
-    return REPO / "results" / "benchmarks" / "gpu_pipeline.json"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="JSON path (default: $OUT/gpu_pipeline.json or "
@@ -111,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         status, log, seconds = snakemake(work)
         result = {"snakemake_exit": status, "seconds": seconds, "stages": stages(log),
                   "checks": cuda_checks(work), "log_tail": log[-6000:]}
-    path = output_path(args.out)
+    path = output_path(args.out, "gpu_pipeline.json", "gpu_pipeline.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for name, outcome in [*result["stages"].items(), *result["checks"].items()]:

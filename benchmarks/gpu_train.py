@@ -433,13 +433,14 @@ def isolation_text(checked: dict) -> str:
             f"{checked['max_loss_gap']:.1e}, tolerance {checked['tolerance']:g})")
 
 
-def output_path(given: str | None) -> Path:
-    """--out, else $OUT/gpu_bench.json (the device tool's folder), else results/benchmarks."""
+def output_path(given: str | None, device_name: str = "gpu_bench.json",
+                local_name: str = "gpu.json") -> Path:
+    """--out, else $OUT/<device_name> (the device tool's folder), else results/benchmarks."""
     if given:
         return Path(given)
     if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "gpu_bench.json"
-    return REPO / "results" / "benchmarks" / "gpu.json"
+        return Path(os.environ["OUT"]) / device_name
+    return REPO / "results" / "benchmarks" / local_name
 
 
 def main(argv: list[str] | None = None) -> dict:
