@@ -93,16 +93,6 @@ def bench_train_cfg(train: dict, steps: int) -> dict:
 
 # ---- tiny inputs for --smoke -----------------------------------------------------------------
 
-# The ChatML template of SmolLM2, so chat rendering behaves as with the real model.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
-    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CORPUS = ["What is 12 + 34? Answer with the number only. 0123456789 - +, ",
-          "Add up these numbers: 17, 4, 93. You are a calculator. user assistant system"]
-
-
 @functools.cache
 def scratch() -> Path:
     """One temporary folder per driver process for the tiny inputs, removed at exit."""
@@ -111,38 +101,12 @@ def scratch() -> Path:
     return path
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>",
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 @functools.cache
 def tiny_base() -> Path:
-    """A 2-layer random Llama (float32 safetensors) with its tokenizer: the smoke base."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tests' 2-layer random Llama with its tokenizer (qlora_pipeline.tiny_models)."""
+    from qlora_pipeline.tiny_models import build_tokenizer, save_model
 
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    path = scratch() / "base"
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_model(scratch() / "base", build_tokenizer())
 
 
 @functools.cache
