@@ -220,6 +220,9 @@ def test_train_qlora_outputs(trained):
     assert summary["train_seconds"] > 0
     assert summary["tokens_per_second"] > 0
     assert summary["peak_memory_mb"] > 0
+    head = summary["label_positions"]  # the output head only where the loss is taken
+    assert head["used"] and head["positions_kept"] < head["positions"], head
+    assert head["loss_gap"] <= head["tolerance"]
     assert summary["trainable_params"] == by_hand(8, QV_PER_LAYER)
     assert 0 < summary["trainable_pct"] < 100
     assert summary["trainable_pct"] == pytest.approx(

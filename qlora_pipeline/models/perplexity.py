@@ -6,23 +6,32 @@ import math
 
 import torch
 
+from .label_positions import supported
+
 
 @torch.no_grad()
 def perplexity(model, examples, max_examples: int) -> dict:
     """Token-weighted mean negative log-likelihood of the labelled tokens, and its exp.
 
     One example per forward pass: no padding, so the number is exact and batch-independent.
+    The output head runs only at positions that predict a labelled token where the model
+    takes `logits_to_keep` (a quarter of the time on SmolLM2; models/label_positions.py).
     """
     model.eval()
     device = next(model.parameters()).device
+    kept = supported(model)
     total_nll, total_tokens = 0.0, 0
     for example in list(examples)[:max_examples]:
         input_ids = torch.tensor([example["input_ids"]], device=device)
-        labels = torch.tensor([example["labels"]], device=device)
-        logits = model(input_ids=input_ids).logits.float()
-        # Token t is predicted from positions < t: shift, as transformers' own loss does.
-        shift_logits, shift_labels = logits[0, :-1], labels[0, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100,
+        # Token t is predicted from position t - 1: shift, as transformers' own loss does.
+        shift_labels = torch.tensor(example["labels"][1:], device=device)
+        positions = (shift_labels != -100).nonzero().flatten()
+        if kept:
+            logits = model(input_ids=input_ids, logits_to_keep=positions).logits[0]
+            shift_labels = shift_labels[positions]
+        else:
+            logits = model(input_ids=input_ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float(), shift_labels, ignore_index=-100,
                                                 reduction="sum")
         total_nll += nll.item()
         total_tokens += int((shift_labels != -100).sum())

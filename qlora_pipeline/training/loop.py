@@ -17,11 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState,
-                          TrainingArguments)
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import InputError
+from ..models import label_positions
 from ..outputs import read_jsonl
 from ..policy import Policy
 from . import packing
@@ -64,7 +70,7 @@ def total_steps(cfg: dict, train_examples: int) -> int:
 
 
 def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
-              policy: Policy) -> TrainingArguments:
+              policy: Policy, packed: bool = False) -> TrainingArguments:
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
     save_steps = cfg.get("checkpoint_steps") or eval_steps
@@ -99,7 +105,9 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         greater_is_better=False,
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
-        include_num_input_tokens_seen=True,
+        # Real tokens: a padded batch's attention mask says which; a packed row (no mask) is
+        # padded only at its end, so all of its tokens count.
+        include_num_input_tokens_seen="all" if packed else "non_padding",
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -123,7 +131,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
-    args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy)
+    args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy,
+                     packed=packing.is_packed(data["train"]))
     if args.optim != cfg["optimizer"]:
         log.info("optimizer: %s needs CUDA; using %s instead", cfg["optimizer"], args.optim)
     isolation = packed_isolation(model, data["train"], tokenizer)
@@ -133,9 +142,10 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     validation = data["validation"]
     if cfg.get("max_eval_examples"):
         validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
+    head = head_at_labels(model, validation, tokenizer, args)
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
-        data_collator=packing.Collator(tokenizer),
+        data_collator=packing.Collator(tokenizer, label_positions=head["used"]),
         callbacks=callbacks,
     )
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -167,8 +177,21 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "peak_memory_kind": "cuda max allocated" if policy.cuda else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
+        "label_positions": head,
         **({"packing_check": isolation} if isolation else {}),
     }
+
+
+def head_at_labels(model, validation, tokenizer, args) -> dict:
+    """Whether batches compute the output head only where a loss is taken, proven on the
+    first validation batch (label_positions.check)."""
+    if args.n_gpu > 1:  # nn.DataParallel would split the batch's one position index
+        return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
+    rows = [dict(validation[i]) for i in range(min(args.per_device_eval_batch_size,
+                                                   len(validation)))]
+    result = label_positions.check(model, packing.Collator(tokenizer)(rows))
+    log.info("output head only at labelled positions: %s", result)
+    return result
 
 
 def packed_isolation(model, train, tokenizer) -> dict | None:

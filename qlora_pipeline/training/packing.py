@@ -17,19 +17,26 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from ..errors import InputError
+from ..models import label_positions
 
 # Per-example loss, packed vs alone: the same math up to summation order (float32: ~1e-6
 # measured on four architectures); a leak between examples was 1e-2 to 7e-2 there.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 class Collator:
-    """Right-padded batches; for packed rows, position ids instead of an attention mask."""
+    """Right-padded batches; for packed rows, position ids instead of an attention mask.
+    `label_positions`: the output head only where a loss is taken (label_positions.keep)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, label_positions: bool = False):
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         self.left = tokenizer.padding_side == "left"
+        self.label_positions = label_positions
 
     def __call__(self, features: list[dict]) -> dict:
+        batch = self._collate(features)
+        return label_positions.keep(batch) if self.label_positions else batch
+
+    def _collate(self, features: list[dict]) -> dict:
         positions = [feature.pop("position_ids", None) for feature in features]
         batch = self.pad(features)
         if positions[0] is None:
