@@ -36,10 +36,12 @@ SMOKE_TARGETS = [layout.tokenized("arithmetic"), layout.eval_spec("arithmetic")]
 
 
 def run(smoke: bool) -> dict:
+    speed = {"before": support.machine_speed(0.3 if smoke else 2.0)}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = make_workdir(Path(tmp), smoke)
         seconds = pipeline(workdir, SMOKE_TARGETS if smoke else [])
         jobs = split_of_run(workdir / "results")
+    speed["after"] = support.machine_speed(0.3 if smoke else 2.0)
     by_rule = per_rule(jobs)
     minutes = seconds / 60
     return {"name": "default_run", "figure": round(minutes, 2), "model_slots": model_slots(),
@@ -48,6 +50,7 @@ def run(smoke: bool) -> dict:
             "goal": f"< {GOAL_MINUTES:g} minutes of pipeline time on 2 cores",
             "met": None if smoke else minutes < GOAL_MINUTES,
             "details": {"seconds": seconds, "jobs": jobs, "by_rule": by_rule,
+                        "machine_speed": speed,
                         "startup_seconds": sum(j["startup"] for j in jobs.values()),
                         "work_seconds": sum(j["work"] for j in jobs.values())}}
 
@@ -111,12 +114,21 @@ def per_rule(jobs: dict[str, dict]) -> dict[str, dict]:
             for rule, rows in rules.items()}
 
 
+def speed_line(speed: dict) -> str:
+    """How fast the machine was (its speed drifts between runs): compare runs by this too."""
+    parts = [f"{when}: {s['alone_gflops']:.0f} GFLOPS on one core alone, "
+             f"{100 * s['side_by_side_share']:.0f} % of that each with two side by side"
+             for when, s in speed.items()]
+    return "Machine speed (float32 matmul) " + "; ".join(parts) + "."
+
+
 def markdown(result: dict) -> str:
     d = result["details"]
     lines = [f"# default_run: {result['figure']:.2f} {result['figure_label']}", "",
              (f"Goal: {result['goal']}. The pipeline took {d['seconds']:.0f} s; its jobs "
               f"{d['startup_seconds']:.0f} s start-up + {d['work_seconds']:.0f} s work (jobs "
               f"that ran side by side each count)."), "",
+             speed_line(d["machine_speed"]), "",
              "| rule | jobs | job time, s | start-up (median), s | work (median), s |",
              "|---|---|---|---|---|"]
     for rule, r in sorted(d["by_rule"].items(), key=lambda item: -item[1]["wall"]):

@@ -53,6 +53,37 @@ def run_worker(module: str, args: list[str], threads: int) -> dict:
     return result
 
 
+SPEED_PROBE = """
+import time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+a @ b
+start, n = time.perf_counter(), 0
+while time.perf_counter() - start < {seconds}:
+    a @ b
+    n += 1
+print(2 * 1024 ** 3 * n / (time.perf_counter() - start) / 1e9)
+"""
+
+
+def machine_speed(seconds: float = 2.0) -> dict:
+    """GFLOPS of a float32 1024² matmul on one core, alone and as two processes at once: how
+    fast this machine was when a time was taken. A shared host's speed drifts by tens of
+    percent between runs, and two one-core jobs side by side may each get less than one core
+    alone (cores that are hyperthreads of one physical core)."""
+    def probes(count: int) -> list[float]:
+        cmd = [sys.executable, "-c", SPEED_PROBE.format(seconds=seconds)]
+        running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=worker_env(1))
+                   for _ in range(count)]
+        return [float(p.communicate()[0]) for p in running]
+
+    alone = probes(1)[0]
+    together = probes(min(2, os.cpu_count() or 1))
+    return {"alone_gflops": round(alone, 1),
+            "side_by_side_gflops": [round(g, 1) for g in together],
+            "side_by_side_share": round(statistics.mean(together) / alone, 2)}
+
+
 def alternating(items: tuple, repeat: int) -> tuple:
     """Run order of one repeat: forward, then backward, so a drift of the machine's speed
     touches every item alike."""

@@ -9,6 +9,7 @@ import torch
 from conftest import build_inputs, job_policy, stage, task_blocks
 
 from qlora_pipeline.errors import InputError
+from qlora_pipeline.models import checkpoint
 from qlora_pipeline.training import lora, streamed_merge
 from qlora_pipeline.training import merging as merge
 
@@ -190,7 +191,7 @@ def reshard(model_dir, out_dir, max_shard_size: str) -> None:
     out_dir.mkdir(parents=True)
     for name, keys in split.filename_to_tensors.items():
         save_file({k: state[k] for k in keys}, out_dir / name, metadata={"format": "pt"})
-    (out_dir / streamed_merge.INDEX).write_text(json.dumps(
+    (out_dir / checkpoint.INDEX).write_text(json.dumps(
         {"metadata": split.metadata, "weight_map": split.tensor_to_filename}))
     shutil.copy2(model_dir / "config.json", out_dir / "config.json")
 
@@ -232,7 +233,7 @@ def test_streamed_merge_shard_size_bounds_every_output_shard(prepared, sharded, 
     limit = 20_000
     streamed_merge.merge(sharded["dirs"]["full"], sharded["adapters"]["lora"], tmp_path,
                          torch.float32, max_shard_bytes=limit)
-    index = json.loads((tmp_path / streamed_merge.INDEX).read_text())
+    index = json.loads((tmp_path / checkpoint.INDEX).read_text())
     largest = max(t.numel() * 4 for t in merge_state(prepared).values())
     for shard in set(index["weight_map"].values()):
         # A shard exceeds the limit only by holding a single tensor larger than it.

@@ -13,150 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..models.checkpoint import INDEX, SINGLE, Checkpoint, dequantize, is_quant_part
+from .adapter_file import read_adapter
 
 log = logging.getLogger(__name__)
 
-PREFIX = "base_model.model."
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-# The parts bitsandbytes saves beside a 4-bit weight `<name>.weight`.
-QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                  ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
-# adapter_config.json settings whose merge this module does not compute: refused, not ignored.
-UNSUPPORTED = {"lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
-               "layer_replication": None, "trainable_token_indices": None,
-               "target_parameters": None, "use_qalora": False, "use_bdlora": None}
 DEFAULT_SHARD_BYTES = 2 * 1024 ** 3
-
-
-@dataclass
-class Update:
-    """One adapted layer: ΔW = scaling·B·A (transposed with fan_in_fan_out); DoRA's magnitude."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    fan_in_fan_out: bool
-    magnitude: torch.Tensor | None = None
-
-    def delta(self) -> torch.Tensor:
-        # PEFT's get_delta_weight, in float32 (PEFT also upcasts bf16/fp16 on the CPU).
-        delta = self.B.float() @ self.A.float()
-        return (delta.T if self.fan_in_fan_out else delta) * self.scaling
-
-    def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """W + ΔW, or DoRA's m·(W + ΔW)/‖W + ΔW‖ (row norms of the unmerged sum, as PEFT)."""
-        merged = weight.float() + self.delta()
-        if self.magnitude is None:
-            return merged
-        rows = merged.T if self.fan_in_fan_out else merged
-        factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
-        factor = factor.view(-1, 1)
-        return (factor.T if self.fan_in_fan_out else factor) * merged
-
-
-def read_adapter(adapter_dir: Path) -> dict[str, Update]:
-    """Every adapted layer of a saved PEFT LoRA adapter, keyed by the base weight it changes."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    check_supported(config, adapter_dir)
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    layers: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        module, part = split_adapter_key(key, adapter_dir)
-        layers.setdefault(module, {})[part] = tensor
-    return {f"{module}.weight": update(module, parts, config, adapter_dir)
-            for module, parts in layers.items()}
-
-
-def check_supported(config: dict, adapter_dir: Path) -> None:
-    if config.get("peft_type") != "LORA":
-        raise InputError(f"{adapter_dir}/adapter_config.json: peft_type is "
-                         f"{config.get('peft_type')!r}; the streamed merge handles LORA only")
-    for key, neutral in UNSUPPORTED.items():
-        if config.get(key, neutral) not in (neutral, None, {}, [], False):
-            raise InputError(f"{adapter_dir}/adapter_config.json: {key} = {config[key]!r}; the "
-                             f"streamed merge does not compute it (expected {neutral!r})")
-
-
-def split_adapter_key(key: str, adapter_dir: Path) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'A')."""
-    parts = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
-    for suffix, part in parts.items():
-        if key.startswith(PREFIX) and key.endswith(suffix):
-            return key[len(PREFIX):-len(suffix)], part
-    raise InputError(f"{adapter_dir}/adapter_model.safetensors: tensor {key!r} is not a LoRA "
-                     f"A, B or DoRA magnitude of a linear layer; the streamed merge cannot use it")
-
-
-def update(module: str, parts: dict, config: dict, adapter_dir: Path) -> Update:
-    if "A" not in parts or "B" not in parts:
-        raise InputError(f"{adapter_dir}: layer {module} lacks lora_A or lora_B")
-    rank = parts["A"].shape[0]  # rank_pattern may give each layer its own r
-    alpha = config["lora_alpha"]
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return Update(parts["A"], parts["B"], scaling, bool(config.get("fan_in_fan_out")),
-                  parts.get("magnitude"))
-
-
-class Checkpoint:
-    """A safetensors checkpoint (one file or indexed shards), read one tensor at a time."""
-
-    def __init__(self, model_dir: Path):
-        self.dir = Path(model_dir)
-        index = self.dir / INDEX
-        if index.exists():
-            self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        elif (self.dir / SINGLE).exists():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / SINGLE, "pt") as handle:
-                self.weight_map = dict.fromkeys(handle.keys(), SINGLE)
-        else:
-            raise InputError(f"{self.dir}: no {SINGLE} or {INDEX}; expected a safetensors "
-                             f"checkpoint (save_pretrained with safe_serialization)")
-
-    def ordered_keys(self) -> list[str]:
-        """Every key, shard after shard (the files are read in order)."""
-        order = {shard: i for i, shard in enumerate(dict.fromkeys(self.weight_map.values()))}
-        return sorted(self.weight_map, key=lambda key: order[self.weight_map[key]])
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor, copied out of its file. A tensor from safe_open is a view of the mapped
-        file and keeps the mapping (and every page of it read so far) resident: copied and
-        closed, memory holds only what the merge keeps, the pending output shard."""
-        from safetensors import safe_open
-
-        with safe_open(self.dir / self.weight_map[key], "pt") as handle:
-            return handle.get_tensor(key).clone()
-
-
-def is_quant_part(key: str) -> bool:
-    return key.endswith(QUANT_SUFFIXES)
-
-
-def dequantize(key: str, get, weight_map: dict) -> torch.Tensor | None:
-    """The full-precision value of a 4-bit weight `key` (bitsandbytes NF4/FP4), or None when it
-    is stored unquantized. The one place a quantization method's storage is read; another
-    method plugs in here."""
-    state_keys = [key + suffix for suffix in QUANT_SUFFIXES if key + suffix in weight_map]
-    if not state_keys:
-        return None
-    from bitsandbytes.functional import QuantState, dequantize_4bit
-
-    state = QuantState.from_dict({k[len(key) + 1:]: get(k) for k in state_keys},
-                                 device=torch.device("cpu"))
-    return dequantize_4bit(get(key), state)
 
 
 class ShardWriter:
