@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ def targeted_layers(model, target_modules, layers: list[int] | None = None) -> l
 
 
 def check(model, cfg: dict) -> None:
-    """Refuse targets that match nothing and ranks larger than a targeted layer's dims."""
+    """Refuse targets that match nothing, rank_pattern keys that match no targeted layer, and
+    ranks (r, or a rank_pattern rank) larger than a layer's dims."""
     targets = cfg["target_modules"]
     available = linear_names(model)
     if targets == "all-linear" and cfg.get("layers_to_transform") is not None:
@@ -55,17 +57,80 @@ def check(model, cfg: dict) -> None:
     if not layers:
         raise InputError(f"lora.layers_to_transform {cfg.get('layers_to_transform')}: no "
                          f"targeted layer is in those layers")
-    smallest = min(min(m.in_features, m.out_features) for _, m in layers)
-    if cfg["r"] > smallest:
+    patterns = cfg.get("rank_pattern") or {}
+    keys = _check_rank_pattern(patterns, [name for name, _ in layers])
+    by_r = [m for name, m in layers if keys[name] is None]
+    smallest = min((min(m.in_features, m.out_features) for m in by_r), default=None)
+    if smallest is not None and cfg["r"] > smallest:
         raise InputError(f"lora.r: found {cfg['r']}, expected at most {smallest} (the smallest "
                          f"dimension of a targeted layer)")
+    for key, rank in patterns.items():
+        applied = [(name, m) for name, m in layers if keys[name] == key]
+        if not applied:
+            continue
+        name, m = min(applied, key=lambda nm: min(nm[1].in_features, nm[1].out_features))
+        if rank > min(m.in_features, m.out_features):
+            raise InputError(f"lora.rank_pattern: key '{key}': found rank {rank}, expected at "
+                             f"most {min(m.in_features, m.out_features)} (the smallest "
+                             f"dimension of {name}, a layer it matches)")
+
+
+def _pattern_key(patterns, module_name: str) -> str | None:
+    r"""The rank_pattern key PEFT applies to this module (None: it uses r). PEFT's own helper
+    (LoraModel._create_and_replace: the first key in order with
+    re.match(rf"(.*\.)?({key})$", module_name)), so this check agrees with what PEFT does."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module_name)  # module_name itself when none matches
+    return key if key in patterns else None
+
+
+def _check_rank_pattern(patterns: dict, names: list[str]) -> dict[str, str | None]:
+    """{targeted layer: the rank_pattern key that sets its rank, or None}. Refuses a key that
+    is not a valid regex, one that matches no targeted layer, and a layer matched by two keys
+    with different ranks (the task config's keys are sorted, so PEFT's first match would not
+    follow the file's order)."""
+    for key in patterns:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as err:
+            raise InputError(f"lora.rank_pattern: key '{key}': found an invalid regular "
+                             f"expression ({err}); expected a module name such as "
+                             f"{names[0]} or a suffix such as {names[0].rsplit('.', 1)[-1]}"
+                             ) from None
+        if not any(_pattern_key({key: 0}, name) is not None for name in names):
+            raise InputError(f"lora.rank_pattern: key '{key}': found no targeted layer it "
+                             f"matches; expected a targeted module name such as {names[0]} or "
+                             f"a suffix of one such as {names[0].rsplit('.', 1)[-1]} (a layer "
+                             f"outside lora.target_modules / layers_to_transform gets no adapter)")
+    for name in names:
+        ranks = {key: rank for key, rank in patterns.items()
+                 if _pattern_key({key: 0}, name) is not None}
+        if len(set(ranks.values())) > 1:
+            raise InputError(f"lora.rank_pattern: keys {ranks} all match {name}, with "
+                             f"different ranks; expected one rank per layer (PEFT takes the "
+                             f"first matching key, and task configs are read with sorted keys, "
+                             f"not in the file's order)")
+    return {name: _pattern_key(patterns, name) for name in names}
+
+
+def layer_ranks(model, cfg: dict) -> list[tuple[object, int]]:
+    """(module, rank) for each adapted layer: its rank_pattern rank where a key matches, else r."""
+    layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
+    patterns = cfg.get("rank_pattern") or {}
+    out = []
+    for name, module in layers:
+        key = _pattern_key(patterns, name) if patterns else None
+        out.append((module, cfg["r"] if key is None else patterns[key]))
+    return out
 
 
 def expected_trainable(model, cfg: dict) -> int:
-    """LoRA's parameter count: r·(in + out) per adapted layer (+ out for DoRA's magnitude)."""
-    layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
-    per_layer = [cfg["r"] * (m.in_features + m.out_features)
-                 + (m.out_features if cfg.get("use_dora") else 0) for _, m in layers]
+    """LoRA's parameter count: rank·(in + out) per adapted layer, rank from lora.rank_pattern
+    where a key matches it, else r (+ out for DoRA's magnitude)."""
+    per_layer = [rank * (m.in_features + m.out_features)
+                 + (m.out_features if cfg.get("use_dora") else 0)
+                 for m, rank in layer_ranks(model, cfg)]
     return sum(per_layer)
 
 
@@ -82,6 +147,8 @@ def peft_config(cfg: dict):
         use_rslora=cfg["use_rslora"],
         use_dora=cfg["use_dora"],
         layers_to_transform=cfg.get("layers_to_transform"),
+        # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
+        rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
         bias="none",
     )
 
@@ -112,6 +179,7 @@ def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool
     targets = saved.target_modules
     expected = expected_trainable(base, {
         "r": saved.r, "use_dora": saved.use_dora, "layers_to_transform": saved.layers_to_transform,
+        "rank_pattern": saved.rank_pattern or {},
         "target_modules": targets if isinstance(targets, str) else sorted(targets)})
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     keep_adapters_fp32(model)
