@@ -11,6 +11,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/train.smk"
+include: "rules/analyze.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

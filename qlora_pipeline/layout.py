@@ -43,6 +43,16 @@ def adapter(task: str, kind: str) -> str:
     return f"{RESULTS}/adapters/{task}/{kind}"
 
 
+def trained_base(kind: str) -> str:
+    """The base an adapter kind was trained on (ADAPTERS): the W0 of its ΔW."""
+    return {"quantized": QUANTIZED, "base": BASE}[ADAPTERS[kind]]
+
+
+def analysis(task: str, kind: str) -> str:
+    """An adapter's spectral analysis: layers.json, summary.json, analysis.md (analysis/)."""
+    return f"{RESULTS}/analysis/{task}/{kind}"
+
+
 def checkpoints(task: str, kind: str) -> str:
     """Outside every declared output: Snakemake deletes outputs before a rerun, and these must
     survive an interrupted job so that it can resume."""
@@ -69,6 +79,7 @@ def report() -> dict[str, str]:
     folder = f"{RESULTS}/report"
     return {"scores": f"{folder}/scores.csv", "markdown": f"{folder}/report.md",
             "scores_plot": f"{folder}/scores.png", "loss_plot": f"{folder}/loss.png",
+            "adapters_plot": f"{folder}/adapters.png",
             "provenance": f"{folder}/provenance.json"}
 
 

@@ -94,15 +94,23 @@ def eval_results():
     return [layout.evaluation(v, t)["results"] for t in TASKS for v in variants(t)]
 
 
+def adapter_kinds(task):
+    return ["qlora", "recovered"] if recovery_enabled(task) else ["qlora"]
+
+
 def all_adapters():
-    return [layout.adapter(t, kind) for t in TASKS
-            for kind in (["qlora", "recovered"] if recovery_enabled(t) else ["qlora"])]
+    return [layout.adapter(t, kind) for t in TASKS for kind in adapter_kinds(t)]
+
+
+def all_analyses():
+    return [layout.analysis(t, kind) for t in TASKS for kind in adapter_kinds(t)]
 
 
 def all_outputs():
     return [
         layout.quantization_report()["markdown"],
         *all_adapters(),
+        *all_analyses(),
         *[layout.merged(t) for t in TASKS],
         *eval_results(),
         layout.report()["markdown"],

@@ -6,6 +6,7 @@ rule report:
     input:
         results=eval_results(),
         adapters=all_adapters(),
+        analyses=all_analyses(),
         merged=[layout.merged(task) for task in TASKS],
         quantization=layout.quantization_report()["markdown"],
     output:
@@ -28,6 +29,11 @@ rule report:
             layout.report()["loss_plot"],
             caption="../report/loss_plot.rst",
             category="Training",
+        ),
+        adapters_plot=report(
+            layout.report()["adapters_plot"],
+            caption="../report/adapters_plot.rst",
+            category="Adapters",
         ),
         provenance=layout.report()["provenance"],
     params:

@@ -80,7 +80,7 @@ def test_unknown_rule():
 
 def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
     """The measured rerun set after an edit to the training loop: training, recovery, merge,
-    the scores of the models they made, and the report; nothing of data or quantization.
+    the scores and analyses of what they made, and the report; nothing of data or quantization.
     (On an edited copy of the workflow and library: Snakemake imports the library from the
     workflow's folder when it parses the rules.)"""
     from test_incremental import planned_with
@@ -100,6 +100,8 @@ def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
         ("recover", "arithmetic", ""), ("merge", "arithmetic", ""), ("merge", "topic", ""),
         ("evaluate", "arithmetic", "qlora"), ("evaluate", "arithmetic", "recovered"),
         ("evaluate", "arithmetic", "merged"), ("evaluate", "topic", "qlora"),
-        ("evaluate", "topic", "merged"), ("report", "", ""),
+        ("evaluate", "topic", "merged"), ("analyze_adapter", "arithmetic", "qlora"),
+        ("analyze_adapter", "arithmetic", "recovered"), ("analyze_adapter", "topic", "qlora"),
+        ("report", "", ""),
     }
     assert planned_with(workdir) == set()  # the library as it is: nothing to do

@@ -33,7 +33,9 @@ def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
             continue
         wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
-        jobs.add((head[1], wildcards.get("task", ""), wildcards.get("variant", "")))
+        # the third field: an evaluation's variant, or an analysis's adapter kind
+        jobs.add((head[1], wildcards.get("task", ""),
+                  wildcards.get("variant", wildcards.get("kind", ""))))
     return jobs
 
 
@@ -73,6 +75,7 @@ def test_lora_rank_of_one_task(copy_run):
         ("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
         ("merge", "arithmetic", ""), ("evaluate", "arithmetic", "qlora"),
         ("evaluate", "arithmetic", "recovered"), ("evaluate", "arithmetic", "merged"),
+        ("analyze_adapter", "arithmetic", "qlora"), ("analyze_adapter", "arithmetic", "recovered"),
         ("report", "", ""),
     }
 
@@ -84,7 +87,8 @@ def test_dataset_of_one_task(copy_run):
     assert not any(task == "arithmetic" for _, task, _ in jobs), jobs
     assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
             ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
-            ("merge", "topic", ""), ("quantization_report", "", ""), ("report", "", "")} <= jobs
+            ("merge", "topic", ""), ("analyze_adapter", "topic", "qlora"),
+            ("quantization_report", "", ""), ("report", "", "")} <= jobs
     assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "quantized", "qlora", "merged"}
     assert not rules(jobs) & {"import_base_model", "quantize"}
 
@@ -94,7 +98,7 @@ def test_quantization_block(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
-            "evaluate", "report"} == rules(jobs)
+            "analyze_adapter", "evaluate", "report"} == rules(jobs)
     assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
     # the full-precision base's scores do not depend on quantization
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
@@ -111,7 +115,8 @@ def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     jobs = planned(workdir)
     assert "fetch_dataset" not in rules(jobs)
     assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
-            "recover", "merge", "eval_task_spec", "evaluate", "report"} == rules(jobs)
+            "recover", "merge", "analyze_adapter", "eval_task_spec", "evaluate",
+            "report"} == rules(jobs)
 
 
 def test_recovery_switched_on_for_one_task(copy_run):
@@ -122,5 +127,5 @@ def test_recovery_switched_on_for_one_task(copy_run):
     assert jobs == {
         ("recover", "topic", ""), ("merge", "topic", ""),
         ("evaluate", "topic", "recovered"), ("evaluate", "topic", "merged"),
-        ("report", "", ""),
+        ("analyze_adapter", "topic", "recovered"), ("report", "", ""),
     }

@@ -98,10 +98,26 @@ def test_task_table_shows_gain_over_base(tmp_path):
     assert "| u | exact_match | 0.600 | 0.550 |" in no_base and "(" not in no_base
 
 
+def write_analysis(folder: Path, task: str, kind: str) -> Path:
+    """A handmade analyze_adapter output: three layers of q_proj and v_proj, r = 2."""
+    folder.mkdir(parents=True)
+    (folder / "analysis.md").write_text(f"### {task}: {kind} adapter\n\nuniform r = 2\n")
+    layers = {f"model.layers.{i}.self_attn.{m}.weight": {
+        "rank": 2, "singular_values": [1.0 + i, 0.5], "fro": 1.1 + i, "spectral": 1.0 + i,
+        "stable_rank": 1.2, "effective_rank": 1.8, "rank_90": 1, "rank_99": 2,
+        "relative_norm": 0.01 * (i + 1), "intruders": None}
+        for i in range(3) for m in ("q_proj", "v_proj")}
+    (folder / "layers.json").write_text(json.dumps(layers))
+    (folder / "summary.json").write_text(json.dumps({
+        "task": task, "kind": kind, "r": 2,
+        "summary": {"spectra": {"q_proj": [1.0, 0.4], "v_proj": [1.0, 0.3]}}}))
+    return folder
+
+
 def make_run(root: Path) -> dict:
     """Handmade inputs of the report stage, laid out as the pipeline lays them out."""
     files = write_results(root)
-    adapters = []
+    adapters, analyses = [], []
     for task, kinds in (("t", ("qlora", "recovered")), ("u", ("qlora",))):
         for kind in kinds:
             directory = root / "results/adapters" / task / kind
@@ -120,6 +136,7 @@ def make_run(root: Path) -> dict:
             lines.append({"step": steps, "epoch": 1.0, "train_runtime": 12.0})
             (directory / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
             adapters.append(directory)
+            analyses.append(write_analysis(root / "results/analysis" / task / kind, task, kind))
     merged = []
     for task in ("t", "u"):
         directory = root / "results/models/merged" / task
@@ -141,9 +158,9 @@ def make_run(root: Path) -> dict:
                             "| q_proj | 0.1 |\n")
     out = root / "results/report"
     outputs = {"scores": out / "scores.csv", "markdown": out / "report.md",
-               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png",
+               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png", "adapters_plot": out / "adapters.png",
                "provenance": out / "provenance.json"}
-    return {"results": files, "adapters": adapters, "merged": merged,
+    return {"results": files, "adapters": adapters, "analyses": analyses, "merged": merged,
             "quantization": quantization, "outputs": outputs}
 
 
@@ -163,7 +180,8 @@ def test_build_report(tmp_path):
     text = outputs["markdown"].read_text()
     sections = [line for line in text.splitlines() if line.startswith("#")]
     assert sections == ["# Fine-tuning report", "## t", "## u", "## Training",
-                        "## Merge checks", "## Quantization"]
+                        "## Merge checks", "## Adapters", "### t: qlora adapter",
+                        "### t: recovered adapter", "### u: qlora adapter", "## Quantization"]
     t_part = text.split("## t\n", 1)[1].split("## u\n", 1)[0]
     assert "| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400)" in t_part
     assert "| arc_easy | acc_norm |" in t_part
@@ -229,6 +247,7 @@ def snakemake_inputs(workdir: Path) -> None:
             write_json(results / "adapters" / task / kind / "summary.json", {"steps": 2})
             (results / "adapters" / task / kind / "metrics.jsonl").write_text(
                 '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n')
+            write_analysis(results / "analysis" / task / kind, task, kind)
         write_json(results / "models/merged" / task / "merge_check.json", {
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
             "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})

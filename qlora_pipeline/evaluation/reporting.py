@@ -90,14 +90,18 @@ def read_metrics(adapter_dir: Path) -> pd.DataFrame:
 
 
 def plot_losses(adapter_dirs: list, out_png: Path) -> None:
+    """Per task: training and validation loss over the steps, and below it the adapter's mean
+    effective rank per module type at each evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..analysis.plots import plot_rank_over_steps
+
     tasks = sorted({Path(d).parent.name for d in adapter_dirs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+    for ax, rank_ax, task in zip(axes[0], axes[1], tasks):
         offset = 0
         for directory in sorted((Path(d) for d in adapter_dirs if Path(d).parent.name == task),
                                 key=lambda d: d.name != "qlora"):
@@ -109,9 +113,14 @@ def plot_losses(adapter_dirs: list, out_png: Path) -> None:
                     points = metrics.dropna(subset=[column])
                     ax.plot(points["step"] + offset, points[column], style,
                             label=f"{directory.name} {'train' if column == 'loss' else 'validation'}")
+            plot_rank_over_steps(rank_ax, directory, directory.name, offset)
             offset += int(metrics["step"].max())  # recovery continues after QLoRA
         ax.set(title=task, xlabel="step", ylabel="loss")
         ax.legend(fontsize=7)
+        rank_ax.set(title=f"{task}: adapter effective rank", xlabel="step",
+                    ylabel="mean effective rank")
+        if rank_ax.lines:
+            rank_ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
@@ -136,8 +145,14 @@ def plot_scores(frame: pd.DataFrame, out_png: Path) -> None:
     plt.close(fig)
 
 
+def analysis_sections(analysis_dirs: list) -> str:
+    """Every adapter analysis's markdown (analysis/tables.py), task by task."""
+    return "\n".join((Path(d) / "analysis.md").read_text(encoding="utf-8")
+                     for d in sorted(map(str, analysis_dirs)))
+
+
 def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
-             quantization_md: str) -> str:
+             quantization_md: str, analyses_md: str = "") -> str:
     parts = ["# Fine-tuning report", "",
              "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
              "cell shows its gain over the full-precision base in parentheses.", ""]
@@ -147,6 +162,10 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
               "Validation loss before training is the quantized base's (the adapter starts at zero).",
               "", "![losses](loss.png)", "", "## Merge checks", "",
               merges.to_markdown(index=False, floatfmt=".3g"), "",
-              "![scores](scores.png)", "",
-              quantization_md.replace("# Quantization report", "## Quantization", 1)]
+              "![scores](scores.png)", ""]
+    if analyses_md:
+        parts += ["## Adapters", "",
+                  "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",
+                  analyses_md]
+    parts += [quantization_md.replace("# Quantization report", "## Quantization", 1)]
     return "\n".join(parts) + "\n"

@@ -12,22 +12,27 @@ from ..policy import Policy
 log = logging.getLogger(__name__)
 
 
-def report(*, results: list, adapters: list, merged: list, quantization, scores, markdown,
-           scores_plot, loss_plot, provenance, policy: Policy) -> None:
-    """scores.csv, report.md and the two plots (written together or not at all)."""
+def report(*, results: list, adapters: list, analyses: list, merged: list, quantization,
+           scores, markdown, scores_plot, loss_plot, adapters_plot, provenance,
+           policy: Policy) -> None:
+    """scores.csv, report.md and the plots (written together or not at all)."""
+    from ..analysis.plots import plot_adapters
     from ..evaluation import reporting
 
     outputs = {"scores": scores, "markdown": markdown, "scores_plot": scores_plot,
-               "loss_plot": loss_plot, "provenance": provenance}
+               "loss_plot": loss_plot, "adapters_plot": adapters_plot, "provenance": provenance}
     inputs = {"quantization": quantization, **{f"results{i}": p for i, p in enumerate(results)},
-              **{f"adapter{i}": p for i, p in enumerate(adapters)}}
+              **{f"adapter{i}": p for i, p in enumerate(adapters)},
+              **{f"analysis{i}": p for i, p in enumerate(analyses)}}
     with stage_outputs("report", outputs, config={}, inputs=inputs, policy=policy) as out:
         frame = reporting.scores(results)
         frame.to_csv(out["scores"], index=False)
         reporting.plot_losses(adapters, out["loss_plot"])
         reporting.plot_scores(frame, out["scores_plot"])
+        plot_adapters(analyses, out["adapters_plot"])
         text = reporting.markdown(frame, reporting.training_rows(adapters),
                                   reporting.merge_rows(merged),
-                                  Path(quantization).read_text(encoding="utf-8"))
+                                  Path(quantization).read_text(encoding="utf-8"),
+                                  reporting.analysis_sections(analyses))
         out["markdown"].write_text(text, encoding="utf-8")
     log.info("\n%s", text)

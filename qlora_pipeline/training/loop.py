@@ -31,6 +31,7 @@ from ..models import label_positions
 from ..outputs import read_jsonl
 from ..policy import Policy
 from . import packing
+from .adapter_monitor import AdapterMonitor
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     if args.optim != cfg["optimizer"]:
         log.info("optimizer: %s needs CUDA; using %s instead", cfg["optimizer"], args.optim)
     isolation = packed_isolation(model, data["train"], tokenizer)
-    callbacks = [MetricsLog(metrics_path), GradientGuard(), *observers]
+    callbacks = [MetricsLog(metrics_path), AdapterMonitor(metrics_path), GradientGuard(),
+                 *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]

@@ -1,0 +1,72 @@
+"""One saved adapter analysed against the base it was trained on, one layer at a time.
+
+The adapter is small (its A and B); the base is read a tensor at a time from its checkpoint
+(models/checkpoint.py dequantizes a 4-bit weight there, the one place a quantization method's
+storage is read), so memory holds one base layer whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..errors import InputError
+from ..models.checkpoint import Checkpoint
+from ..training.adapter_file import Update, read_adapter
+from . import profile, recommend, spectrum
+
+log = logging.getLogger(__name__)
+
+
+def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
+    """{"layers": {weight key: layer metrics}, "summary": profile.summarize, "recommendation":
+    recommend.recommend, "r", "layers_analyzed", "seconds"}. The SVDs run on `device` (the
+    job's policy: a GPU where there is one), one layer there at a time."""
+    started = time.perf_counter()
+    updates = read_adapter(adapter_dir)
+    checkpoint = Checkpoint(base_dir)
+    missing = sorted(set(updates) - set(checkpoint.weight_map))
+    if missing:
+        raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store; "
+                         f"expected the base the adapter was trained on")
+    intruders = settings["intruders"]
+    intruder_cfg = ({k: intruders[k] for k in ("k", "reference", "threshold")}
+                    if intruders["enabled"] else None)
+    layers = {key: spectrum.layer_metrics(on(update, device),
+                                          checkpoint.weight(key).to(device).float(), intruder_cfg)
+              for key, update in updates.items()}
+    r = adapter_rank(Path(adapter_dir))
+    result = {"r": r, "layers_analyzed": len(layers),
+              "summary": profile.summarize(layers, num_layers(Path(base_dir), layers)),
+              "recommendation": recommend.recommend(layers, r, settings["energy"],
+                                                    settings["saturation"]),
+              "layers": layers}
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("analysed %d layers of %s in %.1f s", len(layers), adapter_dir, result["seconds"])
+    return result
+
+
+def on(update: Update, device: str) -> Update:
+    if device == "cpu":
+        return update
+    moved = {name: getattr(update, name).to(device) for name in ("A", "B")}
+    magnitude = update.magnitude.to(device) if update.magnitude is not None else None
+    return Update(**moved, scaling=update.scaling, fan_in_fan_out=update.fan_in_fan_out,
+                  magnitude=magnitude)
+
+
+def adapter_rank(adapter_dir: Path) -> int:
+    return int(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+
+
+def num_layers(base_dir: Path, layers: dict) -> int:
+    """The model's depth from its config (the adapter may skip layers), else the deepest
+    adapted layer + 1."""
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    depth = config.get("num_hidden_layers") or config.get("n_layer")
+    if depth:
+        return int(depth)
+    indices = [profile.parse_layer(key)[0] for key in layers]
+    return max((i for i in indices if i is not None), default=0) + 1
