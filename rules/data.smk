@@ -32,6 +32,7 @@ rule tokenize:
         tokenize=lambda wc: task_cfg(wc)["tokenize"],
         code=code("tokenize"),
     threads: DATA_THREADS
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/tokenize/{{task}}.log",
     benchmark:

@@ -28,6 +28,7 @@ rule quantize:
         seed=config["seed"],
         code=code("quantize"),
     threads: MODEL_THREADS
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/quantize.log",
     benchmark:
