@@ -135,3 +135,25 @@ def test_tuned_variants_beat_the_base(default_run):
     report = (default_run / "report/report.md").read_text()
     assert all(f"## {task}" in report for task in TASKS)
     assert (default_run / "report/loss.png").stat().st_size > 0
+
+
+def test_every_adapter_is_analysed_with_a_recommendation(default_run):
+    """Each adapter's analysis against SmolLM2's own weights: ΔW is small next to W0, its
+    rank is within r, and the recommendation's snippet is a valid task-config block."""
+    from qlora_pipeline.config import load_schema, validate
+
+    task_schema = load_schema("task.schema.yaml")
+    report = (default_run / "report/report.md").read_text()
+    for task in TASKS:
+        for kind in ["qlora", *(["recovered"] if _recovers(task) else [])]:
+            folder = default_run / "analysis" / task / kind
+            summary = json.loads((folder / "summary.json").read_text())
+            layers = json.loads((folder / "layers.json").read_text())
+            assert summary["layers_analyzed"] == len(layers) > 0
+            assert all(0 < m["relative_norm"] < 1 for m in layers.values())
+            assert all(0 < m["effective_rank"] <= m["rank"] for m in layers.values())
+            snippet = yaml.safe_load(summary["recommendation"]["snippet"])
+            assert 1 <= snippet["lora"]["r"] <= summary["r"]
+            validate(snippet["lora"], task_schema["properties"]["lora"], f"{task} {kind}")  # pastes
+            assert f"### {task}: {kind} adapter" in report
+    assert (default_run / "report/adapters.png").stat().st_size > 0

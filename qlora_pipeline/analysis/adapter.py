@@ -12,9 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..errors import InputError
-from ..models.checkpoint import Checkpoint
-from ..training.adapter_file import Update, read_adapter
+from ..training.adapter_file import Update, read_against
 from . import profile, recommend, spectrum
 
 log = logging.getLogger(__name__)
@@ -25,12 +23,7 @@ def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
     recommend.recommend, "r", "layers_analyzed", "seconds"}. The SVDs run on `device` (the
     job's policy: a GPU where there is one), one layer there at a time."""
     started = time.perf_counter()
-    updates = read_adapter(adapter_dir)
-    checkpoint = Checkpoint(base_dir)
-    missing = sorted(set(updates) - set(checkpoint.weight_map))
-    if missing:
-        raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store; "
-                         f"expected the base the adapter was trained on")
+    updates, checkpoint = read_against(adapter_dir, base_dir)
     intruders = settings["intruders"]
     intruder_cfg = ({k: intruders[k] for k in ("k", "reference", "threshold")}
                     if intruders["enabled"] else None)

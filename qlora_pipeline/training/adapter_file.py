@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..models.checkpoint import Checkpoint
 
 PREFIX = "base_model.model."
 # adapter_config.json settings whose update this module does not compute: refused, not ignored.
@@ -64,6 +65,19 @@ def read_adapter(adapter_dir: Path) -> dict[str, Update]:
         layers.setdefault(module, {})[part] = tensor
     return {f"{module}.weight": update(module, parts, config, adapter_dir)
             for module, parts in layers.items()}
+
+
+def read_against(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, Update], Checkpoint]:
+    """The adapter's updates and the base checkpoint they apply to, read one tensor at a time;
+    an adapter of weights the base does not store is refused."""
+    updates = read_adapter(adapter_dir)
+    checkpoint = Checkpoint(base_dir)
+    missing = sorted(set(updates) - set(checkpoint.weight_map))
+    if missing:
+        raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store "
+                         f"(another model, or a tied or renamed weight?); expected weights "
+                         f"among its checkpoint")
+    return updates, checkpoint
 
 
 def check_supported(config: dict, adapter_dir: Path) -> None:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..models.checkpoint import INDEX, SINGLE, Checkpoint, dequantize, is_quant_part
-from .adapter_file import read_adapter
+from ..models.checkpoint import INDEX, SINGLE, dequantize, is_quant_part
+from .adapter_file import read_against
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +74,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write base + adapter merged into `out_dir` (weights, config without quantization,
     generation config), every floating tensor in `dtype`. Returns what was merged."""
-    updates = read_adapter(adapter_dir)
-    checkpoint = Checkpoint(base_dir)
-    missing = sorted(set(updates) - set(checkpoint.weight_map))
-    if missing:
-        raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store "
-                         f"(a tied or renamed weight?); expected weights among its checkpoint")
+    updates, checkpoint = read_against(adapter_dir, base_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer, merged, dequantized = ShardWriter(out_dir, max_shard_bytes), 0, 0
