@@ -7,6 +7,7 @@ storage is read), so memory holds one base layer whatever the model's size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -42,12 +43,9 @@ def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
 
 
 def on(update: Update, device: str) -> Update:
-    if device == "cpu":
-        return update
-    moved = {name: getattr(update, name).to(device) for name in ("A", "B")}
     magnitude = update.magnitude.to(device) if update.magnitude is not None else None
-    return Update(**moved, scaling=update.scaling, fan_in_fan_out=update.fan_in_fan_out,
-                  magnitude=magnitude)
+    return dataclasses.replace(update, A=update.A.to(device), B=update.B.to(device),
+                               magnitude=magnitude)
 
 
 def adapter_rank(adapter_dir: Path) -> int:

@@ -20,12 +20,11 @@ import logging
 
 import torch
 
+from .numerics import LOSS_TOLERANCE
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-# Loss with the kept logits vs every logit: the same numbers summed over fewer positions
-# (float32: ~1e-7 measured); a wrong position or target would move it by far more.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
 def keep(batch: dict) -> dict:
@@ -66,7 +65,7 @@ def check(model, batch: dict) -> dict:
         model.train(was_training)
     wanted = kept["logits_to_keep"].numel() if "logits_to_keep" in kept else batch["input_ids"].shape[1]
     gap = abs(float(full.loss) - float(fast.loss))
-    tolerance = TOLERANCE.get(full.logits.dtype, 1e-2) * max(1.0, abs(float(full.loss)))
+    tolerance = LOSS_TOLERANCE.get(full.logits.dtype, 1e-2) * max(1.0, abs(float(full.loss)))
     result = {"positions_kept": wanted, "positions": int(batch["input_ids"].shape[1]),
               "loss_gap": gap, "tolerance": tolerance}
     if fast.logits.shape[1] != wanted:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 # is off by ~3e-3, so float32's bound catches it; its missing gradient fails at any dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 PROBE_ROWS = 4
+# Largest gap between two losses computed by the same math summed in another order (float32:
+# ~1e-6 measured): packed vs alone (training/packing.py), kept logits vs all of them
+# (label_positions.py). A real difference there (examples that see each other, wrong targets)
+# was 1e-2 or more.
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
 class NumericsError(RuntimeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..analysis import spectrum
+from ..analysis import profile, spectrum
 
 
 class AdapterMonitor(TrainerCallback):
@@ -43,7 +43,7 @@ def snapshot(model) -> dict[str, dict]:
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             continue  # a broken adapter: the loss guard stops the run, not this log
         S = spectrum.low_rank_svd(A, B, scaling)[1]
-        groups[name.rsplit(".", 1)[-1]].append(spectrum.metrics(S))
+        groups[profile.parse_layer(name)[1]].append(spectrum.metrics(S))
     return {leaf: {"effective_rank": sum(m["effective_rank"] for m in rows) / len(rows),
                    "fro": sum(m["fro"] for m in rows) / len(rows), "layers": len(rows)}
             for leaf, rows in sorted(groups.items())}

@@ -18,10 +18,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from ..errors import InputError
 from ..models import label_positions
-
-# Per-example loss, packed vs alone: the same math up to summation order (float32: ~1e-6
-# measured on four architectures); a leak between examples was 1e-2 to 7e-2 there.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+from ..models.numerics import LOSS_TOLERANCE
 
 class Collator:
     """Right-padded batches; for packed rows, position ids instead of an attention mask.
@@ -85,7 +82,7 @@ def check_isolation(model, row: dict, tokenizer) -> dict:
             gap = max(gap, abs(_loss(logits[start:end], ids) - _loss(alone, ids)))
     finally:
         model.train(was_training)
-    tolerance = TOLERANCE.get(dtype, 1e-2)
+    tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
     if gap > tolerance:
         config = model.config
         raise InputError(f"tokenize.packing: examples packed into one sequence attend to each "
