@@ -20,6 +20,9 @@ from .data.builtin import check_arithmetic
 from .errors import InputError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
+# Task keys whose mapping is a choice between keys ({energy} or {rank}), not settings: a
+# task's value replaces the defaults' instead of merging with it.
+CHOICES = ("compress",)
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -189,7 +192,13 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
     override = config.get("task_overrides", {}).get(name, {})
-    raw = deep_merge(config["defaults"], deep_merge(raw, override))
+    merged = deep_merge(config["defaults"], deep_merge(raw, override))
+    for key in CHOICES:  # the most specific setting wins whole
+        for layer in (override, raw):
+            if key in layer:
+                merged[key] = copy.deepcopy(layer[key])
+                break
+    raw = merged
     # The global seed is the seed of everything a task does not seed itself (config schema).
     if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
         raw["dataset"]["seed"] = config.get("seed", 0)

@@ -19,9 +19,11 @@ RESULTS = "results"
 BASE = f"{RESULTS}/models/base"
 QUANTIZED = f"{RESULTS}/models/quantized"  # the quantized base, whatever its bits
 
-VARIANT_KINDS = ("base", "quantized", "qlora", "recovered", "merged")
-# Kinds scored with an adapter, and the base that adapter is put on: the model as trained.
-ADAPTERS = {"qlora": "quantized", "recovered": "base"}
+VARIANT_KINDS = ("base", "quantized", "qlora", "compressed", "recovered", "merged")
+# Kinds scored with an adapter, and the base that adapter is put on: the model as trained
+# (a compressed adapter is a cut of the QLoRA one, so it goes on the quantized base too).
+ADAPTERS = {"qlora": "quantized", "compressed": "quantized", "recovered": "base"}
+COMPRESSED_FROM = "qlora"  # the adapter kind the compress stage cuts
 NAME = r"[A-Za-z0-9_-]+"
 VARIANT_PATTERN = (rf"(?:base|quantized)|(?:{'|'.join([*ADAPTERS, 'merged'])})"
                    rf"(?:\+{NAME})?")
@@ -87,7 +89,7 @@ def parse_variant(variant: str) -> tuple[str, str | None]:
     """('qlora', None) for 'qlora'; ('qlora', 'topic') for 'qlora+topic'."""
     if not re.fullmatch(VARIANT_PATTERN, variant):
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_KINDS)}, "
-                         f"or qlora/recovered/merged followed by +<task>")
+                         f"or {'/'.join([*ADAPTERS, 'merged'])} followed by +<task>")
     kind, _, source = variant.partition("+")
     return kind, source or None
 

@@ -24,3 +24,24 @@ rule analyze_adapter:
         gpu=1,
     script:
         "../scripts/analyze_adapter.py"
+
+
+# Compression: a task's QLoRA adapter cut to its best lower-rank approximation (task key
+# `compress`), scored as the `compressed` variant. Small work on the CPU (r×r SVDs).
+rule compress_adapter:
+    input:
+        adapter=layout.adapter("{task}", layout.COMPRESSED_FROM),
+    output:
+        compressed=directory(layout.adapter("{task}", "compressed")),
+    params:
+        settings=lambda wc: task_cfg(wc)["compress"],
+        code=code("compress_adapter"),
+    threads: DATA_THREADS
+    log:
+        f"{RESULTS}/logs/compress_adapter/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/compress_adapter/{{task}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/compress_adapter.py"

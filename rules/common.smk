@@ -69,6 +69,10 @@ def recovery_enabled(task):
     return TASKS[task]["recovery"]["enabled"]
 
 
+def compress_enabled(task):
+    return TASKS[task]["compress"] is not None
+
+
 def final_adapter(wildcards):
     """The adapter a task ships: the recovered one when recovery is on, else the QLoRA one."""
     kind = "recovered" if recovery_enabled(wildcards.task) else "qlora"
@@ -76,9 +80,10 @@ def final_adapter(wildcards):
 
 
 def variants(task):
-    """The configured variants that exist for a task (`recovered` only where enabled)."""
-    wanted = config["evaluation"]["variants"]
-    return [v for v in wanted if v != "recovered" or recovery_enabled(task)]
+    """The configured variants that exist for a task (`recovered` and `compressed` only where
+    the task enables them)."""
+    optional = {"recovered": recovery_enabled(task), "compressed": compress_enabled(task)}
+    return [v for v in config["evaluation"]["variants"] if optional.get(v, True)]
 
 
 def variant_inputs(wildcards):
@@ -107,11 +112,16 @@ def all_analyses():
     return [layout.analysis(t, kind) for t in TASKS for kind in adapter_kinds(t)]
 
 
+def all_compressions():
+    return [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)]
+
+
 def all_outputs():
     return [
         layout.quantization_report()["markdown"],
         *all_adapters(),
         *all_analyses(),
+        *all_compressions(),
         *[layout.merged(t) for t in TASKS],
         *eval_results(),
         layout.report()["markdown"],

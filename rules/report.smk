@@ -7,6 +7,7 @@ rule report:
         results=eval_results(),
         adapters=all_adapters(),
         analyses=all_analyses(),
+        compressions=all_compressions(),
         merged=[layout.merged(task) for task in TASKS],
         quantization=layout.quantization_report()["markdown"],
     output:

@@ -107,7 +107,8 @@ TINY_TASKS = {
                                                  "num_examples": 60, "seed": 1},
                    "recovery": {"enabled": True, "steps": 2}},
     "topic": {"format": "completion", "dataset": {"source": "builtin", "name": "topic",
-                                                  "num_examples": 60, "seed": 2}},
+                                                  "num_examples": 60, "seed": 2},
+              "compress": {"rank": 1}},
 }
 
 

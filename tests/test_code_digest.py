@@ -63,7 +63,8 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 @pytest.mark.parametrize("module, rules_changed", [
     ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate", "report"}),
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
-                            "merge", "evaluate"}),
+                            "merge", "evaluate", "compress_adapter"}),
+    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter"}),
     ("evaluation/reporting.py", {"report"}),
 ])
 def test_what_each_module_reaches(package, module, rules_changed):
@@ -102,6 +103,7 @@ def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
         ("evaluate", "arithmetic", "merged"), ("evaluate", "topic", "qlora"),
         ("evaluate", "topic", "merged"), ("analyze_adapter", "arithmetic", "qlora"),
         ("analyze_adapter", "arithmetic", "recovered"), ("analyze_adapter", "topic", "qlora"),
+        ("compress_adapter", "topic", ""), ("evaluate", "topic", "compressed"),
         ("report", "", ""),
     }
     assert planned_with(workdir) == set()  # the library as it is: nothing to do

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -72,9 +73,16 @@ def test_quantization_report(default_run):
             assert math.isfinite(ppl) and ppl > 1, (task, variant, ppl)
 
 
+def _task_file(task):
+    return yaml.safe_load((REPO / "config/tasks" / f"{task}.yaml").read_text())
+
+
 def _recovers(task):
-    return yaml.safe_load((REPO / "config/tasks" / f"{task}.yaml").read_text()).get(
-        "recovery", {}).get("enabled", False)
+    return _task_file(task).get("recovery", {}).get("enabled", False)
+
+
+def _compresses(task):
+    return _task_file(task).get("compress") is not None
 
 
 def test_adapters_learned(default_run):
@@ -125,7 +133,9 @@ def test_tuned_variants_beat_the_base(default_run):
     for task in TASKS:
         own = scores[(scores.task == task) & (scores.benchmark == task)]
         by_variant = dict(zip(own.variant, own.value))
-        expected = {"base", "quantized", "qlora", "merged"} | ({"recovered"} if _recovers(task) else set())
+        expected = ({"base", "quantized", "qlora", "merged"}
+                    | ({"recovered"} if _recovers(task) else set())
+                    | ({"compressed"} if _compresses(task) else set()))
         assert set(by_variant) == expected, by_variant
         tuned = expected - {"base", "quantized"}
         # Every tuned variant beats the base by a clear margin: a quarter of the test
@@ -157,3 +167,21 @@ def test_every_adapter_is_analysed_with_a_recommendation(default_run):
             validate(snippet["lora"], task_schema["properties"]["lora"], f"{task} {kind}")  # pastes
             assert f"### {task}: {kind} adapter" in report
     assert (default_run / "report/adapters.png").stat().st_size > 0
+
+
+def test_the_compressed_adapter_is_smaller_and_keeps_its_energy(default_run):
+    """The demo compresses one task's QLoRA adapter ({energy: 0.9}): every layer keeps at
+    least 90 % of ‖ΔW‖², the adapter shrinks, and the report sets the two side by side (its
+    score is held to the tuned variants' margin above)."""
+    compressing = [task for task in TASKS if _compresses(task)]
+    assert compressing, "the demo config compresses no task"
+    report = (default_run / "report/report.md").read_text()
+    assert "## Compression" in report
+    for task in compressing:
+        info = json.loads((default_run / "adapters" / task / "compressed/compression.json")
+                          .read_text())
+        assert info["energy_kept"]["min"] >= info["keep"]["energy"] - 1e-6
+        assert info["rank_after"]["max"] <= info["rank_before"]
+        assert info["parameters"]["after"] < info["parameters"]["before"]
+        assert info["bytes"]["after"] < info["bytes"]["before"]
+        assert re.search(rf"\n\| {task} +\| energy {info['keep']['energy']} +\|", report)

@@ -62,7 +62,7 @@ def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     jobs = planned(workdir)
     assert rules(jobs) == {"evaluate", "report"}
     variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged"},
-                "topic": {"base", "quantized", "qlora", "merged"}}
+                "topic": {"base", "quantized", "qlora", "compressed", "merged"}}
     assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
         (t, v) for t, vs in variants.items() for v in vs}
 
@@ -88,8 +88,10 @@ def test_dataset_of_one_task(copy_run):
     assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
             ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
             ("merge", "topic", ""), ("analyze_adapter", "topic", "qlora"),
-            ("quantization_report", "", ""), ("report", "", "")} <= jobs
-    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "quantized", "qlora", "merged"}
+            ("compress_adapter", "topic", ""), ("quantization_report", "", ""),
+            ("report", "", "")} <= jobs
+    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "quantized", "qlora",
+                                                          "compressed", "merged"}
     assert not rules(jobs) & {"import_base_model", "quantize"}
 
 
@@ -98,7 +100,7 @@ def test_quantization_block(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
-            "analyze_adapter", "evaluate", "report"} == rules(jobs)
+            "analyze_adapter", "compress_adapter", "evaluate", "report"} == rules(jobs)
     assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
     # the full-precision base's scores do not depend on quantization
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
@@ -115,8 +117,8 @@ def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     jobs = planned(workdir)
     assert "fetch_dataset" not in rules(jobs)
     assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
-            "recover", "merge", "analyze_adapter", "eval_task_spec", "evaluate",
-            "report"} == rules(jobs)
+            "recover", "merge", "analyze_adapter", "compress_adapter", "eval_task_spec",
+            "evaluate", "report"} == rules(jobs)
 
 
 def test_recovery_switched_on_for_one_task(copy_run):
@@ -129,3 +131,16 @@ def test_recovery_switched_on_for_one_task(copy_run):
         ("evaluate", "topic", "recovered"), ("evaluate", "topic", "merged"),
         ("analyze_adapter", "topic", "recovered"), ("report", "", ""),
     }
+
+
+def test_compression_edits_rerun_only_the_compressed_variant(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml", lambda t: t.update(compress={"energy": 0.5}))
+    assert planned(workdir) == {("compress_adapter", "topic", ""),
+                                ("evaluate", "topic", "compressed"), ("report", "", "")}
+    # Switched on for a task that had none: its compression and score, nothing else.
+    edit(workdir / "config/tasks/arithmetic.yaml", lambda t: t.update(compress={"rank": 1}))
+    assert planned(workdir) == {
+        ("compress_adapter", "topic", ""), ("evaluate", "topic", "compressed"),
+        ("compress_adapter", "arithmetic", ""), ("evaluate", "arithmetic", "compressed"),
+        ("report", "", "")}

@@ -17,7 +17,8 @@ COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
 # Task t: own benchmark (acc) + arc_easy; task u: own benchmark (exact match) only.
 SCORES = {
     ("t", "base"): 0.5, ("t", "quantized"): 0.4, ("t", "qlora"): 0.9, ("t", "recovered"): 0.95,
-    ("t", "merged"): 0.85, ("u", "base"): 0.2, ("u", "qlora"): 0.6, ("u", "merged"): 0.55,
+    ("t", "merged"): 0.85, ("u", "base"): 0.2, ("u", "qlora"): 0.6, ("u", "compressed"): 0.58,
+    ("u", "merged"): 0.55,
 }
 
 
@@ -68,11 +69,11 @@ def test_score_rows_name_pair_and_skip(tmp_path):
 def test_scores_table_orders_variants(tmp_path):
     frame = report.scores(write_results(tmp_path))
     assert list(frame.columns) == COLUMNS
-    assert len(frame) == 5 * 3 + 3  # t: 3 metrics x 5 variants; u: 1 metric x 3 variants
+    assert len(frame) == 5 * 3 + 4  # t: 3 metrics x 5 variants; u: 1 metric x 4 variants
     own = frame[(frame.task == "t") & (frame.benchmark == "t")]
     assert list(own.variant) == ["base", "quantized", "qlora", "recovered", "merged"]
     assert list(own.value) == [0.5, 0.4, 0.9, 0.95, 0.85]
-    assert list(frame[frame.task == "u"].variant) == ["base", "qlora", "merged"]
+    assert list(frame[frame.task == "u"].variant) == ["base", "qlora", "compressed", "merged"]
     assert set(frame.benchmark) == {"t", "arc_easy", "u"}
     assert frame.stderr.isna().sum() == 5  # arc_easy acc_norm for every variant of t
     # Sorted by task, benchmark, metric, then variant order.
@@ -91,11 +92,12 @@ def test_task_table_shows_gain_over_base(tmp_path):
     assert len(lines) == 2 + 3  # one row per benchmark x metric
 
     u = report.task_table(frame[frame.task == "u"]).splitlines()
-    assert u[0] == "| benchmark | metric | base | qlora | merged |"
-    assert u[2] == "| u | exact_match | 0.200 | 0.600 (+0.400) | 0.550 (+0.350) |"
+    assert u[0] == "| benchmark | metric | base | qlora | compressed | merged |"
+    assert u[2] == ("| u | exact_match | 0.200 | 0.600 (+0.400) | 0.580 (+0.380) "
+                    "| 0.550 (+0.350) |")
 
     no_base = report.task_table(frame[(frame.task == "u") & (frame.variant != "base")])
-    assert "| u | exact_match | 0.600 | 0.550 |" in no_base and "(" not in no_base
+    assert "| u | exact_match | 0.600 | 0.580 | 0.550 |" in no_base and "(" not in no_base
 
 
 def write_analysis(folder: Path, task: str, kind: str) -> Path:
@@ -111,6 +113,17 @@ def write_analysis(folder: Path, task: str, kind: str) -> Path:
     (folder / "summary.json").write_text(json.dumps({
         "task": task, "kind": kind, "r": 2,
         "summary": {"spectra": {"q_proj": [1.0, 0.4], "v_proj": [1.0, 0.3]}}}))
+    return folder
+
+
+def write_compression(folder: Path, task: str) -> Path:
+    """A handmade compress_adapter summary (the adapter files themselves are not read)."""
+    folder.mkdir(parents=True)
+    (folder / "compression.json").write_text(json.dumps({
+        "task": task, "keep": {"energy": 0.9}, "layers": 6, "rank_before": 8,
+        "rank_after": {"min": 1, "max": 3, "mean": 2.5}, "energy_kept": {"min": 0.91},
+        "parameters": {"before": 12288, "after": 3840, "ratio": 0.3125},
+        "bytes": {"before": 50000, "after": 16000}}))
     return folder
 
 
@@ -160,8 +173,9 @@ def make_run(root: Path) -> dict:
     outputs = {"scores": out / "scores.csv", "markdown": out / "report.md",
                "scores_plot": out / "scores.png", "loss_plot": out / "loss.png", "adapters_plot": out / "adapters.png",
                "provenance": out / "provenance.json"}
+    compressed = write_compression(root / "results/adapters/u/compressed", "u")
     return {"results": files, "adapters": adapters, "analyses": analyses, "merged": merged,
-            "quantization": quantization, "outputs": outputs}
+            "compressions": [compressed], "quantization": quantization, "outputs": outputs}
 
 
 def test_build_report(tmp_path):
@@ -173,20 +187,26 @@ def test_build_report(tmp_path):
 
     scores = pd.read_csv(outputs["scores"])
     assert list(scores.columns) == COLUMNS
-    assert len(scores) == 18
+    assert len(scores) == 19
     row = scores[(scores.task == "t") & (scores.variant == "qlora") & (scores.benchmark == "t")]
     assert row[["metric", "value", "stderr"]].values.tolist() == [["acc", 0.9, 0.1]]
 
     text = outputs["markdown"].read_text()
     sections = [line for line in text.splitlines() if line.startswith("#")]
     assert sections == ["# Fine-tuning report", "## t", "## u", "## Training",
-                        "## Merge checks", "## Adapters", "### t: qlora adapter",
+                        "## Merge checks", "## Compression", "## Adapters", "### t: qlora adapter",
                         "### t: recovered adapter", "### u: qlora adapter", "## Quantization"]
     t_part = text.split("## t\n", 1)[1].split("## u\n", 1)[0]
     assert "| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400)" in t_part
     assert "| arc_easy | acc_norm |" in t_part
     u_part = text.split("## u\n", 1)[1].split("## Training", 1)[0]
-    assert "| u | exact_match | 0.200 | 0.600 (+0.400) | 0.550 (+0.350) |" in u_part
+    assert "| u | exact_match | 0.200 | 0.600 (+0.400) | 0.580 (+0.380) | 0.550 (+0.350) |" \
+        in u_part
+    compression = text.split("## Compression", 1)[1].split("## Adapters", 1)[0]
+    row, = [line for line in compression.splitlines() if line.startswith("| u ")]
+    assert [cell.strip() for cell in row.strip("|").split("|")] == [
+        "u", "energy 0.9", "8 -> 1..3 (mean 2.50)", "0.91", "12,288 -> 3,840",
+        "50,000 -> 16,000", "0.3125", "0.6", "0.58"]
 
     training = text.split("## Training", 1)[1].split("## Merge checks", 1)[0]
     table = [line for line in training.splitlines() if line.startswith("|")]
@@ -195,7 +215,7 @@ def test_build_report(tmp_path):
     assert any("recovered" in line and "| t " in line for line in table)
     assert "![losses](loss.png)" in training
 
-    merges = text.split("## Merge checks", 1)[1].split("## Quantization", 1)[0]
+    merges = text.split("## Merge checks", 1)[1].split("## Compression", 1)[0]
     table = [line for line in merges.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 4  # two merge bases checked per task
     assert "max_gap_vs_trained" in table[0]
@@ -237,7 +257,8 @@ def snakemake_inputs(workdir: Path) -> None:
     gaps = {"max_abs_logit_gap": 0.01, "mean_abs_logit_gap": 0.001, "top1_agreement": 1.0}
     for task, cfg in TINY_TASKS.items():
         recovery = cfg.get("recovery", {}).get("enabled", False)
-        variants = [v for v in VARIANT_KINDS if v != "recovered" or recovery]
+        variants = [v for v in VARIANT_KINDS if (v != "recovered" or recovery)
+                    and (v != "compressed" or cfg.get("compress"))]
         for i, variant in enumerate(variants):
             write_json(results / "eval" / variant / task / "results.json", {
                 "results": {f"qlora_{task}": {"acc,none": 0.1 * (i + 1),
@@ -248,6 +269,8 @@ def snakemake_inputs(workdir: Path) -> None:
             (results / "adapters" / task / kind / "metrics.jsonl").write_text(
                 '{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n')
             write_analysis(results / "analysis" / task / kind, task, kind)
+        if cfg.get("compress"):
+            write_compression(results / "adapters" / task / "compressed", task)
         write_json(results / "models/merged" / task / "merge_check.json", {
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
             "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})
@@ -266,7 +289,10 @@ def test_report_rule_and_html_report(workdir):
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns) == COLUMNS
     assert set(scores.task) == set(TINY_TASKS)
-    assert list(scores[scores.task == "arithmetic"].variant) == list(VARIANT_KINDS)
+    assert list(scores[scores.task == "arithmetic"].variant) == [
+        v for v in VARIANT_KINDS if v != "compressed"]
+    assert list(scores[scores.task == "topic"].variant) == [
+        v for v in VARIANT_KINDS if v != "recovered"]
     assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
     assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
 
@@ -284,7 +310,8 @@ def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
     scores = pd.read_csv(tiny_run / "results/report/scores.csv")
     expected = {(task, variant) for task, cfg in TINY_TASKS.items()
                 for variant in VARIANT_KINDS
-                if variant != "recovered" or cfg.get("recovery", {}).get("enabled")}
+                if (variant != "recovered" or cfg.get("recovery", {}).get("enabled"))
+                and (variant != "compressed" or cfg.get("compress"))}
     assert set(zip(scores.task, scores.variant)) == expected
     assert set(scores.benchmark) == set(TINY_TASKS)
     assert scores.value.between(0, 1).all()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..layout import VARIANT_KINDS, parse_variant
+from ..layout import COMPRESSED_FROM, VARIANT_KINDS, parse_variant
 from ..outputs import read_json, read_jsonl
 from .tasks import lm_eval_name
 
@@ -82,6 +82,30 @@ def merge_rows(merged_dirs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def compression_rows(compressed_dirs: list, frame: pd.DataFrame) -> pd.DataFrame:
+    """Per compressed adapter: size and ranks against the adapter it was cut from, and the two
+    adapters' scores on the task's own benchmark side by side."""
+    rows = []
+    for directory in map(Path, compressed_dirs):
+        info = read_json(directory / "compression.json")
+        task = info["task"]
+        own = frame[(frame["task"] == task) & (frame["benchmark"] == task)]
+        scores = {variant: own.loc[own["variant"] == variant, "value"] for variant in
+                  (COMPRESSED_FROM, "compressed")}
+        after = info["rank_after"]
+        rows.append({"task": task, "keep": ", ".join(f"{k} {v}" for k, v in info["keep"].items()),
+                     "rank": f"{info['rank_before']} -> {after['min']}..{after['max']} "
+                             f"(mean {after['mean']:.2f})",
+                     "energy_kept_min": info["energy_kept"]["min"],
+                     "parameters": f"{info['parameters']['before']:,} -> "
+                                   f"{info['parameters']['after']:,}",
+                     "bytes": f"{info['bytes']['before']:,} -> {info['bytes']['after']:,}",
+                     "size_ratio": info["parameters"]["ratio"],
+                     **{f"score_{variant}": float(values.iloc[0]) if len(values) else None
+                        for variant, values in scores.items()}})
+    return pd.DataFrame(rows)
+
+
 def read_metrics(adapter_dir: Path) -> pd.DataFrame:
     path = Path(adapter_dir) / "metrics.jsonl"
     if not path.exists():
@@ -152,7 +176,8 @@ def analysis_sections(analysis_dirs: list) -> str:
 
 
 def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
-             quantization_md: str, analyses_md: str = "") -> str:
+             quantization_md: str, analyses_md: str = "",
+             compressions: pd.DataFrame | None = None) -> str:
     parts = ["# Fine-tuning report", "",
              "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
              "cell shows its gain over the full-precision base in parentheses.", ""]
@@ -163,6 +188,12 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
               "", "![losses](loss.png)", "", "## Merge checks", "",
               merges.to_markdown(index=False, floatfmt=".3g"), "",
               "![scores](scores.png)", ""]
+    if compressions is not None and not compressions.empty:
+        parts += ["## Compression", "",
+                  (f"Each {COMPRESSED_FROM} adapter cut to lower ranks (task key `compress`), "
+                   "scored as the `compressed` variant on the same quantized base; scores are "
+                   "the task's own metric."), "",
+                  compressions.to_markdown(index=False, floatfmt=".4g"), ""]
     if analyses_md:
         parts += ["## Adapters", "",
                   "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",

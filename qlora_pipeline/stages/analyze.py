@@ -28,3 +28,21 @@ def analyze_adapter(*, adapter, base, analysis, settings: dict, task: str, kind:
         (out["analysis"] / "analysis.md").write_text(text, encoding="utf-8")
     log.info("\n%s", text)
     return result
+
+
+def compress_adapter(*, adapter, compressed, settings: dict, task: str,
+                     policy: Policy) -> dict:
+    """The task's QLoRA adapter cut to lower ranks (analysis/compress.py), a PEFT adapter
+    scored as the `compressed` variant on the quantized base it was trained on; beside it,
+    compression.json: parameters and bytes before and after, the energy kept per layer."""
+    from ..analysis import compress
+
+    with stage_outputs("compress_adapter", {"compressed": compressed}, config=settings,
+                       inputs={"adapter": adapter}, policy=policy) as out:
+        result = compress.compress(adapter, out["compressed"], settings)
+        write_json(out["compressed"] / "compression.json", {"task": task, **result})
+    log.info("%s: %d layers, rank %d -> %s, parameters %d -> %d, energy kept >= %.3f", task,
+             result["layers"], result["rank_before"], result["rank_after"],
+             result["parameters"]["before"], result["parameters"]["after"],
+             result["energy_kept"]["min"])
+    return result

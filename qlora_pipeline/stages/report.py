@@ -12,8 +12,8 @@ from ..policy import Policy
 log = logging.getLogger(__name__)
 
 
-def report(*, results: list, adapters: list, analyses: list, merged: list, quantization,
-           scores, markdown, scores_plot, loss_plot, adapters_plot, provenance,
+def report(*, results: list, adapters: list, analyses: list, compressions: list, merged: list,
+           quantization, scores, markdown, scores_plot, loss_plot, adapters_plot, provenance,
            policy: Policy) -> None:
     """scores.csv, report.md and the plots (written together or not at all)."""
     from ..analysis.plots import plot_adapters
@@ -23,7 +23,8 @@ def report(*, results: list, adapters: list, analyses: list, merged: list, quant
                "loss_plot": loss_plot, "adapters_plot": adapters_plot, "provenance": provenance}
     inputs = {"quantization": quantization, **{f"results{i}": p for i, p in enumerate(results)},
               **{f"adapter{i}": p for i, p in enumerate(adapters)},
-              **{f"analysis{i}": p for i, p in enumerate(analyses)}}
+              **{f"analysis{i}": p for i, p in enumerate(analyses)},
+              **{f"compressed{i}": p for i, p in enumerate(compressions)}}
     with stage_outputs("report", outputs, config={}, inputs=inputs, policy=policy) as out:
         frame = reporting.scores(results)
         frame.to_csv(out["scores"], index=False)
@@ -33,6 +34,7 @@ def report(*, results: list, adapters: list, analyses: list, merged: list, quant
         text = reporting.markdown(frame, reporting.training_rows(adapters),
                                   reporting.merge_rows(merged),
                                   Path(quantization).read_text(encoding="utf-8"),
-                                  reporting.analysis_sections(analyses))
+                                  reporting.analysis_sections(analyses),
+                                  reporting.compression_rows(compressions, frame))
         out["markdown"].write_text(text, encoding="utf-8")
     log.info("\n%s", text)

@@ -1,0 +1,130 @@
+"""A smaller LoRA adapter with nearly the same update: each layer's ΔW = scaling·B·A cut to
+its best rank-k approximation (Eckart–Young: the top k singular triplets), saved as a PEFT
+adapter whose per-layer ranks are PEFT's rank_pattern.
+
+k is either one rank for every layer ({rank: k}, capped at each layer's own r) or, per layer,
+the smallest rank keeping a share of ‖ΔW‖_F² ({energy: e}, the rank recommendation's rule,
+recommend.py). The factors come from spectrum.low_rank_svd, so nothing is formed densely:
+a large model's adapter compresses in seconds. PEFT has no such operation (its SVD-based
+tools initialise an adapter from the base weights, not from a trained update), hence this
+module. DoRA's update is not low-rank and is refused.
+
+The new factors split the singular values evenly, B' = U_k·√(S_k/s_k), A' = √(S_k/s_k)·V_kᵀ
+with s_k the scaling PEFT gives rank k (α/k, or α/√k with rsLoRA), so that s_k·B'·A' = ΔW_k and
+neither factor is far larger than the other (the adapter can be trained further as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..models.numerics import TOLERANCE, NumericsError
+from ..training.adapter_file import PREFIX, Update, read_adapter
+from .recommend import layer_rank
+from .spectrum import low_rank_svd
+
+
+def scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's LoRA scaling for a layer of this rank."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def target_rank(S: torch.Tensor, r: int, keep: dict) -> int:
+    """k for one layer of rank r with singular values S: keep['rank'] (at most r), or the
+    smallest rank holding keep['energy'] of ‖ΔW‖². At least 1: PEFT has no rank-0 layer (a
+    zero update stays zero at rank 1)."""
+    if keep.get("rank") is not None:
+        return max(1, min(int(keep["rank"]), r))
+    return max(1, layer_rank({"singular_values": S.tolist()}, keep["energy"]))
+
+
+def truncate(update: Update, k: int, alpha: float,
+             rslora: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(A' [k×in], B' [out×k], record) with scaling(α, k)·B'·A' the best rank-k approximation
+    of the update's ΔW (in the orientation B·A is stored in; fan_in_fan_out is unchanged). The
+    record gives the layer's rank before and after, the energy share kept and the relative
+    Frobenius error ‖ΔW − ΔW_k‖/‖ΔW‖ (0 for a zero update)."""
+    if update.magnitude is not None:
+        raise InputError("a DoRA adapter (lora_magnitude_vector) cannot be compressed: its "
+                         "update m·(W0+BA)/‖W0+BA‖ − W0 is not low-rank; expected a plain "
+                         "LoRA adapter")
+    U, S, V = low_rank_svd(update.A, update.B, update.scaling)
+    root = torch.sqrt(S[:k].double() / scaling(alpha, k, rslora)).float()
+    dtype = update.A.dtype
+    A = (root[:, None] * V[:, :k].T).to(dtype).contiguous()
+    B = (U[:, :k] * root[None, :]).to(dtype).contiguous()
+    energy = S.double() ** 2
+    total = float(energy.sum())
+    kept = float(energy[:k].sum()) / total if total > 0 else 1.0
+    record = {"rank": update.A.shape[0], "compressed_rank": k, "energy_kept": kept,
+              "relative_error": math.sqrt(max(0.0, 1 - kept)) if total > 0 else 0.0}
+    check_factors(A, B, scaling(alpha, k, rslora), S[:k], record)
+    return A, B, record
+
+
+def check_factors(A: torch.Tensor, B: torch.Tensor, scale: float, expected: torch.Tensor,
+                  record: dict) -> None:
+    """The written factors must reproduce the singular values they were cut to: a wrong split
+    or a rounding beyond the dtype's would otherwise ship a silently different adapter."""
+    got = low_rank_svd(A, B, scale)[1]
+    largest = float(expected.max()) if expected.numel() else 0.0
+    gap = float((got.double() - expected.double()).abs().max()) if expected.numel() else 0.0
+    # Relative to the largest singular value: the stored dtype's rounding of the factors.
+    tolerance = TOLERANCE.get(A.dtype, TOLERANCE[torch.float32]) * max(largest, 1e-12)
+    if gap > tolerance:
+        raise NumericsError(f"compressed factors give singular values {got.tolist()[:4]}..., "
+                            f"expected {expected.tolist()[:4]}... (gap {gap:.3g} > {tolerance:.3g}"
+                            f" for {A.dtype})")
+    record["singular_value_gap"] = gap
+
+
+def compress(adapter_dir: Path, out_dir: Path, keep: dict) -> dict:
+    """Write the compressed adapter (adapter_config.json, adapter_model.safetensors) into
+    out_dir and return its summary: per-layer records, parameters and bytes before and after."""
+    from safetensors.torch import save_file
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    updates = read_adapter(adapter_dir)
+    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora"))
+    tensors, layers = {}, {}
+    for key, update in updates.items():
+        module = key.removesuffix(".weight")
+        S = low_rank_svd(update.A, update.B, update.scaling)[1]
+        k = target_rank(S, update.A.shape[0], keep)
+        A, B, layers[module] = truncate(update, k, alpha, rslora)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B
+    ranks = {module: record["compressed_rank"] for module, record in layers.items()}
+    r = max(ranks.values())
+    # Module paths as rank_pattern keys, as the rank recommendation writes them (recommend.py).
+    config.update(r=r, rank_pattern={m: k for m, k in sorted(ranks.items()) if k != r})
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
+                                                 + "\n", encoding="utf-8")
+    return summary(keep, updates, tensors, layers, adapter_dir, out_dir)
+
+
+def summary(keep: dict, updates: dict[str, Update], tensors: dict, layers: dict,
+            adapter_dir: Path, out_dir: Path) -> dict:
+    energies = [record["energy_kept"] for record in layers.values()]
+    errors = [record["relative_error"] for record in layers.values()]
+    ranks = [record["compressed_rank"] for record in layers.values()]
+    params = sum(u.A.numel() + u.B.numel() for u in updates.values())
+    new_params = sum(t.numel() for t in tensors.values())
+    weights = "adapter_model.safetensors"
+    return {"keep": keep, "layers": len(layers),
+            "rank_before": max(record["rank"] for record in layers.values()),
+            "rank_after": {"max": max(ranks), "min": min(ranks),
+                           "mean": sum(ranks) / len(ranks)},
+            "energy_kept": {"min": min(energies), "mean": sum(energies) / len(energies)},
+            "relative_error": {"max": max(errors), "mean": sum(errors) / len(errors)},
+            "parameters": {"before": params, "after": new_params, "ratio": new_params / params},
+            "bytes": {"before": (adapter_dir / weights).stat().st_size,
+                      "after": (out_dir / weights).stat().st_size},
+            "per_layer": layers}
