@@ -38,6 +38,7 @@ SHARD = "200MB"
 SHARD_BYTES = 200 * 10 ** 6
 RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def status_mb(field: str) -> float:
@@ -76,29 +77,33 @@ def synthetic_model(shape: dict, out: Path, shard: str) -> int:
     return sum(t.numel() for t in meta.values())
 
 
-def synthetic_adapter(shape: dict, out: Path) -> None:
-    """A LoRA adapter (r 16, all linear layers, B ≠ 0) in PEFT's format: PEFT writes the
-    config; the tensors are drawn directly (a model to inject into would cost the RAM this
-    benchmark measures)."""
+def synthetic_adapter(shape: dict, out: Path, rank: int = RANK) -> None:
+    """A LoRA adapter (r 16 unless told, all linear layers, B ≠ 0) in PEFT's format: PEFT
+    writes the config; the tensors are drawn directly (a model to inject into would cost the
+    RAM this benchmark measures)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    generator, tensors = torch.Generator().manual_seed(1), {}
+    for module, (fan_in, fan_out) in linear_layers(shape).items():
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.01
+        tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+    out.mkdir(parents=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank,
+               target_modules=TARGETS).save_pretrained(out)
+
+
+def linear_layers(shape: dict) -> dict[str, tuple[int, int]]:
+    """{module path: (fan_in, fan_out)} of every linear layer of a Llama of this shape."""
     hidden, inter, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
     kv = shape["num_key_value_heads"] * hidden // heads
     dims = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
             "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
             "down_proj": (inter, hidden)}
-    generator, tensors = torch.Generator().manual_seed(1), {}
-    for layer in range(shape["num_hidden_layers"]):
-        for name, (fan_in, fan_out) in dims.items():
-            part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=generator) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=generator) * 0.01
-    out.mkdir(parents=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    LoraConfig(task_type="CAUSAL_LM", r=RANK, lora_alpha=2 * RANK,
-               target_modules=TARGETS).save_pretrained(out)
+    return {f"model.layers.{layer}.{'mlp' if name in MLP else 'self_attn'}.{name}": size
+            for layer in range(shape["num_hidden_layers"]) for name, size in dims.items()}
 
 
 def measure(impl: str, base: Path, adapter: Path, out: Path) -> dict:

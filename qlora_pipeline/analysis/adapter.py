@@ -11,7 +11,10 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from ..training.adapter_file import Update, read_against
 from . import profile, recommend, spectrum
@@ -20,26 +23,35 @@ log = logging.getLogger(__name__)
 
 
 def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
-    """{"layers": {weight key: layer metrics}, "summary": profile.summarize, "recommendation":
-    recommend.recommend, "r", "layers_analyzed", "seconds"}. The SVDs run on `device` (the
-    job's policy: a GPU where there is one), one layer there at a time."""
+    """analyze_updates on a saved adapter and the base checkpoint it was trained on."""
     started = time.perf_counter()
     updates, checkpoint = read_against(adapter_dir, base_dir)
+    result = analyze_updates(updates, checkpoint.weight, adapter_rank(Path(adapter_dir)),
+                             lambda layers: num_layers(Path(base_dir), layers), settings, device)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    log.info("analysed %d layers of %s in %.1f s", len(updates), adapter_dir, result["seconds"])
+    return result
+
+
+def analyze_updates(updates: dict[str, Update], base_weight: Callable[[str], torch.Tensor],
+                    r: int, depth: Callable[[dict], int], settings: dict,
+                    device: str = "cpu") -> dict:
+    """{"layers": {weight key: layer metrics}, "summary": profile.summarize, "recommendation":
+    recommend.recommend, "r", "layers_analyzed"}. base_weight(key) gives one base weight at a
+    time (a checkpoint's reader; a benchmark's generator); depth(layers) the model's number of
+    layers. The SVDs run on `device` (the job's policy: a GPU where there is one), one layer
+    there at a time."""
     intruders = settings["intruders"]
     intruder_cfg = ({k: intruders[k] for k in ("k", "reference", "threshold")}
                     if intruders["enabled"] else None)
     layers = {key: spectrum.layer_metrics(on(update, device),
-                                          checkpoint.weight(key).to(device).float(), intruder_cfg)
+                                          base_weight(key).to(device).float(), intruder_cfg)
               for key, update in updates.items()}
-    r = adapter_rank(Path(adapter_dir))
-    result = {"r": r, "layers_analyzed": len(layers),
-              "summary": profile.summarize(layers, num_layers(Path(base_dir), layers)),
-              "recommendation": recommend.recommend(layers, r, settings["energy"],
-                                                    settings["saturation"]),
-              "layers": layers}
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    log.info("analysed %d layers of %s in %.1f s", len(layers), adapter_dir, result["seconds"])
-    return result
+    return {"r": r, "layers_analyzed": len(layers),
+            "summary": profile.summarize(layers, depth(layers)),
+            "recommendation": recommend.recommend(layers, r, settings["energy"],
+                                                  settings["saturation"]),
+            "layers": layers}
 
 
 def on(update: Update, device: str) -> Update:
