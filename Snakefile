@@ -12,6 +12,7 @@ include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/train.smk"
 include: "rules/analyze.smk"
+include: "rules/sweep.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from . import sweeps
 from .data.builtin import check_arithmetic
 from .errors import InputError
 
@@ -203,9 +204,12 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
         raw["dataset"]["seed"] = config.get("seed", 0)
     where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
-    validate(raw, load_schema("task.schema.yaml"), where)
+    schema = load_schema("task.schema.yaml")
+    validate(raw, schema, where)
     _check_dataset(raw["dataset"], raw["format"], where)
     raw["name"] = name
+    # Derived, not a setting: the sweep's points, each checked like a task file (sweeps.py).
+    raw["sweep_points"] = sweeps.expand(raw, schema, where, config.get("seed", 0))
     return raw
 
 

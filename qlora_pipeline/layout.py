@@ -65,6 +65,30 @@ def merged(task: str) -> str:
     return f"{RESULTS}/models/merged/{task}"
 
 
+def sweep_point(task: str, point: str) -> str:
+    """One sweep point's outputs (sweeps.py names the point): adapter/, eval/, analysis/."""
+    return f"{RESULTS}/sweeps/{task}/{point}"
+
+
+def sweep_adapter(task: str, point: str) -> str:
+    return f"{sweep_point(task, point)}/adapter"
+
+
+def sweep_evaluation(task: str, point: str) -> dict[str, str]:
+    """The point's adapter scored on the quantized base it was trained on (as `qlora`)."""
+    folder = f"{sweep_point(task, point)}/eval"
+    return {"results": f"{folder}/results.json", "samples": f"{folder}/samples.jsonl",
+            "provenance": f"{folder}/provenance.json"}
+
+
+def sweep_analysis(task: str, point: str) -> str:
+    return f"{sweep_point(task, point)}/analysis"
+
+
+def sweep_checkpoints(task: str, point: str) -> str:
+    return f"{RESULTS}/checkpoints/{task}/sweep/{point}"
+
+
 def evaluation(variant: str, task: str) -> dict[str, str]:
     folder = f"{RESULTS}/eval/{variant}/{task}"
     return {"results": f"{folder}/results.json", "samples": f"{folder}/samples.jsonl",
@@ -83,6 +107,12 @@ def report() -> dict[str, str]:
             "scores_plot": f"{folder}/scores.png", "loss_plot": f"{folder}/loss.png",
             "adapters_plot": f"{folder}/adapters.png",
             "provenance": f"{folder}/provenance.json"}
+
+
+def sweep_report() -> dict[str, str]:
+    """The report's sweep outputs, declared only when a task has a sweep."""
+    folder = f"{RESULTS}/report"
+    return {"sweeps": f"{folder}/sweeps.csv", "sweeps_plot": f"{folder}/sweeps.png"}
 
 
 def parse_variant(variant: str) -> tuple[str, str | None]:

@@ -5,7 +5,7 @@
 
 import os
 
-from qlora_pipeline import code_digest, layout
+from qlora_pipeline import code_digest, layout, sweeps
 from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.layout import RESULTS
@@ -21,6 +21,7 @@ except InputError as err:
 wildcard_constraints:
     task="|".join(TASKS),
     variant=layout.VARIANT_PATTERN,
+    point=sweeps.POINT,
 
 
 def code(rule):
@@ -116,12 +117,35 @@ def all_compressions():
     return [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)]
 
 
+def point_cfg(wildcards):
+    """One sweep point's lora/train blocks, seed and swept values (sweeps.py)."""
+    return TASKS[wildcards.task]["sweep_points"][wildcards.point]
+
+
+def sweep_points():
+    return [(t, point) for t in TASKS for point in TASKS[t]["sweep_points"]]
+
+
+def all_sweep_results():
+    return [layout.sweep_evaluation(t, p)["results"] for t, p in sweep_points()]
+
+
+def all_sweep_adapters():
+    return [layout.sweep_adapter(t, p) for t, p in sweep_points()]
+
+
+def all_sweep_analyses():
+    return [layout.sweep_analysis(t, p) for t, p in sweep_points()]
+
+
 def all_outputs():
     return [
         layout.quantization_report()["markdown"],
         *all_adapters(),
         *all_analyses(),
         *all_compressions(),
+        *all_sweep_results(),
+        *all_sweep_analyses(),
         *[layout.merged(t) for t in TASKS],
         *eval_results(),
         layout.report()["markdown"],

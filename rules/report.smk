@@ -8,6 +8,9 @@ rule report:
         adapters=all_adapters(),
         analyses=all_analyses(),
         compressions=all_compressions(),
+        sweep_results=all_sweep_results(),
+        sweep_adapters=all_sweep_adapters(),
+        sweep_analyses=all_sweep_analyses(),
         merged=[layout.merged(task) for task in TASKS],
         quantization=layout.quantization_report()["markdown"],
     output:
@@ -37,6 +40,12 @@ rule report:
             category="Adapters",
         ),
         provenance=layout.report()["provenance"],
+        # Only with sweep points: the points' table and the score against each swept key.
+        **({"sweeps": report(layout.sweep_report()["sweeps"], caption="../report/sweeps.rst",
+                             category="Sweeps"),
+            "sweeps_plot": report(layout.sweep_report()["sweeps_plot"],
+                                  caption="../report/sweeps_plot.rst", category="Sweeps")}
+           if sweep_points() else {}),
     params:
         code=code("report"),
     threads: DATA_THREADS

@@ -108,7 +108,7 @@ TINY_TASKS = {
                    "recovery": {"enabled": True, "steps": 2}},
     "topic": {"format": "completion", "dataset": {"source": "builtin", "name": "topic",
                                                   "num_examples": 60, "seed": 2},
-              "compress": {"rank": 1}},
+              "compress": {"rank": 1}, "sweep": {"lora.r": [1, 2]}},
 }
 
 

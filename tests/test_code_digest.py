@@ -11,7 +11,7 @@ from conftest import REPO
 from qlora_pipeline import code_digest
 from qlora_pipeline.stages import rules
 
-TRAINING_LOOP_RULES = {"train_qlora", "recover"}
+TRAINING_LOOP_RULES = {"train_qlora", "recover", "train_sweep_point"}
 
 
 @pytest.fixture
@@ -61,10 +61,12 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 
 
 @pytest.mark.parametrize("module, rules_changed", [
-    ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate", "report"}),
+    ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate",
+                         "evaluate_sweep_point", "report"}),
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
-                            "merge", "evaluate", "compress_adapter"}),
-    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter"}),
+                            "merge", "evaluate", "compress_adapter", "train_sweep_point",
+                            "evaluate_sweep_point"}),
+    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point"}),
     ("evaluation/reporting.py", {"report"}),
 ])
 def test_what_each_module_reaches(package, module, rules_changed):
@@ -104,6 +106,8 @@ def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
         ("evaluate", "topic", "merged"), ("analyze_adapter", "arithmetic", "qlora"),
         ("analyze_adapter", "arithmetic", "recovered"), ("analyze_adapter", "topic", "qlora"),
         ("compress_adapter", "topic", ""), ("evaluate", "topic", "compressed"),
+        *[(rule, "topic", point) for point in ("r1", "r2") for rule in (
+            "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point")],
         ("report", "", ""),
     }
     assert planned_with(workdir) == set()  # the library as it is: nothing to do

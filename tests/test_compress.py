@@ -193,3 +193,38 @@ def test_the_pipeline_compresses_and_scores_the_compressed_variant(tiny_run):
     assert results["variant"] == "compressed"
     report = (tiny_run / layout.report()["markdown"]).read_text()
     assert re.search(r"## Compression[^#]*\n\| topic +\| rank 1 +\|", report)
+
+
+def compress_of(defaults: dict | None, task: dict | None):
+    import copy
+
+    import yaml
+    from conftest import REPO
+
+    from qlora_pipeline.config import load_config
+
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config = copy.deepcopy(config)
+    if defaults is not None:
+        config["defaults"]["compress"] = defaults
+    if task is not None:
+        config["task_overrides"] = {"topic": {"compress": task}}
+    return load_config(config, root=REPO)[1]["topic"]["compress"]
+
+
+def test_a_tasks_compress_replaces_the_defaults_whole():
+    assert compress_of(None, None) is None  # topic.yaml sets none
+    assert compress_of({"energy": 0.8}, None) == {"energy": 0.8}
+    assert compress_of({"energy": 0.8}, {"rank": 3}) == {"rank": 3}  # not {energy, rank}
+
+
+@pytest.mark.parametrize("value, message", [
+    ({}, "key 'compress': found none of energy, rank; expected exactly one of: energy | rank"),
+    ({"energy": 0.9, "rank": 2}, "found energy, rank; expected exactly one of"),
+    ({"energy": 1.5}, "key 'compress.energy': found 1.5, expected a number <= 1"),
+    ({"rank": 0}, "key 'compress.rank': found 0, expected a number >= 1"),
+    ({"energ": 0.9}, "'energ' (did you mean 'energy'?)"),
+])
+def test_bad_compress_settings_are_refused(value, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        compress_of(None, value)

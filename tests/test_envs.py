@@ -17,6 +17,8 @@ RULE_FILES = sorted((REPO / "rules").glob("*.smk"))
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
 # Rules that must hold the GPU whatever the heuristic below says.
 GPU_RULES = {"quantize", "quantization_report"}
+# Torch-env rules whose work is a few small SVDs on one core: no accelerator, no model threads.
+CPU_TORCH_RULES = {"compress_adapter"}
 
 
 def normalize(name: str) -> str:
@@ -137,7 +139,7 @@ def test_gpu_rules_claim_the_gpu():
     assert GPU_RULES <= set(RULES)
     for rule, info in sorted(RULES.items()):
         env = string_value(info["directives"]["conda"])
-        if rule == "import_base_model" or not env.endswith("torch.yaml"):
+        if rule in {"import_base_model", *CPU_TORCH_RULES} or not env.endswith("torch.yaml"):
             continue
         resources = info["directives"].get("resources", "")
         assert re.search(r"\bgpu\s*=\s*1\b", resources), \
@@ -157,7 +159,8 @@ def test_every_rule_declares_its_threads():
     for rule, info in sorted(RULES.items()):
         threads = info["directives"].get("threads", "").strip()
         torch_env = string_value(info["directives"]["conda"]).endswith("torch.yaml")
-        expected = "MODEL_THREADS" if torch_env or rule == "evaluate" else "DATA_THREADS"
+        model = (torch_env and rule not in CPU_TORCH_RULES) or rule.startswith("evaluate")
+        expected = "MODEL_THREADS" if model else "DATA_THREADS"
         assert threads == expected, f"rule {rule}: threads {threads!r}, expected {expected}"
 
 

@@ -33,9 +33,9 @@ def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
             continue
         wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
-        # the third field: an evaluation's variant, or an analysis's adapter kind
-        jobs.add((head[1], wildcards.get("task", ""),
-                  wildcards.get("variant", wildcards.get("kind", ""))))
+        # the third field: an evaluation's variant, an analysis's adapter kind, a sweep point
+        third = wildcards.get("variant", wildcards.get("kind", wildcards.get("point", "")))
+        jobs.add((head[1], wildcards.get("task", ""), third))
     return jobs
 
 
@@ -60,7 +60,7 @@ def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     workdir = copy_run()
     edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))
     jobs = planned(workdir)
-    assert rules(jobs) == {"evaluate", "report"}
+    assert rules(jobs) == {"evaluate", "evaluate_sweep_point", "report"}
     variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged"},
                 "topic": {"base", "quantized", "qlora", "compressed", "merged"}}
     assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
@@ -100,7 +100,8 @@ def test_quantization_block(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
-            "analyze_adapter", "compress_adapter", "evaluate", "report"} == rules(jobs)
+            "analyze_adapter", "compress_adapter", "evaluate", "train_sweep_point",
+            "evaluate_sweep_point", "analyze_sweep_point", "report"} == rules(jobs)
     assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
     # the full-precision base's scores do not depend on quantization
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
@@ -118,7 +119,8 @@ def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     assert "fetch_dataset" not in rules(jobs)
     assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
             "recover", "merge", "analyze_adapter", "compress_adapter", "eval_task_spec",
-            "evaluate", "report"} == rules(jobs)
+            "evaluate", "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point",
+            "report"} == rules(jobs)
 
 
 def test_recovery_switched_on_for_one_task(copy_run):

@@ -271,11 +271,30 @@ def snakemake_inputs(workdir: Path) -> None:
             write_analysis(results / "analysis" / task / kind, task, kind)
         if cfg.get("compress"):
             write_compression(results / "adapters" / task / "compressed", task)
+        for rank in cfg.get("sweep", {}).get("lora.r", []):
+            write_sweep_point(workdir, task, f"r{rank}", rank)
         write_json(results / "models/merged" / task / "merge_check.json", {
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
             "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})
     (results / "quantization").mkdir(parents=True)
     (results / "quantization/report.md").write_text("# Quantization report\n\nnumbers\n")
+
+
+def write_sweep_point(workdir: Path, task: str, point: str, rank: int) -> None:
+    """Handmade outputs of one sweep point's three jobs, as the report reads them."""
+    from qlora_pipeline import layout
+    from qlora_pipeline.outputs import write_json
+
+    adapter = workdir / layout.sweep_adapter(task, point)
+    write_json(adapter / "provenance.json", {"config": {"sweep": {"lora.r": rank}, "seed": 0}})
+    write_json(adapter / "summary.json", {"eval_loss_best": 1.0, "train_seconds": 2.0,
+                                          "tokens_per_second": 100.0,
+                                          "trainable_params": 1000 * rank})
+    write_json(workdir / layout.sweep_evaluation(task, point)["results"], {
+        "results": {f"qlora_{task}": {"acc,none": 0.1 * rank, "acc_stderr,none": 0.05}},
+        "variant": f"qlora@{point}", "task": task})
+    write_json(workdir / layout.sweep_analysis(task, point) / "summary.json", {
+        "summary": {"by_module": {"q_proj": {"effective_rank": 1.0, "layers": 2}}}})
 
 
 def test_report_rule_and_html_report(workdir):
@@ -295,6 +314,9 @@ def test_report_rule_and_html_report(workdir):
         v for v in VARIANT_KINDS if v != "recovered"]
     assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
     assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    sweeps = pd.read_csv(out / "sweeps.csv")  # topic's points, r 1 and 2
+    assert sorted(sweeps["point"]) == ["r1", "r2"] and list(sweeps["score"]) == [0.1, 0.2]
+    assert "Chosen: **r2** (0.200;" in (out / "report.md").read_text()
 
     html = workdir / "report.html"
     snakemake(workdir, *only_report, "--report", str(html))

@@ -177,7 +177,7 @@ def analysis_sections(analysis_dirs: list) -> str:
 
 def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
              quantization_md: str, analyses_md: str = "",
-             compressions: pd.DataFrame | None = None) -> str:
+             compressions: pd.DataFrame | None = None, sweeps_md: str = "") -> str:
     parts = ["# Fine-tuning report", "",
              "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
              "cell shows its gain over the full-precision base in parentheses.", ""]
@@ -194,6 +194,11 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
                    "scored as the `compressed` variant on the same quantized base; scores are "
                    "the task's own metric."), "",
                   compressions.to_markdown(index=False, floatfmt=".4g"), ""]
+    if sweeps_md:
+        parts += ["## Sweeps", "",
+                  "Each point of a task's `sweep:` trained, scored (as `qlora`) and analysed on "
+                  "its own (results/sweeps/); sweeps.csv holds the table, sweeps.png the score "
+                  "against each swept key.", "", "![sweeps](sweeps.png)", "", sweeps_md]
     if analyses_md:
         parts += ["## Adapters", "",
                   "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from ..analysis.analyze_job import analyze_into
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 
@@ -16,18 +17,8 @@ def analyze_adapter(*, adapter, base, analysis, settings: dict, task: str, kind:
     """One folder: layers.json (every adapted layer's singular values and metrics),
     summary.json (by module type and depth, the rank recommendation) and analysis.md. The
     base is read one layer at a time (analysis/adapter.py)."""
-    from ..analysis import adapter as adapter_analysis
-    from ..analysis import tables
-
-    with stage_outputs("analyze_adapter", {"analysis": analysis}, config=settings,
-                       inputs={"adapter": adapter, "base": base}, policy=policy) as out:
-        result = adapter_analysis.analyze(adapter, base, settings, policy.device)
-        write_json(out["analysis"] / "layers.json", result.pop("layers"))
-        write_json(out["analysis"] / "summary.json", {"task": task, "kind": kind, **result})
-        text = tables.markdown(task, kind, result)
-        (out["analysis"] / "analysis.md").write_text(text, encoding="utf-8")
-    log.info("\n%s", text)
-    return result
+    return analyze_into("analyze_adapter", adapter=adapter, base=base, analysis=analysis,
+                        settings=settings, task=task, kind=kind, policy=policy)
 
 
 def compress_adapter(*, adapter, compressed, settings: dict, task: str,

@@ -3,14 +3,13 @@ of one variant on one task."""
 
 from __future__ import annotations
 
-import gc
 import logging
 
 from ..data.sources import read_split
-from ..evaluation import harness, tasks
-from ..outputs import stage_outputs, write_json, write_jsonl
+from ..evaluation import tasks
+from ..evaluation.score_job import score
+from ..outputs import stage_outputs, write_json
 from ..policy import Policy
-from ..runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +34,7 @@ def evaluate(*, spec, base, results, samples, provenance, evaluation: dict, seed
              merged=None) -> dict:
     """One variant scored on the task's own benchmark plus the configured standard ones.
     The model is built from the inputs given (layout.variant_inputs), not from its name."""
-    harness.check_benchmarks(evaluation["benchmarks"])  # before any model is loaded
-    models = {"base": base, "quantized": quantized, "adapter": adapter, "merged": merged}
-    outputs = {"results": results, "samples": samples, "provenance": provenance}
-    with stage_outputs("evaluate", outputs, config={"variant": variant, "evaluation": evaluation},
-                       inputs={"spec": spec, **{k: v for k, v in models.items() if v}},
-                       policy=policy, seed=seed) as out:
-        seed_everything(seed)
-        names = [tasks.lm_eval_name(task), *evaluation["benchmarks"]]
-        model, tokenizer = harness.load_model(policy, **models)
-        log.info("evaluating %s on %s", variant, names)
-        scores = harness.evaluate(model, tokenizer, spec, names, evaluation, seed, policy)
-        del model
-        gc.collect()
-        write_jsonl(out["samples"], scores.pop("samples"))
-        scores.update(variant=variant, task=task)
-        write_json(out["results"], scores)
-    log.info("results: %s", scores["results"])
-    return scores
+    return score("evaluate", spec=spec, base=base, results=results, samples=samples,
+                 provenance=provenance, evaluation=evaluation, seed=seed, task=task,
+                 variant=variant, policy=policy, quantized=quantized, adapter=adapter,
+                 merged=merged)

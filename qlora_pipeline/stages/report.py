@@ -14,27 +14,37 @@ log = logging.getLogger(__name__)
 
 def report(*, results: list, adapters: list, analyses: list, compressions: list, merged: list,
            quantization, scores, markdown, scores_plot, loss_plot, adapters_plot, provenance,
-           policy: Policy) -> None:
-    """scores.csv, report.md and the plots (written together or not at all)."""
+           policy: Policy, sweep_results: list = (), sweep_adapters: list = (),
+           sweep_analyses: list = (), sweeps=None, sweeps_plot=None) -> None:
+    """scores.csv, report.md and the plots (written together or not at all); with sweep
+    points, their section, sweeps.csv and sweeps.png."""
     from ..analysis.plots import plot_adapters
-    from ..evaluation import reporting
+    from ..evaluation import reporting, sweep_report
 
     outputs = {"scores": scores, "markdown": markdown, "scores_plot": scores_plot,
-               "loss_plot": loss_plot, "adapters_plot": adapters_plot, "provenance": provenance}
+               "loss_plot": loss_plot, "adapters_plot": adapters_plot, "provenance": provenance,
+               **({"sweeps": sweeps, "sweeps_plot": sweeps_plot} if sweep_results else {})}
     inputs = {"quantization": quantization, **{f"results{i}": p for i, p in enumerate(results)},
               **{f"adapter{i}": p for i, p in enumerate(adapters)},
               **{f"analysis{i}": p for i, p in enumerate(analyses)},
-              **{f"compressed{i}": p for i, p in enumerate(compressions)}}
+              **{f"compressed{i}": p for i, p in enumerate(compressions)},
+              **{f"sweep{i}": p for i, p in enumerate(sweep_results)}}
     with stage_outputs("report", outputs, config={}, inputs=inputs, policy=policy) as out:
         frame = reporting.scores(results)
         frame.to_csv(out["scores"], index=False)
         reporting.plot_losses(adapters, out["loss_plot"])
         reporting.plot_scores(frame, out["scores_plot"])
         plot_adapters(analyses, out["adapters_plot"])
+        sweeps_md = ""
+        if sweep_results:
+            points = sweep_report.points_table(sweep_results, sweep_adapters, sweep_analyses)
+            points.to_csv(out["sweeps"], index=False)
+            sweep_report.plot(points, out["sweeps_plot"])
+            sweeps_md = sweep_report.markdown(points)
         text = reporting.markdown(frame, reporting.training_rows(adapters),
                                   reporting.merge_rows(merged),
                                   Path(quantization).read_text(encoding="utf-8"),
                                   reporting.analysis_sections(analyses),
-                                  reporting.compression_rows(compressions, frame))
+                                  reporting.compression_rows(compressions, frame), sweeps_md)
         out["markdown"].write_text(text, encoding="utf-8")
     log.info("\n%s", text)

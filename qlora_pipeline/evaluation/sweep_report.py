@@ -1,0 +1,116 @@
+"""The report's sweep section: one row per point (score, validation loss, time, size, effective
+rank), the score against each swept key, and the point chosen by a stated rule.
+
+The rule (the "one standard error" rule of model selection): among the points whose score is
+within one standard error of the best point's, the one with the fewest trainable parameters,
+then the best score. A smaller adapter that is not measurably worse is the better choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..outputs import read_json
+from .tasks import lm_eval_name
+
+RULE = ("the smallest adapter (trainable parameters) whose score is within one standard error "
+        "of the best point's")
+LOG_KEYS = ("lora.r", "lora.alpha", "train.learning_rate")
+
+
+def points_table(results: list, adapters: list, analyses: list) -> pd.DataFrame:
+    """One row per point: task, point, the swept values (one column per dotted key), seed,
+    metric, score, stderr, and the training summary and analysis figures."""
+    rows = []
+    for result, adapter, analysis in zip(map(Path, results), map(Path, adapters),
+                                         map(Path, analyses)):
+        data = read_json(result)
+        config = read_json(adapter / "provenance.json")["config"]
+        summary = read_json(adapter / "summary.json")
+        by_module = read_json(analysis / "summary.json")["summary"]["by_module"]
+        metric, score, stderr = own_score(data)
+        layers = sum(m["layers"] for m in by_module.values())
+        values = {key: "+".join(map(str, v)) if isinstance(v, list) else v  # target lists
+                  for key, v in config["sweep"].items()}
+        rows.append({"task": data["task"], "point": adapter.parent.name,
+                     **values, "seed": config["seed"], "metric": metric,
+                     "score": score, "stderr": stderr,
+                     "eval_loss_best": summary.get("eval_loss_best"),
+                     "train_seconds": summary.get("train_seconds"),
+                     "tokens_per_second": summary.get("tokens_per_second"),
+                     "trainable_params": summary.get("trainable_params"),
+                     "effective_rank": sum(m["effective_rank"] * m["layers"]
+                                           for m in by_module.values()) / layers})
+    return pd.DataFrame(rows)
+
+
+def own_score(data: dict) -> tuple[str, float, float]:
+    """The task's own benchmark's first metric, its value and standard error."""
+    metrics = data["results"][lm_eval_name(data["task"])]
+    for key, value in metrics.items():
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            return metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else 0.0
+    raise ValueError(f"results of {data['task']}: no numeric metric for the task's benchmark")
+
+
+def swept(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if "." in c]
+
+
+def choose(points: pd.DataFrame) -> pd.Series:
+    """The point the rule picks among one task's points (seeds averaged per setting)."""
+    keys = swept(points)
+    settings = points.groupby(keys, dropna=False, sort=False).agg(
+        score=("score", "mean"), stderr=("stderr", "mean"),
+        trainable_params=("trainable_params", "mean"), point=("point", "first")).reset_index()
+    best = settings.loc[settings["score"].idxmax()]
+    near = settings[settings["score"] >= best["score"] - best["stderr"]]
+    return near.sort_values(["trainable_params", "score"], ascending=[True, False]).iloc[0]
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    parts = []
+    for task, points in frame.groupby("task"):
+        points = points.dropna(axis=1, how="all")
+        chosen = choose(points)
+        shown = points.drop(columns=["task"]).sort_values("point")
+        parts += [f"### {task}", "", shown.to_markdown(index=False, floatfmt=".4g"), "",
+                  f"Chosen: **{chosen['point']}** ({chosen['score']:.3f}; rule: {RULE}).", ""]
+    return "\n".join(parts)
+
+
+def plot(frame: pd.DataFrame, out_png: Path) -> None:
+    """Per task and swept key: the score against the key's values (mean over the other keys'
+    points and seeds; error bars: the spread across seeds where there are several, else the
+    score's standard error); log axes for rank, alpha and learning rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(task, key) for task, points in frame.groupby("task")
+              for key in swept(points.dropna(axis=1, how="all"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (task, key) in zip(axes[0], panels):
+        points = frame[frame["task"] == task]
+        grouped = points.groupby(key)["score"]
+        spread = grouped.std().fillna(0) if points["seed"].nunique() > 1 else \
+            points.groupby(key)["stderr"].mean()
+        means = grouped.mean()
+        numeric = pd.api.types.is_numeric_dtype(means.index)
+        x = list(means.index) if numeric else list(range(len(means)))
+        ax.errorbar(x, means.values, yerr=spread.reindex(means.index).values, marker="o",
+                    capsize=3)
+        if key in LOG_KEYS and numeric:
+            ax.set_xscale("log", base=2 if key != "train.learning_rate" else 10)
+        if not numeric:
+            ax.set_xticks(x, [str(v) for v in means.index], rotation=20)
+        ax.set(title=f"{task}: score by {key}", xlabel=key, ylabel=points["metric"].iloc[0],
+               ylim=(0, 1.05))
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

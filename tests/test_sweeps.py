@@ -1,0 +1,146 @@
+"""Sweeps: a task's `sweep:` block expanded into named points (checked when the config loads),
+each point trained, scored and analysed as its own jobs, only the new points run when the grid
+grows, and the report's table, plot and chosen point."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+from test_incremental import edit, planned
+
+from qlora_pipeline import layout, sweeps
+from qlora_pipeline.config import load_config
+from qlora_pipeline.errors import InputError
+from qlora_pipeline.evaluation import sweep_report
+
+BASE_CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
+
+
+def points(sweep: dict) -> dict:
+    config = copy.deepcopy(BASE_CONFIG)
+    config["task_overrides"] = {"topic": {"sweep": sweep}}
+    return load_config(config, root=REPO)[1]["topic"]["sweep_points"]
+
+
+def test_grid_names_every_combination_and_sets_its_values():
+    found = points({"lora.r": [2, 16], "train.learning_rate": [1e-4, 3e-4]})
+    assert sorted(found) == ["r16-lr1e-4", "r16-lr3e-4", "r2-lr1e-4", "r2-lr3e-4"]
+    point = found["r16-lr3e-4"]
+    assert point["lora"]["r"] == 16 and point["train"]["learning_rate"] == 3e-4
+    assert point["settings"] == {"lora.r": 16, "train.learning_rate": 3e-4}
+    # Everything not swept is the task's own setting (topic: q_proj/v_proj, 20 steps).
+    assert point["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert point["train"]["max_steps"] == 20 and point["seed"] == BASE_CONFIG["seed"]
+
+
+def test_zip_pairs_values_and_seeds_repeat_each_point():
+    found = points({"mode": "zip", "lora.r": [4, 8], "lora.alpha": [8, 16], "seeds": [0, 1]})
+    assert sorted(found) == ["alpha16-r8-s0", "alpha16-r8-s1", "alpha8-r4-s0", "alpha8-r4-s1"]
+    assert found["alpha8-r4-s1"]["seed"] == 1 and found["alpha8-r4-s1"]["lora"]["alpha"] == 8
+
+
+def test_ids_are_readable_and_stable():
+    assert sweeps.point_id({"lora.target_modules": ["q_proj", "v_proj"]}, None) == "q_proj+v_proj"
+    assert sweeps.point_id({"lora.target_modules": "all-linear", "lora.r": 4}, 2) == \
+        "r4-all-linear-s2"
+    assert [sweeps.value_text(v) for v in (3e-4, 0.05, 1e-3, 16, 2.5e-5, True)] == [
+        "3e-4", "0.05", "1e-3", "16", "2.5e-5", "true"]
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"lora.rr": [2]}, "key 'sweep.lora.rr': not a setting of lora, train (did you mean 'lora.r'?)"),
+    ({"recovery.steps": [2]}, "recovering each point is not implemented yet"),
+    ({"mode": "zip", "lora.r": [2, 4], "lora.alpha": [8]}, "expected equal lengths"),
+    ({"lora.r": [0, 2]}, "(sweep point r0): invalid configuration:\n  key 'lora.r': found 0"),
+    ({"mode": "grid"}, "found no swept key"),
+    ({"lora.r": [2, 2]}, "two points are both named 'r2'"),
+    ({"lora.r": []}, "key 'sweep.lora.r': found [], expected at least 1 item(s)"),
+    ({"lr": [1e-3]}, "found unknown key(s) 'lr'"),
+])
+def test_bad_sweeps_are_refused_naming_the_key(sweep, message):
+    with pytest.raises(InputError) as err:
+        points(sweep)
+    assert message in str(err.value) and "config/tasks/topic.yaml" in str(err.value)
+
+
+def test_no_sweep_no_points():
+    assert points(None) == {}
+
+
+def test_the_rule_picks_the_smallest_adapter_within_one_stderr():
+    frame = pd.DataFrame({
+        "point": ["r2", "r4", "r8", "r16"], "lora.r": [2, 4, 8, 16],
+        "score": [0.50, 0.78, 0.80, 0.81], "stderr": [0.05, 0.05, 0.04, 0.04],
+        "trainable_params": [100, 200, 400, 800]})
+    assert sweep_report.choose(frame)["point"] == "r4"  # 0.78 >= 0.81 - 0.04
+    frame.loc[1, "score"] = 0.70
+    assert sweep_report.choose(frame)["point"] == "r8"
+
+
+# ---- the session's tiny run: topic sweeps lora.r over [1, 2] ---------------------------------
+
+POINTS = {"r1": 1, "r2": 2}
+
+
+def test_each_point_is_trained_scored_and_analysed(tiny_run):
+    params = {}
+    for point, rank in POINTS.items():
+        adapter = tiny_run / layout.sweep_adapter("topic", point)
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == rank
+        provenance = json.loads((adapter / "provenance.json").read_text())
+        assert provenance["stage"] == "train_sweep_point"
+        assert provenance["config"]["sweep"] == {"lora.r": rank}
+        params[point] = json.loads((adapter / "summary.json").read_text())["trainable_params"]
+        results = json.loads((tiny_run / layout.sweep_evaluation("topic", point)["results"])
+                             .read_text())
+        assert results["variant"] == f"qlora@{point}" and results["task"] == "topic"
+        summary = json.loads((tiny_run / layout.sweep_analysis("topic", point) / "summary.json")
+                             .read_text())
+        assert summary["r"] == rank
+    assert params["r2"] == 2 * params["r1"]  # trainable parameters scale with the rank
+
+
+def test_the_report_tables_and_plots_the_points(tiny_run):
+    table = pd.read_csv(tiny_run / layout.sweep_report()["sweeps"])
+    assert sorted(table["point"]) == sorted(POINTS) and set(table["task"]) == {"topic"}
+    assert list(table.sort_values("point")["lora.r"]) == [1, 2]
+    assert table["score"].between(0, 1).all() and (table["trainable_params"] > 0).all()
+    report = (tiny_run / layout.report()["markdown"]).read_text()
+    section = report.split("## Sweeps", 1)[1].split("## Adapters", 1)[0]
+    assert "### topic" in section and "Chosen: **r" in section
+    assert (tiny_run / layout.sweep_report()["sweeps_plot"]).stat().st_size > 0
+
+
+def sweep_jobs(task: str, *points_: str) -> set:
+    return {(rule, task, point) for point in points_
+            for rule in ("train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point")}
+
+
+def test_adding_a_point_runs_only_it(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml", lambda t: t["sweep"].update({"lora.r": [1, 2, 4]}))
+    assert planned(workdir) == sweep_jobs("topic", "r4") | {("report", "", "")}
+
+
+def test_removing_a_point_reruns_only_the_report_and_keeps_its_files(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml", lambda t: t["sweep"].update({"lora.r": [1]}))
+    assert planned(workdir) == {("report", "", "")}
+    assert (workdir / layout.sweep_adapter("topic", "r2")).is_dir()
+
+
+def test_a_key_not_swept_reruns_every_point_and_nothing_of_other_tasks(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml",
+         lambda t: t.setdefault("train", {}).update(learning_rate=0.002))
+    jobs = planned(workdir)
+    assert sweep_jobs("topic", *POINTS) <= jobs
+    assert not any(task == "arithmetic" for _, task, _ in jobs)
+    assert {r for r, _, _ in jobs} - {"train_sweep_point", "evaluate_sweep_point",
+                                      "analyze_sweep_point"} == {
+        "train_qlora", "merge", "compress_adapter", "evaluate", "analyze_adapter", "report"}
