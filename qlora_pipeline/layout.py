@@ -76,9 +76,7 @@ def sweep_adapter(task: str, point: str) -> str:
 
 def sweep_evaluation(task: str, point: str) -> dict[str, str]:
     """The point's adapter scored on the quantized base it was trained on (as `qlora`)."""
-    folder = f"{sweep_point(task, point)}/eval"
-    return {"results": f"{folder}/results.json", "samples": f"{folder}/samples.jsonl",
-            "provenance": f"{folder}/provenance.json"}
+    return scored(f"{sweep_point(task, point)}/eval")
 
 
 def sweep_analysis(task: str, point: str) -> str:
@@ -90,7 +88,11 @@ def sweep_checkpoints(task: str, point: str) -> str:
 
 
 def evaluation(variant: str, task: str) -> dict[str, str]:
-    folder = f"{RESULTS}/eval/{variant}/{task}"
+    return scored(f"{RESULTS}/eval/{variant}/{task}")
+
+
+def scored(folder: str) -> dict[str, str]:
+    """The files of one scoring job (evaluation/score_job.py)."""
     return {"results": f"{folder}/results.json", "samples": f"{folder}/samples.jsonl",
             "provenance": f"{folder}/provenance.json"}
 
