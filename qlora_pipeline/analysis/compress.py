@@ -43,10 +43,10 @@ def target_rank(S: torch.Tensor, r: int, keep: dict) -> int:
     return max(1, layer_rank({"singular_values": S.tolist()}, keep["energy"]))
 
 
-def truncate(update: Update, k: int, alpha: float,
+def truncate(update: Update, keep: dict, alpha: float,
              rslora: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(A' [k×in], B' [out×k], record) with scaling(α, k)·B'·A' the best rank-k approximation
-    of the update's ΔW (in the orientation B·A is stored in; fan_in_fan_out is unchanged). The
+    of the update's ΔW, k from `keep` (target_rank) and the one SVD of the update (in the orientation B·A is stored in; fan_in_fan_out is unchanged). The
     record gives the layer's rank before and after, the energy share kept and the relative
     Frobenius error ‖ΔW − ΔW_k‖/‖ΔW‖ (0 for a zero update)."""
     if update.magnitude is not None:
@@ -54,6 +54,7 @@ def truncate(update: Update, k: int, alpha: float,
                          "update m·(W0+BA)/‖W0+BA‖ − W0 is not low-rank; expected a plain "
                          "LoRA adapter")
     U, S, V = low_rank_svd(update.A, update.B, update.scaling)
+    k = target_rank(S, update.A.shape[0], keep)
     root = torch.sqrt(S[:k].double() / scaling(alpha, k, rslora)).float()
     dtype = update.A.dtype
     A = (root[:, None] * V[:, :k].T).to(dtype).contiguous()
@@ -95,9 +96,7 @@ def compress(adapter_dir: Path, out_dir: Path, keep: dict) -> dict:
     tensors, layers = {}, {}
     for key, update in updates.items():
         module = key.removesuffix(".weight")
-        S = low_rank_svd(update.A, update.B, update.scaling)[1]
-        k = target_rank(S, update.A.shape[0], keep)
-        A, B, layers[module] = truncate(update, k, alpha, rslora)
+        A, B, layers[module] = truncate(update, keep, alpha, rslora)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B
     ranks = {module: record["compressed_rank"] for module, record in layers.items()}
