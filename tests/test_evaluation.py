@@ -372,17 +372,17 @@ def test_recovered_variant_is_the_adapter_on_the_full_precision_base(variant_pat
 
 @pytest.fixture
 def batch_sizes(monkeypatch) -> list:
-    """Records the batch size lm-eval's HF model wrapper is given."""
-    from lm_eval.models import huggingface
+    """Records the batch size lm-eval's HF model wrapper (our subclass of it) is given."""
+    from qlora_pipeline.evaluation import shared_context
 
-    seen, real = [], huggingface.HFLM
+    seen, real = [], shared_context.SharedContextLM
 
     class Recording(real):
         def __init__(self, *args, **kwargs):
             seen.append(kwargs.get("batch_size"))
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(huggingface, "HFLM", Recording)
+    monkeypatch.setattr(shared_context, "SharedContextLM", Recording)
     return seen
 
 

@@ -71,11 +71,12 @@ def evaluate(model, tokenizer, spec_dir: Path, task_names: list[str], cfg: dict,
 
 def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -> dict:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer,
-              batch_size=policy.eval_batch_size(cfg["batch_size"]))
+    from .shared_context import SharedContextLM
+
+    lm = SharedContextLM(pretrained=model, tokenizer=tokenizer,
+                         batch_size=policy.eval_batch_size(cfg["batch_size"]))
     manager = TaskManager(include_path=str(task_dir),
                           include_defaults=len(task_names) > 1)  # only ours: skip the index
     results = lm_eval.simple_evaluate(
@@ -84,6 +85,7 @@ def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -
         torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
     )
     return {"results": results["results"], "n-samples": results.get("n-samples"),
+            "scoring": lm.scoring,  # shared-context log-likelihoods or lm-eval's; None: none
             "config": {k: v for k, v in results.get("config", {}).items()
                        if isinstance(v, (str, int, float, bool, type(None)))},
             "samples": [sample_row(name, sample)

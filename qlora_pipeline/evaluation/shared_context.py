@@ -1,0 +1,201 @@
+"""Log-likelihood scoring with each context computed once.
+
+lm-eval's HFLM scores every (context, continuation) pair as a sequence of its own: a four-way
+multiple-choice question costs four forwards of the same prompt (one, when every choice is a
+single token: its logits cache), and the output head and the softmax over the vocabulary run
+at every position although only the continuation's are read. lm-eval leaves this open ("TODO:
+implement some kind of efficient-request-middleware that lumps together requests with the same
+context", `HFLM._loglikelihood_tokens`), so it is written here, at lm-eval's own extension
+point (`_loglikelihood_tokens` of an HFLM subclass; everything else is lm-eval's):
+
+- one row per context: the context, then every continuation's tokens but its last (the last is
+  only predicted, never an input);
+- a 4D attention mask in which the context is causal and each continuation sees the context
+  and its own earlier tokens, not the other choices; position ids restart after the context,
+  so each continuation is at the positions it has in lm-eval's own sequence;
+- the output head only at the positions that predict a continuation token (transformers'
+  `logits_to_keep`).
+
+The same sums of the same log-probabilities, computed in another order. `check` proves it on
+the model at hand against lm-eval's own path before scoring: a model whose attention does not
+take a custom 4D mask (flash-attention, flex) or that gives other numbers is scored lm-eval's
+way, and results.json says which (`scoring`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+
+from ..models import label_positions
+from ..models.numerics import LOSS_TOLERANCE
+
+log = logging.getLogger(__name__)
+
+CHECK_CONTEXTS = 2  # contexts scored both ways before the rest
+CONTEXT, PAD = 0, -1  # segment ids: the context, padding; continuation k is k + 1
+
+
+@dataclass
+class Row:
+    """One context with its distinct continuations, laid out as one sequence."""
+
+    context: tuple[int, ...]
+    continuations: list[tuple[int, ...]]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.context, *(t for c in self.continuations for t in c[:-1])]
+
+    @property
+    def positions(self) -> list[int]:
+        n = len(self.context)
+        return [*range(n), *(n + i for c in self.continuations for i in range(len(c) - 1))]
+
+    @property
+    def segments(self) -> list[int]:
+        return [CONTEXT] * len(self.context) + [
+            k + 1 for k, c in enumerate(self.continuations) for _ in range(len(c) - 1)]
+
+    def predicting(self) -> list[list[int]]:
+        """Per continuation: the row indices whose logits predict each of its tokens."""
+        at, start = [], len(self.context)
+        for c in self.continuations:
+            at.append([len(self.context) - 1, *range(start, start + len(c) - 1)])
+            start += len(c) - 1
+        return at
+
+    def __len__(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+
+def rows_of(requests) -> dict[tuple[int, ...], Row]:
+    """lm-eval's tokenized requests ((strings), context, continuation) grouped by context."""
+    rows: dict[tuple[int, ...], Row] = {}
+    for _, context, continuation in requests:
+        row = rows.setdefault(tuple(context), Row(tuple(context), []))
+        if tuple(continuation) not in row.continuations:
+            row.continuations.append(tuple(continuation))
+    return rows
+
+
+def attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, T, T] additive mask: token i sees token j <= i of the context or of its own
+    segment; padding sees only padding (a fully masked row would give NaN)."""
+    idx = torch.arange(segments.shape[1], device=segments.device)
+    causal = idx[None, :] <= idx[:, None]
+    query, key = segments[:, :, None], segments[:, None, :]
+    visible = causal & (((key == CONTEXT) & (query != PAD)) | (key == query))
+    mask = torch.zeros(visible.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[Row], device, dtype) -> dict:
+    """{(context, continuation): (log-likelihood, greedy)} for one batch of rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, PAD)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row.tokens)
+        positions[i, :len(row)] = torch.tensor(row.positions)
+        segments[i, :len(row)] = torch.tensor(row.segments)
+    predicting = [row.predicting() for row in rows]
+    kept = sorted({p for per_row in predicting for at in per_row for p in at})
+    column = {p: k for k, p in enumerate(kept)}
+    arguments = {"input_ids": ids.to(device), "position_ids": positions.to(device),
+                 "attention_mask": attention_mask(segments.to(device), dtype), "use_cache": False}
+    if label_positions.supported(model):
+        arguments["logits_to_keep"] = torch.tensor(kept, device=device)
+    logits = model(**arguments).logits
+    if logits.shape[1] != len(kept):  # a model that computed every position
+        logits = logits[:, kept]
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    scores = {}
+    for i, row in enumerate(rows):
+        for continuation, at in zip(row.continuations, predicting[i], strict=True):
+            cols = torch.tensor([column[p] for p in at], device=logprobs.device)
+            target = torch.tensor(continuation, device=logprobs.device)
+            picked = logprobs[i, cols]
+            scores[row.context, continuation] = (
+                float(picked.gather(1, target[:, None]).sum()),
+                bool((picked.argmax(dim=-1) == target).all()))
+    return scores
+
+
+class SharedContextLM(HFLM):
+    """HFLM whose log-likelihood requests are scored one row per context (see the module)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scoring: dict | None = None  # how log-likelihoods were computed, once decided
+        self._checked: dict = {}  # the check's own shared scores, not computed twice
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        rows = rows_of(requests)
+        fits = [r for r in rows.values() if len(r) <= self.max_length]
+        if self.backend != "causal" or not fits:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        if self.scoring is None:
+            self.scoring = self.check(requests, fits[:CHECK_CONTEXTS])
+            log.info("log-likelihood scoring: %s", self.scoring)
+        if not self.scoring["shared_context"]:
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        scores = self.score(fits, override_bs)
+        # A context too long for one row is left to lm-eval (it truncates from the left).
+        rest = [r for r in requests if (tuple(r[1]), tuple(r[2])) not in scores]
+        if rest:
+            scores.update(zip(((tuple(r[1]), tuple(r[2])) for r in rest),
+                              super()._loglikelihood_tokens(rest, disable_tqdm, override_bs),
+                              strict=True))
+        answers = [scores[tuple(r[1]), tuple(r[2])] for r in requests]
+        for (strings, _, _), answer in zip(requests, answers, strict=True):
+            if strings is not None:  # as lm-eval: rolling windows carry no cache key
+                self.cache_hook.add_partial("loglikelihood", strings, answer)
+        return answers
+
+    def score(self, rows: list[Row], override_bs=None) -> dict:
+        size = self.batch_size if isinstance(self.batch_size, int) else (
+            override_bs or self._detect_batch_size())
+        done = [r for r in rows if all((r.context, c) in self._checked for c in r.continuations)]
+        scores = {(r.context, c): self._checked[r.context, c] for r in done for c in r.continuations}
+        rows = [r for r in rows if r not in done]
+        rows.sort(key=len, reverse=True)  # similar lengths together: little padding
+        for start in range(0, len(rows), size):
+            scores.update(score_rows(self.model, rows[start:start + size], self.device,
+                                     self._mask_dtype))
+        return scores
+
+    @property
+    def _mask_dtype(self) -> torch.dtype:
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def check(self, requests, rows: list[Row]) -> dict:
+        """The first contexts scored both ways: shared rows are used only if every
+        log-likelihood agrees within the logits' dtype tolerance and every greedy flag is equal."""
+        contexts = {r.context for r in rows}
+        sample = [r for r in requests if tuple(r[1]) in contexts]
+        stock = super()._loglikelihood_tokens(sample, disable_tqdm=True)
+        try:
+            shared = self.score(rows)
+        except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention without masks
+            return {"shared_context": False, "reason": f"the model failed on a 4D mask: {err}"}
+        dtype = self._mask_dtype
+        tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
+        gap, greedy_equal = 0.0, True
+        for request, (loglik, greedy) in zip(sample, stock, strict=True):
+            mine, my_greedy = shared[tuple(request[1]), tuple(request[2])]
+            gap = max(gap, abs(mine - loglik) / max(1.0, abs(loglik)))
+            greedy_equal &= my_greedy == greedy
+        result = {"checked_requests": len(sample), "max_relative_gap": gap, "tolerance": tolerance}
+        if not gap <= tolerance or not greedy_equal:  # NaN included
+            return {"shared_context": False, "reason": "log-likelihoods differ from lm-eval's "
+                    f"own path (greedy flags equal: {greedy_equal})", **result}
+        self._checked = shared
+        return {"shared_context": True, **result}
