@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..models import label_positions
 from ..outputs import read_jsonl
 from ..policy import Policy
-from . import packing
+from . import packing, shared_prefix
 from .adapter_monitor import AdapterMonitor
 from .gradient_guard import GradientGuard
 
@@ -42,6 +42,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class GuardedTrainer(Trainer):
+    share_prefix = False  # rows' common prefix computed once (shared_prefix.py), once proven
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.share_prefix:
+            inputs = shared_prefix.split(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -145,11 +152,13 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     if cfg.get("max_eval_examples"):
         validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
     head = head_at_labels(model, validation, tokenizer, args)
+    collator = packing.Collator(tokenizer, label_positions=head["used"])
+    prefix = prefix_once(model, data["train"], collator, args)
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
-        data_collator=packing.Collator(tokenizer, label_positions=head["used"]),
-        callbacks=callbacks,
+        data_collator=collator, callbacks=callbacks,
     )
+    trainer.share_prefix = prefix["used"]
     resume = last_complete_checkpoint(checkpoint_dir)
     tokens_before = 0  # seen before the interruption: not part of this run's throughput
     if resume:
@@ -180,6 +189,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
         "label_positions": head,
+        "shared_prefix": prefix,
         **({"packing_check": isolation} if isolation else {}),
     }
 
@@ -193,6 +203,17 @@ def head_at_labels(model, validation, tokenizer, args) -> dict:
                                                    len(validation)))]
     result = label_positions.check(model, packing.Collator(tokenizer)(rows))
     log.info("output head only at labelled positions: %s", result)
+    return result
+
+
+def prefix_once(model, train, collator, args) -> dict:
+    """Whether batches compute their rows' common prefix once, proven on the first training
+    rows (shared_prefix.check)."""
+    if args.n_gpu > 1:  # nn.DataParallel would split the batch from its one prefix
+        return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
+    rows = [dict(train[i]) for i in range(min(args.per_device_train_batch_size, len(train)))]
+    result = shared_prefix.check(model, collator(rows))
+    log.info("rows' common prefix computed once: %s", result)
     return result
 
 
