@@ -1,8 +1,8 @@
 """Training batches whose rows begin alike: the common beginning computed once.
 
 Instruction data rendered with a chat template start every example with the same tokens (the
-template, the system prompt, the instruction: 15 of the builtin `arithmetic`'s 38 tokens, 35
-of `topic`'s 62). With no dropout anywhere those positions compute the same activations in
+template, the system prompt, the instruction: 16 of the builtin `arithmetic`'s 38 tokens, 37
+of `topic`'s 64). With no dropout anywhere those positions compute the same activations in
 every row, so a batch is computed as one row of the common prefix, whose keys and values are
 then repeated for every row (autograd sums their gradients back into the one prefix), and the
 rows' own tokens after it, attending to that cache: the same loss and the same gradients with
@@ -18,16 +18,11 @@ tolerance; otherwise batches are computed whole and summary.json says why (`shar
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..models import label_positions
 from ..models.numerics import LOSS_TOLERANCE
 
-log = logging.getLogger(__name__)
-
-IGNORE = -100
 MIN_PREFIX = 4  # shorter common prefixes save less than the extra forward call costs
 CHECK_ROWS = 2
 
@@ -42,7 +37,7 @@ def prefix_length(batch: dict) -> int:
     if "attention_mask" in batch:
         same &= batch["attention_mask"].bool().all(dim=0)
     common = int(same.long().cumprod(dim=0).sum())
-    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    labelled = (labels != label_positions.IGNORE).any(dim=0).nonzero()
     if labelled.numel() == 0:
         return 0
     length = min(common, int(labelled[0]) - 1)
