@@ -17,6 +17,21 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+# Jobs run here start as copies of a process that has imported the model libraries once
+# (qlora_pipeline/warm_start.py): seconds a job on a CPU. Not on GPU machines or clusters.
+onstart:
+    if warm_start.wanted(config["warm_start"], local=workflow.local_exec and not workflow.touch):
+        warm_start.start(f"{RESULTS}/logs/warm_start.log")
+
+
+onsuccess:
+    warm_start.stop()
+
+
+onerror:
+    warm_start.stop()
+
+
 rule all:
     input:
         all_outputs(),

@@ -4,6 +4,7 @@ once here and passed down), and the seed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -13,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import gpus
+from . import gpus, warm_start
 from .errors import InputError
 from .policy import Policy
 
@@ -124,17 +125,45 @@ def stage_arguments(smk, stage: Callable[..., object]) -> dict:
     return kwargs
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One stage run as its rule asked: what runs it (here, or a warm-start copy) needs only
+    this, so it holds plain values (it is pickled to the warm-start server)."""
+    rule: str
+    stage: Callable[..., object]
+    kwargs: dict
+    log_path: str | None
+    threads: int
+    wants_gpu: bool  # see gpus.py
+    warm: bool = False  # run by a warm-start copy (logged)
+
+    @classmethod
+    def from_snakemake(cls, smk, stage: Callable[..., object]) -> Job:
+        return cls(rule=smk.rule, stage=stage, kwargs=stage_arguments(smk, stage),
+                   log_path=str(smk.log[0]) if len(smk.log) else None, threads=smk.threads,
+                   wants_gpu=int(smk.resources.get("gpu", 0) or 0) >= 1)
+
+    def run(self) -> None:
+        """Log to the rule's log, take the job's threads (and its own GPU where the rule
+        declares one), settle the policy, run the stage."""
+        with logged_to(self.log_path), \
+                (gpus.pinned_gpu() if self.wants_gpu else contextlib.nullcontext()), \
+                job_environment(self.threads):
+            # A job that declares no GPU runs on the CPU: its policy needs no torch (policy.py).
+            policy = Policy.detect(self.threads) if self.wants_gpu else Policy.cpu(self.threads)
+            log.info("rule %s: %s (threads: %s, device: %s, bf16: %s%s)", self.rule,
+                     self.stage.__name__, policy.threads, policy.device_name, policy.bf16,
+                     ", warm start" if self.warm else "")
+            self.stage(**self.kwargs, policy=policy)
+            log.info("rule %s: done", self.rule)
+
+
 def run_script(smk, stage: Callable[..., object]) -> None:
-    """Entry point of every scripts/*.py: log to the rule's log, take the job's threads (and
-    its own GPU where the rule declares one), settle the policy, run the stage."""
-    log_path = smk.log[0] if len(smk.log) else None
-    wants_gpu = int(smk.resources.get("gpu", 0) or 0) >= 1  # see gpus.py
-    kwargs = stage_arguments(smk, stage)
-    with logged_to(log_path), (gpus.pinned_gpu() if wants_gpu else contextlib.nullcontext()), \
-            job_environment(smk.threads):
-        # A job that declares no GPU runs on the CPU: its policy needs no torch (policy.py).
-        policy = Policy.detect(smk.threads) if wants_gpu else Policy.cpu(smk.threads)
-        log.info("rule %s: %s (threads: %s, device: %s, bf16: %s)", smk.rule, stage.__name__,
-                 policy.threads, policy.device_name, policy.bf16)
-        stage(**kwargs, policy=policy)
-        log.info("rule %s: done", smk.rule)
+    """Entry point of every scripts/*.py: the job runs in a copy of the warm-start server
+    where one serves this workflow (warm_start.py), else here."""
+    job = Job.from_snakemake(smk, stage)
+    status = warm_start.submit(job)
+    if status is None:
+        job.run()
+    elif status:
+        sys.exit(status)  # the job's error is in its log and on this job's stderr already

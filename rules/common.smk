@@ -5,7 +5,7 @@
 
 import os
 
-from qlora_pipeline import code_digest, layout, sweeps
+from qlora_pipeline import code_digest, layout, sweeps, warm_start
 from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
 from qlora_pipeline.layout import RESULTS

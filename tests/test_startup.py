@@ -21,7 +21,6 @@ from qlora_pipeline.code_digest import stage_functions
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "lm_eval")
 STAGES = stage_functions()
 RULE_TEXT = "\n".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
-TRAINING_MODULE = "qlora_pipeline.stages.train"  # transformers' Trainer imports peft
 
 # One job: scripts/<rule>.py under a stand-in `snakemake` object; with "stub", the stage
 # function is replaced by one that does nothing, so what is loaded is the job's start-up.
@@ -64,11 +63,10 @@ def loaded(rule: str, *, stub: bool, wildcards=None, **groups) -> set[str]:
 
 
 def not_needed_at_startup(rule: str) -> set[str]:
-    """lm-eval is the evaluation stage's own business; peft and bitsandbytes the model
-    stages'; a job that declares no GPU runs on the CPU and settles its policy without torch."""
-    unused = {"lm_eval"}
-    if STAGES[rule][0] != TRAINING_MODULE:
-        unused |= {"peft", "bitsandbytes"}
+    """lm-eval, peft and bitsandbytes are the stages' own business (a script that loaded them
+    before handing its job to the warm-start server would pay for nothing); a job that declares
+    no GPU runs on the CPU and settles its policy without torch."""
+    unused = {"lm_eval", "peft", "bitsandbytes"}
     if not declares_gpu(rule):
         unused |= {"torch", "transformers"}
     return unused

@@ -9,15 +9,18 @@ import tempfile
 
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
-from ..training.lora import check_adapter, prepare_qlora, prepare_recovery
-from ..training.train_job import train_adapter
 
+# The training modules import torch, transformers and PEFT: each stage imports them itself, so
+# that its script can hand the job to a warm-start server before paying for them.
 log = logging.getLogger(__name__)
 
 
 def train_qlora(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
                 checkpoints, policy: Policy) -> dict:
     """LoRA injected into the saved quantized base (quantize first, then inject), trained."""
+    from ..training.lora import prepare_qlora
+    from ..training.train_job import train_adapter
+
     return train_adapter(
         "train_qlora", adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized,
         train=train, seed=seed, checkpoints=checkpoints, policy=policy,
@@ -31,6 +34,9 @@ def recover(*, base, qlora, tokenized, adapter, train: dict, seed: int, checkpoi
             policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
+    from ..training.lora import prepare_recovery
+    from ..training.train_job import train_adapter
+
     return train_adapter(
         "recover", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
         train=train, seed=seed, checkpoints=checkpoints, policy=policy,
@@ -48,6 +54,7 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
     from transformers import AutoTokenizer
 
     from ..training import merging
+    from ..training.lora import check_adapter
 
     check_adapter(adapter, "merge")
     with stage_outputs("merge", {"merged": merged}, config=merge, policy=policy,
