@@ -41,14 +41,17 @@ def loss_and_grads(model, batch) -> tuple[float, dict]:
                                   if p.requires_grad}
 
 
+@pytest.mark.parametrize("layout", shared_prefix.LAYOUTS)
 @pytest.mark.parametrize("kept", [False, True], ids=["all-logits", "kept-logits"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_same_loss_and_gradients_as_the_whole_batch(tiny_tokenizer, arch, kept):
+def test_same_loss_and_gradients_as_the_whole_batch(tiny_tokenizer, arch, kept, layout):
     model = lora(build_model(len(tiny_tokenizer), 0, arch)).train()
     batch = packing.Collator(tiny_tokenizer, label_positions=kept)(rows())  # right-padded
     assert shared_prefix.prefix_length(batch) == 9
-    split = shared_prefix.split(model, batch)
-    assert split["input_ids"].shape[1] == batch["input_ids"].shape[1] - 9
+    split = shared_prefix.split(model, batch, (layout,))
+    rows_, width = batch["input_ids"].shape
+    expected = (1, 9 + rows_ * (width - 9)) if layout == shared_prefix.ONE_ROW else (rows_, width - 9)
+    assert tuple(split["input_ids"].shape) == expected
 
     whole_loss, whole_grads = loss_and_grads(model, batch)
     split_loss, split_grads = loss_and_grads(model, split)
@@ -58,7 +61,35 @@ def test_same_loss_and_gradients_as_the_whole_batch(tiny_tokenizer, arch, kept):
         torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     result = shared_prefix.check(model, batch)
-    assert result["used"] and result["grad_gap"] <= 1e-4, result
+    assert result["used"] and result["layouts"] == list(shared_prefix.LAYOUTS), result
+    assert result[f"{layout} grad_gap"] <= 1e-4, result
+
+
+def test_one_row_only_while_its_attention_stays_small(tiny_tokenizer):
+    """Many long rows with a short prefix: one row would cost ~rows times the attention."""
+    model = lora(build_model(len(tiny_tokenizer), 0, "llama")).train()
+    batch = packing.Collator(tiny_tokenizer)(rows(prefix=4, lengths=(60,) * 8))
+    assert shared_prefix.split(model, batch)["input_ids"].shape == (8, 60)  # the cache
+    short = packing.Collator(tiny_tokenizer)(rows())
+    assert shared_prefix.split(model, short)["input_ids"].shape[0] == 1
+
+
+def test_a_model_without_4d_masks_keeps_the_cache(tiny_tokenizer, monkeypatch):
+    """An attention that ignores the mask (flash-attention takes none) fails the one-row
+    check: the tokens of one row would see another's. The cache layout still serves."""
+    model = lora(build_model(len(tiny_tokenizer), 0, "llama")).train()
+    base = model.get_base_model()
+    forward = type(base).forward
+
+    def plain_mask(self, *args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return forward(self, *args, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(type(base), "forward", plain_mask)
+    result = shared_prefix.check(model, packing.Collator(tiny_tokenizer)(rows()))
+    assert result["used"] and result["layouts"] == [shared_prefix.CACHE], result
+    assert shared_prefix.ONE_ROW in result["refused"], result
 
 
 def test_prefix_stops_before_the_first_label_is_predicted():
@@ -99,7 +130,7 @@ def test_not_used_where_rows_would_differ(tiny_tokenizer, blocker):
     assert expected in result["reason"], result
 
 
-def test_a_model_that_ignores_the_cache_is_not_used(tiny_tokenizer, monkeypatch):
+def test_a_model_that_ignores_the_cache_keeps_one_row(tiny_tokenizer, monkeypatch):
     model = lora(build_model(len(tiny_tokenizer), 0, "llama")).train()
     base = model.get_base_model()
     forward = type(base).forward
@@ -109,5 +140,19 @@ def test_a_model_that_ignores_the_cache_is_not_used(tiny_tokenizer, monkeypatch)
 
     monkeypatch.setattr(type(base), "forward", no_cache)
     result = shared_prefix.check(model, packing.Collator(tiny_tokenizer)(rows()))
-    assert not result["used"]
-    assert "differ" in result["reason"] or "failed" in result["reason"], result
+    assert result["layouts"] == [shared_prefix.ONE_ROW], result
+    reason = result["refused"][shared_prefix.CACHE]
+    assert "differ" in reason or "failed" in reason, result
+
+
+def test_a_model_that_fails_both_layouts_is_not_used(tiny_tokenizer, monkeypatch):
+    model = lora(build_model(len(tiny_tokenizer), 0, "llama")).train()
+    base = model.get_base_model()
+    forward = type(base).forward
+
+    def neither(self, *args, cache=None, position_ids=None, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(base), "forward", neither)
+    result = shared_prefix.check(model, packing.Collator(tiny_tokenizer)(rows()))
+    assert not result["used"] and set(result["refused"]) == set(shared_prefix.LAYOUTS), result

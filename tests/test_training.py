@@ -360,7 +360,7 @@ def test_recovery_checks_the_trainable_count(prepared, trained, tmp_path, monkey
         model, expected = prepare(*args, **kwargs)
         return model, expected + 1
 
-    monkeypatch.setattr("qlora_pipeline.stages.train.prepare_recovery", one_more_trainable)
+    monkeypatch.setattr("qlora_pipeline.training.lora.prepare_recovery", one_more_trainable)
     with pytest.raises(RuntimeError, match="trainable parameters .* != LoRA arithmetic"):
         recover(prepared, trained["adapter"], tmp_path, {**task_blocks()["recovery"],
                                                          "enabled": True, "steps": 2},

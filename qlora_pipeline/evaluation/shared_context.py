@@ -33,11 +33,11 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models import label_positions
 from ..models.numerics import LOSS_TOLERANCE
+from ..models.segments import CONTEXT, PAD, attention_mask  # continuation k is segment k + 1
 
 log = logging.getLogger(__name__)
 
 CHECK_CONTEXTS = 2  # contexts scored both ways before the rest
-CONTEXT, PAD = 0, -1  # segment ids: the context, padding; continuation k is k + 1
 
 
 @dataclass
@@ -81,17 +81,6 @@ def rows_of(requests) -> dict[tuple[int, ...], Row]:
         if tuple(continuation) not in row.continuations:
             row.continuations.append(tuple(continuation))
     return rows
-
-
-def attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[batch, 1, T, T] additive mask: token i sees token j <= i of the context or of its own
-    segment; padding sees only padding (a fully masked row would give NaN)."""
-    idx = torch.arange(segments.shape[1], device=segments.device)
-    causal = idx[None, :] <= idx[:, None]
-    query, key = segments[:, :, None], segments[:, None, :]
-    visible = causal & (((key == CONTEXT) & (query != PAD)) | (key == query))
-    mask = torch.zeros(visible.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 @torch.no_grad()

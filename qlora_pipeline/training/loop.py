@@ -42,11 +42,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class GuardedTrainer(Trainer):
-    share_prefix = False  # rows' common prefix computed once (shared_prefix.py), once proven
+    prefix_layouts = ()  # rows' common prefix computed once in these (shared_prefix.py), proven
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.share_prefix:
-            inputs = shared_prefix.split(model, inputs)
+        if self.prefix_layouts:
+            inputs = shared_prefix.split(model, inputs, self.prefix_layouts)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -158,7 +158,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
         data_collator=collator, callbacks=callbacks,
     )
-    trainer.share_prefix = prefix["used"]
+    trainer.prefix_layouts = tuple(prefix.get("layouts", ()))
     resume = last_complete_checkpoint(checkpoint_dir)
     tokens_before = 0  # seen before the interruption: not part of this run's throughput
     if resume:

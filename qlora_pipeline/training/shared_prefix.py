@@ -3,28 +3,40 @@
 Instruction data rendered with a chat template start every example with the same tokens (the
 template, the system prompt, the instruction: 16 of the builtin `arithmetic`'s 38 tokens, 37
 of `topic`'s 64). With no dropout anywhere those positions compute the same activations in
-every row, so a batch is computed as one row of the common prefix, whose keys and values are
-then repeated for every row (autograd sums their gradients back into the one prefix), and the
-rows' own tokens after it, attending to that cache: the same loss and the same gradients with
-the prefix's share of the work done once instead of once per row. Transformers' KV cache does
-the attention part; this module only splits the batch (`split`).
+every row, so they need computing once; autograd sums the rows' gradients back into them. Two
+layouts, both the same loss and gradients as the whole batch:
 
-It applies only where it is exact: no dropout module with p > 0 (the adapter's or the base's),
+- ONE_ROW: the prefix, then every row's own tokens, in a single row; a 4D attention mask lets
+  each row's tokens see the prefix and their own earlier tokens only (models/segments.py), and
+  position ids restart after the prefix. One forward and one backward per batch. Its attention
+  grows with the square of the row's length, so it is used only while that stays within
+  ONE_ROW_ATTENTION times the whole batch's attention.
+- CACHE: one row of the prefix whose KV cache (transformers' `cache`) is repeated for the
+  rows, then the rows' own tokens attending to it: two forwards, no custom mask (for long rows,
+  and for attention kernels that take no 4D mask, flash-attention among them).
+
+Each applies only where it is exact: no dropout module with p > 0 (the adapter's or the base's),
 no gradient checkpointing (transformers drops the cache under it), rows not packed, and no
-labelled token inside the prefix. `check` proves it on the model at hand before training:
-the loss and every adapter gradient of one batch computed both ways, within the dtype's
-tolerance; otherwise batches are computed whole and summary.json says why (`shared_prefix`).
+labelled token inside the prefix. `check` proves each layout on the model at hand before
+training: the loss and every adapter gradient of one batch computed whole and in that layout,
+within the dtype's tolerance. summary.json says which layouts were proven (`shared_prefix`), or
+why none was.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..models import label_positions
+from ..models import label_positions, segments
 from ..models.numerics import LOSS_TOLERANCE
 
 MIN_PREFIX = 4  # shorter common prefixes save less than the extra forward call costs
 CHECK_ROWS = 2
+ONE_ROW, CACHE = "one row", "cache"
+LAYOUTS = (ONE_ROW, CACHE)  # in order of preference
+ONE_ROW_ATTENTION = 4  # the one row's attention may cost up to this many times the batch's
+# What a batch may hold for the one-row layout to rebuild all of it.
+ONE_ROW_KEYS = {"input_ids", "attention_mask", "labels", "logits_to_keep", "shift_labels"}
 
 
 def prefix_length(batch: dict) -> int:
@@ -44,12 +56,62 @@ def prefix_length(batch: dict) -> int:
     return length if length >= MIN_PREFIX else 0
 
 
-def split(model, batch: dict) -> dict:
-    """The batch's inputs for the rows' own tokens, with the common prefix's KV cache (computed
-    once, repeated per row) in their place. Unchanged if the rows share too little."""
+def split(model, batch: dict, layouts=LAYOUTS) -> dict:
+    """The batch in the first of `layouts` that suits it, its common prefix computed once.
+    Unchanged if the rows share too little or no layout suits."""
     length = prefix_length(batch)
     if not length:
         return batch
+    if ONE_ROW in layouts and _fits_one_row(batch, length):
+        return one_row(model, batch, length)
+    if CACHE in layouts:
+        return cached(model, batch, length)
+    return batch
+
+
+def _fits_one_row(batch: dict, length: int) -> bool:
+    rows, width = batch["input_ids"].shape
+    total = length + rows * (width - length)
+    return set(batch) <= ONE_ROW_KEYS and total ** 2 <= ONE_ROW_ATTENTION * rows * width ** 2
+
+
+def one_row(model, batch: dict, length: int) -> dict:
+    """The prefix once, then each row's own tokens, in one row under a segment mask."""
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    own = width - length
+    segment = torch.arange(1, rows + 1, device=ids.device)[:, None].expand(rows, own)
+    if "attention_mask" in batch:  # padding after a row's tokens: seen by no real token
+        segment = segment.masked_fill(batch["attention_mask"][:, length:] == 0, segments.PAD)
+    ids_row = torch.cat([ids[0, :length], ids[:, length:].reshape(-1)])[None]
+    out = {
+        "input_ids": ids_row,
+        "position_ids": torch.cat([torch.arange(length, device=ids.device),
+                                   torch.arange(length, width, device=ids.device).repeat(rows)])[None],
+        "attention_mask": segments.attention_mask(
+            torch.cat([torch.full((length,), segments.CONTEXT, device=ids.device),
+                       segment.reshape(-1)])[None], _mask_dtype(model)),
+        # Row r's last token predicts row r+1's first own token: never labelled (prefix_length)
+        "labels": torch.cat([batch["labels"][0, :length], batch["labels"][:, length:].reshape(-1)])[None],
+        "use_cache": False,
+    }
+    if "logits_to_keep" in batch:  # position p of row r is length + r * own + (p - length)
+        kept = batch["logits_to_keep"]
+        out["logits_to_keep"] = (torch.arange(rows, device=kept.device)[:, None] * own
+                                 + kept[None, :]).reshape(-1)
+        out["shift_labels"] = batch["shift_labels"].reshape(1, -1)
+    return out
+
+
+def _mask_dtype(model) -> torch.dtype:
+    """The attention's dtype: that of the embeddings' output."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def cached(model, batch: dict, length: int) -> dict:
+    """The rows' own tokens, with the prefix's KV cache (computed once, repeated per row) in
+    place of the prefix."""
     ids = batch["input_ids"]
     rows, width = ids.shape
     head = {"logits_to_keep": 1} if label_positions.supported(model) else {}
@@ -88,37 +150,52 @@ def _loss_and_grads(model, batch) -> tuple[float, dict]:
 
 
 def check(model, batch: dict) -> dict:
-    """Whether training batches share their prefix: proven on the first CHECK_ROWS rows of a
-    training batch, loss and adapter gradients computed whole and split."""
+    """Which layouts training batches may use: each proven on the first CHECK_ROWS rows of a
+    training batch, loss and adapter gradients computed whole and in that layout."""
     if found := blockers(model):
         return {"used": False, "reason": "; ".join(found[:3]) + (" …" if len(found) > 3 else "")}
     device = next(model.parameters()).device
-    small = {k: v[:CHECK_ROWS].to(device) for k, v in batch.items() if k != "logits_to_keep"}
+    small = {k: v[:CHECK_ROWS].to(device) for k, v in batch.items()
+             if k not in ("logits_to_keep", "shift_labels")}
     if "logits_to_keep" in batch:
         small = label_positions.keep(small)
     length = prefix_length(small)
     if not length:
         return {"used": False, "reason": "the rows share no prefix before their first label"}
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    result = {"prefix_tokens": length, "positions": int(small["input_ids"].shape[1]),
+              "tolerance": LOSS_TOLERANCE.get(dtype, 1e-2), "layouts": [], "refused": {}}
     was_training = model.training
     model.train()
     try:
-        whole, whole_grads = _loss_and_grads(model, small)
-        try:
-            shared, shared_grads = _loss_and_grads(model, split(model, small))
-        except (RuntimeError, ValueError, TypeError, AttributeError) as err:
-            return {"used": False, "reason": f"the model failed on a shared prefix: {err}"}
+        whole = _loss_and_grads(model, small)
+        for layout, build in ((ONE_ROW, one_row), (CACHE, cached)):
+            gaps = _gaps(model, whole, lambda b=build: b(model, small, length))
+            result.update({f"{layout} {k}": v for k, v in gaps.items() if k != "refused"})
+            if "refused" in gaps:
+                result["refused"][layout] = gaps["refused"]
+            elif gaps["loss_gap"] <= result["tolerance"] and gaps["grad_gap"] <= result["tolerance"]:
+                result["layouts"].append(layout)
+            else:  # NaN included
+                result["refused"][layout] = "loss or gradients differ from the whole batch's"
     finally:
         model.train(was_training)
-    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
-    tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
-    loss_gap = abs(whole - shared) / max(1.0, abs(whole))
-    grad_gap = max((float((shared_grads[n] - g).norm() / g.norm().clamp_min(1e-12))
-                    for n, g in whole_grads.items() if n in shared_grads), default=0.0)
-    result = {"prefix_tokens": length, "positions": int(small["input_ids"].shape[1]),
-              "loss_gap": loss_gap, "grad_gap": grad_gap, "tolerance": tolerance}
-    if set(shared_grads) != set(whole_grads):
-        return {"used": False, "reason": "other parameters got gradients", **result}
-    if not (loss_gap <= tolerance and grad_gap <= tolerance):  # NaN included
-        return {"used": False, "reason": "loss or gradients differ from the whole batch's",
+    if not result["layouts"]:
+        return {"used": False, "reason": "; ".join(f"{k}: {v}" for k, v in result["refused"].items()),
                 **result}
     return {"used": True, **result}
+
+
+def _gaps(model, whole, build) -> dict:
+    """Relative gaps of the loss and of the worst adapter gradient to the whole batch's."""
+    whole_loss, whole_grads = whole
+    try:
+        loss, grads = _loss_and_grads(model, build())
+    except (RuntimeError, ValueError, TypeError, AttributeError) as err:
+        return {"refused": f"the model failed on it: {err}"}
+    if set(grads) != set(whole_grads):
+        return {"refused": "other parameters got gradients"}
+    loss_gap = abs(whole_loss - loss) / max(1.0, abs(whole_loss))
+    grad_gap = max((float((grads[n] - g).norm() / g.norm().clamp_min(1e-12))
+                    for n, g in whole_grads.items()), default=0.0)
+    return {"loss_gap": loss_gap, "grad_gap": grad_gap}
