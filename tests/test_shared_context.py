@@ -100,3 +100,38 @@ def test_mask_isolates_choices_and_padding_sees_only_padding():
     assert visible[4].tolist() == [True] * 5 + [False] * 3  # choice 1 sees itself and the context
     assert visible[5].tolist() == [True] * 3 + [False, False, True, False, False]  # not choice 1
     assert visible[7].tolist() == [False] * 6 + [True, True]  # padding: only padding
+
+
+def test_a_token_budget_sizes_the_batches_by_length(tiny_tokenizer, monkeypatch):
+    """On a CPU ("auto") a batch holds as many rows as fit the budget: the same scores and
+    generations as fixed batches of 2, in fewer forwards."""
+    from lm_eval.api.instance import Instance
+
+    model = build_model(len(tiny_tokenizer), 0, "llama").eval()
+    reqs = requests(tiny_tokenizer)
+    fixed = SharedContextLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2)
+    budget = SharedContextLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2,
+                             token_budget=64)
+    sizes = []
+    score_rows = shared_context.score_rows
+    monkeypatch.setattr(shared_context, "score_rows",
+                        lambda model, rows, *a: sizes.append([len(r) for r in rows])
+                        or score_rows(model, rows, *a))
+    expected = fixed._loglikelihood_tokens(reqs)
+    sizes.clear()
+    for (loglik, greedy), (mine, my_greedy) in zip(expected, budget._loglikelihood_tokens(reqs),
+                                                   strict=True):
+        assert mine == pytest.approx(loglik, abs=1e-5) and my_greedy == greedy
+    # the check's two contexts, then the other three rows in one batch: 3 × 21 ≤ 64 tokens
+    assert sizes == [[12, 9], [21, 18, 15]]
+
+    prompts = [Instance("generate_until", {}, (f"{i} " * (3 + i), {"until": ["\n"],
+                        "max_gen_toks": 4, "do_sample": False}), i) for i in range(6)]
+    used = []
+    generate = HFLM.generate_until
+    monkeypatch.setattr(HFLM, "generate_until",
+                        lambda self, r, d=False: used.append(self.batch_size) or generate(self, r, d))
+    assert budget.generate_until(prompts) == fixed.generate_until(prompts)
+    longest = max(len(budget.tok_encode(p.args[0])) for p in prompts)
+    assert used == [max(1, min(6, 64 // (longest + 4))), 2]
+    assert budget.batch_size == 2  # restored for lm-eval's own paths

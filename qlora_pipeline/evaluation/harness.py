@@ -76,7 +76,8 @@ def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -
     from .shared_context import SharedContextLM
 
     lm = SharedContextLM(pretrained=model, tokenizer=tokenizer,
-                         batch_size=policy.eval_batch_size(cfg["batch_size"]))
+                         batch_size=policy.eval_batch_size(cfg["batch_size"]),
+                         token_budget=policy.eval_token_budget(cfg["batch_size"]))
     manager = TaskManager(include_path=str(task_dir),
                           include_defaults=len(task_names) > 1)  # only ours: skip the index
     results = lm_eval.simple_evaluate(

@@ -118,10 +118,13 @@ def score_rows(model, rows: list[Row], device, dtype) -> dict:
 
 
 class SharedContextLM(HFLM):
-    """HFLM whose log-likelihood requests are scored one row per context (see the module)."""
+    """HFLM whose log-likelihood requests are scored one row per context (see the module).
+    `token_budget`: batches of generation and shared scoring sized by length, as many rows as
+    fit that many tokens (policy.CPU_EVAL_TOKENS); None: lm-eval's `batch_size` rows."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, token_budget: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.token_budget = token_budget
         self.scoring: dict | None = None  # how log-likelihoods were computed, once decided
         self._checked: dict = {}  # the check's own shared scores, not computed twice
 
@@ -148,6 +151,19 @@ class SharedContextLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", strings, answer)
         return answers
 
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        """lm-eval's generation, in batches of as many requests as the token budget holds."""
+        if not self.token_budget or not requests:
+            return super().generate_until(requests, disable_tqdm)
+        longest = max(len(self.tok_encode(r.args[0])) for r in requests)
+        new = max(int(r.args[1].get("max_gen_toks", self.max_gen_toks)) for r in requests)
+        saved = self.batch_size_per_gpu
+        self.batch_size_per_gpu = max(1, min(len(requests), self.token_budget // (longest + new)))
+        try:
+            return super().generate_until(requests, disable_tqdm)
+        finally:
+            self.batch_size_per_gpu = saved
+
     def score(self, rows: list[Row], override_bs=None) -> dict:
         size = self.batch_size if isinstance(self.batch_size, int) else (
             override_bs or self._detect_batch_size())
@@ -155,9 +171,13 @@ class SharedContextLM(HFLM):
         scores = {(r.context, c): self._checked[r.context, c] for r in done for c in r.continuations}
         rows = [r for r in rows if r not in done]
         rows.sort(key=len, reverse=True)  # similar lengths together: little padding
-        for start in range(0, len(rows), size):
+        start = 0
+        while start < len(rows):
+            if self.token_budget:  # the first row of a batch is its longest
+                size = max(1, self.token_budget // len(rows[start]))
             scores.update(score_rows(self.model, rows[start:start + size], self.device,
                                      self._mask_dtype))
+            start += size
         return scores
 
     @property
