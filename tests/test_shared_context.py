@@ -16,14 +16,16 @@ from qlora_pipeline.evaluation import shared_context
 from qlora_pipeline.evaluation.shared_context import SharedContextLM
 
 
-def requests(tokenizer, contexts: int = 5) -> list:
-    """lm-eval's tokenized requests: contexts of different lengths, each with four choices of
+def requests(tokenizer, contexts: int = 5, shared: int = 0) -> list:
+    """lm-eval's tokenized requests: contexts of different lengths (with `shared`: all
+    beginning with the same tokens, as a chat template makes them), each with four choices of
     one to three tokens (one repeated), as a multiple-choice task produces them."""
     generator = torch.Generator().manual_seed(1)
     vocab = len(tokenizer)
+    beginning = torch.randint(3, vocab, (shared,), generator=generator).tolist()
     out = []
     for i in range(contexts):
-        context = torch.randint(3, vocab, (6 + 3 * i,), generator=generator).tolist()
+        context = beginning + torch.randint(3, vocab, (6 + 3 * i,), generator=generator).tolist()
         choices = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (1, 1, 2, 3)]
         for choice in [*choices, choices[2]]:
             out.append(((f"c{i}", str(choice)), context, choice))
@@ -36,10 +38,11 @@ def both(model, tokenizer, reqs, **kwargs):
     return stock._loglikelihood_tokens(reqs), shared._loglikelihood_tokens(reqs), shared
 
 
+@pytest.mark.parametrize("shared", [0, 8], ids=["own-contexts", "shared-beginning"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_same_loglikelihoods_as_lm_eval(tiny_tokenizer, arch):
+def test_same_loglikelihoods_as_lm_eval(tiny_tokenizer, arch, shared):
     model = build_model(len(tiny_tokenizer), 0, arch).eval()
-    reqs = requests(tiny_tokenizer)
+    reqs = requests(tiny_tokenizer, shared=shared)
     stock, shared, lm = both(model, tiny_tokenizer, reqs)
     assert lm.scoring["shared_context"], lm.scoring
     assert len(shared) == len(reqs)
@@ -135,3 +138,39 @@ def test_a_token_budget_sizes_the_batches_by_length(tiny_tokenizer, monkeypatch)
     longest = max(len(budget.tok_encode(p.args[0])) for p in prompts)
     assert used == [max(1, min(6, 64 // (longest + 4))), 2]
     assert budget.batch_size == 2  # restored for lm-eval's own paths
+
+
+def test_contexts_that_begin_alike_share_one_row(tiny_tokenizer, monkeypatch):
+    """Five contexts after a common 8-token beginning: the check's two in one row, then the
+    other three in one row (8 + their own tokens), split where a row would pass PACKED_TOKENS."""
+    model = build_model(len(tiny_tokenizer), 0, "llama").eval()
+    shapes = []
+    real = type(model).forward
+
+    @functools.wraps(real)
+    def recording(self, *args, **kwargs):
+        if "position_ids" in kwargs:
+            shapes.append(tuple(kwargs["input_ids"].shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    reqs = requests(tiny_tokenizer, shared=8)
+    rows = list(shared_context.rows_of(reqs).values())
+    own = [len(r) - 8 for r in rows]
+    SharedContextLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=8)._loglikelihood_tokens(reqs)
+    assert shapes == [(1, 8 + own[0] + own[1]), (1, 8 + sum(own[2:]))]
+    monkeypatch.setattr(shared_context, "PACKED_TOKENS", 8 + own[0] + own[1] - 1)  # none pair
+    assert len(shared_context.sequences(rows)) == len(rows)  # one context per row
+    assert all(s["tokens"][:8] == list(rows[0].context[:8])
+               for s in shared_context.sequences(rows))
+
+
+def test_groups_keep_contexts_apart_after_the_shared_beginning():
+    # shared 2 tokens; context A (group 1): 2 tokens + a choice of 1 input; context B (group
+    # 2): 1 token; then padding
+    segments = torch.tensor([[0, 0, 0, 0, 1, 0, -1]])
+    groups = torch.tensor([[0, 0, 1, 1, 1, 2, -1]])
+    visible = shared_context.attention_mask(segments, torch.float32, groups)[0, 0] == 0
+    assert visible[4].tolist() == [True] * 5 + [False] * 2  # A's choice: beginning, A, itself
+    assert visible[5].tolist() == [True, True, False, False, False, True, False]  # B: not A
+    assert visible[6].tolist() == [False] * 6 + [True]

@@ -14,7 +14,11 @@ point (`_loglikelihood_tokens` of an HFLM subclass; everything else is lm-eval's
   and its own earlier tokens, not the other choices; position ids restart after the context,
   so each continuation is at the positions it has in lm-eval's own sequence;
 - the output head only at the positions that predict a continuation token (transformers'
-  `logits_to_keep`).
+  `logits_to_keep`);
+- where the contexts of a batch begin alike (a chat template, an instruction), several of
+  them in one row after that beginning, computed once: each context sees it and itself, each
+  continuation its own context (`segments.attention_mask`'s groups), rows of at most
+  PACKED_TOKENS tokens (the attention grows with the square of a row's length).
 
 The same sums of the same log-probabilities, computed in another order. `check` proves it on
 the model at hand against lm-eval's own path before scoring: a model whose attention does not
@@ -33,11 +37,13 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models import label_positions
 from ..models.numerics import LOSS_TOLERANCE
-from ..models.segments import CONTEXT, PAD, attention_mask  # continuation k is segment k + 1
+from ..models.segments import CONTEXT, PAD, SHARED, attention_mask  # continuation k: k + 1
 
 log = logging.getLogger(__name__)
 
 CHECK_CONTEXTS = 2  # contexts scored both ways before the rest
+SHARED_MIN = 4  # a shorter common beginning of a batch's contexts is not worth sharing
+PACKED_TOKENS = 512  # longest row holding several contexts
 
 
 @dataclass
@@ -83,22 +89,63 @@ def rows_of(requests) -> dict[tuple[int, ...], Row]:
     return rows
 
 
+def sequences(rows: list[Row]) -> list[dict]:
+    """The batch's rows as the sequences of a forward: each row alone, or, where their contexts
+    begin alike, several rows after one copy of that beginning. Each sequence: tokens,
+    positions, segments, groups, and per row the `predicting` indices of its continuations."""
+    shared = _common_length([r.context for r in rows])
+    if len(rows) < 2 or shared < SHARED_MIN:
+        return [{"tokens": r.tokens, "positions": r.positions, "segments": r.segments,
+                 "groups": [SHARED + 1] * len(r), "rows": [r], "predicting": [r.predicting()]}
+                for r in rows]
+    out: list[dict] = []
+    for row in rows:
+        if not out or (len(out[-1]["tokens"]) + len(row) - shared > PACKED_TOKENS
+                       and out[-1]["rows"]):
+            out.append({"tokens": list(row.context[:shared]), "positions": list(range(shared)),
+                        "segments": [CONTEXT] * shared, "groups": [SHARED] * shared,
+                        "rows": [], "predicting": []})
+        seq = out[-1]
+        start = len(seq["tokens"]) - shared  # where the row's own tokens go, less the prefix
+        seq["rows"].append(row)
+        seq["tokens"] += row.tokens[shared:]
+        seq["positions"] += row.positions[shared:]
+        seq["segments"] += row.segments[shared:]
+        seq["groups"] += [len(seq["rows"])] * (len(row) - shared)
+        seq["predicting"].append([[start + i for i in at] for at in row.predicting()])
+    return out
+
+
+def _common_length(contexts) -> int:
+    """Tokens every context begins with, leaving each at least one of its own (its last token
+    predicts the continuations, so it must see only its own context)."""
+    shortest = min(len(c) for c in contexts)
+    for i in range(shortest - 1):
+        if any(c[i] != contexts[0][i] for c in contexts):
+            return i
+    return max(shortest - 1, 0)
+
+
 @torch.no_grad()
 def score_rows(model, rows: list[Row], device, dtype) -> dict:
     """{(context, continuation): (log-likelihood, greedy)} for one batch of rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    laid = sequences(rows)
+    width = max(len(s["tokens"]) for s in laid)
+    ids = torch.zeros(len(laid), width, dtype=torch.long)
     positions = torch.zeros_like(ids)
     segments = torch.full_like(ids, PAD)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row.tokens)
-        positions[i, :len(row)] = torch.tensor(row.positions)
-        segments[i, :len(row)] = torch.tensor(row.segments)
-    predicting = [row.predicting() for row in rows]
-    kept = sorted({p for per_row in predicting for at in per_row for p in at})
+    groups = torch.full_like(ids, PAD)
+    for i, seq in enumerate(laid):
+        n = len(seq["tokens"])
+        for name, tensor in (("tokens", ids), ("positions", positions), ("segments", segments),
+                             ("groups", groups)):
+            tensor[i, :n] = torch.tensor(seq[name])
+    kept = sorted({p for seq in laid for per_row in seq["predicting"] for at in per_row
+                   for p in at})
     column = {p: k for k, p in enumerate(kept)}
     arguments = {"input_ids": ids.to(device), "position_ids": positions.to(device),
-                 "attention_mask": attention_mask(segments.to(device), dtype), "use_cache": False}
+                 "attention_mask": attention_mask(segments.to(device), dtype, groups.to(device)),
+                 "use_cache": False}
     if label_positions.supported(model):
         arguments["logits_to_keep"] = torch.tensor(kept, device=device)
     logits = model(**arguments).logits
@@ -106,14 +153,15 @@ def score_rows(model, rows: list[Row], device, dtype) -> dict:
         logits = logits[:, kept]
     logprobs = F.log_softmax(logits.float(), dim=-1)
     scores = {}
-    for i, row in enumerate(rows):
-        for continuation, at in zip(row.continuations, predicting[i], strict=True):
-            cols = torch.tensor([column[p] for p in at], device=logprobs.device)
-            target = torch.tensor(continuation, device=logprobs.device)
-            picked = logprobs[i, cols]
-            scores[row.context, continuation] = (
-                float(picked.gather(1, target[:, None]).sum()),
-                bool((picked.argmax(dim=-1) == target).all()))
+    for i, seq in enumerate(laid):
+        for row, predicting in zip(seq["rows"], seq["predicting"], strict=True):
+            for continuation, at in zip(row.continuations, predicting, strict=True):
+                cols = torch.tensor([column[p] for p in at], device=logprobs.device)
+                target = torch.tensor(continuation, device=logprobs.device)
+                picked = logprobs[i, cols]
+                scores[row.context, continuation] = (
+                    float(picked.gather(1, target[:, None]).sum()),
+                    bool((picked.argmax(dim=-1) == target).all()))
     return scores
 
 
