@@ -63,34 +63,44 @@ _REPLY = struct.Struct("!cq")  # kind (b"P": child pid, b"X": exit status, b"R":
 
 def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> int | None:
     """Run `job` (runtime.Job) in a copy of the warm server and return its exit status, or
-    None when there is no server to take it (the caller then runs it itself)."""
+    None when no server takes it (the caller then runs it itself)."""
     address = address or os.environ.get(SOCKET_VARIABLE)
     if not address:
         return None
-    # The job itself is unpickled only in the copy, under the job's sys.path: the server
-    # imports no project code (an edit must reach the next job).
-    request = {"executable": os.path.realpath(sys.executable), "prefix": sys.prefix,
-               "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path),
-               "job": pickle.dumps(job)}
     try:
         conn = _connect(address, connect_timeout)
     except OSError:
         return None
     with conn:
-        payload = pickle.dumps(request)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        socket.send_fds(conn, [_HEADER.pack(len(payload))], [0, 1, 2])
-        conn.sendall(payload)
-        kind, value = _read_reply(conn)
+        try:
+            payload = pickle.dumps(_request(job))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            socket.send_fds(conn, [_HEADER.pack(len(payload))], [0, 1, 2])
+            conn.sendall(payload)
+            kind, value = _read_reply(conn)
+        except (OSError, pickle.PicklingError, AttributeError, TypeError) as err:
+            print(f"warm start: {err}; the job runs itself", file=sys.stderr)
+            return None
         if kind != b"P":  # refused, or the server went away before forking
             return None
         with _forwarding_signals(value):
             while kind != b"X":
-                kind, value = _read_reply(conn)
+                try:
+                    kind, value = _read_reply(conn)
+                except OSError:
+                    kind = None
                 if kind is None:  # the copy died without a word: killed from outside
                     return 1
         return value
+
+
+def _request(job) -> dict:
+    # The job itself is unpickled only in the copy, under the job's sys.path: the server
+    # imports no project code (an edit must reach the next job).
+    return {"executable": os.path.realpath(sys.executable), "prefix": sys.prefix,
+            "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path),
+            "job": pickle.dumps(job)}
 
 
 def _connect(address: str, timeout: float) -> socket.socket:

@@ -127,6 +127,14 @@ def test_a_job_under_another_interpreter_runs_itself(server, tmp_path, monkeypat
     assert not (tmp_path / "probe.json").exists()
 
 
+def test_a_job_that_cannot_be_sent_runs_itself(server, tmp_path, capsys):
+    """A stage the copy could not import (here a lambda) is not the server's to run."""
+    job = Job(rule="probe", stage=lambda **_: None, kwargs={}, log_path=None, threads=1,
+              wants_gpu=False)
+    assert warm_start.submit(job, address=server[0]) is None
+    assert "the job runs itself" in capsys.readouterr().err
+
+
 def test_without_a_server_the_job_runs_itself(tmp_path, monkeypatch):
     assert warm_start.submit(probe_job(tmp_path), address=str(tmp_path / "none.sock")) is None
     monkeypatch.delenv(warm_start.SOCKET_VARIABLE, raising=False)
