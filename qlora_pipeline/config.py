@@ -136,7 +136,8 @@ class _DefaultingValidator:
             yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
         cls = jsonschema.validators.extend(base, {"properties": set_defaults})
-        self.validator = cls(schema)
+        # format_checker: `format: regex` keys are compiled when the config is read
+        self.validator = cls(schema, format_checker=base.FORMAT_CHECKER)
 
     def errors(self, instance):
         return sorted(self.validator.iter_errors(instance), key=lambda e: list(e.absolute_path))

@@ -11,6 +11,7 @@ rule eval_task_spec:
     params:
         format=lambda wc: task_cfg(wc)["format"],
         max_gen_tokens=config["evaluation"]["max_gen_tokens"],
+        scoring=lambda wc: task_cfg(wc)["scoring"],
         code=code("eval_task_spec"),
     threads: DATA_THREADS
     log:

@@ -162,7 +162,8 @@ def plot_scores(frame: pd.DataFrame, out_png: Path) -> None:
     for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
         ax.bar(group["variant"], group["value"],
                yerr=group["stderr"].fillna(0).astype(float), capsize=3)
-        ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, 1.05))
+        top = 1.05 if group["value"].max() <= 1 else 105  # chrF and BLEU are out of 100
+        ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, top))
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)

@@ -15,16 +15,18 @@ log = logging.getLogger(__name__)
 
 
 def eval_task_spec(*, raw, base, spec, format: str, max_gen_tokens: int, task: str,
-                   policy: Policy) -> None:
+                   policy: Policy, scoring: dict | None = None) -> None:
     """The task's test split, prompts rendered as in training, as an lm-eval task folder
     (YAML + JSON lines, the data file named relative to the folder)."""
     from transformers import AutoTokenizer
 
     with stage_outputs("eval_task_spec", {"spec": spec},
-                       config={"format": format, "max_gen_tokens": max_gen_tokens},
+                       config={"format": format, "max_gen_tokens": max_gen_tokens,
+                               "scoring": scoring},
                        inputs={"raw": raw, "tokenizer": base}, policy=policy) as out:
         info = tasks.write_task(task, read_split(raw, "test"), format,
-                                AutoTokenizer.from_pretrained(base), out["spec"], max_gen_tokens)
+                                AutoTokenizer.from_pretrained(base), out["spec"], max_gen_tokens,
+                                scoring)
         write_json(out["spec"] / "task.json", info)
     log.info("lm-eval task %s", info)
 
