@@ -144,12 +144,16 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
     for name in preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    # A stop (SIGTERM) between creating the socket file and the `finally` that removes it
+    # would leave the file behind (a copied working directory would then hold a socket).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     listener = _listen(address)
     bound = os.stat(address).st_ino
     children: dict[int, socket.socket] = {}
     log.info("warm start: serving %s (imports took %.1f s, %d threads)", address,
              time.monotonic() - started, _thread_count())
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         with selectors.DefaultSelector() as selector:
             selector.register(listener, selectors.EVENT_READ)
             while _alive(watch_pid) and _owns(address, bound):
