@@ -224,8 +224,9 @@ def _accept(listener: socket.socket, children: dict) -> None:
         _become_job(conn, fds, request)  # never returns
     for fd in fds:
         os.close(fd)
-    conn.sendall(_REPLY.pack(b"P", pid))
     children[pid] = conn
+    with contextlib.suppress(OSError):  # a job script gone already: its copy stops itself
+        conn.sendall(_REPLY.pack(b"P", pid))
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
