@@ -21,16 +21,18 @@ ANSWERS = {"42": "The answer is 42.", "Paris": "paris!", "7": "7", "Hello, world
 
 
 class Canned(LM):
-    """An lm-eval model that answers each prompt from ANSWERS (by the document's target)."""
+    """An lm-eval model that answers each prompt from ANSWERS (by the document's target).
+    lm-eval's LM declares the log-likelihood methods abstract; a generation task never asks
+    for them, so being asked is a test failure."""
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return [ANSWERS[r.doc["answer"]] for r in requests]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise AssertionError("a generation task asked for log-likelihoods")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise AssertionError("a generation task asked for rolling log-likelihoods")
 
 
 def scoring(**settings) -> dict:

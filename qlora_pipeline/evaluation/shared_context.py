@@ -37,13 +37,14 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models import label_positions
 from ..models.numerics import LOSS_TOLERANCE
-from ..models.segments import CONTEXT, PAD, SHARED, attention_mask  # continuation k: k + 1
+from ..models.segments import CONTEXT, PAD, SHARED, attention_mask, mask_dtype
 
 log = logging.getLogger(__name__)
 
 CHECK_CONTEXTS = 2  # contexts scored both ways before the rest
 SHARED_MIN = 4  # a shorter common beginning of a batch's contexts is not worth sharing
 PACKED_TOKENS = 512  # longest row holding several contexts
+# Segment ids: a row's context is CONTEXT, its continuation k is k + 1, padding PAD.
 
 
 @dataclass
@@ -230,8 +231,7 @@ class SharedContextLM(HFLM):
 
     @property
     def _mask_dtype(self) -> torch.dtype:
-        dtype = self.model.get_input_embeddings().weight.dtype
-        return dtype if dtype.is_floating_point else torch.float32
+        return mask_dtype(self.model)
 
     def check(self, requests, rows: list[Row]) -> dict:
         """The first contexts scored both ways: shared rows are used only if every

@@ -33,3 +33,10 @@ def attention_mask(segments: torch.Tensor, dtype: torch.dtype,
     visible = causal & own
     mask = torch.zeros(visible.shape, dtype=dtype, device=segments.device)
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def mask_dtype(model) -> torch.dtype:
+    """The dtype an additive mask must have: that of the attention's inputs, the embeddings'
+    output (float32 where the embeddings are not floating point)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32

@@ -90,7 +90,7 @@ def one_row(model, batch: dict, length: int) -> dict:
                                    torch.arange(length, width, device=ids.device).repeat(rows)])[None],
         "attention_mask": segments.attention_mask(
             torch.cat([torch.full((length,), segments.CONTEXT, device=ids.device),
-                       segment.reshape(-1)])[None], _mask_dtype(model)),
+                       segment.reshape(-1)])[None], segments.mask_dtype(model)),
         # Row r's last token predicts row r+1's first own token: never labelled (prefix_length)
         "labels": torch.cat([batch["labels"][0, :length], batch["labels"][:, length:].reshape(-1)])[None],
         "use_cache": False,
@@ -101,12 +101,6 @@ def one_row(model, batch: dict, length: int) -> dict:
                                  + kept[None, :]).reshape(-1)
         out["shift_labels"] = batch["shift_labels"].reshape(1, -1)
     return out
-
-
-def _mask_dtype(model) -> torch.dtype:
-    """The attention's dtype: that of the embeddings' output."""
-    dtype = model.get_input_embeddings().weight.dtype
-    return dtype if dtype.is_floating_point else torch.float32
 
 
 def cached(model, batch: dict, length: int) -> dict:
