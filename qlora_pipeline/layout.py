@@ -66,25 +66,27 @@ def merged(task: str) -> str:
 
 
 def sweep_point(task: str, point: str) -> str:
-    """One sweep point's outputs (sweeps.py names the point): adapter/, eval/, analysis/."""
+    """One sweep point's outputs (sweeps.py names the point): adapter/ and analysis/ of its
+    QLoRA training (in the folder named for the training), recovered/, eval/<variant>/."""
     return f"{RESULTS}/sweeps/{task}/{point}"
 
 
-def sweep_adapter(task: str, point: str) -> str:
-    return f"{sweep_point(task, point)}/adapter"
+def sweep_adapter(task: str, point: str, kind: str = "qlora") -> str:
+    """qlora: the adapter of training `point`; recovered: point `point`'s recovery of it."""
+    return f"{sweep_point(task, point)}/{'adapter' if kind == 'qlora' else kind}"
 
 
-def sweep_evaluation(task: str, point: str) -> dict[str, str]:
-    """The point's adapter scored on the quantized base it was trained on (as `qlora`)."""
-    return scored(f"{sweep_point(task, point)}/eval")
+def sweep_evaluation(task: str, point: str, variant: str) -> dict[str, str]:
+    """The point scored as `variant`: its adapter on the base it was trained on."""
+    return scored(f"{sweep_point(task, point)}/eval/{variant}")
 
 
-def sweep_analysis(task: str, point: str) -> str:
-    return f"{sweep_point(task, point)}/analysis"
+def sweep_analysis(task: str, training: str) -> str:
+    return f"{sweep_point(task, training)}/analysis"
 
 
-def sweep_checkpoints(task: str, point: str) -> str:
-    return f"{RESULTS}/checkpoints/{task}/sweep/{point}"
+def sweep_checkpoints(task: str, point: str, kind: str = "qlora") -> str:
+    return f"{RESULTS}/checkpoints/{task}/sweep/{point}/{kind}"
 
 
 def evaluation(variant: str, task: str) -> dict[str, str]:

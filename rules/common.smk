@@ -4,6 +4,7 @@
 # env by its post-deploy script (envs/*.post-deploy.sh), which reads QLORA_PIPELINE_ROOT.
 
 import os
+import re
 
 from qlora_pipeline import code_digest, layout, sweeps, warm_start
 from qlora_pipeline.config import load_config, recovery_train
@@ -118,24 +119,89 @@ def all_compressions():
 
 
 def point_cfg(wildcards):
-    """One sweep point's lora/train blocks, seed and swept values (sweeps.py)."""
+    """One sweep point's blocks, seed, swept values and training id (sweeps.py)."""
     return TASKS[wildcards.task]["sweep_points"][wildcards.point]
+
+
+def training_cfg(wildcards):
+    """One QLoRA training of a sweep: `point` names the training (sweeps.trainings)."""
+    return sweeps.trainings(TASKS[wildcards.task]["sweep_points"])[wildcards.point]
+
+
+def sweep_cfg(task):
+    return TASKS[task]["sweep"]
 
 
 def sweep_points():
     return [(t, point) for t in TASKS for point in TASKS[t]["sweep_points"]]
 
 
+def sweep_trainings(task):
+    return sweeps.trainings(TASKS[task]["sweep_points"])
+
+
+def point_adapter(task, point, kind):
+    """The adapter a point is scored with as `kind`: its training's (qlora) or its own."""
+    cfg = TASKS[task]["sweep_points"][point]
+    return layout.sweep_adapter(task, cfg["training"] if kind == "qlora" else point, kind)
+
+
+def point_inputs(wildcards):
+    """What scoring a point as a variant loads: as layout.variant_inputs, with its adapter."""
+    variant, task = wildcards.variant, wildcards.task
+    inputs = {"spec": layout.eval_spec(task), "base": layout.BASE,
+              "adapter": point_adapter(task, wildcards.point, variant)}
+    if layout.ADAPTERS[variant] == "quantized":
+        inputs["quantized"] = layout.QUANTIZED
+    return inputs
+
+
 def all_sweep_results():
-    return [layout.sweep_evaluation(t, p)["results"] for t, p in sweep_points()]
+    return [layout.sweep_evaluation(t, p, v)["results"] for t, p in sweep_points()
+            for v in sweep_cfg(t)["variants"]]
 
 
 def all_sweep_adapters():
-    return [layout.sweep_adapter(t, p) for t, p in sweep_points()]
+    """Every trained and recovered adapter of every sweep."""
+    return [point_adapter(t, p, kind) for t, p in sweep_points()
+            for kind in sweep_cfg(t)["variants"]]
 
 
 def all_sweep_analyses():
-    return [layout.sweep_analysis(t, p) for t, p in sweep_points()]
+    return [layout.sweep_analysis(t, training) for t in TASKS for training in sweep_trainings(t)]
+
+
+def sweep_table(task):
+    """What the report and the promotion read of a task's sweep, by path
+    (evaluation/sweep_report.py): per point its training, scores, adapters and analysis."""
+    points, variants = TASKS[task]["sweep_points"], sweep_cfg(task)["variants"] if \
+        TASKS[task]["sweep"] else []
+    if not points:
+        return None
+    return {"variants": variants, "promote": sweep_cfg(task)["promote"], "points": {
+        point: {"training": cfg["training"],
+                "results": {v: layout.sweep_evaluation(task, point, v)["results"]
+                            for v in variants},
+                "adapters": {kind: point_adapter(task, point, kind)  # qlora: its training's
+                             for kind in dict.fromkeys(["qlora", *variants])},
+                "analysis": layout.sweep_analysis(task, cfg["training"])}
+        for point, cfg in points.items()}}
+
+
+def promoted(task):
+    return bool(TASKS[task]["sweep_points"]) and sweep_cfg(task)["promote"] == "best"
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: matches nothing)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+# A task with `sweep.promote: best` gets its adapters from its chosen sweep point (rule
+# promote_sweep_point), not from train_qlora and recover: the rules' `task` wildcards are
+# constrained to the tasks they serve.
+PROMOTED = one_of([t for t in TASKS if promoted(t)])
+NOT_PROMOTED = one_of([t for t in TASKS if not promoted(t)])
 
 
 def all_outputs():

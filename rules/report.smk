@@ -47,6 +47,7 @@ rule report:
                                   caption="../report/sweeps_plot.rst", category="Sweeps")}
            if sweep_points() else {}),
     params:
+        sweep_tables={t: sweep_table(t) for t in TASKS if sweep_table(t)},
         code=code("report"),
     threads: DATA_THREADS
     log:

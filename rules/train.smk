@@ -14,6 +14,8 @@ rule train_qlora:
         seed=config["seed"],
         checkpoints=layout.checkpoints("{task}", "qlora"),
         code=code("train_qlora"),
+    wildcard_constraints:
+        task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)
     threads: MODEL_THREADS
     priority: TRAINING_PRIORITY
     log:
@@ -41,6 +43,8 @@ rule recover:
         seed=config["seed"],
         checkpoints=layout.checkpoints("{task}", "recovered"),
         code=code("recover"),
+    wildcard_constraints:
+        task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)
     threads: MODEL_THREADS
     priority: TRAINING_PRIORITY
     log:

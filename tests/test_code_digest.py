@@ -11,7 +11,7 @@ from conftest import REPO
 from qlora_pipeline import code_digest
 from qlora_pipeline.stages import rules
 
-TRAINING_LOOP_RULES = {"train_qlora", "recover", "train_sweep_point"}
+TRAINING_LOOP_RULES = {"train_qlora", "recover", "train_sweep_point", "recover_sweep_point"}
 
 
 @pytest.fixture
@@ -61,11 +61,12 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 
 
 @pytest.mark.parametrize("module, rules_changed", [
+    # promote_sweep_point: its task's metric name (evaluation/tasks.py reads formats)
     ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate",
-                         "evaluate_sweep_point", "report"}),
+                         "evaluate_sweep_point", "promote_sweep_point", "report"}),
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
                             "merge", "evaluate", "compress_adapter", "train_sweep_point",
-                            "evaluate_sweep_point"}),
+                            "recover_sweep_point", "evaluate_sweep_point"}),
     ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point"}),
     ("evaluation/reporting.py", {"report"}),
 ])

@@ -33,8 +33,8 @@ def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
             continue
         wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
-        # the third field: an evaluation's variant, an analysis's adapter kind, a sweep point
-        third = wildcards.get("variant", wildcards.get("kind", wildcards.get("point", "")))
+        # the third field: a sweep point, an evaluation's variant, an analysis's adapter kind
+        third = wildcards.get("point", wildcards.get("variant", wildcards.get("kind", "")))
         jobs.add((head[1], wildcards.get("task", ""), third))
     return jobs
 

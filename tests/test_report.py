@@ -290,7 +290,7 @@ def write_sweep_point(workdir: Path, task: str, point: str, rank: int) -> None:
     write_json(adapter / "summary.json", {"eval_loss_best": 1.0, "train_seconds": 2.0,
                                           "tokens_per_second": 100.0,
                                           "trainable_params": 1000 * rank})
-    write_json(workdir / layout.sweep_evaluation(task, point)["results"], {
+    write_json(workdir / layout.sweep_evaluation(task, point, "qlora")["results"], {
         "results": {f"qlora_{task}": {"acc,none": 0.1 * rank, "acc_stderr,none": 0.05}},
         "variant": f"qlora@{point}", "task": task})
     write_json(workdir / layout.sweep_analysis(task, point) / "summary.json", {

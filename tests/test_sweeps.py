@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, TINY_TASKS, snakemake, tiny_config, write_yaml
 from test_incremental import edit, planned
 
 from qlora_pipeline import layout, sweeps
@@ -21,10 +22,10 @@ from qlora_pipeline.evaluation import sweep_report
 BASE_CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
 
 
-def points(sweep: dict) -> dict:
+def points(sweep: dict, task: str = "topic", **overrides) -> dict:
     config = copy.deepcopy(BASE_CONFIG)
-    config["task_overrides"] = {"topic": {"sweep": sweep}}
-    return load_config(config, root=REPO)[1]["topic"]["sweep_points"]
+    config["task_overrides"] = {task: {"sweep": sweep, **overrides}}
+    return load_config(config, root=REPO)[1][task]["sweep_points"]
 
 
 def test_grid_names_every_combination_and_sets_its_values():
@@ -53,8 +54,16 @@ def test_ids_are_readable_and_stable():
 
 
 @pytest.mark.parametrize("sweep, message", [
-    ({"lora.rr": [2]}, "key 'sweep.lora.rr': not a setting of lora, train (did you mean 'lora.r'?)"),
-    ({"recovery.steps": [2]}, "recovering each point is not implemented yet"),
+    ({"lora.rr": [2]}, "key 'sweep.lora.rr': not a setting a sweep can vary (did you mean "
+                       "'lora.r'?)"),
+    ({"recovery.enabled": [True]}, "list recovered in sweep.variants instead"),
+    ({"recovery.steps": [2, 4]}, "key 'sweep.recovery.steps': found the points scored as "
+                                 "['qlora'] only, so a recovery setting changes no score"),
+    ({"lora.r": [2], "variants": ["recovered"]}, "found recovered, but the task's "
+                                                 "recovery.enabled is false"),
+    ({"lora.r": [2], "variants": ["merged"]},
+     "key 'sweep.variants.0': found \"merged\", expected one of qlora, recovered"),
+    ({"lora.r": [2], "promote": "yes"}, "key 'sweep.promote': found \"yes\""),
     ({"mode": "zip", "lora.r": [2, 4], "lora.alpha": [8]}, "expected equal lengths"),
     ({"lora.r": [0, 2]}, "(sweep point r0): invalid configuration:\n  key 'lora.r': found 0"),
     ({"mode": "grid"}, "found no swept key"),
@@ -66,6 +75,28 @@ def test_bad_sweeps_are_refused_naming_the_key(sweep, message):
     with pytest.raises(InputError) as err:
         points(sweep)
     assert message in str(err.value) and "config/tasks/topic.yaml" in str(err.value)
+
+
+def test_points_differing_only_in_recovery_share_one_training():
+    found = points({"lora.r": [4, 8], "recovery.steps": [5, 10], "variants": ["recovered"]},
+                   task="arithmetic")
+    assert sorted(found) == ["r4-rsteps10", "r4-rsteps5", "r8-rsteps10", "r8-rsteps5"]
+    assert found["r4-rsteps5"]["training"] == found["r4-rsteps10"]["training"] == "r4"
+    assert found["r8-rsteps5"]["recovery"]["steps"] == 5
+    assert sorted(sweeps.trainings(found)) == ["r4", "r8"]
+    assert sweeps.trainings(found)["r8"]["settings"] == {"lora.r": 8}
+    # Only recovery swept: every point recovers the one training with the task's settings.
+    found = points({"recovery.learning_rate": [1e-5, 1e-4], "variants": ["qlora", "recovered"]},
+                   task="arithmetic")
+    assert {p["training"] for p in found.values()} == {sweeps.SHARED}
+    assert sweeps.selection_variant({"variants": ["qlora", "recovered"]}) == "recovered"
+
+
+def test_promoting_a_recovered_task_needs_recovered_points():
+    with pytest.raises(InputError, match="key 'sweep.promote': the task ships a recovered "
+                                         "adapter, found the points scored as \\['qlora'\\]"):
+        points({"lora.r": [2], "promote": "best"}, task="arithmetic")
+    assert points({"lora.r": [2], "promote": "best"})  # topic: no recovery, qlora suffices
 
 
 def test_no_sweep_no_points():
@@ -96,8 +127,8 @@ def test_each_point_is_trained_scored_and_analysed(tiny_run):
         assert provenance["stage"] == "train_sweep_point"
         assert provenance["config"]["sweep"] == {"lora.r": rank}
         params[point] = json.loads((adapter / "summary.json").read_text())["trainable_params"]
-        results = json.loads((tiny_run / layout.sweep_evaluation("topic", point)["results"])
-                             .read_text())
+        results = json.loads((tiny_run / layout.sweep_evaluation("topic", point, "qlora")[
+            "results"]).read_text())
         assert results["variant"] == f"qlora@{point}" and results["task"] == "topic"
         summary = json.loads((tiny_run / layout.sweep_analysis("topic", point) / "summary.json")
                              .read_text())
@@ -144,3 +175,77 @@ def test_a_key_not_swept_reruns_every_point_and_nothing_of_other_tasks(copy_run)
     assert {r for r, _, _ in jobs} - {"train_sweep_point", "evaluate_sweep_point",
                                       "analyze_sweep_point"} == {
         "train_qlora", "merge", "compress_adapter", "evaluate", "analyze_adapter", "report"}
+
+
+# ---- promotion and recovered points: arithmetic (recovery on) sweeps lora.r × recovery.steps ---
+
+PROMOTED_SWEEP = {"lora.r": [1, 2], "recovery.steps": [1, 2], "variants": ["qlora", "recovered"],
+                  "promote": "best"}
+RECOVERED_POINTS = ["r1-rsteps1", "r1-rsteps2", "r2-rsteps1", "r2-rsteps2"]
+
+
+@pytest.fixture(scope="module")
+def promoted_run(tmp_path_factory, tiny_model_dir):
+    """The tiny pipeline on arithmetic alone, its sweep promoting the chosen point."""
+    workdir = tmp_path_factory.mktemp("promoted-run")
+    config = tiny_config(tiny_model_dir, tasks=("arithmetic",))
+    config["evaluation"]["variants"] = ["qlora", "recovered", "merged"]
+    write_yaml(workdir / "config/config.yaml", config)
+    write_yaml(workdir / "config/tasks/arithmetic.yaml",
+               {**TINY_TASKS["arithmetic"], "sweep": PROMOTED_SWEEP})
+    snakemake(workdir)
+    return workdir
+
+
+def test_recovered_points_share_their_training_and_are_scored_both_ways(promoted_run):
+    sweep_dir = promoted_run / "results/sweeps/arithmetic"
+    assert sorted(p.name for p in sweep_dir.iterdir() if (p / "adapter").is_dir()) == ["r1", "r2"]
+    for point in RECOVERED_POINTS:
+        recovered = promoted_run / layout.sweep_adapter("arithmetic", point, "recovered")
+        provenance = json.loads((recovered / "provenance.json").read_text())
+        assert provenance["stage"] == "recover_sweep_point"
+        assert provenance["config"]["train"]["max_steps"] == int(point[-1])  # rsteps1/2
+        assert provenance["inputs"]["qlora"]["path"] == layout.sweep_adapter(
+            "arithmetic", point.split("-")[0])
+        for variant in ("qlora", "recovered"):
+            results = json.loads((promoted_run / layout.sweep_evaluation(
+                "arithmetic", point, variant)["results"]).read_text())
+            assert results["variant"] == f"{variant}@{point}"
+    table = pd.read_csv(promoted_run / layout.sweep_report()["sweeps"])
+    assert sorted(table["point"]) == RECOVERED_POINTS
+    assert {"score", "score_qlora", "recovery.steps", "lora.r"} <= set(table.columns)
+
+
+def test_promotion_ships_the_chosen_points_adapters(promoted_run):
+    table = pd.read_csv(promoted_run / layout.sweep_report()["sweeps"])
+    chosen = sweep_report.choose(table)["point"]
+    for kind, source in (("qlora", chosen.split("-")[0]), ("recovered", chosen)):
+        shipped = promoted_run / layout.adapter("arithmetic", kind)
+        provenance = json.loads((shipped / "provenance.json").read_text())
+        assert provenance["stage"] == "promote_sweep_point"
+        assert provenance["config"]["point"] == chosen
+        assert provenance["config"]["variant"] == "recovered"
+        assert sorted(c["point"] for c in provenance["config"]["candidates"]) == RECOVERED_POINTS
+        trained = promoted_run / layout.sweep_adapter("arithmetic", source, kind)
+        assert (shipped / "adapter_model.safetensors").read_bytes() == \
+            (trained / "adapter_model.safetensors").read_bytes()
+        assert json.loads((shipped / "trained_provenance.json").read_text()) == \
+            json.loads((trained / "provenance.json").read_text())
+    # The merge and the task's evaluations follow the promoted adapter; nothing trained it twice.
+    merged = json.loads((promoted_run / layout.merged("arithmetic") / "provenance.json")
+                        .read_text())
+    assert merged["inputs"]["adapter"]["path"] == layout.adapter("arithmetic", "recovered")
+    logs = promoted_run / "results/logs"
+    assert not (logs / "train_qlora").exists() and not (logs / "recover").exists()
+    report = (promoted_run / layout.report()["markdown"]).read_text()
+    assert f"Chosen: **{chosen}**" in report and "Promoted (sweep.promote: best)" in report
+
+
+def test_promotion_off_trains_the_task_itself_again(promoted_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(promoted_run, workdir, symlinks=True)
+    edit(workdir / "config/tasks/arithmetic.yaml", lambda t: t["sweep"].pop("promote"))
+    jobs = planned(workdir)
+    assert {("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
+            ("merge", "arithmetic", "")} <= jobs
+    assert not any(rule.endswith("_sweep_point") for rule, _, _ in jobs)

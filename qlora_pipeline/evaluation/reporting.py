@@ -197,9 +197,11 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
                   compressions.to_markdown(index=False, floatfmt=".4g"), ""]
     if sweeps_md:
         parts += ["## Sweeps", "",
-                  "Each point of a task's `sweep:` trained, scored (as `qlora`) and analysed on "
-                  "its own (results/sweeps/); sweeps.csv holds the table, sweeps.png the score "
-                  "against each swept key.", "", "![sweeps](sweeps.png)", "", sweeps_md]
+                  "Each point of a task's `sweep:` trained, scored and analysed on its own "
+                  "(results/sweeps/): `score` on the variant named under the table, "
+                  "`score_<variant>` on the others; loss, time and size are its QLoRA "
+                  "training's. sweeps.csv holds the table, sweeps.png the score against each "
+                  "swept key.", "", "![sweeps](sweeps.png)", "", sweeps_md]
     if analyses_md:
         parts += ["## Adapters", "",
                   "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",

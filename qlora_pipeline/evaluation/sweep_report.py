@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import sweeps
 from ..outputs import read_json
 from .tasks import lm_eval_name
 
@@ -20,30 +21,43 @@ RULE = ("the smallest adapter (trainable parameters) whose score is within one s
 LOG_KEYS = ("lora.r", "lora.alpha", "train.learning_rate")
 
 
-def points_table(results: list, adapters: list, analyses: list) -> pd.DataFrame:
+def selection(table: dict) -> str:
+    """The variant a task's points are compared on (sweeps.selection_variant)."""
+    return sweeps.selection_variant(table)
+
+
+def points_table(tables: dict, with_analysis: bool = True) -> pd.DataFrame:
     """One row per point: task, point, the swept values (one column per dotted key), seed,
-    metric, score, stderr, and the training summary and analysis figures."""
+    metric, score and stderr on the selection variant, the other variants' scores
+    (score_<variant>), and its QLoRA training's summary and (with_analysis) analysis figures.
+    `tables`: {task: rules/common.smk's sweep_table}, which gives every file's path."""
     rows = []
-    for result, adapter, analysis in zip(map(Path, results), map(Path, adapters),
-                                         map(Path, analyses)):
-        data = read_json(result)
-        config = read_json(adapter / "provenance.json")["config"]
-        summary = read_json(adapter / "summary.json")
-        by_module = read_json(analysis / "summary.json")["summary"]["by_module"]
-        metric, score, stderr = own_score(data)
-        layers = sum(m["layers"] for m in by_module.values())
-        values = {key: "+".join(map(str, v)) if isinstance(v, list) else v  # target lists
-                  for key, v in config["sweep"].items()}
-        rows.append({"task": data["task"], "point": adapter.parent.name,
-                     **values, "seed": config["seed"], "metric": metric,
-                     "score": score, "stderr": stderr,
-                     "eval_loss_best": summary.get("eval_loss_best"),
-                     "train_seconds": summary.get("train_seconds"),
-                     "tokens_per_second": summary.get("tokens_per_second"),
-                     "trainable_params": summary.get("trainable_params"),
-                     "effective_rank": sum(m["effective_rank"] * m["layers"]
-                                           for m in by_module.values()) / layers})
+    for task, table in tables.items():
+        compared = selection(table)
+        for point, files in table["points"].items():
+            scores = {v: own_score(read_json(files["results"][v])) for v in table["variants"]}
+            metric, score, stderr = scores[compared]
+            config = read_json(Path(files["adapters"][compared]) / "provenance.json")["config"]
+            summary = read_json(Path(files["adapters"]["qlora"]) / "summary.json")
+            values = {key: "+".join(map(str, v)) if isinstance(v, list) else v  # target lists
+                      for key, v in config["sweep"].items()}
+            rows.append({"task": task, "point": point, **values, "seed": config["seed"],
+                         "metric": metric, "score": score, "stderr": stderr,
+                         **{f"score_{v}": s[1] for v, s in scores.items() if v != compared},
+                         "eval_loss_best": summary.get("eval_loss_best"),
+                         "train_seconds": summary.get("train_seconds"),
+                         "tokens_per_second": summary.get("tokens_per_second"),
+                         "trainable_params": summary.get("trainable_params"),
+                         **({"effective_rank": effective_rank(files["analysis"])}
+                            if with_analysis else {})})
     return pd.DataFrame(rows)
+
+
+def effective_rank(analysis: str) -> float:
+    """A training's effective rank, averaged over its adapted layers."""
+    by_module = read_json(Path(analysis) / "summary.json")["summary"]["by_module"]
+    layers = sum(m["layers"] for m in by_module.values())
+    return sum(m["effective_rank"] * m["layers"] for m in by_module.values()) / layers
 
 
 def own_score(data: dict) -> tuple[str, float, float]:
@@ -62,8 +76,11 @@ def swept(frame: pd.DataFrame) -> list[str]:
 
 
 def choose(points: pd.DataFrame) -> pd.Series:
-    """The point the rule picks among one task's points (seeds averaged per setting)."""
+    """The point the rule picks among one task's points (seeds averaged per setting; of the
+    chosen setting, its point with the lowest seed)."""
     keys = swept(points)
+    if "seed" in points:
+        points = points.sort_values("seed", kind="stable")
     settings = points.groupby(keys, dropna=False, sort=False).agg(
         score=("score", "mean"), stderr=("stderr", "mean"),
         trainable_params=("trainable_params", "mean"), point=("point", "first")).reset_index()
@@ -72,14 +89,19 @@ def choose(points: pd.DataFrame) -> pd.Series:
     return near.sort_values(["trainable_params", "score"], ascending=[True, False]).iloc[0]
 
 
-def markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame, tables: dict) -> str:
     parts = []
     for task, points in frame.groupby("task"):
         points = points.dropna(axis=1, how="all")
-        chosen = choose(points)
+        chosen, table = choose(points), tables[task]
         shown = points.drop(columns=["task"]).sort_values("point")
+        kinds = "qlora and recovered adapters are" if "recovered" in table["variants"] else \
+            "qlora adapter is"
+        promoted = (f" Promoted (sweep.promote: best): the task's {kinds} this point's."
+                    if table.get("promote") else "")
         parts += [f"### {task}", "", shown.to_markdown(index=False, floatfmt=".4g"), "",
-                  f"Chosen: **{chosen['point']}** ({chosen['score']:.3f}; rule: {RULE}).", ""]
+                  f"Compared on the {selection(table)} variant. Chosen: **{chosen['point']}** "
+                  f"({chosen['score']:.3f}; rule: {RULE}).{promoted}", ""]
     return "\n".join(parts)
 
 
@@ -109,8 +131,9 @@ def plot(frame: pd.DataFrame, out_png: Path) -> None:
             ax.set_xscale("log", base=2 if key != "train.learning_rate" else 10)
         if not numeric:
             ax.set_xticks(x, [str(v) for v in means.index], rotation=20)
+        top = 1.05 if points["score"].max() <= 1 else 105  # chrF and BLEU are out of 100
         ax.set(title=f"{task}: score by {key}", xlabel=key, ylabel=points["metric"].iloc[0],
-               ylim=(0, 1.05))
+               ylim=(0, top))
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

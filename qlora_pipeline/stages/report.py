@@ -15,9 +15,11 @@ log = logging.getLogger(__name__)
 def report(*, results: list, adapters: list, analyses: list, compressions: list, merged: list,
            quantization, scores, markdown, scores_plot, loss_plot, adapters_plot, provenance,
            policy: Policy, sweep_results: list = (), sweep_adapters: list = (),
-           sweep_analyses: list = (), sweeps=None, sweeps_plot=None) -> None:
+           sweep_analyses: list = (), sweep_tables: dict | None = None, sweeps=None,
+           sweeps_plot=None) -> None:
     """scores.csv, report.md and the plots (written together or not at all); with sweep
-    points, their section, sweeps.csv and sweeps.png."""
+    points (`sweep_tables`: rules/common.smk's sweep_table per task), their section,
+    sweeps.csv and sweeps.png. The sweep files are declared inputs, read by path."""
     from ..analysis.plots import plot_adapters
     from ..evaluation import reporting, sweep_report
 
@@ -37,10 +39,10 @@ def report(*, results: list, adapters: list, analyses: list, compressions: list,
         plot_adapters(analyses, out["adapters_plot"])
         sweeps_md = ""
         if sweep_results:
-            points = sweep_report.points_table(sweep_results, sweep_adapters, sweep_analyses)
+            points = sweep_report.points_table(sweep_tables)
             points.to_csv(out["sweeps"], index=False)
             sweep_report.plot(points, out["sweeps_plot"])
-            sweeps_md = sweep_report.markdown(points)
+            sweeps_md = sweep_report.markdown(points, sweep_tables)
         text = reporting.markdown(frame, reporting.training_rows(adapters),
                                   reporting.merge_rows(merged),
                                   Path(quantization).read_text(encoding="utf-8"),

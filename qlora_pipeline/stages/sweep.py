@@ -1,9 +1,16 @@
-"""Stages of rules/sweep.smk: one sweep point (sweeps.py) trained, scored and analysed as the
-task's own QLoRA adapter is, with the point's settings, into results/sweeps/<task>/<point>/."""
+"""Stages of rules/sweep.smk: one sweep point (sweeps.py) trained, recovered, scored and
+analysed as the task's own adapters are, with the point's settings, into
+results/sweeps/<task>/<point>/; and the promotion of the chosen point to the task's adapter."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+
+from ..outputs import stage_outputs
 from ..policy import Policy
+
+log = logging.getLogger(__name__)
 
 
 def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
@@ -22,15 +29,32 @@ def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict,
                                       policy.gradient_checkpointing(train["gradient_checkpointing"])))
 
 
-def evaluate_sweep_point(*, spec, base, quantized, adapter, results, samples, provenance,
-                         evaluation: dict, seed: int, task: str, point: str,
-                         policy: Policy) -> dict:
-    """The point's adapter on the quantized base, scored like the `qlora` variant."""
+def recover_sweep_point(*, base, qlora, tokenized, adapter, train: dict, seed: int,
+                        settings: dict, checkpoints, policy: Policy) -> dict:
+    """recover, on the point's QLoRA adapter with its settings; `settings` go into the
+    provenance, where the report reads them."""
+    from ..training.lora import prepare_recovery
+    from ..training.train_job import train_adapter
+
+    return train_adapter(
+        "recover_sweep_point", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
+        train=train, seed=seed, checkpoints=checkpoints, policy=policy,
+        config={"train": train, "seed": seed, "sweep": settings},
+        inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
+        prepare=lambda: prepare_recovery(base, qlora, policy,
+                                         policy.gradient_checkpointing(train["gradient_checkpointing"])))
+
+
+def evaluate_sweep_point(*, spec, base, adapter, results, samples, provenance, evaluation: dict,
+                         seed: int, task: str, point: str, variant: str, policy: Policy,
+                         quantized=None) -> dict:
+    """The point's adapter scored as `variant` (qlora: on the quantized base; recovered: on
+    the full one), as the task's own variant is."""
     from ..evaluation.score_job import score
 
     return score("evaluate_sweep_point", spec=spec, base=base, results=results,
                  samples=samples, provenance=provenance, evaluation=evaluation, seed=seed,
-                 task=task, variant=f"qlora@{point}", policy=policy, quantized=quantized,
+                 task=task, variant=f"{variant}@{point}", policy=policy, quantized=quantized,
                  adapter=adapter)
 
 
@@ -41,3 +65,27 @@ def analyze_sweep_point(*, adapter, base, analysis, settings: dict, task: str, p
 
     return analyze_into("analyze_sweep_point", adapter=adapter, base=base, analysis=analysis,
                         settings=settings, task=task, kind=f"qlora@{point}", policy=policy)
+
+
+def promote_sweep_point(*, results: list, trainings: list, adapters: list, adapter, table: dict,
+                        task: str, kind: str, policy: Policy) -> str:
+    """The point the report's rule chooses, its `kind` adapter copied as the task's own; its
+    provenance.json records the point, the rule, every candidate's score and the trained
+    adapter's own provenance (kept as trained_provenance.json)."""
+    from ..evaluation import sweep_report
+
+    del results, trainings, adapters  # declared inputs (they order the job); read by path
+    compared = {**table, "variants": [sweep_report.selection(table)]}  # the scores it waits for
+    points = sweep_report.points_table({task: compared}, with_analysis=False)
+    chosen = sweep_report.choose(points)
+    source = table["points"][chosen["point"]]["adapters"][kind]
+    candidates = points[["point", "score", "stderr", "trainable_params"]].to_dict("records")
+    config = {"point": chosen["point"], "variant": sweep_report.selection(table), "rule":
+              sweep_report.RULE, "candidates": candidates, "metric": points["metric"].iloc[0]}
+    with stage_outputs("promote_sweep_point", {"adapter": adapter}, config=config,
+                       inputs={"adapter": source}, policy=policy) as out:
+        shutil.copytree(source, out["adapter"], dirs_exist_ok=True)
+        (out["adapter"] / "provenance.json").rename(out["adapter"] / "trained_provenance.json")
+    log.info("%s: promoted sweep point %s (%s %.4f) as its %s adapter", task, chosen["point"],
+             config["metric"], chosen["score"], kind)
+    return chosen["point"]
