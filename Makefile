@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench compare clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ test-fast: setup
 # Speed goals, measured side by side (benchmarks/run.py): results/benchmarks/summary.{json,md}.
 bench: setup
 	source $(VENV)/bin/activate && python -m benchmarks.run
+
+# Every finished run under results/ side by side (config key `run`): results/runs.{csv,md}.
+compare: setup
+	source $(VENV)/bin/activate && qlora-compare
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint

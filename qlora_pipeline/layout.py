@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import re
 
-RESULTS = "results"
+from .errors import InputError
+
+ROOT = "results"
+RESULTS = ROOT  # this run's folder: results/, or results/<run>/ once use_run has named it
 
 BASE = f"{RESULTS}/models/base"
 QUANTIZED = f"{RESULTS}/models/quantized"  # the quantized base, whatever its bits
@@ -25,8 +28,24 @@ VARIANT_KINDS = ("base", "quantized", "qlora", "compressed", "recovered", "merge
 ADAPTERS = {"qlora": "quantized", "compressed": "quantized", "recovered": "base"}
 COMPRESSED_FROM = "qlora"  # the adapter kind the compress stage cuts
 NAME = r"[A-Za-z0-9_-]+"
+# A run's top folders: an unnamed run's are in results/ itself, so no run may take their names.
+FOLDERS = ("adapters", "analysis", "benchmarks", "checkpoints", "data", "eval", "logs", "models",
+           "quantization", "report", "sweeps", "tensorboard")
 VARIANT_PATTERN = (rf"(?:base|quantized)|(?:{'|'.join([*ADAPTERS, 'merged'])})"
                    rf"(?:\+{NAME})?")
+
+
+def use_run(run: str | None) -> None:
+    """Put every path of this process under results/<run>/ (config key `run`; None:
+    results/). Called once, by rules/common.smk when the config is read: the rules give the
+    stages their paths, so no job depends on it."""
+    global RESULTS, BASE, QUANTIZED
+    if run in FOLDERS:
+        raise InputError(f"config key 'run': found {run!r}, a folder every run has; expected "
+                         f"another name (not one of {', '.join(FOLDERS)})")
+    RESULTS = f"{ROOT}/{run}" if run else ROOT
+    BASE = f"{RESULTS}/models/base"
+    QUANTIZED = f"{RESULTS}/models/quantized"
 
 
 def raw(task: str) -> str:
@@ -59,6 +78,12 @@ def checkpoints(task: str, kind: str) -> str:
     """Outside every declared output: Snakemake deletes outputs before a rerun, and these must
     survive an interrupted job so that it can resume."""
     return f"{RESULTS}/checkpoints/{task}/{kind}"
+
+
+def tensorboard(task: str, kind: str, point: str | None = None) -> str:
+    """A training's curves as TensorBoard event files (`tensorboard --logdir results/`), outside
+    every declared output: they grow while the job runs."""
+    return f"{RESULTS}/tensorboard/{task}/" + (f"sweep/{point}/{kind}" if point else kind)
 
 
 def merged(task: str) -> str:

@@ -9,14 +9,15 @@ import re
 from qlora_pipeline import code_digest, layout, sweeps, warm_start
 from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
-from qlora_pipeline.layout import RESULTS
 
 os.environ.setdefault("QLORA_PIPELINE_ROOT", workflow.basedir)
 
 try:
     config, TASKS = load_config(config, root=".")
+    layout.use_run(config["run"])  # results/<run>/ for every path below
 except InputError as err:
     raise WorkflowError(str(err)) from None
+RESULTS = layout.RESULTS
 
 
 wildcard_constraints:

@@ -16,6 +16,7 @@ rule train_sweep_point:
         seed=lambda wc: training_cfg(wc)["seed"],
         settings=lambda wc: training_cfg(wc)["settings"],
         checkpoints=layout.sweep_checkpoints("{task}", "{point}"),
+        tensorboard=layout.tensorboard("{task}", "qlora", "{point}"),
         code=code("train_sweep_point"),
     threads: MODEL_THREADS
     log:
@@ -43,6 +44,7 @@ rule recover_sweep_point:
         seed=lambda wc: point_cfg(wc)["seed"],
         settings=lambda wc: point_cfg(wc)["settings"],
         checkpoints=layout.sweep_checkpoints("{task}", "{point}", "recovered"),
+        tensorboard=layout.tensorboard("{task}", "recovered", "{point}"),
         code=code("recover_sweep_point"),
     threads: MODEL_THREADS
     log:

@@ -13,6 +13,7 @@ rule train_qlora:
         train=lambda wc: task_cfg(wc)["train"],
         seed=config["seed"],
         checkpoints=layout.checkpoints("{task}", "qlora"),
+        tensorboard=layout.tensorboard("{task}", "qlora"),
         code=code("train_qlora"),
     wildcard_constraints:
         task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)
@@ -42,6 +43,7 @@ rule recover:
         train=lambda wc: recovery_train(task_cfg(wc)),
         seed=config["seed"],
         checkpoints=layout.checkpoints("{task}", "recovered"),
+        tensorboard=layout.tensorboard("{task}", "recovered"),
         code=code("recover"),
     wildcard_constraints:
         task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)

@@ -249,3 +249,15 @@ def test_promotion_off_trains_the_task_itself_again(promoted_run, tmp_path):
     assert {("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
             ("merge", "arithmetic", "")} <= jobs
     assert not any(rule.endswith("_sweep_point") for rule, _, _ in jobs)
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config/examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_example_configs_load_and_sweep(example):
+    """Each example, laid over config/config.yaml as `--configfile` lays it, is a valid config
+    with a sweep."""
+    from qlora_pipeline.config import deep_merge
+
+    config = deep_merge(BASE_CONFIG, yaml.safe_load(example.read_text()))
+    tasks = load_config(config, root=REPO)[1]
+    assert any(task["sweep_points"] for task in tasks.values())

@@ -27,6 +27,8 @@ KEYS = ["task", "benchmark", "metric", "variant"]
 
 def find_runs(results: Path) -> dict[str, Path]:
     """{run name: its folder} for every finished run under `results` (one with a report)."""
+    if not results.is_dir():
+        return {}
     runs = {DEFAULT: results} if (results / "report/scores.csv").is_file() else {}
     runs.update({p.name: p for p in sorted(results.iterdir())
                  if p.is_dir() and (p / "report/scores.csv").is_file()})
@@ -39,7 +41,7 @@ def resolve(names: list[str], results: Path) -> dict[str, Path]:
     for name in names:
         folder = results / name if (results / name / "report").is_dir() else Path(name)
         if not (folder / "report/scores.csv").is_file():
-            known = ", ".join(find_runs(results)) if results.is_dir() else "none"
+            known = ", ".join(find_runs(results)) or "none"
             raise InputError(f"qlora-compare: run {name!r}: found no {folder}/report/scores.csv; "
                              f"expected a finished run (runs under {results}: {known})")
         runs[DEFAULT if folder.resolve() == results.resolve() else folder.name] = folder

@@ -94,7 +94,7 @@ def markdown(frame: pd.DataFrame, tables: dict) -> str:
     for task, points in frame.groupby("task"):
         points = points.dropna(axis=1, how="all")
         chosen, table = choose(points), tables[task]
-        shown = points.drop(columns=["task"]).sort_values("point")
+        shown = points.drop(columns=["task"]).sort_values([*swept(points), "seed"])
         kinds = "qlora and recovered adapters are" if "recovered" in table["variants"] else \
             "qlora adapter is"
         promoted = (f" Promoted (sweep.promote: best): the task's {kinds} this point's."
@@ -119,6 +119,7 @@ def plot(frame: pd.DataFrame, out_png: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for ax, (task, key) in zip(axes[0], panels):
         points = frame[frame["task"] == task]
+        chosen = points[points["point"] == choose(points.dropna(axis=1, how="all"))["point"]]
         grouped = points.groupby(key)["score"]
         spread = grouped.std().fillna(0) if points["seed"].nunique() > 1 else \
             points.groupby(key)["stderr"].mean()
@@ -127,8 +128,14 @@ def plot(frame: pd.DataFrame, out_png: Path) -> None:
         x = list(means.index) if numeric else list(range(len(means)))
         ax.errorbar(x, means.values, yerr=spread.reindex(means.index).values, marker="o",
                     capsize=3)
+        position = chosen[key].iloc[0] if numeric else list(means.index).index(chosen[key].iloc[0])
+        ax.plot([position], chosen["score"].iloc[:1], marker="*", markersize=14, color="C3",
+                linestyle="none", label=f"chosen: {chosen['point'].iloc[0]}")
+        ax.legend(loc="lower right", fontsize="small")
         if key in LOG_KEYS and numeric:
             ax.set_xscale("log", base=2 if key != "train.learning_rate" else 10)
+            ax.set_xticks(x, [f"{v:g}" for v in x])  # the swept values, not powers of 2
+            ax.minorticks_off()
         if not numeric:
             ax.set_xticks(x, [str(v) for v in means.index], rotation=20)
         top = 1.05 if points["score"].max() <= 1 else 105  # chrF and BLEU are out of 100

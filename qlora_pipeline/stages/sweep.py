@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
-                      settings: dict, checkpoints, policy: Policy) -> dict:
+                      settings: dict, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """train_qlora with the point's lora/train blocks and seed; `settings` (the swept values)
     also go into the provenance, where the report reads them."""
     from ..training.lora import prepare_qlora
@@ -22,7 +22,7 @@ def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict,
 
     return train_adapter(
         "train_sweep_point", adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy,
+        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
         config={"lora": lora, "train": train, "seed": seed, "sweep": settings},
         inputs={"quantized": quantized, "tokenized": tokenized},
         prepare=lambda: prepare_qlora(quantized, lora, policy,
@@ -30,7 +30,7 @@ def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict,
 
 
 def recover_sweep_point(*, base, qlora, tokenized, adapter, train: dict, seed: int,
-                        settings: dict, checkpoints, policy: Policy) -> dict:
+                        settings: dict, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """recover, on the point's QLoRA adapter with its settings; `settings` go into the
     provenance, where the report reads them."""
     from ..training.lora import prepare_recovery
@@ -38,7 +38,7 @@ def recover_sweep_point(*, base, qlora, tokenized, adapter, train: dict, seed: i
 
     return train_adapter(
         "recover_sweep_point", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy,
+        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
         config={"train": train, "seed": seed, "sweep": settings},
         inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
         prepare=lambda: prepare_recovery(base, qlora, policy,

@@ -16,14 +16,14 @@ log = logging.getLogger(__name__)
 
 
 def train_qlora(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
-                checkpoints, policy: Policy) -> dict:
+                checkpoints, tensorboard=None, policy: Policy) -> dict:
     """LoRA injected into the saved quantized base (quantize first, then inject), trained."""
     from ..training.lora import prepare_qlora
     from ..training.train_job import train_adapter
 
     return train_adapter(
         "train_qlora", adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy,
+        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
         config={"lora": lora, "train": train, "seed": seed},
         inputs={"quantized": quantized, "tokenized": tokenized},
         prepare=lambda: prepare_qlora(quantized, lora, policy,
@@ -31,7 +31,7 @@ def train_qlora(*, quantized, tokenized, adapter, lora: dict, train: dict, seed:
 
 
 def recover(*, base, qlora, tokenized, adapter, train: dict, seed: int, checkpoints,
-            policy: Policy) -> dict:
+            tensorboard=None, policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
     from ..training.lora import prepare_recovery
@@ -39,7 +39,7 @@ def recover(*, base, qlora, tokenized, adapter, train: dict, seed: int, checkpoi
 
     return train_adapter(
         "recover", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy,
+        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
         config={"train": train, "seed": seed},
         inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
         prepare=lambda: prepare_recovery(base, qlora, policy,

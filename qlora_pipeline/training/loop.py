@@ -130,12 +130,14 @@ def peak_memory_mb(policy: Policy) -> float:
 
 
 def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
-          seed: int, policy: Policy, observers: tuple = ()) -> dict:
+          seed: int, policy: Policy, observers: tuple = (), tensorboard: Path | None = None
+          ) -> dict:
     """Train `model` (its trainable parameters) on data['train']; return the run summary.
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
     resumes from them); the best checkpoint by validation loss is restored at the end.
-    `observers`: extra callbacks that only watch (the step-time benchmark).
+    `observers`: extra callbacks that only watch (the step-time benchmark); `tensorboard`: a
+    folder for the curves as TensorBoard event files (emptied unless the job resumes).
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
@@ -160,6 +162,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     )
     trainer.prefix_layouts = tuple(prefix.get("layouts", ()))
     resume = last_complete_checkpoint(checkpoint_dir)
+    if tensorboard:
+        trainer.add_callback(tensorboard_writer(Path(tensorboard), fresh=not resume))
     tokens_before = 0  # seen before the interruption: not part of this run's throughput
     if resume:
         log.info("resuming from %s", resume)
@@ -192,6 +196,18 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "shared_prefix": prefix,
         **({"packing_check": isolation} if isolation else {}),
     }
+
+
+def tensorboard_writer(folder: Path, fresh: bool):
+    """transformers' TensorBoard callback writing to `folder` (TrainingArguments has no
+    logging_dir any more; the callback takes a writer). A fresh training empties the folder,
+    so TensorBoard shows this adapter's curves, not an earlier job's beside them."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
 def head_at_labels(model, validation, tokenizer, args) -> dict:

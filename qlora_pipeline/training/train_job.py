@@ -20,10 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def train_adapter(stage: str, *, adapter, tokenized, tokenizer_dir, train: dict, seed: int,
-                   checkpoints, policy: Policy, config: dict, inputs: dict, prepare) -> dict:
+                   checkpoints, policy: Policy, config: dict, inputs: dict, prepare,
+                   tensorboard=None) -> dict:
     """Prepare the model, check that exactly the adapter trains, train it, save the adapter
     with its metrics and summary. Checkpoints live outside the output so that an interrupted
-    job resumes; they are removed once the adapter is complete."""
+    job resumes; they are removed once the adapter is complete. `tensorboard`: a folder for
+    the training curves as TensorBoard event files (outside the output too: they are written
+    while the job runs)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -36,7 +39,8 @@ def train_adapter(stage: str, *, adapter, tokenized, tokenizer_dir, train: dict,
         log.info("trainable: %s", params)
         summary = loop.train(model, AutoTokenizer.from_pretrained(tokenizer_dir),
                              load_from_disk(str(tokenized)), train, resume_dir,
-                             resume_dir / "metrics.jsonl", seed, policy)
+                             resume_dir / "metrics.jsonl", seed, policy,
+                             tensorboard=tensorboard)
         summary.update(params)
         log.info("summary: %s", summary)
         model.save_pretrained(out["adapter"])
