@@ -17,32 +17,24 @@ def train_sweep_point(*, quantized, tokenized, adapter, lora: dict, train: dict,
                       settings: dict, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """train_qlora with the point's lora/train blocks and seed; `settings` (the swept values)
     also go into the provenance, where the report reads them."""
-    from ..training.lora import prepare_qlora
-    from ..training.train_job import train_adapter
+    from ..training.train_job import train_qlora_adapter
 
-    return train_adapter(
-        "train_sweep_point", adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
-        config={"lora": lora, "train": train, "seed": seed, "sweep": settings},
-        inputs={"quantized": quantized, "tokenized": tokenized},
-        prepare=lambda: prepare_qlora(quantized, lora, policy,
-                                      policy.gradient_checkpointing(train["gradient_checkpointing"])))
+    return train_qlora_adapter(
+        "train_sweep_point", quantized=quantized, tokenized=tokenized, adapter=adapter,
+        lora=lora, train=train, seed=seed, checkpoints=checkpoints, tensorboard=tensorboard,
+        policy=policy, recorded={"sweep": settings})
 
 
 def recover_sweep_point(*, base, qlora, tokenized, adapter, train: dict, seed: int,
                         settings: dict, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """recover, on the point's QLoRA adapter with its settings; `settings` go into the
     provenance, where the report reads them."""
-    from ..training.lora import prepare_recovery
-    from ..training.train_job import train_adapter
+    from ..training.train_job import recover_adapter
 
-    return train_adapter(
-        "recover_sweep_point", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
-        config={"train": train, "seed": seed, "sweep": settings},
-        inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
-        prepare=lambda: prepare_recovery(base, qlora, policy,
-                                         policy.gradient_checkpointing(train["gradient_checkpointing"])))
+    return recover_adapter(
+        "recover_sweep_point", base=base, qlora=qlora, tokenized=tokenized, adapter=adapter,
+        train=train, seed=seed, checkpoints=checkpoints, tensorboard=tensorboard,
+        policy=policy, recorded={"sweep": settings})
 
 
 def evaluate_sweep_point(*, spec, base, adapter, results, samples, provenance, evaluation: dict,

@@ -18,32 +18,22 @@ log = logging.getLogger(__name__)
 def train_qlora(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
                 checkpoints, tensorboard=None, policy: Policy) -> dict:
     """LoRA injected into the saved quantized base (quantize first, then inject), trained."""
-    from ..training.lora import prepare_qlora
-    from ..training.train_job import train_adapter
+    from ..training.train_job import train_qlora_adapter
 
-    return train_adapter(
-        "train_qlora", adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
-        config={"lora": lora, "train": train, "seed": seed},
-        inputs={"quantized": quantized, "tokenized": tokenized},
-        prepare=lambda: prepare_qlora(quantized, lora, policy,
-                                      policy.gradient_checkpointing(train["gradient_checkpointing"])))
+    return train_qlora_adapter(
+        "train_qlora", quantized=quantized, tokenized=tokenized, adapter=adapter, lora=lora,
+        train=train, seed=seed, checkpoints=checkpoints, tensorboard=tensorboard, policy=policy)
 
 
 def recover(*, base, qlora, tokenized, adapter, train: dict, seed: int, checkpoints,
             tensorboard=None, policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
-    from ..training.lora import prepare_recovery
-    from ..training.train_job import train_adapter
+    from ..training.train_job import recover_adapter
 
-    return train_adapter(
-        "recover", adapter=adapter, tokenized=tokenized, tokenizer_dir=base,
-        train=train, seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
-        config={"train": train, "seed": seed},
-        inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
-        prepare=lambda: prepare_recovery(base, qlora, policy,
-                                         policy.gradient_checkpointing(train["gradient_checkpointing"])))
+    return recover_adapter(
+        "recover", base=base, qlora=qlora, tokenized=tokenized, adapter=adapter, train=train,
+        seed=seed, checkpoints=checkpoints, tensorboard=tensorboard, policy=policy)
 
 
 def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered: bool,

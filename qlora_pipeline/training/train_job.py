@@ -51,6 +51,40 @@ def train_adapter(stage: str, *, adapter, tokenized, tokenizer_dir, train: dict,
     return summary
 
 
+def train_qlora_adapter(stage: str, *, quantized, tokenized, adapter, lora: dict, train: dict,
+                        seed: int, checkpoints, tensorboard, policy: Policy,
+                        recorded: dict | None = None) -> dict:
+    """LoRA injected into the saved quantized base (quantize first, then inject), trained.
+    `recorded`: more for the provenance (a sweep point's swept values)."""
+    from .lora import prepare_qlora
+
+    return train_adapter(
+        stage, adapter=adapter, tokenized=tokenized, tokenizer_dir=quantized, train=train,
+        seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
+        config={"lora": lora, "train": train, "seed": seed, **(recorded or {})},
+        inputs={"quantized": quantized, "tokenized": tokenized},
+        prepare=lambda: prepare_qlora(quantized, lora, policy, checkpointing(train, policy)))
+
+
+def recover_adapter(stage: str, *, base, qlora, tokenized, adapter, train: dict, seed: int,
+                    checkpoints, tensorboard, policy: Policy, recorded: dict | None = None
+                    ) -> dict:
+    """A QLoRA adapter continued on the full-precision base. `train`: recovery's effective
+    training settings (config.recovery_train); `recorded`: more for the provenance."""
+    from .lora import prepare_recovery
+
+    return train_adapter(
+        stage, adapter=adapter, tokenized=tokenized, tokenizer_dir=base, train=train,
+        seed=seed, checkpoints=checkpoints, policy=policy, tensorboard=tensorboard,
+        config={"train": train, "seed": seed, **(recorded or {})},
+        inputs={"base": base, "qlora": qlora, "tokenized": tokenized},
+        prepare=lambda: prepare_recovery(base, qlora, policy, checkpointing(train, policy)))
+
+
+def checkpointing(train: dict, policy: Policy) -> bool:
+    return policy.gradient_checkpointing(train["gradient_checkpointing"])
+
+
 def checkpoint_dir(root: Path, config: dict, inputs: dict) -> Path:
     """Keyed by the config and the inputs' own provenance: resume only a run that would have
     produced the same adapter; discard the others."""
