@@ -163,9 +163,10 @@ def all_sweep_results():
 
 
 def all_sweep_adapters():
-    """Every trained and recovered adapter of every sweep."""
+    """Every trained and recovered adapter of every sweep (the report reads each point's
+    training summary, whatever it is scored as)."""
     return [point_adapter(t, p, kind) for t, p in sweep_points()
-            for kind in sweep_cfg(t)["variants"]]
+            for kind in dict.fromkeys(["qlora", *sweep_cfg(t)["variants"]])]
 
 
 def all_sweep_analyses():
@@ -175,10 +176,10 @@ def all_sweep_analyses():
 def sweep_table(task):
     """What the report and the promotion read of a task's sweep, by path
     (evaluation/sweep_report.py): per point its training, scores, adapters and analysis."""
-    points, variants = TASKS[task]["sweep_points"], sweep_cfg(task)["variants"] if \
-        TASKS[task]["sweep"] else []
+    points = TASKS[task]["sweep_points"]
     if not points:
         return None
+    variants = sweep_cfg(task)["variants"]
     return {"variants": variants, "promote": sweep_cfg(task)["promote"], "points": {
         point: {"training": cfg["training"],
                 "results": {v: layout.sweep_evaluation(task, point, v)["results"]
