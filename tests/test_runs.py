@@ -64,9 +64,12 @@ def test_compare_tables_every_finished_run(tmp_path, capsys):
     assert re.search(r"0\.7 ± 0\.05\s*\|\s*0\.9 ± 0\.05\s*\|\s*0\.8 ± 0\.05", row), row
     assert "| base" in text and "—" in text  # rank16 has no base score
     assert "**rank16**: commit c2" in text
-    # Named runs only, in the order given.
-    assert runs.main(["--results", str(results), "rank8", str(results / "rank16")]) == 0
-    assert list(dict.fromkeys(pd.read_csv(results / "runs.csv")["run"])) == ["rank8", "rank16"]
+    # Named runs only, in the order given; another checkout's results/ by its parent's name.
+    write_run(tmp_path / "other/results", {"qlora": 0.6}, "c3")
+    assert runs.main(["--results", str(results), "rank8", str(results / "rank16"),
+                      str(tmp_path / "other/results")]) == 0
+    assert list(dict.fromkeys(pd.read_csv(results / "runs.csv")["run"])) == [
+        "rank8", "rank16", "other/results"]
 
 
 def test_compare_refuses_a_run_that_did_not_finish(tmp_path, capsys):

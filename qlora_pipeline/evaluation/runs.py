@@ -44,8 +44,15 @@ def resolve(names: list[str], results: Path) -> dict[str, Path]:
             known = ", ".join(find_runs(results)) or "none"
             raise InputError(f"qlora-compare: run {name!r}: found no {folder}/report/scores.csv; "
                              f"expected a finished run (runs under {results}: {known})")
-        runs[DEFAULT if folder.resolve() == results.resolve() else folder.name] = folder
+        runs[DEFAULT if folder.resolve() == results.resolve() else label(folder)] = folder
     return runs
+
+
+def label(folder: Path) -> str:
+    """A run's column name: its folder's name; another checkout's whole results/ folder is
+    named with its parent (`other/results`)."""
+    folder = folder.resolve()
+    return f"{folder.parent.name}/{folder.name}" if folder.name == "results" else folder.name
 
 
 def long_table(runs: dict[str, Path]) -> pd.DataFrame:
