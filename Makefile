@@ -24,12 +24,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $@
 
 # Model jobs side by side: one per GPU, or two on a CPU-only machine (gpus.model_slots).
+# RUN: the folder of config/config.yaml's run (results/, or results/<run>/ with a `run` name).
+RUN = $$(python -c 'import yaml; print(("results/" + (yaml.safe_load(open("config/config.yaml")).get("run") or "")).rstrip("/"))')
+
 demo: setup
 	source $(VENV)/bin/activate && snakemake --cores all --resources \
 		gpu=$$(python -c 'from qlora_pipeline.gpus import model_slots; print(model_slots())')
-	@echo; sed -n '/^## /,/^## Training/p' results/report/report.md | sed '$$d'
-	@echo "Full report: results/report/report.md (scores: results/report/scores.csv;"
-	@echo "browsable: snakemake --report report.html)"
+	@source $(VENV)/bin/activate && run=$(RUN) && echo && \
+		sed -n '/^## /,/^## Training/p' $$run/report/report.md | sed '$$d' && \
+		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
+		echo "browsable: snakemake --report report.html)"
 
 test: setup
 	source $(VENV)/bin/activate && python -m pytest
