@@ -148,13 +148,10 @@ def point_adapter(task, point, kind):
 
 
 def point_inputs(wildcards):
-    """What scoring a point as a variant loads: as layout.variant_inputs, with its adapter."""
-    variant, task = wildcards.variant, wildcards.task
-    inputs = {"spec": layout.eval_spec(task), "base": layout.BASE,
-              "adapter": point_adapter(task, wildcards.point, variant)}
-    if layout.ADAPTERS[variant] == "quantized":
-        inputs["quantized"] = layout.QUANTIZED
-    return inputs
+    """What scoring a point as a variant loads: the task's variant's inputs, with the point's
+    adapter in place of the task's."""
+    return {**layout.variant_inputs(wildcards.variant, wildcards.task),
+            "adapter": point_adapter(wildcards.task, wildcards.point, wildcards.variant)}
 
 
 def all_sweep_results():

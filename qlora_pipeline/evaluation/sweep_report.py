@@ -21,11 +21,6 @@ RULE = ("the smallest adapter (trainable parameters) whose score is within one s
 LOG_KEYS = ("lora.r", "lora.alpha", "train.learning_rate")
 
 
-def selection(table: dict) -> str:
-    """The variant a task's points are compared on (sweeps.selection_variant)."""
-    return sweeps.selection_variant(table)
-
-
 def points_table(tables: dict, with_analysis: bool = True) -> pd.DataFrame:
     """One row per point: task, point, the swept values (one column per dotted key), seed,
     metric, score and stderr on the selection variant, the other variants' scores
@@ -33,7 +28,7 @@ def points_table(tables: dict, with_analysis: bool = True) -> pd.DataFrame:
     `tables`: {task: rules/common.smk's sweep_table}, which gives every file's path."""
     rows = []
     for task, table in tables.items():
-        compared = selection(table)
+        compared = sweeps.selection_variant(table)
         for point, files in table["points"].items():
             scores = {v: own_score(read_json(files["results"][v])) for v in table["variants"]}
             metric, score, stderr = scores[compared]
@@ -100,7 +95,8 @@ def markdown(frame: pd.DataFrame, tables: dict) -> str:
         promoted = (f" Promoted (sweep.promote: best): the task's {kinds} this point's."
                     if table.get("promote") else "")
         parts += [f"### {task}", "", shown.to_markdown(index=False, floatfmt=".4g"), "",
-                  f"Compared on the {selection(table)} variant. Chosen: **{chosen['point']}** "
+                  f"Compared on the {sweeps.selection_variant(table)} variant. "
+                  f"Chosen: **{chosen['point']}** "
                   f"({chosen['score']:.3f}; rule: {RULE}).{promoted}", ""]
     return "\n".join(parts)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+from .. import sweeps
 from ..outputs import stage_outputs
 from ..policy import Policy
 
@@ -67,13 +68,14 @@ def promote_sweep_point(*, results: list, trainings: list, adapters: list, adapt
     from ..evaluation import sweep_report
 
     del results, trainings, adapters  # declared inputs (they order the job); read by path
-    compared = {**table, "variants": [sweep_report.selection(table)]}  # the scores it waits for
+    variant = sweeps.selection_variant(table)
+    compared = {**table, "variants": [variant]}  # only the scores the job waits for
     points = sweep_report.points_table({task: compared}, with_analysis=False)
     chosen = sweep_report.choose(points)
     source = table["points"][chosen["point"]]["adapters"][kind]
     candidates = points[["point", "score", "stderr", "trainable_params"]].to_dict("records")
-    config = {"point": chosen["point"], "variant": sweep_report.selection(table), "rule":
-              sweep_report.RULE, "candidates": candidates, "metric": points["metric"].iloc[0]}
+    config = {"point": chosen["point"], "variant": variant, "rule": sweep_report.RULE,
+              "candidates": candidates, "metric": points["metric"].iloc[0]}
     with stage_outputs("promote_sweep_point", {"adapter": adapter}, config=config,
                        inputs={"adapter": source}, policy=policy) as out:
         shutil.copytree(source, out["adapter"], dirs_exist_ok=True)
