@@ -10,16 +10,18 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from . import sweeps
+from . import combinations, sweeps
 from .data.builtin import check_arithmetic
 from .errors import InputError
 
+log = logging.getLogger(__name__)
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "config" / "schemas"
 # Task keys whose mapping is a choice between keys ({energy} or {rank}), not settings: a
 # task's value replaces the defaults' instead of merging with it.
@@ -249,4 +251,11 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
             f"only tasks listed in 'tasks' {config['tasks']}"
         )
     tasks = {name: canonical(load_task(name, config, root)) for name in config["tasks"]}
+    known = sorted(p.stem for p in (Path(root) / config["task_dir"]).glob("*.yaml"))
+    kept = combinations.check(config["combinations"], config["tasks"], known)
+    left_out = [c["name"] for c in config["combinations"] if c["name"] not in kept]
+    if left_out:
+        log.warning("combinations %s left out: not all their tasks are in 'tasks' %s",
+                    left_out, config["tasks"])
+    config["combinations"] = list(kept.values())
     return canonical(config), tasks

@@ -55,10 +55,7 @@ def truncate(update: Update, keep: dict, alpha: float,
                          "LoRA adapter")
     U, S, V = low_rank_svd(update.A, update.B, update.scaling)
     k = target_rank(S, update.A.shape[0], keep)
-    root = torch.sqrt(S[:k].double() / scaling(alpha, k, rslora)).float()
-    dtype = update.A.dtype
-    A = (root[:, None] * V[:, :k].T).to(dtype).contiguous()
-    B = (U[:, :k] * root[None, :]).to(dtype).contiguous()
+    A, B = split(U, S, V, k, scaling(alpha, k, rslora), update.A.dtype)
     energy = S.double() ** 2
     total = float(energy.sum())
     kept = float(energy[:k].sum()) / total if total > 0 else 1.0
@@ -66,6 +63,16 @@ def truncate(update: Update, keep: dict, alpha: float,
               "relative_error": math.sqrt(max(0.0, 1 - kept)) if total > 0 else 0.0}
     check_factors(A, B, scaling(alpha, k, rslora), S[:k], record)
     return A, B, record
+
+
+def split(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int, scale: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A' [k×in], B' [out×k]) with scale·B'·A' = U_k·diag(S_k)·V_kᵀ, the singular values
+    split evenly between the two factors (module docstring)."""
+    root = torch.sqrt(S[:k].double() / scale).float()
+    A = (root[:, None] * V[:, :k].T).to(dtype).contiguous()
+    B = (U[:, :k] * root[None, :]).to(dtype).contiguous()
+    return A, B
 
 
 def check_factors(A: torch.Tensor, B: torch.Tensor, scale: float, expected: torch.Tensor,
