@@ -32,6 +32,7 @@ demo: setup
 		gpu=$$(python -c 'from qlora_pipeline.gpus import model_slots; print(model_slots())')
 	@source $(VENV)/bin/activate && run=$(RUN) && echo && \
 		sed -n '/^## /,/^## Training/p' $$run/report/report.md | sed '$$d' && \
+		sed -n '/^## Combinations/,/^### Best method/p' $$run/report/report.md | sed '$$d' && \
 		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
 		echo "browsable: snakemake --report report.html)"
 

@@ -13,6 +13,7 @@ include: "rules/model.smk"
 include: "rules/train.smk"
 include: "rules/analyze.smk"
 include: "rules/sweep.smk"
+include: "rules/combine.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 PACKAGE = "qlora_pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGE_MODULES = ("data", "model", "train", "analyze", "sweep", "evaluate", "report")
+STAGE_MODULES = ("data", "model", "train", "analyze", "sweep", "combine", "evaluate", "report")
 
 
 def _stamp(path: Path) -> tuple:

@@ -5,7 +5,8 @@ config schema's variant list is checked against VARIANT_KINDS (tests/test_layout
 
 A variant is what gets scored: `<kind>` for a task's own model (base, quantized, qlora,
 recovered, merged), or `<kind>+<source>` for an adapter-bearing kind taken from elsewhere (the
-adapter of task <source> scored on this task). New kinds (a compressed adapter, a combination,
+adapter of task <source> scored on this task), or `combined+<name>` for a combination of
+several tasks' adapters (config key `combinations`). New kinds (a compressed adapter, a combination,
 a sweep point) add an entry to ADAPTERS and reuse everything else: an evaluation loads a model
 from which inputs it has (evaluation/harness.py), not from the variant's name.
 """
@@ -27,12 +28,14 @@ VARIANT_KINDS = ("base", "quantized", "qlora", "compressed", "recovered", "merge
 # (a compressed adapter is a cut of the QLoRA one, so it goes on the quantized base too).
 ADAPTERS = {"qlora": "quantized", "compressed": "quantized", "recovered": "base"}
 COMPRESSED_FROM = "qlora"  # the adapter kind the compress stage cuts
+COMBINED = "combined"  # a combination of tasks' QLoRA adapters, on the quantized base they share
+SCORED_KINDS = (*VARIANT_KINDS, COMBINED)  # every kind, in the report's order
 NAME = r"[A-Za-z0-9_-]+"
 # A run's top folders: an unnamed run's are in results/ itself, so no run may take their names.
 FOLDERS = ("adapters", "analysis", "benchmarks", "checkpoints", "data", "eval", "logs", "models",
            "quantization", "report", "sweeps", "tensorboard")
 VARIANT_PATTERN = (rf"(?:base|quantized)|(?:{'|'.join([*ADAPTERS, 'merged'])})"
-                   rf"(?:\+{NAME})?")
+                   rf"(?:\+{NAME})?|{COMBINED}\+{NAME}")
 
 
 def use_run(run: str | None) -> None:
@@ -62,6 +65,11 @@ def eval_spec(task: str) -> str:
 
 def adapter(task: str, kind: str) -> str:
     return f"{RESULTS}/adapters/{task}/{kind}"
+
+
+def combination(name: str) -> str:
+    """A combination's adapter (analysis/combine.py), with combination.json beside it."""
+    return f"{RESULTS}/adapters/{COMBINED}/{name}"
 
 
 def trained_base(kind: str) -> str:
@@ -144,11 +152,18 @@ def sweep_report() -> dict[str, str]:
     return {"sweeps": f"{folder}/sweeps.csv", "sweeps_plot": f"{folder}/sweeps.png"}
 
 
+def combination_report() -> dict[str, str]:
+    """The report's combination outputs, declared only when the config has combinations."""
+    folder = f"{RESULTS}/report"
+    return {"combinations": f"{folder}/combinations.csv", "overlap_plot": f"{folder}/overlap.png"}
+
+
 def parse_variant(variant: str) -> tuple[str, str | None]:
     """('qlora', None) for 'qlora'; ('qlora', 'topic') for 'qlora+topic'."""
     if not re.fullmatch(VARIANT_PATTERN, variant):
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANT_KINDS)}, "
-                         f"or {'/'.join([*ADAPTERS, 'merged'])} followed by +<task>")
+                         f"or {'/'.join([*ADAPTERS, 'merged'])} followed by +<task>, or "
+                         f"{COMBINED}+<combination>")
     kind, _, source = variant.partition("+")
     return kind, source or None
 
@@ -161,6 +176,8 @@ def variant_inputs(variant: str, task: str) -> dict[str, str]:
     inputs = {"spec": eval_spec(task), "base": BASE}
     if kind == "quantized":
         inputs["quantized"] = QUANTIZED
+    elif kind == COMBINED:
+        inputs.update(adapter=combination(source), quantized=QUANTIZED)
     elif kind in ADAPTERS:
         inputs["adapter"] = adapter(source, kind)
         if ADAPTERS[kind] == "quantized":

@@ -6,7 +6,7 @@
 import os
 import re
 
-from qlora_pipeline import code_digest, layout, sweeps, warm_start
+from qlora_pipeline import code_digest, combinations, layout, sweeps, warm_start
 from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
 
@@ -18,6 +18,7 @@ try:
 except InputError as err:
     raise WorkflowError(str(err)) from None
 RESULTS = layout.RESULTS
+COMBINATIONS = {c["name"]: c for c in config["combinations"]}
 
 
 wildcard_constraints:
@@ -203,15 +204,50 @@ PROMOTED = one_of([t for t in TASKS if promoted(t)])
 NOT_PROMOTED = one_of([t for t in TASKS if not promoted(t)])
 
 
+def combination_cfg(wildcards):
+    return COMBINATIONS[wildcards.combination]
+
+
+def combination_scores():
+    """(variant, task) of the combination matrix: on every task of a combination, the
+    quantized base, each such task's adapter (its own and the others': the interference
+    baseline) and each combination of it."""
+    tasks = combinations.scored_tasks(COMBINATIONS)
+    pairs = [(v, t) for t in tasks
+             for v in ("quantized", "qlora", *(f"qlora+{s}" for s in tasks if s != t))]
+    return pairs + [(f"{layout.COMBINED}+{name}", t) for name, c in COMBINATIONS.items()
+                    for t in c["tasks"]]
+
+
+def combination_table():
+    """What the report reads of the combinations, by path (evaluation/combination_report.py):
+    each one's settings and folder, and every score of the matrix by task and variant."""
+    if not COMBINATIONS:
+        return None
+    results = {}
+    for variant, task in combination_scores():
+        results.setdefault(task, {})[variant] = layout.evaluation(variant, task)["results"]
+    return {"combinations": {name: {**c, "adapter": layout.combination(name)}
+                             for name, c in COMBINATIONS.items()},
+            "results": results}
+
+
+def all_results():
+    """Every score the report tables: the configured variants and the combination matrix."""
+    matrix = [layout.evaluation(v, t)["results"] for v, t in combination_scores()]
+    return list(dict.fromkeys([*eval_results(), *matrix]))
+
+
 def all_outputs():
     return [
         layout.quantization_report()["markdown"],
         *all_adapters(),
+        *[layout.combination(name) for name in COMBINATIONS],
         *all_analyses(),
         *all_compressions(),
         *all_sweep_results(),
         *all_sweep_analyses(),
         *[layout.merged(t) for t in TASKS],
-        *eval_results(),
+        *all_results(),
         layout.report()["markdown"],
     ]

@@ -4,7 +4,8 @@
 
 rule report:
     input:
-        results=eval_results(),
+        results=all_results(),
+        combined=[layout.combination(name) for name in COMBINATIONS],
         adapters=all_adapters(),
         analyses=all_analyses(),
         compressions=all_compressions(),
@@ -46,8 +47,15 @@ rule report:
             "sweeps_plot": report(layout.sweep_report()["sweeps_plot"],
                                   caption="../report/sweeps_plot.rst", category="Sweeps")}
            if sweep_points() else {}),
+        # Only with combinations: the task × adapter matrix and the tasks' subspace overlaps.
+        **({"combinations": report(layout.combination_report()["combinations"],
+                                   caption="../report/combinations.rst", category="Combinations"),
+            "overlap_plot": report(layout.combination_report()["overlap_plot"],
+                                   caption="../report/overlap_plot.rst", category="Combinations")}
+           if COMBINATIONS else {}),
     params:
         sweep_tables={t: sweep_table(t) for t in TASKS if sweep_table(t)},
+        combination_table=combination_table(),
         code=code("report"),
     threads: DATA_THREADS
     log:

@@ -92,6 +92,9 @@ def tiny_config(model_dir: Path, tasks=("arithmetic", "topic")) -> dict:
         "quantization": {"quant_type": "nf4", "double_quant": True},
         "quantization_report": {"max_examples": 8},
         "evaluation": {"limit": 8, "max_gen_tokens": 4},
+        # Both tasks' adapters in one, scored on each beside the other task's (test_combine.py).
+        "combinations": [{"name": "both", "tasks": list(tasks), "method": "sum"}]
+        if len(tasks) > 1 else [],
         "defaults": {
             "tokenize": {"max_length": 128},
             "train": {"max_steps": 6, "eval_steps": 3, "batch_size": 4, "logging_steps": 1,

@@ -66,8 +66,12 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
                          "evaluate_sweep_point", "promote_sweep_point", "report"}),
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
                             "merge", "evaluate", "compress_adapter", "train_sweep_point",
-                            "recover_sweep_point", "evaluate_sweep_point"}),
-    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point"}),
+                            "recover_sweep_point", "evaluate_sweep_point", "combine_adapters"}),
+    # combine_adapters: through compress.split (compress.py imports recommend)
+    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point",
+                               "combine_adapters"}),
+    ("analysis/overlap.py", {"combine_adapters"}),
+    ("evaluation/combination_report.py", {"report"}),
     ("evaluation/reporting.py", {"report"}),
 ])
 def test_what_each_module_reaches(package, module, rules_changed):
@@ -107,6 +111,9 @@ def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
         ("evaluate", "topic", "merged"), ("analyze_adapter", "arithmetic", "qlora"),
         ("analyze_adapter", "arithmetic", "recovered"), ("analyze_adapter", "topic", "qlora"),
         ("compress_adapter", "topic", ""), ("evaluate", "topic", "compressed"),
+        ("combine_adapters", "", "both"), ("evaluate", "arithmetic", "combined+both"),
+        ("evaluate", "topic", "combined+both"), ("evaluate", "arithmetic", "qlora+topic"),
+        ("evaluate", "topic", "qlora+arithmetic"),
         *[(rule, "topic", point) for point in ("r1", "r2") for rule in (
             "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point")],
         ("report", "", ""),

@@ -33,8 +33,10 @@ def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
             continue
         wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
-        # the third field: a sweep point, an evaluation's variant, an analysis's adapter kind
-        third = wildcards.get("point", wildcards.get("variant", wildcards.get("kind", "")))
+        # the third field: a sweep point, an evaluation's variant, an analysis's adapter kind,
+        # a combination
+        third = next((wildcards[k] for k in ("point", "variant", "kind", "combination")
+                      if k in wildcards), "")
         jobs.add((head[1], wildcards.get("task", ""), third))
     return jobs
 
@@ -61,8 +63,10 @@ def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))
     jobs = planned(workdir)
     assert rules(jobs) == {"evaluate", "evaluate_sweep_point", "report"}
-    variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged"},
-                "topic": {"base", "quantized", "qlora", "compressed", "merged"}}
+    variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged",
+                               "qlora+topic", "combined+both"},
+                "topic": {"base", "quantized", "qlora", "compressed", "merged",
+                          "qlora+arithmetic", "combined+both"}}
     assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
         (t, v) for t, vs in variants.items() for v in vs}
 
@@ -76,6 +80,9 @@ def test_lora_rank_of_one_task(copy_run):
         ("merge", "arithmetic", ""), ("evaluate", "arithmetic", "qlora"),
         ("evaluate", "arithmetic", "recovered"), ("evaluate", "arithmetic", "merged"),
         ("analyze_adapter", "arithmetic", "qlora"), ("analyze_adapter", "arithmetic", "recovered"),
+        # the combination of both tasks, and arithmetic's adapter where it is scored on topic
+        ("combine_adapters", "", "both"), ("evaluate", "arithmetic", "combined+both"),
+        ("evaluate", "topic", "combined+both"), ("evaluate", "topic", "qlora+arithmetic"),
         ("report", "", ""),
     }
 
@@ -84,14 +91,17 @@ def test_dataset_of_one_task(copy_run):
     workdir = copy_run()
     edit(workdir / "config/tasks/topic.yaml", lambda t: t["dataset"].update(num_examples=70))
     jobs = planned(workdir)
-    assert not any(task == "arithmetic" for _, task, _ in jobs), jobs
+    # of arithmetic, only what scores topic's adapter on it: alone and in the combination
+    assert {(r, v) for r, t, v in jobs if t == "arithmetic"} == {
+        ("evaluate", "qlora+topic"), ("evaluate", "combined+both")}, jobs
     assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
             ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
             ("merge", "topic", ""), ("analyze_adapter", "topic", "qlora"),
             ("compress_adapter", "topic", ""), ("quantization_report", "", ""),
             ("report", "", "")} <= jobs
-    assert {v for r, t, v in jobs if r == "evaluate"} == {"base", "quantized", "qlora",
-                                                          "compressed", "merged"}
+    assert {v for r, t, v in jobs if r == "evaluate" and t == "topic"} == {
+        "base", "quantized", "qlora", "compressed", "merged", "qlora+arithmetic",
+        "combined+both"}
     assert not rules(jobs) & {"import_base_model", "quantize"}
 
 
@@ -100,8 +110,9 @@ def test_quantization_block(copy_run):
     edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
-            "analyze_adapter", "compress_adapter", "evaluate", "train_sweep_point",
-            "evaluate_sweep_point", "analyze_sweep_point", "report"} == rules(jobs)
+            "analyze_adapter", "compress_adapter", "combine_adapters", "evaluate",
+            "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point",
+            "report"} == rules(jobs)
     assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
     # the full-precision base's scores do not depend on quantization
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
@@ -118,9 +129,21 @@ def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     jobs = planned(workdir)
     assert "fetch_dataset" not in rules(jobs)
     assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
-            "recover", "merge", "analyze_adapter", "compress_adapter", "eval_task_spec",
-            "evaluate", "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point",
-            "report"} == rules(jobs)
+            "recover", "merge", "analyze_adapter", "compress_adapter", "combine_adapters",
+            "eval_task_spec", "evaluate", "train_sweep_point", "evaluate_sweep_point",
+            "analyze_sweep_point", "report"} == rules(jobs)
+
+
+def test_a_new_combination_runs_only_its_jobs(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml", lambda c: c["combinations"].append(
+        {"name": "cut", "tasks": ["topic", "arithmetic"], "method": "svd", "svd_rank": 1}))
+    assert planned(workdir) == {
+        ("combine_adapters", "", "cut"), ("evaluate", "arithmetic", "combined+cut"),
+        ("evaluate", "topic", "combined+cut"), ("report", "", "")}
+    # its method edited: that combination again, not the other one
+    edit(workdir / "config/config.yaml", lambda c: c["combinations"][1].update(svd_rank=2))
+    assert ("combine_adapters", "", "both") not in planned(workdir)
 
 
 def test_recovery_switched_on_for_one_task(copy_run):

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..layout import COMPRESSED_FROM, VARIANT_KINDS, parse_variant
+from ..layout import COMPRESSED_FROM, SCORED_KINDS, parse_variant
 from ..outputs import read_json, read_jsonl
 from .tasks import lm_eval_name
 
 
 def variant_order(variant: str) -> tuple[int, str]:
     """Kinds in pipeline order (base first: gains are shown against it), then by name."""
-    return VARIANT_KINDS.index(parse_variant(variant)[0]), variant
+    return SCORED_KINDS.index(parse_variant(variant)[0]), variant
 
 
 def score_rows(results_file: str | Path) -> list[dict]:
@@ -178,7 +178,8 @@ def analysis_sections(analysis_dirs: list) -> str:
 
 def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
              quantization_md: str, analyses_md: str = "",
-             compressions: pd.DataFrame | None = None, sweeps_md: str = "") -> str:
+             compressions: pd.DataFrame | None = None, sweeps_md: str = "",
+             combinations_md: str = "") -> str:
     parts = ["# Fine-tuning report", "",
              "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
              "cell shows its gain over the full-precision base in parentheses.", ""]
@@ -202,6 +203,8 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
                   "`score_<variant>` on the others; loss, time and size are its QLoRA "
                   "training's. sweeps.csv holds the table, sweeps.png the score against each "
                   "swept key.", "", "![sweeps](sweeps.png)", "", sweeps_md]
+    if combinations_md:
+        parts += ["## Combinations", "", combinations_md]
     if analyses_md:
         parts += ["## Adapters", "",
                   "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",

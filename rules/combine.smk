@@ -1,0 +1,27 @@
+# Combinations: several tasks' QLoRA adapters combined into one adapter (config key
+# `combinations`, qlora_pipeline/analysis/combine.py), scored by the evaluate rule on each of
+# its tasks as the variant combined+<name>, beside every task's adapter on every other task.
+
+
+rule combine_adapters:
+    input:
+        adapters=lambda wc: [layout.adapter(t, combinations.KIND)
+                             for t in combination_cfg(wc)["tasks"]],
+    output:
+        combined=directory(layout.combination("{combination}")),
+    params:
+        combination=combination_cfg,
+        seed=config["seed"],
+        code=code("combine_adapters"),
+    wildcard_constraints:
+        combination=one_of(COMBINATIONS),
+    # The pruning methods take a dense SVD per layer; cat, sum and svd only r×r ones.
+    threads: lambda wc: DATA_THREADS if combination_cfg(wc)["method"] in combinations.LOW_RANK else MODEL_THREADS
+    log:
+        f"{RESULTS}/logs/combine_adapters/{{combination}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/combine_adapters/{{combination}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/combine_adapters.py"
