@@ -61,6 +61,9 @@ def make_workdir(root: Path, size: int, smoke: bool) -> Path:
     config = yaml.safe_load((support.REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
     names = [f"{SOURCES[i % len(SOURCES)]}_{i}" for i in range(size)]
     config["tasks"] = names
+    # The default's combination, of the first two tasks under their new names.
+    config["combinations"] = [{**c, "tasks": names[:2]} for c in config.get("combinations", [])
+                              if size >= 2]
     if smoke:
         config["base_model"] = {"source": "local", "path": str(support.tiny_base())}
     (root / "config" / "tasks").mkdir(parents=True)

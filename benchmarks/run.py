@@ -38,8 +38,8 @@ from qlora_pipeline.outputs import atomic_file, write_json
 from qlora_pipeline.provenance import git_commit
 
 # In run order. A new benchmark is one module and one name here.
-BENCHMARKS = ("train_step", "packing", "inference", "bits_per_param", "noop_dryrun",
-              "merge_memory", "adapter_analysis", "default_run")
+BENCHMARKS = ("train_step", "packing", "inference", "serving", "bits_per_param",
+              "noop_dryrun", "merge_memory", "adapter_analysis", "default_run")
 KEYS = ("name", "figure", "goal", "met", "details")
 
 

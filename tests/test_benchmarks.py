@@ -71,6 +71,12 @@ def test_each_benchmark_writes_its_own_files(smoke):
         assert (smoke / f"{name}.md").read_text(encoding="utf-8").startswith("# ")
     packing = json.loads((smoke / "packing.json").read_text(encoding="utf-8"))["details"]
     assert packing["modes"]["padded"]["padding_share"] > packing["modes"]["packed"]["padding_share"]
+    serving = json.loads((smoke / "serving.json").read_text(encoding="utf-8"))["details"]
+    assert set(serving["seconds_per_token"]) == {"quantized", "switching", "combined", "merged"}
+    lora = {setup: m["adapter_bytes"] for setup, m in serving["memory"].items()}
+    assert lora["switching"] > 0 and lora["combined"] > 0
+    assert lora["quantized"] == lora["merged"] == 0
+    assert serving["switch_microseconds"] > 0
 
 
 def test_only_runs_the_named_benchmarks(tmp_path):
