@@ -119,7 +119,7 @@ def summary(seconds: dict[str, list[float]], memory: dict[str, list[dict]],
             "figure_text": (f"switching/combined {ratio:.2f}×; vs quantized: switching "
                             f"{vs_quantized['switching']:.2f}×, combined "
                             f"{vs_quantized['combined']:.2f}×, merged "
-                            f"{vs_quantized['merged']:.2f}×; a switch {switch_us:.0f} µs"),
+                            f"{vs_quantized['merged']:.2f}×; a switch {switch_us / 1e3:.1f} ms"),
             "goal": "none (reported: what serving several tasks without merging costs)",
             "met": None,
             "details": {"tasks": list(TASKS), "combination": COMBINATION, "threads": threads,
