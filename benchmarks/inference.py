@@ -31,27 +31,22 @@ PROMPTS = ("What is 17 + 5? Answer with the number only.",
             "Sentence: The chef served a spicy curry.\nAnswer with the topic only."),
            "Write one sentence about the sea.",
            "List three colours.")
-FULL = {"repeats": 2, "new_tokens": 32, "passes": 2, "one_process": False}
-SMOKE = {"repeats": 1, "new_tokens": 4, "passes": 1, "one_process": True}
 
 
 def run(smoke: bool, threads: list[int] | None = None) -> dict:
-    plan = SMOKE if smoke else FULL
+    plan = support.GENERATION_SMOKE if smoke else support.GENERATION_FULL
     if smoke:
         paths, threads = tiny_models(), 1
     else:
         paths, threads = pipeline_models(), max(threads or [support.default_threads()])
     args = [f"--{name}={path}" for name, path in paths.items()]
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for rep in range(plan["repeats"]):
-        for group in support.worker_groups(VARIANTS, rep, plan["one_process"]):
-            result = support.run_worker("inference", [
-                *group, *args, "--new-tokens", str(plan["new_tokens"]),
-                "--passes", str(plan["passes"])], threads)
-            for variant in group:
-                seconds[variant] += result["seconds_per_token"][variant]
-                print(f"inference: {variant}, run {rep + 1}/{plan['repeats']}: median "
-                      f"{support.median(seconds[variant]) * 1e3:.1f} ms/token", flush=True)
+    for rep, group, result in support.generation_runs("inference", VARIANTS, plan, args,
+                                                      threads):
+        for variant in group:
+            seconds[variant] += result["seconds_per_token"][variant]
+            print(f"inference: {variant}, run {rep + 1}/{plan['repeats']}: median "
+                  f"{support.median(seconds[variant]) * 1e3:.1f} ms/token", flush=True)
     return summary(seconds, plan, threads, {k: str(v) for k, v in paths.items()})
 
 

@@ -44,12 +44,10 @@ INPUTS = [layout.BASE, layout.QUANTIZED, *(layout.adapter(task, "qlora") for tas
 # layers; topic: attention's q and v), so the combination spans both.
 TINY_TARGETS = {"arithmetic": "all-linear", "topic": ["q_proj", "v_proj"]}
 MEMORY = ("rss_imports_mb", "rss_loaded_mb", "peak_rss_mb", "model_bytes", "adapter_bytes")
-FULL = {"repeats": 2, "new_tokens": 32, "passes": 2, "one_process": False}
-SMOKE = {"repeats": 1, "new_tokens": 4, "passes": 1, "one_process": True}
 
 
 def run(smoke: bool, threads: list[int] | None = None) -> dict:
-    plan = SMOKE if smoke else FULL
+    plan = support.GENERATION_SMOKE if smoke else support.GENERATION_FULL
     if smoke:
         paths, threads = tiny_models(), 1
     else:
@@ -59,19 +57,15 @@ def run(smoke: bool, threads: list[int] | None = None) -> dict:
     seconds: dict[str, list[float]] = {s: [] for s in SETUPS}
     memory: dict[str, list[dict]] = {s: [] for s in SETUPS}
     switches: list[float] = []
-    for rep in range(plan["repeats"]):
-        for group in support.worker_groups(SETUPS, rep, plan["one_process"]):
-            result = support.run_worker("serving", [
-                *group, *args, "--new-tokens", str(plan["new_tokens"]),
-                "--passes", str(plan["passes"])], threads)
-            for setup in group:
-                measured = result["setups"][setup]
-                seconds[setup] += measured["seconds_per_token"]
-                memory[setup].append({key: measured[key] for key in MEMORY})
-                switches += measured.get("switch_seconds", [])
-                print(f"serving: {setup}, run {rep + 1}/{plan['repeats']}: median "
-                      f"{support.median(seconds[setup]) * 1e3:.1f} ms/token, peak RSS "
-                      f"{measured['peak_rss_mb']:.0f} MB", flush=True)
+    for rep, group, result in support.generation_runs("serving", SETUPS, plan, args, threads):
+        for setup in group:
+            measured = result["setups"][setup]
+            seconds[setup] += measured["seconds_per_token"]
+            memory[setup].append({key: measured[key] for key in MEMORY})
+            switches += measured.get("switch_seconds", [])
+            print(f"serving: {setup}, run {rep + 1}/{plan['repeats']}: median "
+                  f"{support.median(seconds[setup]) * 1e3:.1f} ms/token, peak RSS "
+                  f"{measured['peak_rss_mb']:.0f} MB", flush=True)
     return summary(seconds, memory, switches, plan, threads, paths)
 
 

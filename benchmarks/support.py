@@ -97,6 +97,22 @@ def worker_groups(items: tuple, repeat: int, together: bool) -> list[tuple]:
     return [ordered] if together else [(item,) for item in ordered]
 
 
+# Generation benchmarks (inference, serving): a full run and the smoke version.
+GENERATION_FULL = {"repeats": 2, "new_tokens": 32, "passes": 2, "one_process": False}
+GENERATION_SMOKE = {"repeats": 1, "new_tokens": 4, "passes": 1, "one_process": True}
+
+
+def generation_runs(module: str, items: tuple, plan: dict, args: list[str], threads: int):
+    """(repeat, group, result) of every worker run of a generation benchmark: `plan`'s
+    repeats, the items alternating (worker_groups), each worker given `args` and the plan's
+    new tokens and passes."""
+    for repeat in range(plan["repeats"]):
+        for group in worker_groups(items, repeat, plan["one_process"]):
+            yield repeat, group, run_worker(module, [
+                *group, *args, "--new-tokens", str(plan["new_tokens"]),
+                "--passes", str(plan["passes"])], threads)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
