@@ -15,8 +15,7 @@ rule combine_adapters:
         code=code("combine_adapters"),
     wildcard_constraints:
         combination=one_of(COMBINATIONS),
-    # The pruning methods take a dense SVD per layer; cat, sum and svd only r×r ones.
-    threads: lambda wc: DATA_THREADS if combination_cfg(wc)["method"] in combinations.LOW_RANK else MODEL_THREADS
+    threads: combine_threads
     log:
         f"{RESULTS}/logs/combine_adapters/{{combination}}.log",
     benchmark:

@@ -208,13 +208,20 @@ def combination_cfg(wildcards):
     return COMBINATIONS[wildcards.combination]
 
 
+def combine_threads(wildcards):
+    """The pruning methods take a dense SVD per layer; cat, sum and svd only r×r ones."""
+    low_rank = combination_cfg(wildcards)["method"] in combinations.LOW_RANK
+    return DATA_THREADS if low_rank else MODEL_THREADS
+
+
 def combination_scores():
     """(variant, task) of the combination matrix: on every task of a combination, the
     quantized base, each such task's adapter (its own and the others': the interference
     baseline) and each combination of it."""
     tasks = combinations.scored_tasks(COMBINATIONS)
+    kind = combinations.KIND
     pairs = [(v, t) for t in tasks
-             for v in ("quantized", "qlora", *(f"qlora+{s}" for s in tasks if s != t))]
+             for v in ("quantized", kind, *(f"{kind}+{s}" for s in tasks if s != t))]
     return pairs + [(f"{layout.COMBINED}+{name}", t) for name, c in COMBINATIONS.items()
                     for t in c["tasks"]]
 
