@@ -15,12 +15,15 @@ rule combine_adapters:
         code=code("combine_adapters"),
     wildcard_constraints:
         combination=one_of(COMBINATIONS),
-    threads: combine_threads
+    threads: MODEL_THREADS
     log:
         f"{RESULTS}/logs/combine_adapters/{{combination}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/combine_adapters/{{combination}}.tsv"
     conda:
         "../envs/torch.yaml"
+    # The pruning methods' dense SVD per layer runs on the GPU when there is one.
+    resources:
+        gpu=1,
     script:
         "../scripts/combine_adapters.py"

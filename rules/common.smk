@@ -208,12 +208,6 @@ def combination_cfg(wildcards):
     return COMBINATIONS[wildcards.combination]
 
 
-def combine_threads(wildcards):
-    """The pruning methods take a dense SVD per layer; cat, sum and svd only r×r ones."""
-    low_rank = combination_cfg(wildcards)["method"] in combinations.LOW_RANK
-    return DATA_THREADS if low_rank else MODEL_THREADS
-
-
 def combination_scores():
     """(variant, task) of the combination matrix: on every task of a combination, the
     quantized base, each such task's adapter (its own and the others': the interference

@@ -276,8 +276,33 @@ def snakemake_inputs(workdir: Path) -> None:
         write_json(results / "models/merged" / task / "merge_check.json", {
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
             "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})
+    write_combination(workdir)
     (results / "quantization").mkdir(parents=True)
     (results / "quantization/report.md").write_text("# Quantization report\n\nnumbers\n")
+
+
+# The tiny config's combination `both`: the other task's adapter and the combination on each
+# task (the 4-bit base scores 0.2 and each own adapter 0.3 above).
+MATRIX = {("arithmetic", "qlora+topic"): 0.25, ("topic", "qlora+arithmetic"): 0.15,
+          ("arithmetic", "combined+both"): 0.28, ("topic", "combined+both"): 0.22}
+
+
+def write_combination(workdir: Path) -> None:
+    """Handmade outputs of the combination's jobs, as the report reads them."""
+    from qlora_pipeline import layout
+    from qlora_pipeline.outputs import write_json
+
+    for (task, variant), value in MATRIX.items():
+        write_json(workdir / layout.evaluation(variant, task)["results"], {
+            "results": {f"qlora_{task}": {"acc,none": value, "acc_stderr,none": 0.05}},
+            "variant": variant, "task": task})
+    write_json(workdir / layout.combination("both") / "combination.json", {
+        "method": "sum", "rank": {"min": 16, "max": 16},
+        "parameters": {"sources": {"arithmetic": 100, "topic": 100}, "combined": 200},
+        "relative_error": {"max": 1e-8}, "from_sum": {"mean": 1e-8},
+        "overlap": [{"pair": "arithmetic|topic", "layer": f"model.layers.{i}.self_attn.{m}",
+                     "overlap": 0.1 * (i + 1), "max_cosine": 0.5, "random": 0.05}
+                    for i in range(2) for m in ("q_proj", "v_proj")]})
 
 
 def write_sweep_point(workdir: Path, task: str, point: str, rank: int) -> None:
@@ -308,20 +333,31 @@ def test_report_rule_and_html_report(workdir):
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns) == COLUMNS
     assert set(scores.task) == set(TINY_TASKS)
+    # in pipeline order: another task's adapter beside the own, the combination last
     assert list(scores[scores.task == "arithmetic"].variant) == [
-        v for v in VARIANT_KINDS if v != "compressed"]
+        "base", "quantized", "qlora", "qlora+topic", "recovered", "merged", "combined+both"]
     assert list(scores[scores.task == "topic"].variant) == [
-        v for v in VARIANT_KINDS if v != "recovered"]
+        "base", "quantized", "qlora", "qlora+arithmetic", "compressed", "merged",
+        "combined+both"]
     assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
     assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
     sweeps = pd.read_csv(out / "sweeps.csv")  # topic's points, r 1 and 2
     assert sorted(sweeps["point"]) == ["r1", "r2"] and list(sweeps["score"]) == [0.1, 0.2]
     assert "Chosen: **r2** (0.200;" in (out / "report.md").read_text()
+    # the combination matrix: gains over the 4-bit base (0.2), retention against the own 0.3
+    text = (out / "report.md").read_text()
+    assert ("| arithmetic | acc | 0.200 | 0.300 (+0.100) | 0.250 (+0.050) | 0.280 (+0.080, 80%) |"
+            in text)
+    assert "| topic | acc | 0.200 | 0.150 (-0.050) | 0.300 (+0.100) | 0.220 (+0.020, 20%) |" in text
+    matrix = pd.read_csv(out / "combinations.csv")
+    assert matrix.loc[matrix.adapter == "both", "retention"].tolist() == pytest.approx([0.8, 0.2])
+    assert (out / "overlap.png").stat().st_size > 0
 
     html = workdir / "report.html"
     snakemake(workdir, *only_report, "--report", str(html))
     text = html.read_text(encoding="utf-8", errors="replace")
-    for name in ("scores.csv", "report.md", "scores.png", "loss.png"):
+    for name in ("scores.csv", "report.md", "scores.png", "loss.png", "combinations.csv",
+                 "overlap.png"):
         assert name in text, name
 
 
@@ -334,12 +370,13 @@ def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
                 for variant in VARIANT_KINDS
                 if (variant != "recovered" or cfg.get("recovery", {}).get("enabled"))
                 and (variant != "compressed" or cfg.get("compress"))}
-    assert set(zip(scores.task, scores.variant)) == expected
+    assert set(zip(scores.task, scores.variant)) == expected | set(MATRIX)
     assert set(scores.benchmark) == set(TINY_TASKS)
     assert scores.value.between(0, 1).all()
 
     html = tmp_path / "report.html"
     snakemake(tiny_run, "--report", str(html))
     text = html.read_text(encoding="utf-8", errors="replace")
-    for name in ("scores.csv", "report.md", "scores.png", "loss.png"):
+    for name in ("scores.csv", "report.md", "scores.png", "loss.png", "combinations.csv",
+                 "overlap.png"):
         assert name in text, name

@@ -171,10 +171,13 @@ def test_a_key_not_swept_reruns_every_point_and_nothing_of_other_tasks(copy_run)
          lambda t: t.setdefault("train", {}).update(learning_rate=0.002))
     jobs = planned(workdir)
     assert sweep_jobs("topic", *POINTS) <= jobs
-    assert not any(task == "arithmetic" for _, task, _ in jobs)
+    # of arithmetic, only the scores of topic's adapter on it, alone and in the combination
+    assert {(r, v) for r, t, v in jobs if t == "arithmetic"} == {
+        ("evaluate", "qlora+topic"), ("evaluate", "combined+both")}
     assert {r for r, _, _ in jobs} - {"train_sweep_point", "evaluate_sweep_point",
                                       "analyze_sweep_point"} == {
-        "train_qlora", "merge", "compress_adapter", "evaluate", "analyze_adapter", "report"}
+        "train_qlora", "merge", "compress_adapter", "combine_adapters", "evaluate",
+        "analyze_adapter", "report"}
 
 
 # ---- promotion and recovered points: arithmetic (recovery on) sweeps lora.r × recovery.steps ---

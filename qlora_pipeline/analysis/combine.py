@@ -53,17 +53,19 @@ class Part:
     update: Update
 
 
-def combine(adapter_dirs: dict[str, Path], out_dir: Path, spec: dict, seed: int = 0) -> dict:
+def combine(adapter_dirs: dict[str, Path], out_dir: Path, spec: dict, seed: int = 0,
+            device: str = "cpu") -> dict:
     """Write the combination `spec` ({method, weights, density, svd_rank}) of the adapters
     (task -> folder, in the order of spec's weights) into out_dir as a PEFT adapter; return its
-    summary with a record per layer."""
+    summary with a record per layer. `device`: where the pruning methods' dense updates and
+    SVDs are computed (the factors' r×r work stays on the CPU)."""
     from safetensors.torch import save_file
 
     configs, layers = read_sources(adapter_dirs, spec["weights"])
     torch.manual_seed(seed)  # DARE's random drops, layer by layer in a fixed order
     tensors, records, ranks = {}, {}, {}
     for module, parts in layers.items():
-        A, B, records[module] = combine_layer(parts, spec)
+        A, B, records[module] = combine_layer(parts, spec, device)
         ranks[module] = A.shape[0]
         tensors[f"{PREFIX}{module}.lora_A.weight"] = A
         tensors[f"{PREFIX}{module}.lora_B.weight"] = B
@@ -123,7 +125,8 @@ def stacked(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
     return A, B
 
 
-def combine_layer(parts: list[Part], spec: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def combine_layer(parts: list[Part], spec: dict,
+                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One layer's combined factors (float32, the orientation B·A is stored in) and its
     record: rank, relative_error against the method's own definition (0 for cat and sum, the
     discarded singular values' share for a cut) and from_sum, against Σ wᵢΔWᵢ."""
@@ -131,7 +134,7 @@ def combine_layer(parts: list[Part], spec: dict) -> tuple[torch.Tensor, torch.Te
     A_sum, B_sum = stacked(parts)
     k_cut = spec.get("svd_rank") or max(p.update.A.shape[0] for p in parts)
     if method not in LOW_RANK:
-        return dense_layer(parts, spec, k_cut, A_sum, B_sum)
+        return dense_layer(parts, spec, k_cut, A_sum.to(device), B_sum.to(device))
     if method == "cat":
         scale = 1.0 / A_sum.shape[0]  # the layer's PEFT scaling: lora_alpha (1) / its rank
         A, B, expected = (A_sum / scale).float(), B_sum.float(), 0.0
@@ -152,13 +155,15 @@ def dense_layer(parts: list[Part], spec: dict, k_cut: int, A_sum: torch.Tensor,
     from peft.utils import merge_utils
 
     rule = getattr(merge_utils, spec["method"].removesuffix("_svd"))
-    deltas = [p.update.scaling * (p.update.B.float() @ p.update.A.float()) for p in parts]
-    weights = torch.tensor([p.weight for p in parts], dtype=torch.float32)
+    device = A_sum.device
+    deltas = [p.update.scaling * (p.update.B.to(device).float() @ p.update.A.to(device).float())
+              for p in parts]
+    weights = torch.tensor([p.weight for p in parts], dtype=torch.float32, device=device)
     merged = rule(deltas, weights, spec["density"])
     U, S, Vh = torch.linalg.svd(merged, full_matrices=False)  # float32: ~2× float64's speed
     k = min(k_cut, numerical_rank(S))
-    A, B, scale = factors(U, S, Vh.T, k)
-    written = scale * (B.double() @ A.double())
+    A, B, scale = factors(U.cpu(), S.cpu(), Vh.T.cpu(), k)
+    written = scale * (B.to(device).double() @ A.to(device).double())
     error = relative(written - merged.double(), merged.double())
     check(error, tail(S, k), parts)
     return A, B, {"rank": k, "relative_error": error,

@@ -26,7 +26,7 @@ def combine_adapters(*, adapters: list, combined, combination: dict, seed: int,
                        config={**combination, "kind": KIND},
                        inputs={f"adapter_{task}": path for task, path in sources.items()},
                        policy=policy, seed=seed) as out:
-        result = combine(sources, out["combined"], combination, seed)
+        result = combine(sources, out["combined"], combination, seed, device=policy.device)
         write_json(out["combined"] / "combination.json",
                    {"sources": {task: {"adapter": path, "kind": KIND}
                                 for task, path in sources.items()}, **result})
