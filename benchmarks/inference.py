@@ -34,11 +34,8 @@ PROMPTS = ("What is 17 + 5? Answer with the number only.",
 
 
 def run(smoke: bool, threads: list[int] | None = None) -> dict:
-    plan = support.GENERATION_SMOKE if smoke else support.GENERATION_FULL
-    if smoke:
-        paths, threads = tiny_models(), 1
-    else:
-        paths, threads = pipeline_models(), max(threads or [support.default_threads()])
+    plan, paths, threads = support.generation_setup(smoke, threads, tiny_models,
+                                                    pipeline_models)
     args = [f"--{name}={path}" for name, path in paths.items()]
     seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep, group, result in support.generation_runs("inference", VARIANTS, plan, args,
@@ -102,16 +99,22 @@ def markdown(result: dict) -> str:
 
 # ---- worker ----------------------------------------------------------------------------------
 
-def latencies(model, tokenizer, new_tokens: int, passes: int) -> list[float]:
-    """Seconds per generated token of each prompt in each pass, after one warm-up."""
-    import torch
-
+def generation_inputs(tokenizer, new_tokens: int) -> tuple[list, dict]:
+    """PROMPTS as chat-templated model inputs, and greedy options generating exactly
+    `new_tokens` (no stop at end-of-sequence)."""
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     inputs = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True) for c in chats]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = {"do_sample": False, "max_new_tokens": new_tokens,
-               "min_new_tokens": new_tokens, "pad_token_id": pad}
+    return inputs, {"do_sample": False, "max_new_tokens": new_tokens,
+                    "min_new_tokens": new_tokens, "pad_token_id": pad}
+
+
+def latencies(model, tokenizer, new_tokens: int, passes: int) -> list[float]:
+    """Seconds per generated token of each prompt in each pass, after one warm-up."""
+    import torch
+
+    inputs, options = generation_inputs(tokenizer, new_tokens)
     out = []
     with torch.inference_mode():
         model.generate(**inputs[0], **options)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks import support
-from benchmarks.inference import PROMPTS
+from benchmarks.inference import PROMPTS, generation_inputs
 from qlora_pipeline import layout
 
 SETUPS = ("quantized", "switching", "combined", "merged")
@@ -47,11 +47,8 @@ MEMORY = ("rss_imports_mb", "rss_loaded_mb", "peak_rss_mb", "model_bytes", "adap
 
 
 def run(smoke: bool, threads: list[int] | None = None) -> dict:
-    plan = support.GENERATION_SMOKE if smoke else support.GENERATION_FULL
-    if smoke:
-        paths, threads = tiny_models(), 1
-    else:
-        paths, threads = pipeline_models(), max(threads or [support.default_threads()])
+    plan, paths, threads = support.generation_setup(smoke, threads, tiny_models,
+                                                    pipeline_models)
     args = [*(f"--{name}={paths[name]}" for name in ("base", "quantized", "combined")),
             "--adapters", *(f"{task}={path}" for task, path in paths["adapters"].items())]
     seconds: dict[str, list[float]] = {s: [] for s in SETUPS}
@@ -176,12 +173,7 @@ def latencies(model, tokenizer, new_tokens: int, passes: int,
     adapters, request i is served by adapters[i % len(adapters)], set just before it."""
     import torch
 
-    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
-    inputs = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True) for c in chats]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = {"do_sample": False, "max_new_tokens": new_tokens,
-               "min_new_tokens": new_tokens, "pad_token_id": pad}
+    inputs, options = generation_inputs(tokenizer, new_tokens)
     out, switches = [], []
     with torch.inference_mode():
         for name in adapters or (None,):

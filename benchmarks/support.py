@@ -102,6 +102,15 @@ GENERATION_FULL = {"repeats": 2, "new_tokens": 32, "passes": 2, "one_process": F
 GENERATION_SMOKE = {"repeats": 1, "new_tokens": 4, "passes": 1, "one_process": True}
 
 
+def generation_setup(smoke: bool, threads: list[int] | None, tiny_models,
+                     pipeline_models) -> tuple[dict, dict, int]:
+    """(plan, model paths, threads) of a generation benchmark: the tiny models on one thread
+    for --smoke, else the pipeline's at the largest thread count asked (or the default)."""
+    if smoke:
+        return GENERATION_SMOKE, tiny_models(), 1
+    return GENERATION_FULL, pipeline_models(), max(threads or [default_threads()])
+
+
 def generation_runs(module: str, items: tuple, plan: dict, args: list[str], threads: int):
     """(repeat, group, result) of every worker run of a generation benchmark: `plan`'s
     repeats, the items alternating (worker_groups), each worker given `args` and the plan's
