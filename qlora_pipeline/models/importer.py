@@ -99,9 +99,25 @@ def load(cfg: dict):
         # The weights are now plain float tensors; drop the GGUF marker so they save as such.
         del model.config.quantization_config
         model.hf_quantizer = None
-    if cfg.get("dtype", "auto") != "auto":
-        model = model.to(torch_dtype(cfg["dtype"]))
+    dtype = cfg.get("dtype", "auto")
+    if dtype == "auto" and cfg["source"] == "gguf":
+        dtype = gguf_dtype(path)
+    if dtype != "auto":  # hub and local: as stored (a bf16 model stays bf16)
+        model = model.to(torch_dtype(dtype))
+    log.info("base stored in %s (base_model.dtype: %s)", model.dtype, cfg.get("dtype", "auto"))
     return model, tokenizer
+
+
+def gguf_dtype(path: Path) -> str:
+    """A GGUF's own dtype, for base_model.dtype 'auto': bfloat16 or float16 where every matrix
+    is stored so; float32 where any is block-quantized (Q4_1, Q8_0...: scale x integer, exact
+    only in float32) or float32."""
+    import gguf
+
+    kinds = {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    names = {gguf.GGMLQuantizationType.BF16: "bfloat16", gguf.GGMLQuantizationType.F16: "float16"}
+    return names[next(iter(kinds))] if len(kinds) == 1 and next(iter(kinds)) in names \
+        else "float32"
 
 
 @contextlib.contextmanager
