@@ -39,7 +39,8 @@ from qlora_pipeline.provenance import git_commit
 
 # In run order. A new benchmark is one module and one name here.
 BENCHMARKS = ("train_step", "packing", "inference", "serving", "bits_per_param",
-              "noop_dryrun", "merge_memory", "adapter_analysis", "default_run")
+              "noop_dryrun", "merge_memory", "adapter_analysis", "memory_model",
+              "default_run")
 KEYS = ("name", "figure", "goal", "met", "details")
 
 

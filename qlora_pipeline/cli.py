@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{unknown}; expected {', '.join(expected)}", file=sys.stderr)
         return 2
     threads = args.threads or os.cpu_count() or 1
+    if not args.log:  # the caller's streams (a torchrun rank: its job's log), named by rank
+        import logging
+
+        rank = f" rank {os.environ['RANK']}" if "RANK" in os.environ else ""
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s{rank} %(name)s: %(message)s")
     with (logged_to(args.log) if args.log else contextlib.nullcontext()), job_environment(threads):
         try:
             stage(**kwargs, policy=Policy.detect(threads))

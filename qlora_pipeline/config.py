@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import combinations, sweeps
+from . import combinations, launch, sweeps
 from .data.builtin import check_arithmetic
 from .errors import InputError
 
@@ -210,6 +210,7 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     schema = load_schema("task.schema.yaml")
     validate(raw, schema, where)
     _check_dataset(raw["dataset"], raw["format"], where)
+    launch.check(raw["train"]["distributed"], where)
     raw["name"] = name
     # Derived, not a setting: the sweep's points, each checked like a task file (sweeps.py).
     raw["sweep_points"] = sweeps.expand(raw, schema, where, config.get("seed", 0))
@@ -258,4 +259,15 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
         log.warning("combinations %s left out: not all their tasks are in 'tasks' %s",
                     left_out, config["tasks"])
     config["combinations"] = list(kept.values())
+    config["quantization"]["quant_storage"] = quant_storage(config["quantization"], tasks)
     return canonical(config), tasks
+
+
+def quant_storage(quantization: dict, tasks: dict[str, dict]) -> str:
+    """'auto' settled: FSDP shards only float tensors, so a task trained with FSDP needs the
+    4-bit weights stored in the compute dtype (bitsandbytes #1123); uint8 otherwise. Settled
+    here, so that the quantize rule's params, and its output, change with it."""
+    if quantization["quant_storage"] != "auto":
+        return quantization["quant_storage"]
+    fsdp = any(t["train"]["distributed"]["strategy"] == "fsdp" for t in tasks.values())
+    return "compute" if fsdp else "uint8"

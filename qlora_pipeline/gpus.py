@@ -1,4 +1,5 @@
-"""Workstation GPU pinning: each concurrent GPU job gets a GPU of its own.
+"""Workstation GPU pinning: each concurrent GPU job gets a GPU of its own (a distributed
+training job, as many as it has processes).
 
 Snakemake counts GPUs (`--resources gpu=N` lets at most N jobs that declare `gpu=1` run at
 once) but does not say which GPU a job should use: without pinning, every job would run on
@@ -124,40 +125,58 @@ def _try_lock(path: Path):
 def claim(num_gpus: int, *, poll_s: float = 0.5, timeout_s: float | None = None,
           directory: Path | None = None) -> GpuClaim:
     """Claim a free GPU among `num_gpus`, waiting until one is released if all are taken."""
+    return claim_many(num_gpus, 1, poll_s=poll_s, timeout_s=timeout_s, directory=directory)[0]
+
+
+def claim_many(num_gpus: int, count: int, *, poll_s: float = 0.5,
+               timeout_s: float | None = None, directory: Path | None = None
+               ) -> list[GpuClaim]:
+    """Claim `count` free GPUs among `num_gpus` at once (a distributed training's), waiting
+    until that many are free. A partial claim is released before waiting, so two jobs that
+    each hold some GPUs never wait for each other."""
     if num_gpus < 1:
         raise ValueError("claim() needs at least one GPU")
+    if count > num_gpus:
+        raise ValueError(f"a job asks for {count} GPUs; this machine has {num_gpus} "
+                         f"(train.distributed.processes must not exceed it)")
     directory = directory or lock_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waiting_logged = False
     while True:
+        held = []
         for index in range(num_gpus):
             handle = _try_lock(directory / f"gpu-{index}.lock")
             if handle is not None:
-                return GpuClaim(index, handle)
+                held.append(GpuClaim(index, handle))
+                if len(held) == count:
+                    return held
+        for gpu in held:
+            gpu.release()
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"no GPU of {num_gpus} free after {timeout_s}s "
+            raise TimeoutError(f"no {count} GPU(s) of {num_gpus} free after {timeout_s}s "
                                f"(locks in {directory})")
         if not waiting_logged:
-            log.info("all %d GPUs are claimed (locks in %s); waiting for one", num_gpus,
-                     directory)
+            log.info("fewer than %d of %d GPUs are free (locks in %s); waiting", count,
+                     num_gpus, directory)
             waiting_logged = True
         time.sleep(poll_s)
 
 
 @contextlib.contextmanager
-def pinned_gpu(**claim_kwargs) -> Iterator[int | None]:
-    """Claim a GPU and expose only it to CUDA for the duration of the block.
+def pinned_gpu(count: int = 1, **claim_kwargs) -> Iterator[int | None]:
+    """Claim `count` GPUs (one unless a training is distributed) and expose only them to CUDA
+    for the duration of the block.
 
-    Yields the GPU index, or None where nothing is pinned (see the module docstring).
+    Yields the first GPU index, or None where nothing is pinned (see the module docstring).
     """
     reason = skip_reason()
     if reason:
         log.info("GPU pinning skipped: %s", reason)
         yield None
         return
-    count = gpu_count()
-    if count == 0:
+    total = gpu_count()
+    if total == 0:
         log.info("GPU pinning skipped: no GPU found")
         yield None
         return
@@ -165,11 +184,13 @@ def pinned_gpu(**claim_kwargs) -> Iterator[int | None]:
     if torch is not None and torch.cuda.is_initialized():
         log.warning("CUDA was initialised before the GPU was pinned; "
                     "CUDA_VISIBLE_DEVICES will not take effect in this process")
-    with claim(count, **claim_kwargs) as gpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu.index)
-        log.info("pinned to GPU %d of %d (CUDA_VISIBLE_DEVICES=%d)", gpu.index, count,
-                 gpu.index)
-        try:
-            yield gpu.index
-        finally:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    claims = claim_many(total, count, **claim_kwargs)
+    visible = ",".join(str(gpu.index) for gpu in claims)
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    log.info("pinned to GPU %s of %d (CUDA_VISIBLE_DEVICES=%s)", visible, total, visible)
+    try:
+        yield claims[0].index
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        for gpu in claims:
+            gpu.release()

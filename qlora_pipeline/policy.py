@@ -34,7 +34,7 @@ def torch_dtype(name: str):
 
 @dataclass(frozen=True)
 class Policy:
-    device: str  # "cuda" or "cpu": where models are placed (device_map)
+    device: str  # "cuda", "cuda:<local rank>" or "cpu": where models are placed (device_map)
     device_name: str  # what provenance records: "cuda:<GPU name>" or "cpu:<N> cores"
     bf16: bool  # a CUDA device with bf16: mixed-precision training and bf16 loads
     threads: int  # torch's intra-op threads (the rule's `threads:`)
@@ -48,7 +48,10 @@ class Policy:
             return cls.cpu(threads or 1)
         threads = threads or torch.get_num_threads()
         if torch.cuda.is_available():
-            return cls("cuda", f"cuda:{torch.cuda.get_device_name(0)}",
+            # A rank of a distributed training (torchrun sets LOCAL_RANK) has its own GPU.
+            local = os.environ.get("LOCAL_RANK")
+            device = f"cuda:{local}" if local is not None else "cuda"
+            return cls(device, f"cuda:{torch.cuda.get_device_name(device)}",
                        torch.cuda.is_bf16_supported(), threads)
         return cls.cpu(threads)
 
@@ -61,7 +64,7 @@ class Policy:
 
     @property
     def cuda(self) -> bool:
-        return self.device == "cuda"
+        return self.device.startswith("cuda")
 
     def compute_dtype(self, name: str):
         """A configured compute dtype; 'auto': bf16 (fp16 without it) on CUDA, float32 on the

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import gpus, warm_start
+from . import gpus, launch, memory, warm_start
 from .errors import InputError
 from .policy import Policy
 
@@ -144,18 +144,39 @@ class Job:
                    wants_gpu=int(smk.resources.get("gpu", 0) or 0) >= 1)
 
     def run(self) -> None:
-        """Log to the rule's log, take the job's threads (and its own GPU where the rule
-        declares one), settle the policy, run the stage."""
+        """Log to the rule's log, take the job's threads (and its own GPUs where the rule
+        declares them), settle the policy, run the stage: here, or on several processes
+        through torchrun where its training is distributed (launch.py)."""
+        gpu_count = max(1, launch.settings(self.kwargs)["processes"])
         with logged_to(self.log_path), \
-                (gpus.pinned_gpu() if self.wants_gpu else contextlib.nullcontext()), \
+                (gpus.pinned_gpu(gpu_count) if self.wants_gpu else contextlib.nullcontext()), \
                 job_environment(self.threads):
+            if launch.needs_launch(self.kwargs):
+                self.run_distributed()
+                return
             # A job that declares no GPU runs on the CPU: its policy needs no torch (policy.py).
             policy = Policy.detect(self.threads) if self.wants_gpu else Policy.cpu(self.threads)
             log.info("rule %s: %s (threads: %s, device: %s, bf16: %s%s)", self.rule,
                      self.stage.__name__, policy.threads, policy.device_name, policy.bf16,
                      ", warm start" if self.warm else "")
             self.stage(**self.kwargs, policy=policy)
-            log.info("rule %s: done", self.rule)
+            log.info("rule %s: done (peak memory %.1f MB)", self.rule,
+                     memory.peak_mb(policy.device))
+
+    def run_distributed(self) -> None:
+        """The stage on the job's processes (torchrun), which write to this job's log."""
+        import subprocess
+
+        command = launch.command(self.rule, self.kwargs, self.threads)
+        log.info("rule %s: %s on %s processes: %s", self.rule, self.stage.__name__,
+                 launch.world_size(launch.settings(self.kwargs)), " ".join(command[:6]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        status = subprocess.run(command, check=False).returncode
+        if status:
+            raise RuntimeError(f"rule {self.rule}: torchrun exited with status {status}; the "
+                               f"failing rank's error is above in this log")
+        log.info("rule %s: done", self.rule)
 
 
 def run_script(smk, stage: Callable[..., object]) -> None:

@@ -57,6 +57,26 @@ DATA_THREADS = 1
 TRAINING_PRIORITY = 10
 
 
+# A training job (QLoRA, recovery, a sweep point's) may run on several processes through
+# torchrun (train.distributed, qlora_pipeline/launch.py): it asks for one GPU and
+# MODEL_THREADS cores per process of its node, and for its nodes (the Slurm executor's
+# --nodes; the GPU count is the job's total, as --gpus reads it).
+def training_threads(cfg_of):
+    return lambda wc: MODEL_THREADS * _distributed(cfg_of(wc))["processes"]
+
+
+def training_gpus(cfg_of):
+    return lambda wc: _distributed(cfg_of(wc))["processes"] * _distributed(cfg_of(wc))["nodes"]
+
+
+def training_nodes(cfg_of):
+    return lambda wc: _distributed(cfg_of(wc))["nodes"]
+
+
+def _distributed(cfg):
+    return cfg["train"]["distributed"]
+
+
 def task_cfg(wildcards):
     return TASKS[wildcards.task]
 

@@ -18,7 +18,7 @@ rule train_sweep_point:
         checkpoints=layout.sweep_checkpoints("{task}", "{point}"),
         tensorboard=layout.tensorboard("{task}", "qlora", "{point}"),
         code=code("train_sweep_point"),
-    threads: MODEL_THREADS
+    threads: training_threads(training_cfg)
     log:
         f"{RESULTS}/logs/train_sweep_point/{{task}}/{{point}}.log",
     benchmark:
@@ -26,7 +26,8 @@ rule train_sweep_point:
     conda:
         "../envs/torch.yaml"
     resources:
-        gpu=1,
+        gpu=training_gpus(training_cfg),
+        nodes=training_nodes(training_cfg),
     script:
         "../scripts/train_sweep_point.py"
 
@@ -46,7 +47,7 @@ rule recover_sweep_point:
         checkpoints=layout.sweep_checkpoints("{task}", "{point}", "recovered"),
         tensorboard=layout.tensorboard("{task}", "recovered", "{point}"),
         code=code("recover_sweep_point"),
-    threads: MODEL_THREADS
+    threads: training_threads(point_cfg)
     log:
         f"{RESULTS}/logs/recover_sweep_point/{{task}}/{{point}}.log",
     benchmark:
@@ -54,7 +55,8 @@ rule recover_sweep_point:
     conda:
         "../envs/torch.yaml"
     resources:
-        gpu=1,
+        gpu=training_gpus(point_cfg),
+        nodes=training_nodes(point_cfg),
     script:
         "../scripts/recover_sweep_point.py"
 

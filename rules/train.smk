@@ -17,7 +17,7 @@ rule train_qlora:
         code=code("train_qlora"),
     wildcard_constraints:
         task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)
-    threads: MODEL_THREADS
+    threads: training_threads(task_cfg)
     priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}.log",
@@ -26,7 +26,8 @@ rule train_qlora:
     conda:
         "../envs/torch.yaml"
     resources:
-        gpu=1,
+        gpu=training_gpus(task_cfg),
+        nodes=training_nodes(task_cfg),
     script:
         "../scripts/train_qlora.py"
 
@@ -47,7 +48,7 @@ rule recover:
         code=code("recover"),
     wildcard_constraints:
         task=NOT_PROMOTED,  # a promoting task's comes from its sweep (rules/sweep.smk)
-    threads: MODEL_THREADS
+    threads: training_threads(task_cfg)
     priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/recover/{{task}}.log",
@@ -56,7 +57,8 @@ rule recover:
     conda:
         "../envs/torch.yaml"
     resources:
-        gpu=1,
+        gpu=training_gpus(task_cfg),
+        nodes=training_nodes(task_cfg),
     script:
         "../scripts/recover.py"
 

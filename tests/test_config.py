@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, write_yaml
+
 from qlora_pipeline.config import deep_merge, load_config
 from qlora_pipeline.errors import InputError
 
@@ -51,7 +51,8 @@ def task_error(root: Path, task: dict, name: str = "arithmetic") -> str:
 def test_defaults_are_filled(root):
     config, tasks = load(root)
     assert config["quantization"] == {"quant_type": "nf4", "double_quant": True,
-                                      "compute_dtype": "auto", "skip_modules": ["lm_head"]}
+                                      "compute_dtype": "auto", "skip_modules": ["lm_head"],
+                                      "quant_storage": "uint8"}
     assert config["defaults"]["tokenize"] == {"max_length": 256, "train_on_prompt": False,
                                               "packing": False}
     assert config["seed"] == 0 and config["task_dir"] == "config/tasks"
@@ -264,3 +265,26 @@ def test_invalid_yaml_names_the_file(root):
     path.write_text("format: chat\ndataset: [unclosed\n", encoding="utf-8")
     with pytest.raises(InputError, match=re.escape(str(path)) + ": not valid YAML"):
         load(root)
+
+
+def test_distributed_training_settings(root):
+    """One process by default; ddp on N processes is accepted; several processes without a
+    strategy, or several nodes off Slurm at launch, are refused with the key named. A task
+    trained with FSDP makes the quantize stage store the 4-bit weights in the compute dtype."""
+    _, tasks = load(root)
+    assert tasks["arithmetic"]["train"]["distributed"] == {"strategy": "none", "processes": 1,
+                                                           "nodes": 1}
+    message = error_of(root, task_overrides={"arithmetic": {
+        "train": {"distributed": {"processes": 2}}}})
+    assert "train.distributed" in message and "strategy 'none'" in message \
+        and "expected strategy ddp or fsdp" in message
+    config, tasks = load(root, task_overrides={"arithmetic": {
+        "train": {"distributed": {"strategy": "ddp", "processes": 2}}}})
+    assert tasks["arithmetic"]["train"]["distributed"]["processes"] == 2
+    assert config["quantization"]["quant_storage"] == "uint8"
+    config, _ = load(root, task_overrides={"arithmetic": {
+        "train": {"distributed": {"strategy": "fsdp", "processes": 2}}}})
+    assert config["quantization"]["quant_storage"] == "compute"
+    config, _ = load(root, quantization={"quant_storage": "uint8"}, task_overrides={
+        "arithmetic": {"train": {"distributed": {"strategy": "fsdp", "processes": 2}}}})
+    assert config["quantization"]["quant_storage"] == "uint8"  # the user's choice stands

@@ -201,3 +201,16 @@ def test_the_two_tasks_combined(default_run):
     combined = matrix[matrix.adapter == name]
     assert set(combined.task) == set(TASKS) and (combined.gain >= 0.15).all(), combined
     assert "## Combinations" in (default_run / "report/report.md").read_text()
+
+
+def test_memory_estimates_bound_the_measured_peaks(default_run):
+    """Every model stage estimated its peak before loading (memory.py); on SmolLM2 the
+    estimate is an upper bound of what the job then used, and not a loose one."""
+    from qlora_pipeline.memory import logged_estimates
+
+    rows = logged_estimates(default_run)
+    stages = {row["job"].split("/")[0] for row in rows}
+    assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
+            "evaluate"} <= stages
+    for row in rows:
+        assert 0.95 <= row["estimate_over_measured"] <= 2.0, row

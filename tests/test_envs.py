@@ -19,6 +19,10 @@ PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)
 GPU_RULES = {"quantize", "quantization_report"}
 # Torch-env rules whose work is a few small SVDs on one core: no accelerator, no model threads.
 CPU_TORCH_RULES = {"compress_adapter"}
+# Training rules ask for one GPU and MODEL_THREADS per process of train.distributed (a
+# function of the task's, or the point's, config: rules/common.smk).
+TRAINING_RULES = {"train_qlora": "task_cfg", "recover": "task_cfg",
+                  "train_sweep_point": "training_cfg", "recover_sweep_point": "point_cfg"}
 
 
 def normalize(name: str) -> str:
@@ -85,7 +89,7 @@ def test_env_pins_match_requirements(env):
 def parse_rules() -> dict[str, dict]:
     """Rule name -> {file, text, directives: {name: body}} from a plain reading of rules/*.smk."""
     rules = {}
-    header = re.compile(r"^(?:rule|checkpoint)\s+(\w+)\s*:\s*$", re.M)
+    header = re.compile(r"^(?:rule|checkpoint)\s+(\w+)\s*:\s*$", re.MULTILINE)
     for path in RULE_FILES:
         text = path.read_text()
         starts = list(header.finditer(text))
@@ -142,6 +146,10 @@ def test_gpu_rules_claim_the_gpu():
         if rule in {"import_base_model", *CPU_TORCH_RULES} or not env.endswith("torch.yaml"):
             continue
         resources = info["directives"].get("resources", "")
+        if rule in TRAINING_RULES:
+            assert f"gpu=training_gpus({TRAINING_RULES[rule]})" in resources, rule
+            assert f"nodes=training_nodes({TRAINING_RULES[rule]})" in resources, rule
+            continue
         assert re.search(r"\bgpu\s*=\s*1\b", resources), \
             f"rule {rule} runs torch work on the accelerator but does not declare resources: gpu=1"
     for rule in GPU_RULES:
@@ -161,6 +169,8 @@ def test_every_rule_declares_its_threads():
         torch_env = string_value(info["directives"]["conda"]).endswith("torch.yaml")
         model = (torch_env and rule not in CPU_TORCH_RULES) or rule.startswith("evaluate")
         expected = "MODEL_THREADS" if model else "DATA_THREADS"
+        if rule in TRAINING_RULES:
+            expected = f"training_threads({TRAINING_RULES[rule]})"
         assert threads == expected, f"rule {rule}: threads {threads!r}, expected {expected}"
 
 
@@ -169,6 +179,7 @@ def test_slurm_cpus_per_task_are_the_rules_threads():
     its threads from set-threads, and no cpus_per_task resource can part the two."""
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     model_rules = {r for r, i in RULES.items() if "MODEL_THREADS" in i["directives"]["threads"]}
+    model_rules |= set(TRAINING_RULES)
     assert set(profile["set-threads"]) == model_rules
     assert all(isinstance(n, int) and n >= 1 for n in profile["set-threads"].values())
     resources = [profile["default-resources"], *profile["set-resources"].values()]

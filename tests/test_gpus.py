@@ -143,6 +143,25 @@ def test_pinning_sets_and_restores_cuda_visible_devices(sim):
         assert again == 0
 
 
+def test_a_distributed_job_claims_one_gpu_per_process(sim):
+    """train.distributed.processes = 2: the job sees two GPUs, takes them only when both are
+    free (a partial claim is given back while it waits), and asks for no more than there are."""
+    sim.env(3)
+    with gpus.claim(3) as held:  # another job holds GPU 0
+        assert held.index == 0
+        with gpus.pinned_gpu(2) as first:
+            assert first == 1 and os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+        with pytest.raises(TimeoutError):  # two GPUs are free, three are asked for
+            gpus.claim_many(3, 3, poll_s=0.02, timeout_s=0.2)
+        claims = gpus.claim_many(3, 2, poll_s=0.02, timeout_s=0.2)  # the wait kept nothing
+        assert [c.index for c in claims] == [1, 2]
+        for claim in claims:
+            claim.release()
+    with pytest.raises(ValueError, match="asks for 4 GPUs; this machine has 3"):
+        gpus.claim_many(3, 4)
+
+
 # ---- concurrent processes ------------------------------------------------------------------------
 
 def test_concurrent_jobs_never_share_a_gpu(sim, tmp_path):

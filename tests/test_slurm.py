@@ -200,6 +200,11 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     gpu_rules = {rule for rule, res in
                  yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"].items()
                  if res.get("gpu", 0) >= 1}
+    # The training rules' GPUs and nodes come from the rule (train.distributed: one process,
+    # one GPU, one node by default), not the profile.
+    training = {"train_qlora", "recover", "train_sweep_point", "recover_sweep_point"}
+    assert not gpu_rules & training
+    gpu_rules |= training
     assert "quantize" in gpu_rules
     # The sbatch command lines: GPU rules ask for --gpus, the others do not.
     sbatch_calls = re.findall(r"sbatch call: (sbatch .*)$", out, re.MULTILINE)
@@ -207,6 +212,8 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     for call in sbatch_calls:
         rule = re.search(r"--comment '?rule_(.+?)(?:_wildcards_\S*)?'? ", call).group(1)
         assert ("--gpus=" in call) == (rule in gpu_rules), call
+        if rule in training:
+            assert "--gpus=1 " in call + " " and "--nodes=1" in call, call
         # One value: Slurm's CPUs per task are the rule's threads.
         assert f"--cpus-per-task={expected_threads(rule)}" in call, call
     jobcomp = jobcomp_records()

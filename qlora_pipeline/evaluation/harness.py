@@ -36,9 +36,10 @@ def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
     from ..models.quantization import load_full_precision, load_quantized
 
     if merged:
-        model = load_full_precision(merged, policy)
+        model = load_full_precision(merged, policy, offload=True)
     else:
-        model = load_quantized(quantized, policy) if quantized else load_full_precision(base, policy)
+        model = load_quantized(quantized, policy) if quantized \
+            else load_full_precision(base, policy, offload=True)
         if adapter:
             # Only here: peft, with the bitsandbytes it imports, takes 1.5-2 s to import on a
             # 2-core CPU that scoring a base, quantized or merged model would spend for nothing.

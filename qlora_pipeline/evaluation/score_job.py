@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 
+from .. import memory
 from ..outputs import stage_outputs, write_json, write_jsonl
 from ..policy import Policy
 from ..runtime import seed_everything
@@ -27,6 +28,7 @@ def score(stage: str, *, spec, base, results, samples, provenance, evaluation: d
                        policy=policy, seed=seed) as out:
         seed_everything(seed)
         names = [tasks.lm_eval_name(task), *evaluation["benchmarks"]]
+        check_memory(stage, models, evaluation, policy)
         model, tokenizer = harness.load_model(policy, **models)
         log.info("evaluating %s on %s", variant, names)
         scores = harness.evaluate(model, tokenizer, spec, names, evaluation, seed, policy)
@@ -37,3 +39,19 @@ def score(stage: str, *, spec, base, results, samples, provenance, evaluation: d
         write_json(out["results"], scores)
     log.info("results: %s", scores["results"])
     return scores
+
+
+EVAL_ROW_TOKENS = 256  # a scoring row's length for the estimate (the tokenize default)
+
+
+def check_memory(stage: str, models: dict, evaluation: dict, policy: Policy) -> dict:
+    """The model as loaded plus one scoring batch: on the CPU the token budget's rows; on
+    CUDA one row (lm-eval's "auto" then sizes batches to the memory left)."""
+    budget = policy.eval_token_budget(evaluation["batch_size"])
+    size = evaluation["batch_size"]
+    rows = budget // EVAL_ROW_TOKENS if budget else (size if isinstance(size, int) else 1)
+    quantized = models["quantized"] and not models["merged"]
+    return memory.check_stage(
+        stage, models["merged"] or models["quantized"] or models["base"], policy,
+        weights="stored" if quantized else "full", batch=rows, seq=EVAL_ROW_TOKENS,
+        remedy="evaluation.batch_size smaller, or a GPU with more memory")

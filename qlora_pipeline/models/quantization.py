@@ -28,7 +28,14 @@ def bnb_config(cfg: dict, policy: Policy):
         bnb_4bit_use_double_quant=cfg["double_quant"],
         bnb_4bit_compute_dtype=policy.compute_dtype(cfg["compute_dtype"]),
         llm_int8_skip_modules=cfg["skip_modules"] or None,
+        bnb_4bit_quant_storage=storage_dtype(cfg, policy),
     )
+
+
+def storage_dtype(cfg: dict, policy: Policy) -> torch.dtype:
+    """uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')."""
+    storage = cfg.get("quant_storage", "uint8")
+    return torch.uint8 if storage == "uint8" else policy.compute_dtype(cfg["compute_dtype"])
 
 
 def quantize(base_dir: str | Path, cfg: dict, policy: Policy):
@@ -79,13 +86,18 @@ def load_quantized(path: str | Path, policy: Policy):
     return model
 
 
-def load_full_precision(path: str | Path, policy: Policy):
+def load_full_precision(path: str | Path, policy: Policy, offload: bool = False):
     """A full-precision model (the base, a merged one) for training, merging, perplexity and
-    scoring, in the policy's one full-precision dtype."""
+    scoring, in the policy's one full-precision dtype. `offload` (no training): on a GPU it
+    does not fit, the layers that do not are kept in RAM (memory.full_precision_placement)."""
     from transformers import AutoModelForCausalLM
 
+    from .. import memory
+
+    placement = memory.full_precision_placement(path, policy) if offload \
+        else {"device_map": policy.device}
     return AutoModelForCausalLM.from_pretrained(path, dtype=policy.full_precision_dtype,
-                                                device_map=policy.device)
+                                                **placement)
 
 
 def theoretical_bits(double_quant: bool) -> float:
@@ -110,8 +122,10 @@ def storage_bits(weight) -> float:
     return 8 * total / math.prod(state.shape)
 
 
-def layer_errors(model4, base_state: dict[str, torch.Tensor]) -> list[dict]:
-    """Per quantized layer: shape, stored bits/param and ‖W − deq(Q(W))‖ / ‖W‖."""
+def layer_errors(model4, base_state) -> list[dict]:
+    """Per quantized layer: shape, stored bits/param and ‖W − deq(Q(W))‖ / ‖W‖. `base_state`:
+    the full-precision tensors by name, anything with .get(name): a dict, or a
+    checkpoint.Checkpoint that reads one tensor at a time (memory holds one layer)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -120,7 +134,7 @@ def layer_errors(model4, base_state: dict[str, torch.Tensor]) -> list[dict]:
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
         weight = module.weight
-        original = base_state[f"{name}.weight"].float()
+        original = base_state.get(f"{name}.weight").float()
         restored = F.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
         rows.append({
             "layer": name,
@@ -136,7 +150,7 @@ def summarize(rows: list[dict], cfg: dict, compute_dtype: torch.dtype, checkpoin
               base_dir: Path) -> dict:
     params = sum(r["params"] for r in rows)
     errors = [r["relative_error"] for r in rows]
-    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))  # noqa: E731
+    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
     return {
         "quant_type": cfg["quant_type"],
         "double_quant": cfg["double_quant"],

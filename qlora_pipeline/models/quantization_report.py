@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 def perplexities(base_dir, quantized_dir, validation: dict, max_examples: int,
                  policy: Policy) -> dict[str, dict]:
     """task -> {"full_precision": ..., "quantized": ...}; one model in memory at a time."""
-    loaders = {"full_precision": lambda: quantization.load_full_precision(base_dir, policy),
+    loaders = {"full_precision": lambda: quantization.load_full_precision(base_dir, policy,
+                                                                          offload=True),
                "quantized": lambda: quantization.load_quantized(quantized_dir, policy)}
     results: dict[str, dict] = {task: {} for task in validation}
     for variant, load in loaders.items():

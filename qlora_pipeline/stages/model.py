@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .. import memory
 from ..errors import InputError
 from ..outputs import read_json, stage_outputs, write_json
 from ..policy import Policy
@@ -34,12 +35,16 @@ def quantize(*, base, quantized, quantization: dict, seed: int, policy: Policy) 
     check in quantization.json. Nothing is saved when the check fails."""
     from ..models import numerics
     from ..models import quantization as quant
+    from ..models.checkpoint import Checkpoint
 
     with stage_outputs("quantize", {"quantized": quantized}, config=quantization,
                        inputs={"base": base}, policy=policy, seed=seed) as out:
         seed_everything(seed)
+        # On the CPU the full-precision file is mapped and read whole while it quantizes.
+        memory.check_stage("quantize", base, policy, weights="4bit" if policy.cuda else "full+4bit",
+                           remedy="a GPU with more memory (the 4-bit weights must fit)")
         model = quant.quantize(base, quantization, policy)
-        rows = quant.layer_errors(model, quant.state_dict(base))
+        rows = quant.layer_errors(model, Checkpoint(base))  # one base tensor at a time
         if not rows:
             raise InputError(f"quantization: no linear layer of {base} was quantized "
                              f"(skip_modules {quantization['skip_modules']}); expected at least one")
@@ -69,6 +74,9 @@ def quantization_report(*, base, quantized, tokenized: list, report, markdown, p
                        policy=policy) as out:
         validation = {task: load_from_disk(str(path))["validation"]
                       for task, path in zip(tasks, tokenized)}
+        longest = max(len(ids) for rows in validation.values() for ids in rows["input_ids"])
+        memory.check_stage("quantization_report", base, policy, weights="full", seq=longest,
+                           offload=True, remedy="a GPU with more memory")
         numbers = {**read_json(Path(quantized) / "quantization.json"),
                    "perplexity": qreport.perplexities(base, quantized, validation, max_examples,
                                                       policy)}

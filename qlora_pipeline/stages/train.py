@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
+from .. import memory
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 
@@ -52,6 +53,11 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
         test = load_from_disk(str(tokenized))["test"]
         prompts = [e["input_ids"] for e in test.select(range(min(merge["check_examples"],
                                                                  len(test))))]
+        # On the CPU two models' worth: the merged one and the base + adapter it is checked
+        # against load one after the other, and the first is not returned to the system.
+        memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "2full",
+                           seq=max(map(len, prompts), default=1), offload=True,
+                           remedy="a GPU with more memory")
         trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
         chosen = merging.resolve_base(merge["base"], recovered)
         others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []

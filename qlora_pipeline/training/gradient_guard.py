@@ -60,11 +60,15 @@ class GradientGuard(TrainerCallback):
     def __init__(self):
         self.checks_left = 0
         self.reason = ""
+        self.start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
         self.checks_left, self.reason = 2, "at the start of training"
 
     def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step == self.start_step:  # eval_on_start: before the first step
+            return
         self.checks_left, self.reason = max(self.checks_left, 1), "after an evaluation"
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):

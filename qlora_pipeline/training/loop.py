@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -26,11 +25,12 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import memory
 from ..errors import InputError
 from ..models import label_positions
 from ..outputs import read_jsonl
 from ..policy import Policy
-from . import packing, shared_prefix
+from . import distributed, packing, shared_prefix
 from .adapter_monitor import AdapterMonitor
 from .gradient_guard import GradientGuard
 
@@ -58,6 +58,16 @@ class GuardedTrainer(Trainer):
         return loss
 
 
+class FirstEvaluation(TrainerCallback):
+    """The first validation loss of the run: eval_on_start's, the adapter's starting point."""
+
+    loss = float("nan")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if math.isnan(self.loss):
+            self.loss = metrics["eval_loss"]
+
+
 class MetricsLog(TrainerCallback):
     """Every log event as one JSON line: step, loss, learning rate, grad norm, eval loss."""
 
@@ -78,7 +88,7 @@ def total_steps(cfg: dict, train_examples: int) -> int:
 
 
 def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
-              policy: Policy, packed: bool = False) -> TrainingArguments:
+              policy: Policy, packed: bool = False, fresh: bool = True) -> TrainingArguments:
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
     save_steps = cfg.get("checkpoint_steps") or eval_steps
@@ -96,7 +106,8 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         lr_scheduler_type=cfg["lr_scheduler"],
         weight_decay=cfg["weight_decay"],
         max_grad_norm=cfg["max_grad_norm"],
-        optim=policy.optimizer(cfg["optimizer"]),
+        optim=distributed.optimizer(policy.optimizer(cfg["optimizer"]),
+                                    cfg.get("distributed") or {}),
         gradient_checkpointing=False,  # enabled on the model by prepare_model_for_kbit_training
         bf16=policy.bf16,
         use_cpu=not policy.cuda,
@@ -105,6 +116,10 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random",
         eval_strategy="steps",
         eval_steps=eval_steps,
+        # The loss before training, measured inside train() once the model is wrapped for
+        # DDP: an evaluate() before train() marks it prepared, and accelerate then never wraps
+        # it, so each rank would step on its own gradients.
+        eval_on_start=fresh,
         save_strategy="steps",
         save_steps=save_steps,  # checkpoints serve resuming and keeping the best
         save_total_limit=2,
@@ -120,34 +135,35 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **distributed.trainer_arguments(cfg.get("distributed") or {"strategy": "none"},
+                                        policy.cuda),
     )
 
 
-def peak_memory_mb(policy: Policy) -> float:
-    if policy.cuda:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
-          seed: int, policy: Policy, observers: tuple = (), tensorboard: Path | None = None
-          ) -> dict:
+          seed: int, policy: Policy, observers: tuple = (), tensorboard: Path | None = None,
+          save_to: Path | None = None) -> dict:
     """Train `model` (its trainable parameters) on data['train']; return the run summary.
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
     resumes from them); the best checkpoint by validation loss is restored at the end.
     `observers`: extra callbacks that only watch (the step-time benchmark); `tensorboard`: a
-    folder for the curves as TensorBoard event files (emptied unless the job resumes).
+    folder for the curves as TensorBoard event files (emptied unless the job resumes);
+    `save_to`: where the trained adapter is saved (distributed.save_adapter).
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
+    resume = last_complete_checkpoint(checkpoint_dir)
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy,
-                     packed=packing.is_packed(data["train"]))
+                     packed=packing.is_packed(data["train"]), fresh=not resume)
     if args.optim != cfg["optimizer"]:
-        log.info("optimizer: %s needs CUDA; using %s instead", cfg["optimizer"], args.optim)
+        log.info("optimizer: %s unavailable here (CUDA; FSDP); using %s instead",
+                 cfg["optimizer"], args.optim)
     isolation = packed_isolation(model, data["train"], tokenizer)
-    callbacks = [MetricsLog(metrics_path), AdapterMonitor(metrics_path), GradientGuard(),
-                 *observers]
+    # Rank 0 keeps the record; every rank checks its own gradients.
+    first = FirstEvaluation()
+    callbacks = [*((MetricsLog(metrics_path), AdapterMonitor(metrics_path))
+                   if distributed.is_main() else ()), GradientGuard(), first, *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
@@ -161,22 +177,22 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         data_collator=collator, callbacks=callbacks,
     )
     trainer.prefix_layouts = tuple(prefix.get("layouts", ()))
-    resume = last_complete_checkpoint(checkpoint_dir)
-    if tensorboard:
+    if tensorboard and distributed.is_main():
         trainer.add_callback(tensorboard_writer(Path(tensorboard), fresh=not resume))
     tokens_before = 0  # seen before the interruption: not part of this run's throughput
     if resume:
         log.info("resuming from %s", resume)
-        forget_metrics_after(metrics_path, int(resume.rsplit("-", 1)[-1]))
+        if distributed.is_main():
+            forget_metrics_after(metrics_path, int(resume.rsplit("-", 1)[-1]))
         tokens_before = TrainerState.load_from_json(
             str(Path(resume) / "trainer_state.json")).num_input_tokens_seen or 0
-        initial = _logged_initial_loss(metrics_path)
-    else:
-        initial = trainer.evaluate()["eval_loss"]
-    log.info("validation loss before training (adapter = 0): %.4f", initial)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
+    initial = _logged_initial_loss(metrics_path) if resume else first.loss
+    log.info("validation loss before training (adapter = 0): %.4f", initial)
+    if save_to is not None:
+        distributed.save_adapter(trainer, model, Path(save_to))
     best = trainer.state.best_metric  # the restored checkpoint's validation loss
     tokens = trainer.state.num_input_tokens_seen
     return {
@@ -188,10 +204,13 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "train_seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
         "tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds else None,
-        "peak_memory_mb": round(peak_memory_mb(policy), 1),
+        "peak_memory_mb": round(memory.peak_mb(policy.device), 1),
         "peak_memory_kind": "cuda max allocated" if policy.cuda else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,
+        "processes": distributed.world_size(),
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * distributed.world_size(),
         "label_positions": head,
         "shared_prefix": prefix,
         **({"packing_check": isolation} if isolation else {}),
@@ -227,6 +246,8 @@ def prefix_once(model, train, collator, args) -> dict:
     rows (shared_prefix.check)."""
     if args.n_gpu > 1:  # nn.DataParallel would split the batch from its one prefix
         return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
+    if distributed.active():  # the cached prefix is a second forward inside DDP's step
+        return {"used": False, "reason": f"distributed over {distributed.world_size()} ranks"}
     rows = [dict(train[i]) for i in range(min(args.per_device_train_batch_size, len(train)))]
     result = shared_prefix.check(model, collator(rows))
     log.info("rows' common prefix computed once: %s", result)

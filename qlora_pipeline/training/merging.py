@@ -31,7 +31,7 @@ def load_base(kind: str, base_dir, quant_dir, policy):
     from ..models.quantization import load_full_precision, load_quantized
 
     if kind == "full":
-        return load_full_precision(base_dir, policy)
+        return load_full_precision(base_dir, policy, offload=True)
     # deq(Q(W)) for every quantized layer, in the compute dtype; the rest as stored.
     return load_quantized(quant_dir, policy).dequantize()
 
@@ -70,7 +70,7 @@ def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, out_dir, prompt
     source = base_dir if kind == "full" else quant_dir
     streamed = streamed_merge.merge(source, adapter_dir, out_dir, policy.full_precision_dtype,
                                     max_shard_bytes)
-    merged_logits = logits_released(load_full_precision(out_dir, policy), prompts)
+    merged_logits = logits_released(load_full_precision(out_dir, policy, offload=True), prompts)
     unmerged = logits_released(with_adapter(load_base(kind, base_dir, quant_dir, policy),
                                             adapter_dir), prompts)
     check = {"vs_unmerged": gaps(merged_logits, unmerged),
