@@ -52,6 +52,10 @@ TRAINER_BYTES = 96 * 2 ** 20
 # the check (library modules, tokenizer, dataset pages, the allocator's slack): measured on
 # SmolLM2, 10-40 MiB above the other parts; counted in the baseline.
 CPU_SLACK_BYTES = 64 * 2 ** 20
+# A job that checks before it has imported its model libraries (no warm start) grows by
+# them afterwards: its baseline is at least what a job holds with them loaded (torch,
+# transformers, bitsandbytes, peft, lm-eval: 0.40-0.41 GiB measured in warm-start copies).
+CPU_LIBRARIES_BYTES = 400 * 2 ** 20
 MLP_NAMES = ("up", "gate", "down", "fc", "mlp", "h_to_4h", "4h_to_h", "w1", "w2", "w3")
 
 
@@ -196,7 +200,8 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     """The stage's peak. `weights`: "stored" (a checkpoint loaded as stored: a 4-bit one),
     "4bit" (quantized from a full-precision checkpoint: the 4-bit result plus the largest
     tensor in fp32), "full" (full precision in fp_bytes), "full+4bit" (both at once),
-    "2full" (two full-precision models' worth: the merge, measured on the CPU).
+    "merge" (the merge on the CPU: two full-precision models and the 4-bit one, measured:
+    they load one after the other and the allocator does not return each before the next).
     `shards`: FSDP over that many GPUs: weights and the adapter's state are split, and each GPU
     holds one block's weights gathered whole while it computes."""
     parts = {"baseline": baseline}
@@ -204,7 +209,7 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     parts["weights"] = {"stored": shapes.stored_bytes, "4bit": q + shapes.largest_tensor * 4,
                         "full": full_precision_bytes(shapes, fp_bytes),
                         "full+4bit": q + full_precision_bytes(shapes, fp_bytes),
-                        "2full": 2 * full_precision_bytes(shapes, fp_bytes)}[weights]
+                        "merge": q + 2 * full_precision_bytes(shapes, fp_bytes)}[weights]
     if training:
         parts["trainer"] = TRAINER_BYTES
     if shards > 1:
@@ -271,6 +276,12 @@ def check(estimate: Estimate, device: str, remedy: str, offload: bool = False) -
     return record
 
 
+def cpu_baseline() -> int:
+    """A CPU job's memory besides the model's parts: its resident memory now, at least the
+    libraries' (CPU_LIBRARIES_BYTES), and the slack it adds after the check."""
+    return max(resident_bytes(), CPU_LIBRARIES_BYTES) + CPU_SLACK_BYTES
+
+
 def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batch: int = 1,
                 seq: int = 1, lora: dict | None = None, training: bool = False,
                 checkpointing: bool = False, offload: bool = False, optimizer: str = "",
@@ -283,7 +294,7 @@ def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batc
                       fp_bytes=compute, batch=batch, seq=seq, lora=lora, training=training,
                       checkpointing=checkpointing, efficient_attention=policy.cuda,
                       optimizer=optimizer or "adamw_torch",
-                      baseline=0 if policy.cuda else resident_bytes() + CPU_SLACK_BYTES)
+                      baseline=0 if policy.cuda else cpu_baseline())
     fixes = remedy or "a GPU with more memory, or fewer tokens per batch"
     return check(result, policy.device, fixes, offload=offload and weights == "full")
 

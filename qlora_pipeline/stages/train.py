@@ -53,9 +53,9 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
         test = load_from_disk(str(tokenized))["test"]
         prompts = [e["input_ids"] for e in test.select(range(min(merge["check_examples"],
                                                                  len(test))))]
-        # On the CPU two models' worth: the merged one and the base + adapter it is checked
-        # against load one after the other, and the first is not returned to the system.
-        memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "2full",
+        # On the CPU the 4-bit model (trained logits), the merged one and the base it is
+        # checked against load one after the other; the allocator keeps each one's memory.
+        memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",
                            seq=max(map(len, prompts), default=1), offload=True,
                            remedy="a GPU with more memory")
         trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
