@@ -115,7 +115,10 @@ class Shapes:
 
 
 def dimensions(config: dict) -> dict:
-    """Hidden size, layers, vocabulary, heads and MLP width under their usual names."""
+    """Hidden size, layers, vocabulary, heads and MLP width under their usual names (a
+    multimodal config's language model: its text_config)."""
+    config = {**config, **(config.get("text_config") or {})}
+
     def first(*names, default=None):
         return next((config[n] for n in names if config.get(n) is not None), default)
 
@@ -123,7 +126,7 @@ def dimensions(config: dict) -> dict:
     return {"hidden": hidden, "layers": first("num_hidden_layers", "n_layer", "num_layers"),
             "vocab": first("vocab_size"), "heads": first("num_attention_heads", "n_head"),
             "intermediate": first("intermediate_size", "n_inner", "ffn_dim",
-                                  default=4 * hidden)}
+                                  default=4 * hidden if hidden else None)}
 
 
 def safetensors_header(path: Path) -> dict:
@@ -289,6 +292,11 @@ def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batc
     """The estimate of a stage that loads the checkpoint in `model_dir` on the job's device,
     with the job's dtypes (policy.py), checked (`check`). Returns what provenance records."""
     shapes = Shapes.from_checkpoint(model_dir)
+    unknown = [k for k in ("hidden", "layers", "vocab", "heads") if not getattr(shapes, k)]
+    if unknown:  # an architecture whose config names them otherwise: no estimate, no refusal
+        log.warning("no memory estimate of %s: %s/config.json gives no %s", stage, model_dir,
+                    ", ".join(unknown))
+        return {"stage": stage, "skipped": f"config.json gives no {', '.join(unknown)}"}
     compute = 2 if policy.bf16 else 4  # policy.compute_dtype("auto"): bf16 on CUDA
     result = estimate(stage, shapes, weights=weights, compute_bytes=compute,
                       fp_bytes=compute, batch=batch, seq=seq, lora=lora, training=training,
@@ -320,7 +328,7 @@ def full_precision_placement(model_dir: str | Path, policy) -> dict:
     import torch
 
     shapes = Shapes.from_checkpoint(model_dir)
-    weights = full_precision_bytes(shapes, 2 if policy.bf16 else 4)
+    weights = full_precision_bytes(shapes, 2 if policy.bf16 else 4)  # from the headers alone
     free, _ = available_bytes(policy.device)
     cpu, _ = available_bytes("cpu")
     plan = offload_plan(weights, free, cpu - resident_bytes())

@@ -124,3 +124,21 @@ def test_offload_only_when_the_gpu_is_short_and_ram_can_hold_the_rest():
     # On the CPU a full-precision model is placed on the CPU, never split.
     assert memory.full_precision_placement("unused", job_policy()) == {"device_map": "cpu"} \
         or job_policy().cuda
+
+
+def test_a_config_without_the_usual_names_is_not_estimated(tmp_path, tiny_model_dir):
+    """An architecture whose config.json names its sizes otherwise gets no estimate and no
+    refusal (logged), rather than a crash; a multimodal config's text_config is read."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    text = {k: config.pop(k) for k in ("hidden_size", "num_hidden_layers")}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    record = memory.check_stage("evaluate", model_dir, job_policy(), weights="full")
+    assert record == {"stage": "evaluate",
+                      "skipped": "config.json gives no hidden, layers"}
+    (model_dir / "config.json").write_text(json.dumps({**config, "text_config": text}))
+    assert memory.Shapes.from_checkpoint(model_dir).hidden == 64
+    assert memory.check_stage("evaluate", model_dir, job_policy(), weights="full")["total_mb"] > 0
