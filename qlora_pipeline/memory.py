@@ -50,8 +50,8 @@ NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "embed_out", "norm", "ln_")
 TRAINER_BYTES = 96 * 2 ** 20
 # A CPU job's resident memory grows by what it imports and allocates besides the model after
 # the check (library modules, tokenizer, dataset pages, the allocator's slack): measured on
-# SmolLM2, 10-40 MiB above the other parts; counted in the baseline.
-CPU_SLACK_BYTES = 64 * 2 ** 20
+# SmolLM2, 10-100 MiB above the other parts across runs; counted in the baseline.
+CPU_SLACK_BYTES = 128 * 2 ** 20
 # A job that checks before it has imported its model libraries (no warm start) grows by
 # them afterwards: its baseline is at least what a job holds with them loaded (torch,
 # transformers, bitsandbytes, peft, lm-eval: 0.40-0.41 GiB measured in warm-start copies).

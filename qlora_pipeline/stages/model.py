@@ -75,7 +75,10 @@ def quantization_report(*, base, quantized, tokenized: list, report, markdown, p
         validation = {task: load_from_disk(str(path))["validation"]
                       for task, path in zip(tasks, tokenized)}
         longest = max(len(ids) for rows in validation.values() for ids in rows["input_ids"])
-        memory.check_stage("quantization_report", base, policy, weights="full", seq=longest,
+        # One model at a time; on the CPU the allocator keeps the first one's memory while
+        # the second loads (as in the merge), so both count there.
+        memory.check_stage("quantization_report", base, policy,
+                           weights="full" if policy.cuda else "full+4bit", seq=longest,
                            offload=True, remedy="a GPU with more memory")
         numbers = {**read_json(Path(quantized) / "quantization.json"),
                    "perplexity": qreport.perplexities(base, quantized, validation, max_examples,
