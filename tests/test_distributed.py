@@ -79,11 +79,11 @@ def test_two_processes_train_what_one_process_trains(inputs):
     assert not list(two.parent.parent.glob("**/.rank*"))
 
 
-def test_fsdp_is_refused_on_the_cpu(inputs):
+def test_fsdp_is_refused_on_the_cpu(inputs, monkeypatch):
     """On the CPU accelerate would run FSDP as plain DDP: the job refuses rather than claim a
-    sharding it does not do, and leaves no output."""
-    if torch.cuda.is_available():
-        pytest.skip("FSDP runs where there is CUDA")
+    sharding it does not do, and leaves no output. (The ranks see no GPU here on any machine:
+    CUDA_VISIBLE_DEVICES is empty.)"""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(RuntimeError, match="torchrun exited"):
         train(inputs, "fsdp", 2, strategy="fsdp")
     assert "found fsdp on a machine without CUDA" in (inputs[0] / "fsdp.log").read_text()
