@@ -2,7 +2,7 @@
 theoretical limit (4 bits + block constants: 4.127 with double quantization, 4.5 without).
 
 The saved checkpoint is loaded as every job loads it (quantization.load_quantized) and each
-4-bit layer's stored bytes are counted by quantization.storage_bits, the quantize stage's own
+4-bit layer's stored bytes are counted by methods/bnb4.storage_bits, the quantize stage's own
 measure: codes, absmax, code tables, the second-level constants of double quantization. The
 figure is the parameter-weighted mean over the 4-bit layers divided by the limit; the
 difference is the per-layer constants (code tables, offsets) the limit leaves out.
@@ -20,13 +20,13 @@ INPUTS = [layout.QUANTIZED]
 
 
 def run(smoke: bool) -> dict:
-    from qlora_pipeline.models.quantization import theoretical_bits
+    from qlora_pipeline.models.methods.bnb4 import theoretical_bits
 
     path = support.tiny_quantized() if smoke else support.REPO / layout.QUANTIZED
     layers, double_quant = stored_bits(path)
     params = sum(n for _, n in layers)
     measured = sum(bits * n for bits, n in layers) / params
-    limit = theoretical_bits(double_quant)
+    limit = theoretical_bits({"double_quant": double_quant})
     ratio = measured / limit
     return {"name": "bits_per_param", "figure": round(ratio, 4),
             "figure_text": f"{measured:.4f} / {limit:.4f} bits = {ratio:.4f}×",
@@ -41,7 +41,8 @@ def stored_bits(path: Path) -> tuple[list[tuple[float, int]], bool]:
     """(bits/param, params) of each 4-bit layer of the saved checkpoint; its double-quant flag."""
     import bitsandbytes as bnb
 
-    from qlora_pipeline.models.quantization import load_quantized, storage_bits
+    from qlora_pipeline.models.methods.bnb4 import storage_bits
+    from qlora_pipeline.models.quantization import load_quantized
     from qlora_pipeline.policy import Policy
 
     model = load_quantized(path, Policy.detect())

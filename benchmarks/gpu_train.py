@@ -389,7 +389,7 @@ def summary(rows: list[dict], scale: Scale, model, params: dict, policy, checked
     return {
         "scale": asdict(scale), "lora": LORA, "parameters": params,
         "optimizer": policy.optimizer(OPTIMIZER),
-        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
+        "quantization": {"method": "nf4", "double_quant": True, "blocksize": 64,
                          "compute_dtype": str(policy.compute_dtype("auto"))},
         "attention": model.config._attn_implementation, "gradient_checkpointing": True,
         "device": policy.device_name, "machine": machine.facts(), "versions": versions(),

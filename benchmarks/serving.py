@@ -195,10 +195,10 @@ def latencies(model, tokenizer, new_tokens: int, passes: int,
 
 def model_bytes(model) -> tuple[int, int]:
     """Bytes of the model's parameters and buffers (a 4-bit weight with its quantization
-    constants: models.quantization.storage_bits), and of its LoRA weights among them."""
+    constants: models/methods/bnb4.storage_bits), and of its LoRA weights among them."""
     import math
 
-    from qlora_pipeline.models.quantization import storage_bits
+    from qlora_pipeline.models.methods.bnb4 import storage_bits
 
     total = adapter = 0.0
     for name, tensor in model.named_parameters():

@@ -173,7 +173,7 @@ def tiny_quantized() -> Path:
 
     path = scratch() / "quantized"
     model.quantize(base=tiny_base(), quantized=path, seed=0, policy=Policy.detect(),
-                   quantization={"quant_type": "nf4", "double_quant": True,
+                   quantization={"method": "nf4", "double_quant": True,
                                  "compute_dtype": "auto", "skip_modules": ["lm_head"]})
     return path
 

@@ -5,7 +5,7 @@ launcher (`shell: "torchrun ... -m qlora_pipeline.cli train_qlora ..."`); plain 
 `script:`. Example:
 
     qlora-stage quantize base=results/models/base quantized=/tmp/q seed=0 \\
-        'quantization={"quant_type": "nf4", "double_quant": true, "compute_dtype": "auto",
+        'quantization={"method": "nf4", "double_quant": true, "compute_dtype": "auto",
                        "skip_modules": ["lm_head"]}'
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from . import combinations, launch, sweeps
+from . import combinations, launch, quant_settings, sweeps
 from .data.builtin import check_arithmetic
 from .errors import InputError
 
@@ -240,6 +240,10 @@ def recovery_train(task: dict) -> dict:
 
 def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
     """Validate the main config (in place, with defaults) and load every listed task."""
+    if "quant_type" in (config.get("quantization") or {}):
+        raise InputError("config key 'quantization.quant_type': renamed 'quantization.method' "
+                         f"(nf4, fp4, int8, hqq); found quant_type "
+                         f"{config['quantization']['quant_type']!r}")
     validate(config, load_schema("config.schema.yaml"), "config")
     # Defaults are task settings: the task schema checks them, with nothing required.
     defaults_schema = {**load_schema("task.schema.yaml"), "required": []}
@@ -259,15 +263,10 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
         log.warning("combinations %s left out: not all their tasks are in 'tasks' %s",
                     left_out, config["tasks"])
     config["combinations"] = list(kept.values())
-    config["quantization"]["quant_storage"] = quant_storage(config["quantization"], tasks)
-    return canonical(config), tasks
-
-
-def quant_storage(quantization: dict, tasks: dict[str, dict]) -> str:
-    """'auto' settled: FSDP shards only float tensors, so a task trained with FSDP needs the
-    4-bit weights stored in the compute dtype (bitsandbytes #1123); uint8 otherwise. Settled
-    here, so that the quantize rule's params, and its output, change with it."""
-    if quantization["quant_storage"] != "auto":
-        return quantization["quant_storage"]
+    # quant_storage 'auto': FSDP shards only float tensors, so a task trained with FSDP needs
+    # the 4-bit weights stored in the compute dtype (bitsandbytes #1123). Settled here, so that
+    # the quantize rule's params, and its output, change with it.
     fsdp = any(t["train"]["distributed"]["strategy"] == "fsdp" for t in tasks.values())
-    return "compute" if fsdp else "uint8"
+    config["quantization"] = quant_settings.settle(config["quantization"], "quantization", fsdp)
+    config["quantization_sweep"] = list(quant_settings.sweep(config).values())
+    return canonical(config), tasks

@@ -138,6 +138,18 @@ def quantization_report() -> dict[str, str]:
             "provenance": f"{folder}/provenance.json"}
 
 
+def quantization_sweep_point(label: str) -> str:
+    """A folder: report.json (a method's measures) and provenance.json."""
+    return f"{RESULTS}/quantization/sweep/{label}"
+
+
+def quantization_sweep() -> dict[str, str]:
+    """The sweep's table and plot, and the quantization report with its section."""
+    folder = f"{RESULTS}/quantization"
+    return {"table": f"{folder}/sweep.csv", "markdown": f"{folder}/report_with_sweep.md",
+            "plot": f"{folder}/sweep.png", "provenance": f"{folder}/sweep_provenance.json"}
+
+
 def report() -> dict[str, str]:
     folder = f"{RESULTS}/report"
     return {"scores": f"{folder}/scores.csv", "markdown": f"{folder}/report.md",

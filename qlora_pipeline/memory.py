@@ -167,8 +167,8 @@ class Estimate:
                 "parts_mb": {k: round(v / 2 ** 20, 1) for k, v in self.parts.items()}}
 
 
-def quantized_bytes(shapes: Shapes, compute_bytes: int) -> int:
-    return int(shapes.linear_params * NF4_BITS / 8) + shapes.other_params * compute_bytes
+def quantized_bytes(shapes: Shapes, compute_bytes: int, bits: float = NF4_BITS) -> int:
+    return int(shapes.linear_params * bits / 8) + shapes.other_params * compute_bytes
 
 
 def full_precision_bytes(shapes: Shapes, dtype_bytes: int) -> int:
@@ -199,16 +199,17 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
              fp_bytes: int, batch: int = 1, seq: int = 1, lora: dict | None = None,
              checkpointing: bool = False, efficient_attention: bool = False,
              training: bool = False, baseline: int = 0, shards: int = 1,
-             optimizer: str = "adamw_torch") -> Estimate:
+             optimizer: str = "adamw_torch", bits: float = NF4_BITS) -> Estimate:
     """The stage's peak. `weights`: "stored" (a checkpoint loaded as stored: a 4-bit one),
     "4bit" (quantized from a full-precision checkpoint: the 4-bit result plus the largest
     tensor in fp32), "full" (full precision in fp_bytes), "full+4bit" (both at once),
     "merge" (the merge on the CPU: two full-precision models and the 4-bit one, measured:
     they load one after the other and the allocator does not return each before the next).
     `shards`: FSDP over that many GPUs: weights and the adapter's state are split, and each GPU
-    holds one block's weights gathered whole while it computes."""
+    holds one block's weights gathered whole while it computes. `bits`: per quantized
+    weight, the method's formula (docs/quantization.md)."""
     parts = {"baseline": baseline}
-    q = quantized_bytes(shapes, compute_bytes)
+    q = quantized_bytes(shapes, compute_bytes, bits)
     parts["weights"] = {"stored": shapes.stored_bytes, "4bit": q + shapes.largest_tensor * 4,
                         "full": full_precision_bytes(shapes, fp_bytes),
                         "full+4bit": q + full_precision_bytes(shapes, fp_bytes),
@@ -288,7 +289,7 @@ def cpu_baseline() -> int:
 def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batch: int = 1,
                 seq: int = 1, lora: dict | None = None, training: bool = False,
                 checkpointing: bool = False, offload: bool = False, optimizer: str = "",
-                remedy: str = "") -> dict:
+                remedy: str = "", bits: float = NF4_BITS) -> dict:
     """The estimate of a stage that loads the checkpoint in `model_dir` on the job's device,
     with the job's dtypes (policy.py), checked (`check`). Returns what provenance records."""
     shapes = Shapes.from_checkpoint(model_dir)
@@ -301,7 +302,7 @@ def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batc
     result = estimate(stage, shapes, weights=weights, compute_bytes=compute,
                       fp_bytes=compute, batch=batch, seq=seq, lora=lora, training=training,
                       checkpointing=checkpointing, efficient_attention=policy.cuda,
-                      optimizer=optimizer or "adamw_torch",
+                      optimizer=optimizer or "adamw_torch", bits=bits,
                       baseline=0 if policy.cuda else cpu_baseline())
     fixes = remedy or "a GPU with more memory, or fewer tokens per batch"
     return check(result, policy.device, fixes, offload=offload and weights == "full")

@@ -6,7 +6,7 @@
 import os
 import re
 
-from qlora_pipeline import code_digest, combinations, layout, sweeps, warm_start
+from qlora_pipeline import code_digest, combinations, layout, quant_settings, sweeps, warm_start
 from qlora_pipeline.config import load_config, recovery_train
 from qlora_pipeline.errors import InputError
 
@@ -19,12 +19,14 @@ except InputError as err:
     raise WorkflowError(str(err)) from None
 RESULTS = layout.RESULTS
 COMBINATIONS = {c["name"]: c for c in config["combinations"]}
+QUANT_SWEEP = {quant_settings.label(p): p for p in config["quantization_sweep"]}
 
 
 wildcard_constraints:
     task="|".join(TASKS),
     variant=layout.VARIANT_PATTERN,
     point=sweeps.POINT,
+    qpoint="|".join(QUANT_SWEEP) or "(?!)",
 
 
 def code(rule):
@@ -259,9 +261,16 @@ def all_results():
     return list(dict.fromkeys([*eval_results(), *matrix]))
 
 
+def quantization_markdown():
+    """The quantization report the report includes: with the sweep's section when there is one."""
+    if QUANT_SWEEP:
+        return layout.quantization_sweep()["markdown"]
+    return layout.quantization_report()["markdown"]
+
+
 def all_outputs():
     return [
-        layout.quantization_report()["markdown"],
+        quantization_markdown(),
         *all_adapters(),
         *[layout.combination(name) for name in COMBINATIONS],
         *all_analyses(),

@@ -63,3 +63,49 @@ rule quantization_report:
         gpu=1,
     script:
         "../scripts/quantization_report.py"
+
+
+# Only with `quantization_sweep:` entries: each method measured (not trained), then the table.
+rule quantization_sweep_point:
+    input:
+        base=layout.BASE,
+        tokenized=[layout.tokenized(task) for task in TASKS],
+    output:
+        report=directory(layout.quantization_sweep_point("{qpoint}")),
+    params:
+        point=lambda wildcards: QUANT_SWEEP[wildcards.qpoint],
+        tasks=list(TASKS),
+        max_examples=config["quantization_report"]["max_examples"],
+        seed=config["seed"],
+        code=code("quantization_sweep_point"),
+    threads: MODEL_THREADS
+    log:
+        f"{RESULTS}/logs/quantization_sweep_point/{{qpoint}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quantization_sweep_point/{{qpoint}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=1,
+    script:
+        "../scripts/quantization_sweep_point.py"
+
+
+rule quantization_sweep:
+    input:
+        quantization_report=layout.quantization_report()["report"],
+        quantization_markdown=layout.quantization_report()["markdown"],
+        points=[layout.quantization_sweep_point(label) for label in QUANT_SWEEP],
+    output:
+        **layout.quantization_sweep(),
+    params:
+        code=code("quantization_sweep"),
+    threads: DATA_THREADS
+    log:
+        f"{RESULTS}/logs/quantization_sweep.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quantization_sweep.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/quantization_sweep.py"

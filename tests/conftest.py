@@ -50,7 +50,7 @@ def build_inputs(root: Path, model_dir: Path) -> tuple[Path, Path]:
 
     policy = job_policy()
     model.quantize(base=model_dir, quantized=root / "quantized", seed=0, policy=policy,
-                   quantization={"quant_type": "nf4", "double_quant": True,
+                   quantization={"method": "nf4", "double_quant": True,
                                  "compute_dtype": "auto", "skip_modules": ["lm_head"]})
     data.fetch_dataset(raw=root / "raw", format="chat", policy=policy,
                        dataset={"source": "builtin", "name": "arithmetic", "num_examples": 80,
@@ -89,7 +89,7 @@ def tiny_config(model_dir: Path, tasks=("arithmetic", "topic")) -> dict:
     return {
         "tasks": list(tasks),
         "base_model": {"source": "local", "path": str(model_dir)},
-        "quantization": {"quant_type": "nf4", "double_quant": True},
+        "quantization": {"method": "nf4", "double_quant": True},
         "quantization_report": {"max_examples": 8},
         "evaluation": {"limit": 8, "max_gen_tokens": 4},
         # Both tasks' adapters in one, scored on each beside the other task's (test_combine.py).

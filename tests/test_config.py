@@ -50,7 +50,7 @@ def task_error(root: Path, task: dict, name: str = "arithmetic") -> str:
 
 def test_defaults_are_filled(root):
     config, tasks = load(root)
-    assert config["quantization"] == {"quant_type": "nf4", "double_quant": True,
+    assert config["quantization"] == {"method": "nf4", "double_quant": True,
                                       "compute_dtype": "auto", "skip_modules": ["lm_head"],
                                       "quant_storage": "uint8"}
     assert config["defaults"]["tokenize"] == {"max_length": 256, "train_on_prompt": False,
@@ -67,8 +67,8 @@ def test_defaults_are_filled(root):
 
 
 def test_given_values_are_kept(root):
-    config, _ = load(root, quantization={"quant_type": "fp4", "double_quant": False}, seed=5)
-    assert config["quantization"]["quant_type"] == "fp4"
+    config, _ = load(root, quantization={"method": "fp4", "double_quant": False}, seed=5)
+    assert config["quantization"]["method"] == "fp4"
     assert config["quantization"]["double_quant"] is False
     assert config["quantization"]["skip_modules"] == ["lm_head"]  # the rest still defaulted
     assert config["seed"] == 5
@@ -217,8 +217,10 @@ def test_bad_value_from_task_overrides_names_the_override(root):
 @pytest.mark.parametrize("changes, key, found, expected", [
     ({"seed": "abc"}, "seed", '"abc"', "a value of type integer"),
     ({"base_model": {"source": "ftp"}}, "base_model.source", '"ftp"', "one of gguf, hub, local"),
-    ({"quantization": {"quant_type": "int8"}}, "quantization.quant_type", '"int8"',
-     "one of nf4, fp4"),
+    ({"quantization": {"method": "int4"}}, "quantization.method", '"int4"',
+     "one of nf4, fp4, int8, hqq"),
+    ({"quantization": {"method": "hqq", "bits": 5}}, "quantization.bits", "5",
+     "one of 1, 2, 3, 4, 8"),
     ({"defaults": {"tokenize": {"max_length": 4}}}, "defaults.tokenize.max_length", "4",
      "a number >= 8"),
     ({"tasks": []}, "tasks", "[]", "at least 1 item"),
@@ -232,7 +234,7 @@ def test_bad_config_value(root, changes, key, found, expected):
 
 @pytest.mark.parametrize("changes, key, unknown, suggestion", [
     ({"sed": 1}, "<top level>", "sed", "seed"),
-    ({"quantization": {"quant_typ": "nf4"}}, "quantization", "quant_typ", "quant_type"),
+    ({"quantization": {"methd": "nf4"}}, "quantization", "methd", "method"),
     ({"defaults": {"tokenize": {"max_len": 64}}}, "defaults.tokenize", "max_len", "max_length"),
 ])
 def test_misspelled_config_key(root, changes, key, unknown, suggestion):
@@ -288,3 +290,38 @@ def test_distributed_training_settings(root):
     config, _ = load(root, quantization={"quant_storage": "uint8"}, task_overrides={
         "arithmetic": {"train": {"distributed": {"strategy": "fsdp", "processes": 2}}}})
     assert config["quantization"]["quant_storage"] == "uint8"  # the user's choice stands
+
+
+# ---- quantization methods (qlora_pipeline/quant_settings.py) ---------------------------------
+
+def test_each_method_keeps_only_its_own_keys(root):
+    hqq, _ = load(root, quantization={"method": "hqq", "bits": 3})
+    assert hqq["quantization"] == {"method": "hqq", "bits": 3, "group_size": 64,
+                                   "compute_dtype": "auto", "skip_modules": ["lm_head"]}
+    int8, _ = load(root, quantization={"method": "int8"})
+    assert set(int8["quantization"]) == {"method", "compute_dtype", "skip_modules"}
+
+
+@pytest.mark.parametrize("quantization, key", [
+    ({"method": "nf4", "bits": 3}, "quantization.bits"),
+    ({"method": "hqq", "double_quant": False}, "quantization.double_quant"),
+    ({"method": "int8", "group_size": 32}, "quantization.group_size"),
+    ({"method": "hqq", "quant_storage": "compute"}, "quantization.quant_storage"),
+])
+def test_a_key_of_another_method_is_refused(root, quantization, key):
+    message = error_of(root, quantization=quantization)
+    assert f"config key '{key}': found it with method '{quantization['method']}'" in message
+
+
+def test_the_old_quant_type_key_names_its_replacement(root):
+    assert "renamed 'quantization.method'" in error_of(root, quantization={"quant_type": "nf4"})
+
+
+def test_sweep_points_are_settled_named_and_unique(root):
+    config, _ = load(root, quantization_sweep=[{"method": "hqq", "bits": 2},
+                                               {"method": "nf4", "double_quant": False}])
+    from qlora_pipeline.quant_settings import label
+    assert [label(p) for p in config["quantization_sweep"]] == ["hqq2-g64", "nf4-nodq"]
+    assert config["quantization_sweep"][0]["skip_modules"] == ["lm_head"]  # quantization's
+    message = error_of(root, quantization_sweep=[{"method": "int8"}, {"method": "int8"}])
+    assert "config key 'quantization_sweep[1]'" in message and "int8" in message

@@ -62,7 +62,7 @@ def test_tokenized_datasets(default_run):
 def test_quantization_report(default_run):
     report = json.loads((default_run / "quantization/report.json").read_text())
     summary = report["summary"]
-    assert summary["quant_type"] == "nf4" and summary["double_quant"] is True
+    assert summary["method"] == "nf4" and summary["double_quant"] is True
     assert summary["quantized_layers"] == 30 * 7  # q, k, v, o, gate, up, down per layer
     assert summary["bits_per_param_theoretical"] == pytest.approx(4.127, abs=1e-3)
     assert 4.127 <= summary["bits_per_param_measured"] <= 4.2, summary

@@ -15,7 +15,7 @@ from qlora_pipeline import config as cfgmod
 TASK = {"format": "chat",
         "dataset": {"source": "builtin", "name": "arithmetic", "num_examples": 40, "seed": 3},
         "train": {"max_steps": 4, "eval_steps": 2, "batch_size": 4}}
-QUANT = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
+QUANT = {"method": "nf4", "double_quant": True, "compute_dtype": "auto",
          "skip_modules": ["lm_head"]}
 
 

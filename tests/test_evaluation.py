@@ -274,7 +274,7 @@ def variant_paths(tmp_path_factory, tiny_model_dir, raw) -> dict:
     root = tmp_path_factory.mktemp("variants")
     quant, adapter, merged = root / "quantized", root / "adapter", root / "merged"
     stage("quantize")(base=tiny_model_dir, quantized=quant, seed=0,
-                      quantization={"quant_type": "nf4", "double_quant": True,
+                      quantization={"method": "nf4", "double_quant": True,
                                     "compute_dtype": "auto", "skip_modules": ["lm_head"]})
     model = get_peft_model(load_quantized(quant, job_policy()), LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))

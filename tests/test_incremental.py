@@ -107,7 +107,7 @@ def test_dataset_of_one_task(copy_run):
 
 def test_quantization_block(copy_run):
     workdir = copy_run()
-    edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(quant_type="fp4"))
+    edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(method="fp4"))
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
             "analyze_adapter", "compress_adapter", "combine_adapters", "evaluate",

@@ -22,7 +22,7 @@ from qlora_pipeline.models import quantization as quantize
 from qlora_pipeline.models.quantization_report import markdown as quantization_markdown
 
 HAS_AVX512_BF16 = "avx512_bf16" in machine.cpu_info()["numeric_flags"]
-QUANT_CFG = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
+QUANT_CFG = {"method": "nf4", "double_quant": True, "compute_dtype": "auto",
              "skip_modules": ["lm_head"]}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline.models import quantization as quantize
+from qlora_pipeline.models import quantization
+from qlora_pipeline.models.methods import bnb4 as quantize
 
 
 def _linear4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
@@ -23,7 +24,8 @@ def _linear4bit(weight: torch.Tensor, quant_type: str, double_quant: bool):
 
 @pytest.mark.parametrize("double_quant, theory", [(True, 4.127), (False, 4.5)])
 def test_theoretical_bits(double_quant, theory):
-    assert quantize.theoretical_bits(double_quant) == pytest.approx(theory, abs=1e-3)
+    bits = quantize.theoretical_bits({"double_quant": double_quant})
+    assert bits == pytest.approx(theory, abs=1e-3)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -39,7 +41,7 @@ def test_storage_bits_counts_every_constant(double_quant):
         expected = (n / 2 + 4 * blocks + 4 * 16) * 8 / n
     assert quantize.storage_bits(layer.weight) == pytest.approx(expected, rel=1e-6)
     assert quantize.storage_bits(layer.weight) == pytest.approx(
-        quantize.theoretical_bits(double_quant), abs=0.02)
+        quantize.theoretical_bits({"double_quant": double_quant}), abs=0.02)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -53,7 +55,7 @@ def test_dequantized_error_is_bounded(quant_type):
     restored = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     error = float((weight - restored).norm() / weight.norm())
     assert 0.03 < error < 0.15
-    row = quantize.layer_errors(torch.nn.ModuleDict({"proj": layer}), {"proj.weight": weight})[0]
+    row = quantization.layer_errors(torch.nn.ModuleDict({"proj": layer}), {"proj.weight": weight})[0]
     assert row["relative_error"] == pytest.approx(error, rel=1e-5)
     assert row["shape"] == [256, 512] and row["params"] == 256 * 512
 

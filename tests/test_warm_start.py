@@ -92,7 +92,7 @@ def test_a_stage_run_warm_writes_what_it_writes_cold(server, tmp_path, tiny_mode
                            dataset={**task["dataset"], "num_examples": 40, "seed": 1})
     stage("tokenize")(raw=tmp_path / "raw", base=tiny_model_dir, tokenized=tmp_path / "tokenized",
                       format=task["format"], tokenize=task["tokenize"])
-    quantization = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto",
+    quantization = {"method": "nf4", "double_quant": True, "compute_dtype": "auto",
                     "skip_modules": ["lm_head"]}
     train = {**task["train"], "max_steps": 3, "eval_steps": 3, "batch_size": 4}
     for mode in ("cold", "warm"):

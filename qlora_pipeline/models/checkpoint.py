@@ -1,6 +1,7 @@
 """A saved safetensors checkpoint (one file or indexed shards) read one tensor at a time, and
-the full-precision value of a stored 4-bit weight: what the streamed merge and the adapter
-analysis read a base through, so that memory never holds more than one layer of it.
+the full-precision value of a stored quantized weight (any method: methods/): what the
+streamed merge and the adapter analysis read a base through, so that memory never holds more
+than one layer of it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from ..errors import InputError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# The parts bitsandbytes saves beside a 4-bit weight `<name>.weight`.
-QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
-                  ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 
 class Checkpoint:
@@ -37,9 +35,13 @@ class Checkpoint:
                              f"checkpoint (save_pretrained with safe_serialization)")
 
     def ordered_keys(self) -> list[str]:
-        """Every key, shard after shard (the files are read in order)."""
+        """The model's keys, shard after shard (the files are read in order): a quantized
+        weight once, as `<layer>.weight`, whatever its method stores for it."""
+        from .methods import logical_keys
+
         order = {shard: i for i, shard in enumerate(dict.fromkeys(self.weight_map.values()))}
-        return sorted(self.weight_map, key=lambda key: order[self.weight_map[key]])
+        stored = sorted(self.weight_map, key=lambda key: order[self.weight_map[key]])
+        return logical_keys(stored, self.weight_map)
 
     def get(self, key: str) -> torch.Tensor:
         """One tensor, copied out of its file. A tensor from safe_open is a view of the mapped
@@ -50,26 +52,15 @@ class Checkpoint:
         with safe_open(self.dir / self.weight_map[key], "pt") as handle:
             return handle.get_tensor(key).clone()
 
-
     def weight(self, key: str) -> torch.Tensor:
-        """`key`'s full-precision value: dequantized if stored in 4 bits, else as stored."""
+        """`key`'s full-precision value: dequantized if stored quantized, else as stored."""
         value = dequantize(key, self.get, self.weight_map)
         return self.get(key) if value is None else value
 
 
-def is_quant_part(key: str) -> bool:
-    return key.endswith(QUANT_SUFFIXES)
-
-
 def dequantize(key: str, get, weight_map: dict) -> torch.Tensor | None:
-    """The full-precision value of a 4-bit weight `key` (bitsandbytes NF4/FP4), or None when it
-    is stored unquantized. The one place a quantization method's storage is read; another
-    method plugs in here."""
-    state_keys = [key + suffix for suffix in QUANT_SUFFIXES if key + suffix in weight_map]
-    if not state_keys:
-        return None
-    from bitsandbytes.functional import QuantState, dequantize_4bit
+    """The full-precision value of a quantized weight `key`, or None when it is stored
+    unquantized. Each method reads its own storage (methods/*.stored_weight)."""
+    from .methods import stored_weight
 
-    state = QuantState.from_dict({k[len(key) + 1:]: get(k) for k in state_keys},
-                                 device=torch.device("cpu"))
-    return dequantize_4bit(get(key), state)
+    return stored_weight(key, get, weight_map)

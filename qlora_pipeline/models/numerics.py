@@ -1,4 +1,5 @@
-"""One numerics path for every 4-bit layer, and a run-time check that it is the configured one.
+"""One numerics path for every 4-bit layer, and a run-time check that every quantized layer
+(any method: methods/) computes the configured math.
 
 bitsandbytes (0.50) has a second CPU path for `Linear4bit`: on a CPU with AVX512-BF16, the
 first forward in eval mode without grad repacks the weight in place for a fused kernel
@@ -12,6 +13,8 @@ the scores and the merge checks then describe the model that was trained, in the
 compute dtype. The cost is speed of 4-bit inference on such CPUs only. `check` proves the
 switch held: after an eval pass, each layer's output and input gradient must equal those of
 x @ deq(W)^T in the compute dtype. It raises rather than let a job produce a wrong result.
+The same check holds LLM.int8 and HQQ layers to their own math (methods/*.TOLERANCE):
+x @ deq(W)^T up to the method's rounding, with a gradient for the input.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Largest relative error ‖y − y_ref‖ / ‖y_ref‖ accepted for the same math in the same dtype
-# (only the summation order may differ). The packed bf16 kernel under a float32 compute dtype
-# is off by ~3e-3, so float32's bound catches it; its missing gradient fails at any dtype.
+# (only the summation order may differ): bitsandbytes' 4-bit and HQQ layers. The packed bf16
+# kernel under a float32 compute dtype is off by ~3e-3, so float32's bound catches it; its
+# missing gradient fails at any dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 PROBE_ROWS = 4
 # Largest gap between two losses computed by the same math summed in another order (float32:
@@ -45,7 +49,8 @@ def linear4bit_layers(model) -> list[tuple[str, object]]:
 
 
 def is_packed(module) -> bool:
-    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+    state = getattr(getattr(module, "weight", None), "quant_state", None)  # bnb 4-bit only
+    return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 def single_path(model):
@@ -60,16 +65,18 @@ def single_path(model):
 
 
 def check(model, compute_dtype: torch.dtype) -> dict:
-    """Each 4-bit layer against x @ deq(W)^T after an eval pass, forward and backward.
+    """Each quantized layer against x @ deq(W)^T after an eval pass, forward and backward.
 
     Returns the largest relative gaps (recorded in quantization.json); raises NumericsError
-    naming the layers whose gap exceeds TOLERANCE or whose input gets no gradient.
+    naming the layers whose gap exceeds the method's TOLERANCE or whose input gets no gradient.
     """
-    tolerance = TOLERANCE[compute_dtype]
+    from .methods import layers as quantized_layers, of_layer
+
+    layers = quantized_layers(model)
+    tolerance = max((of_layer(m).TOLERANCE[compute_dtype] for _, m in layers), default=0.0)
     worst = {"eval": 0.0, "train": 0.0, "input_grad": 0.0}
     bad = []
     generator = torch.Generator().manual_seed(0)
-    layers = linear4bit_layers(model)
     for name, module in layers:
         gaps = _probe(module, compute_dtype, generator)
         for kind, gap in gaps.items():
@@ -82,11 +89,11 @@ def check(model, compute_dtype: torch.dtype) -> dict:
               "tolerance": tolerance, "max_relative_gap": worst}
     if bad:
         raise NumericsError(
-            f"4-bit layers do not compute x @ deq(W)^T in {result['compute_dtype']} after an "
+            f"quantized layers do not compute x @ deq(W)^T in {result['compute_dtype']} after an "
             f"eval pass (tolerance {tolerance:g}; a gap of 1 is a missing gradient): "
             f"{len(bad)} of {result['layers_checked']}: {'; '.join(bad[:5])}"
             f"{' …' if len(bad) > 5 else ''}")
-    log.info("4-bit numerics check: %s", result)
+    log.info("quantized layers' numerics check: %s", result)
     return result
 
 
@@ -99,10 +106,10 @@ def _relative(a: torch.Tensor | None, ref: torch.Tensor) -> float:
 
 def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, float]:
     """Relative gaps of one layer: eval output, then train output and input gradient."""
-    import bitsandbytes.functional as F
+    from .methods import of_layer
 
-    device = module.weight.device
-    weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    weight = of_layer(module).dequantized(module).to(dtype)
+    device = weight.device
     bias = module.bias.to(dtype) if module.bias is not None else None
     x = torch.randn(PROBE_ROWS, module.in_features, generator=generator).to(device, dtype)
     upstream = torch.randn(PROBE_ROWS, module.out_features, generator=generator).to(device, dtype)

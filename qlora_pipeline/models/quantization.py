@@ -1,59 +1,40 @@
-"""Quantizing the base: bitsandbytes 4-bit (NF4/FP4, optional double quantization), saved as a
-checkpoint that later stages load without quantizing again, and measured. Every loader of a
-model (quantized or full precision) is here, so that "full precision" means one thing."""
+"""Quantizing the base by the configured method (methods/: bitsandbytes NF4/FP4 and LLM.int8,
+HQQ 1-8 bits), saved as a checkpoint that later stages load without quantizing again, and
+measured. Every loader of a model (quantized or full precision) is here, so that "full
+precision" means one thing."""
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..policy import Policy, torch_dtype
-from . import numerics
+from ..policy import Policy
+from . import methods, numerics
 
 log = logging.getLogger(__name__)
-BLOCKSIZE = 64  # transformers' 4-bit blocksize (not configurable there)
-BITS = 4  # NF4 and FP4 alike: one 4-bit code per weight
-
-
-def bnb_config(cfg: dict, policy: Policy):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg["quant_type"],
-        bnb_4bit_use_double_quant=cfg["double_quant"],
-        bnb_4bit_compute_dtype=policy.compute_dtype(cfg["compute_dtype"]),
-        llm_int8_skip_modules=cfg["skip_modules"] or None,
-        bnb_4bit_quant_storage=storage_dtype(cfg, policy),
-    )
-
-
-def storage_dtype(cfg: dict, policy: Policy) -> torch.dtype:
-    """uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')."""
-    storage = cfg.get("quant_storage", "uint8")
-    return torch.uint8 if storage == "uint8" else policy.compute_dtype(cfg["compute_dtype"])
 
 
 def quantize(base_dir: str | Path, cfg: dict, policy: Policy):
-    """The base quantized in memory, on the single numerics path (numerics.py); the caller
-    runs and records numerics.check."""
-    from transformers import AutoModelForCausalLM
+    """The base quantized in memory by the configured method (methods/); the caller runs and
+    records numerics.check."""
+    log.info("quantizing %s: %s", base_dir, methods.of(cfg["method"]).describe(cfg))
+    return methods.of(cfg["method"]).quantize(base_dir, cfg, policy)
 
-    log.info("quantizing %s: %s, double quant %s", base_dir, cfg["quant_type"], cfg["double_quant"])
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=bnb_config(cfg, policy), device_map=policy.device,
-        dtype="auto" if policy.cuda else torch.float32,
-    )
-    return numerics.single_path(model)
+
+def method_of(model):
+    """The methods/ module of a quantized model (of its first quantized layer)."""
+    found = methods.layers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no quantized linear layer")
+    return methods.of_layer(found[0][1])
 
 
 def save(model, base_dir: Path, out_dir: Path) -> None:
     """The quantized checkpoint with the base's tokenizer files beside it."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    method_of(model).save(model, out_dir)
     for path in Path(base_dir).iterdir():
         if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy2(path, out_dir / path.name)
@@ -70,19 +51,33 @@ def state_dict(model_dir: Path) -> dict:
 
 
 def saved_compute_dtype(model) -> torch.dtype:
-    """The compute dtype a saved 4-bit checkpoint was quantized for."""
-    value = model.config.quantization_config.bnb_4bit_compute_dtype
-    return torch_dtype(value) if isinstance(value, str) else value
+    """The compute dtype a loaded quantized model computes its quantized layers in."""
+    return method_of(model).compute_dtype(model)
 
 
 def load_quantized(path: str | Path, policy: Policy):
-    """The saved 4-bit checkpoint, loaded as is (its config carries the quantization), on the
+    """The saved quantized checkpoint, loaded as is (its config.json names the method), on the
     single numerics path and checked: every job that loads it computes the configured math."""
-    from transformers import AutoModelForCausalLM
-
-    model = numerics.single_path(AutoModelForCausalLM.from_pretrained(path,
-                                                                      device_map=policy.device))
+    model = methods.of_checkpoint(path).load(path, policy)
     numerics.check(model, saved_compute_dtype(model))
+    return model
+
+
+def dequantized(model):
+    """The model with each quantized layer replaced by an nn.Linear of deq(Q(W)) in the compute
+    dtype: the weights a QLoRA adapter was trained against, as a plain model."""
+    if getattr(model, "hf_quantizer", None) is not None:  # bitsandbytes: transformers' own
+        return model.dequantize()
+    dtype = saved_compute_dtype(model)
+    for name, module in methods.layers(model):
+        weight = methods.of_layer(module).dequantized(module).to(dtype)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
+                                 device=weight.device, dtype=dtype)
+        linear.weight.data = weight
+        if module.bias is not None:
+            linear.bias.data = module.bias.data.to(dtype)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
     return model
 
 
@@ -100,69 +95,77 @@ def load_full_precision(path: str | Path, policy: Policy, offload: bool = False)
                                                 **placement)
 
 
-def theoretical_bits(double_quant: bool) -> float:
-    """BITS per weight plus the block constants: one fp32 absmax per 64 weights, or with
-    double quantization one 8-bit absmax per 64 and one fp32 per 256 of those."""
-    if double_quant:
-        return BITS + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * 256)
-    return BITS + 32 / BLOCKSIZE
-
-
-def _nbytes(tensor) -> int:
-    return tensor.numel() * tensor.element_size() if tensor is not None else 0
-
-
-def storage_bits(weight) -> float:
-    """Bits per parameter actually stored for one 4-bit weight, every constant counted."""
-    state = weight.quant_state
-    total = _nbytes(weight.data) + _nbytes(state.absmax) + _nbytes(state.code)
-    if state.nested:
-        total += _nbytes(state.state2.absmax) + _nbytes(state.state2.code)
-        total += _nbytes(state.offset) if torch.is_tensor(state.offset) else 4
-    return 8 * total / math.prod(state.shape)
-
-
-def layer_errors(model4, base_state) -> list[dict]:
-    """Per quantized layer: shape, stored bits/param and ‖W − deq(Q(W))‖ / ‖W‖. `base_state`:
-    the full-precision tensors by name, anything with .get(name): a dict, or a
-    checkpoint.Checkpoint that reads one tensor at a time (memory holds one layer)."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as F
-
+def layer_errors(model, base_state) -> list[dict]:
+    """Per quantized layer: shape, stored bits/param, the method's formula and
+    ‖W − deq(Q(W))‖ / ‖W‖. `base_state`: the full-precision tensors by name, anything with
+    .get(name): a dict, or a checkpoint.Checkpoint that reads one tensor at a time (memory
+    holds one layer)."""
     rows = []
-    for name, module in model4.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        weight = module.weight
+    for name, module in methods.layers(model):
+        method = methods.of_layer(module)
         original = base_state.get(f"{name}.weight").float()
-        restored = F.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+        restored = method.dequantized(module).float().cpu()
         rows.append({
             "layer": name,
             "shape": list(original.shape),
             "params": original.numel(),
-            "bits_per_param": round(storage_bits(weight), 4),
+            "bits_per_param": round(8 * method.stored_bytes(module) / method.params(module), 4),
             "relative_error": float((original - restored).norm() / original.norm()),
         })
     return rows
 
 
-def summarize(rows: list[dict], cfg: dict, compute_dtype: torch.dtype, checkpoint_dir: Path,
-              base_dir: Path) -> dict:
+def theoretical_bits(cfg: dict, rows: list[dict], compute_dtype: torch.dtype) -> float:
+    """The method's formula (docs/quantization.md), averaged over the layers by parameters."""
+    method = methods.of(cfg["method"])
+    params = sum(r["params"] for r in rows)
+    return sum(method.theoretical_bits(cfg, in_features=r["shape"][1], meta_dtype=compute_dtype)
+               * r["params"] for r in rows) / max(params, 1)
+
+
+def nominal_bits(cfg: dict) -> float:
+    """Bits per quantized weight by the method's formula, for memory estimates (fp32 scales)."""
+    return methods.of(cfg["method"]).theoretical_bits(cfg)
+
+
+def stored_bits(quantized_dir) -> float:
+    """Bits per quantized weight the quantize stage measured (its quantization.json)."""
+    import json
+
+    path = Path(quantized_dir) / "quantization.json"
+    return json.loads(path.read_text(encoding="utf-8"))["summary"]["bits_per_param_measured"]
+
+
+def model_bytes(model) -> int:
+    """What the quantized model holds: each quantized layer's stored bytes, every other
+    parameter and buffer once (a tied head is the embedding)."""
+    quantized = methods.layers(model)
+    inside = {id(t) for _, m in quantized for t in [*m.parameters(), *m.buffers()]}
+    others = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside}
+    return sum(methods.of_layer(m).stored_bytes(m) for _, m in quantized) + \
+        sum(t.numel() * t.element_size() for t in others.values())
+
+
+def checkpoint_bytes(model_dir) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+
+
+def summarize(rows: list[dict], cfg: dict, compute_dtype: torch.dtype, quantized_bytes: int,
+              full_precision_bytes: int) -> dict:
     params = sum(r["params"] for r in rows)
     errors = [r["relative_error"] for r in rows]
-    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
     return {
-        "quant_type": cfg["quant_type"],
-        "double_quant": cfg["double_quant"],
-        "bits": BITS,
+        "method": cfg["method"],
+        "scheme": methods.of(cfg["method"]).describe(cfg),
+        **{k: cfg[k] for k in ("double_quant", "bits", "group_size") if k in cfg},
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "quantized_layers": len(rows),
         "quantized_params": params,
         "bits_per_param_measured": round(sum(r["bits_per_param"] * r["params"] for r in rows)
                                          / max(params, 1), 4),
-        "bits_per_param_theoretical": round(theoretical_bits(cfg["double_quant"]), 4),
-        "size_bytes_full_precision": size(base_dir),
-        "size_bytes_quantized": size(checkpoint_dir),
+        "bits_per_param_theoretical": round(theoretical_bits(cfg, rows, compute_dtype), 4),
+        "size_bytes_full_precision": full_precision_bytes,
+        "size_bytes_quantized": quantized_bytes,
         "relative_error_mean": float(sum(errors) / max(len(errors), 1)),
         "relative_error_max": float(max(errors, default=0.0)),
     }

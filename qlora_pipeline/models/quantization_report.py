@@ -44,14 +44,24 @@ def _numerics_row(check: dict | None) -> list[str]:
             f"(tolerance {check['tolerance']:g}, {check['compute_dtype']}) |"]
 
 
+THEORY = {
+    "nf4": "4 bits per weight plus one fp32 absmax per 64 weights (4.5 bits); double "
+           "quantization stores that absmax in 8 bits with one fp32 per 256 blocks (≈4.127 bits)",
+    "int8": "8 bits per weight plus one fp32 scale per output row of n_in weights (8 + 32/n_in)",
+    "hqq": "the bits packed as hqq packs them (3 bits: ten to an int32, 3.2) plus a scale and a "
+           "zero per group in the compute dtype (+ 2·32/group_size in float32, 2·16/group_size "
+           "in bf16)",
+}
+THEORY["fp4"] = THEORY["nf4"]
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
-    scheme = s["quant_type"].upper()
+    scheme = s["scheme"]
     lines = [
         "# Quantization report",
         "",
-        f"Scheme: **{s['quant_type'].upper()}**, double quantization "
-        f"**{'on' if s['double_quant'] else 'off'}**, compute dtype {s['compute_dtype']}.",
+        f"Scheme: **{scheme}**, compute dtype {s['compute_dtype']}.",
         "",
         "| measure | value |",
         "|---|---|",
@@ -64,15 +74,14 @@ def markdown(report: dict) -> str:
         f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f} |",
         *_numerics_row(report.get("numerics_check")),
         "",
-        f"Theory: {scheme} stores {s['bits']} bits per weight plus one fp32 absmax per 64 weights "
-        f"({s['bits'] + 0.5:g} bits); double quantization stores that absmax in 8 bits with one "
-        f"fp32 per 256 blocks (≈{s['bits'] + 0.127:.3f} bits). Layers kept in full precision (embeddings, norms, the output head) "
-        "are not counted above but are in the size on disk.",
+        f"Theory (docs/quantization.md): {THEORY[s['method']]}. Layers kept in full precision "
+        "(embeddings, norms, the output head) are not counted above but are in the size on "
+        "disk.",
         "",
     ]
     if "perplexity" in report:
         lines += ["## Validation perplexity (answer tokens)", "",
-                  f"| task | full precision | {scheme} | change |", "|---|---|---|---|"]
+                  f"| task | full precision | {s['method']} | change |", "|---|---|---|---|"]
         for task, r in report["perplexity"].items():
             fp, q = r["full_precision"]["perplexity"], r["quantized"]["perplexity"]
             lines.append(f"| {task} | {fp:.3f} | {q:.3f} | {100 * (q / fp - 1):+.1f}% |")

@@ -63,3 +63,22 @@ def report(*, results: list, adapters: list, analyses: list, compressions: list,
                                   combinations_md)
         out["markdown"].write_text(text, encoding="utf-8")
     log.info("\n%s", text)
+
+
+def quantization_sweep(*, quantization_report, quantization_markdown, points: list, table,
+                       markdown, plot, provenance, policy: Policy) -> None:
+    """sweep.csv, sweep.png and the quantization report with the sweep's section (what the
+    report includes when there is a sweep)."""
+    from ..evaluation import quantization_sweep as qsweep
+
+    inputs = {"quantization_report": quantization_report,
+              **{f"point{i}": p for i, p in enumerate(points)}}
+    outputs = {"table": table, "markdown": markdown, "plot": plot, "provenance": provenance}
+    with stage_outputs("quantization_sweep", outputs, config={}, inputs=inputs,
+                       policy=policy) as out:
+        frame = qsweep.table(quantization_report, points)
+        frame.to_csv(out["table"], index=False)
+        qsweep.plot(frame, out["plot"])
+        out["markdown"].write_text(
+            qsweep.markdown(frame, Path(quantization_markdown).read_text(encoding="utf-8")),
+            encoding="utf-8")

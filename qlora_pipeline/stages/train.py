@@ -44,6 +44,7 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    from ..models.quantization import stored_bits
     from ..training import merging
     from ..training.lora import check_adapter
 
@@ -57,7 +58,7 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
         # checked against load one after the other; the allocator keeps each one's memory.
         memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",
                            seq=max(map(len, prompts), default=1), offload=True,
-                           remedy="a GPU with more memory")
+                           remedy="a GPU with more memory", bits=stored_bits(quantized))
         trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
         chosen = merging.resolve_base(merge["base"], recovered)
         others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []

@@ -72,7 +72,7 @@ def read_against(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, Update], 
     an adapter of weights the base does not store is refused."""
     updates = read_adapter(adapter_dir)
     checkpoint = Checkpoint(base_dir)
-    missing = sorted(set(updates) - set(checkpoint.weight_map))
+    missing = sorted(set(updates) - set(checkpoint.ordered_keys()))
     if missing:
         raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store "
                          f"(another model, or a tied or renamed weight?); expected weights "

@@ -14,9 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def _is_linear(module) -> bool:
-    import bitsandbytes as bnb
+    from ..models.methods import layers_types
 
-    return isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit))
+    return isinstance(module, (torch.nn.Linear, *layers_types()))
 
 
 def linear_names(model) -> list[str]:
@@ -215,6 +215,9 @@ def inject(model, cfg: dict, gradient_checkpointing: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     check(model, cfg)
+    if cfg["target_modules"] == "all-linear" and getattr(model, "hqq_quantized", False):
+        # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
+        cfg = {**cfg, "target_modules": linear_names(model)}
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(model, peft_config(cfg))
     keep_adapters_fp32(model)

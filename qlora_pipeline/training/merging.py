@@ -28,12 +28,12 @@ def resolve_base(setting: str, recovered: bool) -> str:
 
 
 def load_base(kind: str, base_dir, quant_dir, policy):
-    from ..models.quantization import load_full_precision, load_quantized
+    from ..models.quantization import dequantized, load_full_precision, load_quantized
 
     if kind == "full":
         return load_full_precision(base_dir, policy, offload=True)
     # deq(Q(W)) for every quantized layer, in the compute dtype; the rest as stored.
-    return load_quantized(quant_dir, policy).dequantize()
+    return dequantized(load_quantized(quant_dir, policy))
 
 
 def with_adapter(model, adapter_dir):

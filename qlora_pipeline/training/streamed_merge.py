@@ -3,7 +3,7 @@
 PEFT's `merge_and_unload` needs the whole base in memory, and with a 4-bit base the whole
 dequantized model: more RAM than training needed, which is how large merges run out of memory.
 Here the base's safetensors shards are read one tensor at a time, each adapted weight is
-dequantized (if 4-bit) and merged with its adapter exactly as PEFT's merge computes it, and the
+dequantized (if quantized) and merged with its adapter exactly as PEFT's merge computes it, and the
 result is written in output shards of at most `max_shard_bytes`. Peak memory is about one output
 shard plus the adapter, whatever the model's size. Hand-written because neither PEFT nor transformers streams a merge (Axolotl's merge
 streams the same way); tests/test_merge.py checks it against PEFT's merge tensor by tensor.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import INDEX, SINGLE, dequantize, is_quant_part
+from ..models.checkpoint import INDEX, SINGLE, dequantize
 from .adapter_file import read_against
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
     out_dir.mkdir(parents=True, exist_ok=True)
     writer, merged, dequantized = ShardWriter(out_dir, max_shard_bytes), 0, 0
     for key in checkpoint.ordered_keys():
-        if is_quant_part(key):
-            continue
         tensor = dequantize(key, checkpoint.get, checkpoint.weight_map)
         dequantized += tensor is not None
         tensor = checkpoint.get(key) if tensor is None else tensor

@@ -1,0 +1,84 @@
+"""Quantization methods, one module each (bnb4: bitsandbytes NF4/FP4; bnb8: LLM.int8; hqq: HQQ
+1-8 bits), behind one interface, so that quantizing, saving, loading, dequantizing, counting
+stored bits and checking the math are the same calls whatever the method:
+
+    quantize(base_dir, cfg, policy) -> model     the base quantized in memory
+    save(model, out_dir)                         its checkpoint (config.json names the method)
+    load(path, policy) -> model                  that checkpoint, loaded as stored
+    LAYER                                        the class of its quantized linear layers
+    dequantized(module) -> Tensor                deq(Q(W)) of one such layer
+    stored_bytes(module) -> int                  what one layer stores, every constant counted
+    theoretical_bits(cfg, in_features) -> float  the documented formula (docs/quantization.md)
+    stored_weight(key, get, weight_map)          deq(Q(W)) read from a checkpoint's tensors
+    TOLERANCE                                    numerics.check's bound for the layer's math
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import bnb4, bnb8, hqq
+
+MODULES = {"nf4": bnb4, "fp4": bnb4, "int8": bnb8, "hqq": hqq}
+ALL = (bnb4, bnb8, hqq)
+
+
+def of(method: str):
+    return MODULES[method]
+
+
+def of_checkpoint(path) -> object:
+    """The method a saved quantized checkpoint was written by (its config.json)."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    for module in ALL:
+        if module.wrote(config.get("quantization_config") or {}):
+            return module
+    raise ValueError(f"{path}/config.json: no quantization_config of a known method "
+                     f"(bitsandbytes 4-bit or 8-bit, hqq); expected a quantize stage's output")
+
+
+def layers_types() -> tuple[type, ...]:
+    """The classes of quantized linear layers, every method's."""
+    return tuple(m.layer_class() for m in ALL if m.available())
+
+
+def layers(model) -> list[tuple[str, object]]:
+    """(name, module) of every quantized linear layer, whatever its method."""
+    kinds = layers_types()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def of_layer(module):
+    return next(m for m in ALL if m.available() and isinstance(module, m.layer_class()))
+
+
+def stored_weight(key: str, get, weight_map: dict):
+    """deq(Q(W)) of `key` (`<layer>.weight`) from a checkpoint's tensors, or None when the
+    checkpoint stores it unquantized."""
+    for module in ALL:
+        value = module.stored_weight(key, get, weight_map)
+        if value is not None:
+            return value
+    return None
+
+
+def is_stored_part(key: str, weight_map: dict) -> bool:
+    """A tensor a method stores beside (or instead of) a layer's weight: not a model key."""
+    return any(m.is_stored_part(key, weight_map) for m in ALL)
+
+
+def logical_keys(keys: list[str], weight_map: dict) -> list[str]:
+    """The model's own keys in a quantized checkpoint, in order: each method's stored parts
+    replaced by the `<layer>.weight` they encode."""
+    out = []
+    for key in keys:
+        for module in ALL:
+            renamed = module.weight_key(key)
+            if renamed:
+                out.append(renamed)
+                break
+        else:
+            if not is_stored_part(key, weight_map):
+                out.append(key)
+    return out

@@ -1,0 +1,138 @@
+"""bitsandbytes 4-bit (NF4 or FP4, optional double quantization), through transformers.
+
+Stored per weight: one 4-bit code, and per block of 64 one fp32 absmax, or with double
+quantization one 8-bit absmax per 64 and one fp32 scale (and offset) per 256 blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...policy import Policy, torch_dtype
+from .. import numerics
+from .common import from_pretrained_quantized, nbytes
+
+BLOCKSIZE = 64  # transformers' 4-bit blocksize (not configurable there)
+BITS = 4
+# The parts bitsandbytes saves beside a 4-bit weight `<name>.weight`.
+SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+            ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+TOLERANCE = numerics.TOLERANCE  # x @ deq(W)^T, summed in another order
+
+
+def available() -> bool:
+    return True
+
+
+def layer_class():
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit
+
+
+def wrote(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == "bitsandbytes" and \
+        bool(quantization_config.get("load_in_4bit"))
+
+
+def storage_dtype(cfg: dict, policy: Policy) -> torch.dtype:
+    """uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')."""
+    storage = cfg.get("quant_storage", "uint8")
+    return torch.uint8 if storage == "uint8" else policy.compute_dtype(cfg["compute_dtype"])
+
+
+def hf_config(cfg: dict, policy: Policy):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg["method"],
+        bnb_4bit_use_double_quant=cfg["double_quant"],
+        bnb_4bit_compute_dtype=policy.compute_dtype(cfg["compute_dtype"]),
+        llm_int8_skip_modules=cfg["skip_modules"] or None,
+        bnb_4bit_quant_storage=storage_dtype(cfg, policy),
+    )
+
+
+def quantize(base_dir, cfg: dict, policy: Policy):
+    """On the single numerics path (numerics.single_path); the caller runs numerics.check."""
+    return numerics.single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy),
+                                                          policy))
+
+
+def save(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(path, policy: Policy):
+    from transformers import AutoModelForCausalLM
+
+    return numerics.single_path(AutoModelForCausalLM.from_pretrained(path,
+                                                                     device_map=policy.device))
+
+
+def compute_dtype(model) -> torch.dtype:
+    value = model.config.quantization_config.bnb_4bit_compute_dtype
+    return torch_dtype(value) if isinstance(value, str) else value
+
+
+def dequantized(module) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def stored_bytes(module) -> int:
+    return weight_bytes(module.weight)
+
+
+def weight_bytes(weight) -> int:
+    """A 4-bit weight (Params4bit) with every constant of its quantization state."""
+    state = weight.quant_state
+    total = nbytes(weight.data) + nbytes(state.absmax) + nbytes(state.code)
+    if state.nested:
+        total += nbytes(state.state2.absmax) + nbytes(state.state2.code)
+        total += nbytes(state.offset) if torch.is_tensor(state.offset) else 4
+    return total
+
+
+def storage_bits(weight) -> float:
+    """Bits per parameter stored for one 4-bit weight, every constant counted."""
+    return 8 * weight_bytes(weight) / math.prod(weight.quant_state.shape)
+
+
+def params(module) -> int:
+    return math.prod(module.weight.quant_state.shape)
+
+
+def theoretical_bits(cfg: dict, in_features: int | None = None,
+                     meta_dtype: torch.dtype = torch.float32) -> float:
+    """4 + 32/64 = 4.5; with double quantization 4 + 8/64 + 32/(64·256) ≈ 4.127."""
+    if cfg["double_quant"]:
+        return BITS + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * 256)
+    return BITS + 32 / BLOCKSIZE
+
+
+def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
+    state_keys = [key + suffix for suffix in SUFFIXES if key + suffix in weight_map]
+    if not state_keys:
+        return None
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    state = QuantState.from_dict({k[len(key) + 1:]: get(k) for k in state_keys},
+                                 device=torch.device("cpu"))
+    return dequantize_4bit(get(key), state)
+
+
+def is_stored_part(key: str, weight_map: dict) -> bool:
+    return key.endswith(SUFFIXES)
+
+
+def weight_key(key: str) -> str | None:
+    return None  # the 4-bit weight keeps its model key
+
+
+def describe(cfg: dict) -> str:
+    return f"{cfg['method'].upper()}{' + double quantization' if cfg['double_quant'] else ''}"

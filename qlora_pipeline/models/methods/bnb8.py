@@ -1,0 +1,106 @@
+"""bitsandbytes 8-bit (LLM.int8, Dettmers et al. 2022), through transformers.
+
+Stored per weight: one int8 code, and per output row one fp32 absmax (`SCB`): 8 + 32/n_in
+bits. The matmul quantizes each input row to int8 as well and keeps input columns with
+outliers (|x| > threshold 6) in 16 bits, so a layer computes x @ deq(W)^T only up to that
+rounding: TOLERANCE is looser than 4-bit's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...policy import Policy
+from .common import from_pretrained_quantized, nbytes
+
+BITS = 8
+SUFFIXES = (".SCB", ".weight_format")
+# Measured on random inputs: relative gap 3e-3 to 5e-3 (int8 rounding of the input rows);
+# a missing gradient or wrong weights read 1e-1 or more.
+TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 3e-2, torch.float16: 2e-2}
+
+
+def available() -> bool:
+    return True
+
+
+def layer_class():
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear8bitLt
+
+
+def wrote(quantization_config: dict) -> bool:
+    return quantization_config.get("quant_method") == "bitsandbytes" and \
+        bool(quantization_config.get("load_in_8bit"))
+
+
+def hf_config(cfg: dict):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None)
+
+
+def quantize(base_dir, cfg: dict, policy: Policy):
+    return from_pretrained_quantized(base_dir, hf_config(cfg), policy)
+
+
+def save(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(path, policy: Policy):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, device_map=policy.device)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype of the layers' inputs and outputs: the model's (the int8 matmul is internal)."""
+    return model.dtype
+
+
+def _scales(module) -> torch.Tensor:
+    """The row scales: on the weight until the first forward moves them to the layer's state."""
+    return module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+
+
+def dequantized(module) -> torch.Tensor:
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    return int8_vectorwise_dequant(module.weight.data, _scales(module))
+
+
+def stored_bytes(module) -> int:
+    return nbytes(module.weight.data) + nbytes(_scales(module)) + 1  # + weight_format byte
+
+
+def params(module) -> int:
+    return math.prod(module.weight.shape)
+
+
+def theoretical_bits(cfg: dict, in_features: int | None = None,
+                     meta_dtype: torch.dtype = torch.float32) -> float:
+    """8 + 32/n_in: an fp32 scale per output row of n_in weights."""
+    return BITS + (32 / in_features if in_features else 0.0)
+
+
+def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
+    scb = key.removesuffix(".weight") + ".SCB"
+    if not key.endswith(".weight") or scb not in weight_map:
+        return None
+    return get(key).float() * (get(scb).float()[:, None] / 127)
+
+
+def is_stored_part(key: str, weight_map: dict) -> bool:
+    return key.endswith(SUFFIXES)
+
+
+def weight_key(key: str) -> str | None:
+    return None
+
+
+def describe(cfg: dict) -> str:
+    return "LLM.int8 (bitsandbytes 8-bit)"
