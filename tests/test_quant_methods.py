@@ -77,7 +77,7 @@ def test_lora_gradient_equals_the_dequantized_models(base, name):
     from qlora_pipeline.training import lora
 
     cfg = {**task_blocks()["lora"], "dropout": 0.0, "target_modules": "all-linear"}
-    grads = {}
+    grads, totals = {}, {}
     for kind in ("quantized", "dequantized"):
         model = quant.load_quantized(quantized_dir(base, base.parent, name), job_policy())
         if kind == "dequantized":
@@ -92,6 +92,8 @@ def test_lora_gradient_equals_the_dequantized_models(base, name):
         model.train()
         model(input_ids=IDS, labels=IDS).loss.backward()
         grads[kind] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        totals[kind] = lora.trainable_summary(model)["total_params"]
+    assert totals["quantized"] == totals["dequantized"]  # packed codes count as their weights
     assert grads["quantized"].keys() == grads["dequantized"].keys()
     tolerance = 5e-2 if name == "int8" else 1e-4
     for n, g in grads["quantized"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -232,8 +233,16 @@ def keep_adapters_fp32(model) -> None:
 
 
 def trainable_summary(model) -> dict:
+    from ..models.methods import layers
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_stored_numel(p) for p in model.parameters())
+    # HQQ's packed codes (W_q) are a parameter of another size, and its bias a plain tensor:
+    # count the weight they encode, and the bias.
+    hqq = [m for _, m in layers(model) if hasattr(m, "W_q")]
+    packed = {id(m.W_q): math.prod(m.meta["shape"]) for m in hqq}
+    total = sum(packed.get(id(p)) or _stored_numel(p) for p in model.parameters()) + \
+        sum(m.bias.numel() for m in hqq if m.bias is not None
+            and not isinstance(m.bias, torch.nn.Parameter))
     return {"trainable_params": trainable, "total_params": total,
             "trainable_pct": round(100 * trainable / total, 4)}
 

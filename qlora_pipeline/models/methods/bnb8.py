@@ -17,8 +17,9 @@ from .common import from_pretrained_quantized, nbytes
 
 BITS = 8
 SUFFIXES = (".SCB", ".weight_format")
-# Measured on random inputs: relative gap 3e-3 to 5e-3 (int8 rounding of the input rows);
-# a missing gradient or wrong weights read 1e-1 or more.
+# Measured on random inputs (numerics.check): relative gap up to 9e-3 in eval mode on
+# SmolLM2-135M's layers (int8 rounding of the input rows), 1e-7 in train mode; a missing
+# gradient reads 1, wrong weights 1e-1 or more.
 TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 3e-2, torch.float16: 2e-2}
 
 
