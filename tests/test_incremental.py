@@ -118,6 +118,25 @@ def test_quantization_block(copy_run):
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
 
 
+def test_quantization_sweep_entry_runs_only_its_measure_and_the_tables(copy_run):
+    """A method added to quantization_sweep: its job, the sweep table and the report; no
+    training, no scoring, no requantizing (sweep points are measured, not trained)."""
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml",
+         lambda c: c.update(quantization_sweep=[{"method": "hqq", "bits": 3}]))
+    assert rules(planned(workdir)) == {"quantization_sweep_point", "quantization_sweep",
+                                       "report"}
+
+
+def test_a_key_of_another_method_reruns_nothing_it_is_refused(copy_run):
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(group_size=32))
+    out = snakemake(workdir, "-n", check=False)
+    assert out.returncode != 0
+    assert "config key 'quantization.group_size': found it with method 'nf4'" in \
+        out.stdout + out.stderr
+
+
 def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     import shutil
 
