@@ -311,7 +311,7 @@ def test_the_tiny_run_combines_scores_and_reports_both_tasks(tiny_run):
     for task, rows in matrix.groupby("task"):
         by = rows.set_index("adapter")
         assert by.loc[task, "kind"] == "own" and by.loc["both", "kind"] == "combined"
-        base, own, both = (by.loc[a, "score"] for a in ("4-bit base", task, "both"))
+        base, own, both = (by.loc[a, "score"] for a in ("quantized base", task, "both"))
         assert by.loc["both", "gain"] == pytest.approx(both - base)
         if own > base:
             assert by.loc["both", "retention"] == pytest.approx((both - base) / (own - base))
@@ -319,7 +319,7 @@ def test_the_tiny_run_combines_scores_and_reports_both_tasks(tiny_run):
             assert pd.isna(by.loc["both", "retention"])
     report = (results / "report/report.md").read_text()
     section = report.split("## Combinations\n", 1)[1].split("\n## ", 1)[0]
-    assert "| task | metric | 4-bit base | arithmetic | topic | both |" in section
+    assert "| task | metric | quantized base | arithmetic | topic | both |" in section
     assert "### Best method per set of tasks" in section and "arithmetic & topic" in section
     assert (results / "report/overlap.png").stat().st_size > 0
 

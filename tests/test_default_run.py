@@ -197,7 +197,7 @@ def test_the_two_tasks_combined(default_run):
     info = json.loads((default_run / f"adapters/combined/{name}/combination.json").read_text())
     assert info["method"] == "cat" and info["relative_error"]["max"] < 1e-4
     matrix = pd.read_csv(default_run / "report/combinations.csv")
-    assert set(matrix.adapter) == {"4-bit base", *TASKS, name}
+    assert set(matrix.adapter) == {"quantized base", *TASKS, name}
     combined = matrix[matrix.adapter == name]
     assert set(combined.task) == set(TASKS) and (combined.gain >= 0.15).all(), combined
     assert "## Combinations" in (default_run / "report/report.md").read_text()

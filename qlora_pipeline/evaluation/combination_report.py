@@ -1,5 +1,5 @@
-"""The report's combination section: every task of a combination scored with the 4-bit base,
-every such task's adapter and every combination of it (combinations.csv), the retention of
+"""The report's combination section: every task of a combination scored with the quantized
+base, every such task's adapter and every combination of it (combinations.csv), the retention of
 each combination, the best method per set of tasks, and the tasks' subspace overlaps
 (overlap.png). Paths come from rules/common.smk's combination_table."""
 
@@ -15,12 +15,12 @@ from ..outputs import read_json
 from .sweep_report import own_score
 
 BASE = "quantized"  # the base every combined adapter was trained on, and is scored on
-BASE_LABEL = "4-bit base"
+BASE_LABEL = "quantized base"
 
 
 def matrix(table: dict) -> pd.DataFrame:
-    """One row per task × adapter: the task's own metric, its gain over the 4-bit base and, for
-    a combination, its retention (combined − base) / (own adapter − base), left empty where
+    """One row per task × adapter: the task's own metric, its gain over the quantized base and,
+    for a combination, its retention (combined − base) / (own adapter − base), left empty where
     the own adapter gained nothing (a ratio of noise)."""
     rows = []
     for task, variants in sorted(table["results"].items()):
@@ -57,7 +57,7 @@ def columns(frame: pd.DataFrame, table: dict) -> list[str]:
 
 
 def matrix_markdown(frame: pd.DataFrame, table: dict) -> str:
-    """Tasks as rows, adapters as columns: score (gain over the 4-bit base; retention)."""
+    """Tasks as rows, adapters as columns: score (gain over the quantized base; retention)."""
     order = columns(frame, table)
     lines = ["| task | metric | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
     for task, group in frame.groupby("task"):
@@ -168,10 +168,11 @@ def plot_overlap(frame: pd.DataFrame, out_png: Path) -> None:
 
 def markdown(frame: pd.DataFrame, table: dict, overlap: pd.DataFrame) -> str:
     return "\n".join([
-        ("Each combination (results/adapters/combined/<name>/) scored on its tasks on the 4-bit "
-        "base, beside every task's own QLoRA adapter and the other tasks' (interference). "
-        "Cells: the task's own metric (gain over the 4-bit base; for a combination, retention "
-        "= (combined − base) / (own adapter − base)). combinations.csv holds every row."), "",
+        ("Each combination (results/adapters/combined/<name>/) scored on its tasks on the "
+         "quantized base, beside every task's own QLoRA adapter and the other tasks' "
+         "(interference). Cells: the task's own metric (gain over the quantized base; for a "
+         "combination, retention = (combined − base) / (own adapter − base)). "
+         "combinations.csv holds every row."), "",
         matrix_markdown(frame, table), "", "### Best method per set of tasks", "",
         "Ranked by mean retention over the tasks (by mean gain where an own adapter gained "
         "nothing). Means closer than about twice `stderr` (the scores' mean standard error) "

@@ -2,15 +2,20 @@
 1-8 bits), behind one interface, so that quantizing, saving, loading, dequantizing, counting
 stored bits and checking the math are the same calls whatever the method:
 
-    quantize(base_dir, cfg, policy) -> model     the base quantized in memory
-    save(model, out_dir)                         its checkpoint (config.json names the method)
-    load(path, policy) -> model                  that checkpoint, loaded as stored
-    LAYER                                        the class of its quantized linear layers
-    dequantized(module) -> Tensor                deq(Q(W)) of one such layer
-    stored_bytes(module) -> int                  what one layer stores, every constant counted
-    theoretical_bits(cfg, in_features) -> float  the documented formula (docs/quantization.md)
-    stored_weight(key, get, weight_map)          deq(Q(W)) read from a checkpoint's tensors
-    TOLERANCE                                    numerics.check's bound for the layer's math
+    available() -> bool                       its library imports
+    layer_class()                             the class of its quantized linear layers
+    wrote(quantization_config) -> bool        config.json's quantization_config is its own
+    quantize(base_dir, cfg, policy) -> model  the base quantized in memory
+    save(model, out_dir)                      its checkpoint (config.json names the method)
+    load(path, policy) -> model               that checkpoint, loaded as stored
+    compute_dtype(model)                      the dtype its layers take and give
+    dequantized(module) -> Tensor             deq(Q(W)) of one layer
+    stored_bytes(module), params(module)      what one layer stores (every constant), and encodes
+    theoretical_bits(cfg, in_features=, meta_dtype=)   the formula of docs/quantization.md
+    stored_weight(key, get, weight_map)       deq(Q(W)) read from a checkpoint's tensors, or None
+    is_stored_part(key, weight_map), weight_key(key)   its stored tensors vs the model's keys
+    describe(cfg) -> str                      the scheme's name in reports
+    TOLERANCE                                 numerics.check's bound for the layer's math
 """
 
 from __future__ import annotations
