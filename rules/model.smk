@@ -65,7 +65,7 @@ rule quantization_report:
         "../scripts/quantization_report.py"
 
 
-# Only with `quantization_sweep:` entries: each method measured (not trained), then the table.
+# Only with `quantization_sweep:` entries: each method measured, not trained (the table: report.smk).
 rule quantization_sweep_point:
     input:
         base=layout.BASE,
@@ -90,22 +90,3 @@ rule quantization_sweep_point:
     script:
         "../scripts/quantization_sweep_point.py"
 
-
-rule quantization_sweep:
-    input:
-        quantization_report=layout.quantization_report()["report"],
-        quantization_markdown=layout.quantization_report()["markdown"],
-        points=[layout.quantization_sweep_point(label) for label in QUANT_SWEEP],
-    output:
-        **layout.quantization_sweep(),
-    params:
-        code=code("quantization_sweep"),
-    threads: DATA_THREADS
-    log:
-        f"{RESULTS}/logs/quantization_sweep.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/quantization_sweep.tsv"
-    conda:
-        "../envs/report.yaml"
-    script:
-        "../scripts/quantization_sweep.py"

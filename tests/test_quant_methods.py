@@ -212,3 +212,18 @@ def test_a_group_size_that_divides_no_layer_is_refused(base, tmp_path):
     with pytest.raises(InputError, match="quantization.group_size: found 24"):
         stage("quantize")(base=base, quantized=tmp_path / "q", quantization=settings, seed=0)
     assert not (tmp_path / "q").exists()
+
+
+def test_the_example_sweep_config_loads():
+    """config/examples/quantization-sweep.yaml laid over config/config.yaml, as --configfile
+    lays it: seven methods, each with quantization's compute dtype and skipped modules."""
+    import yaml
+
+    from qlora_pipeline.config import deep_merge, load_config
+
+    base = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    example = yaml.safe_load((REPO / "config/examples/quantization-sweep.yaml").read_text())
+    config = load_config(deep_merge(base, example), root=REPO)[0]
+    labels = [quant_settings.label(p) for p in config["quantization_sweep"]]
+    assert labels == ["nf4-nodq", "fp4", "int8", "hqq8-g64", "hqq4-g64", "hqq3-g64", "hqq2-g64"]
+    assert all(p["skip_modules"] == ["lm_head"] for p in config["quantization_sweep"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -255,7 +256,7 @@ def test_promotion_off_trains_the_task_itself_again(promoted_run, tmp_path):
 
 
 @pytest.mark.parametrize("example", sorted(p for p in (REPO / "config/examples").glob("*.yaml")
-                                            if "sweep:" in p.read_text()),
+                                            if re.search(r"^\s+sweep:", p.read_text(), re.M)),
                          ids=lambda p: p.name)
 def test_the_example_configs_load_and_sweep(example):
     """Each example, laid over config/config.yaml as `--configfile` lays it, is a valid config
