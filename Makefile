@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast lint bench compare clean
+.PHONY: setup demo chat test test-fast lint bench compare clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: setup
 		sed -n '/^## Combinations/,/^### Best method/p' $$run/report/report.md | sed '$$d' && \
 		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
 		echo "browsable: snakemake --report report.html)"
+
+# Talk to a variant of the finished run (README; qlora-chat --help for every option).
+TASK ?= topic
+VARIANT ?= merged
+chat: setup
+	source $(VENV)/bin/activate && qlora-chat --task $(TASK) --variant $(VARIANT)
 
 test: setup
 	source $(VENV)/bin/activate && python -m pytest

@@ -214,3 +214,40 @@ def test_memory_estimates_bound_the_measured_peaks(default_run):
             "evaluate"} <= stages
     for row in rows:
         assert 0.95 <= row["estimate_over_measured"] <= 2.0, row
+
+
+def test_merged_model_keeps_the_template_and_stops_at_eos(default_run):
+    """The merged arithmetic model renders prompts as the base does and, asked in the chat
+    command's format (which is the scored prompt, byte for byte), answers greedily what
+    lm-eval scored, stopping at EOS well before the token limit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from qlora_pipeline import chat
+    from qlora_pipeline.config import load_config
+
+    merged, base = default_run / "models/merged/arithmetic", default_run / "models/base"
+    tokenizer, base_tokenizer = (AutoTokenizer.from_pretrained(p) for p in (merged, base))
+    messages = [{"role": "user", "content": "What is 3 + 4?"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        == base_tokenizer.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=True)
+    assert tokenizer.eos_token == base_tokenizer.eos_token == "<|im_end|>"
+    assert GenerationConfig.from_pretrained(merged).eos_token_id == tokenizer.eos_token_id
+
+    task = load_config(yaml.safe_load((default_run.parent / "config/config.yaml").read_text()),
+                       root=default_run.parent)[1]["arithmetic"]
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    settings = chat.generation_settings(chat.parse_args(["--task", "arithmetic",
+                                                         "--max-new-tokens", "24"]), tokenizer)
+    samples = [json.loads(line) for line in
+               (default_run / "eval/merged/arithmetic/samples.jsonl").read_text().splitlines()][:10]
+    same = 0
+    for sample in samples:
+        question = re.search(r"user\n(.*?)<\|im_end\|>", sample["prompt"], re.S)[1]
+        prompt = chat.Conversation(task, tokenizer).prompt(question)
+        assert prompt == sample["prompt"]
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, **settings)[0, ids.shape[1]:].tolist()
+        assert tokenizer.eos_token_id in out[:12], tokenizer.decode(out)  # stopped, early
+        same += tokenizer.decode(out, skip_special_tokens=True).strip() == sample["response"]
+    assert same >= 9, same

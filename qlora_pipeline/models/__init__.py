@@ -1,1 +1,1 @@
-"""Models: importing the base, 4-bit quantization and its quality measures."""
+"""Models: importing the base, quantization (methods/) and its quality measures."""

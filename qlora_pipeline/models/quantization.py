@@ -6,13 +6,12 @@ precision" means one thing."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..policy import Policy
-from . import methods, numerics
+from . import methods, numerics, tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,9 @@ def method_of(model):
 
 
 def save(model, base_dir: Path, out_dir: Path) -> None:
-    """The quantized checkpoint with the base's tokenizer files beside it."""
+    """The quantized checkpoint with the base's tokenizer and generation files beside it."""
     method_of(model).save(model, out_dir)
-    for path in Path(base_dir).iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(path, out_dir / path.name)
+    tokenizer_files.copy(base_dir, out_dir)
 
 
 def state_dict(model_dir: Path) -> dict:

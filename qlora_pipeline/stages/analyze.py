@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..analysis.analyze_job import analyze_into
+from ..models import tokenizer_files
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 
@@ -31,6 +32,7 @@ def compress_adapter(*, adapter, compressed, settings: dict, task: str,
     with stage_outputs("compress_adapter", {"compressed": compressed}, config=settings,
                        inputs={"adapter": adapter}, policy=policy) as out:
         result = compress.compress(adapter, out["compressed"], settings)
+        tokenizer_files.copy(adapter, out["compressed"])  # the source adapter's
         write_json(out["compressed"] / "compression.json", {"task": task, **result})
     log.info("%s: %d layers, rank %d -> %s, parameters %d -> %d, energy kept >= %.3f", task,
              result["layers"], result["rank_before"], result["rank_after"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..combinations import KIND
+from ..models import tokenizer_files
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 
@@ -27,6 +28,7 @@ def combine_adapters(*, adapters: list, combined, combination: dict, seed: int,
                        inputs={f"adapter_{task}": path for task, path in sources.items()},
                        policy=policy, seed=seed) as out:
         result = combine(sources, out["combined"], combination, seed, device=policy.device)
+        tokenizer_files.copy(adapters[0], out["combined"])  # every source's is the base's
         write_json(out["combined"] / "combination.json",
                    {"sources": {task: {"adapter": path, "kind": KIND}
                                 for task, path in sources.items()}, **result})

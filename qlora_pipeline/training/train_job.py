@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import memory
 from .. import provenance as prov
+from ..models import tokenizer_files
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 from ..runtime import seed_everything
@@ -54,6 +55,7 @@ def train_adapter(stage: str, *, adapter, tokenized, tokenizer_dir, train: dict,
         if (resume_dir / "metrics.jsonl").exists():
             shutil.copy2(resume_dir / "metrics.jsonl", out["adapter"] / "metrics.jsonl")
         write_json(out["adapter"] / "summary.json", summary)
+        tokenizer_files.copy(tokenizer_dir, out["adapter"])  # chat template, EOS, generation
     if distributed.is_main():
         shutil.rmtree(resume_dir, ignore_errors=True)  # complete: nothing left to resume
     return summary

@@ -1,0 +1,190 @@
+"""qlora-chat: talk to any variant of a finished run, in the task's prompt format.
+
+    qlora-chat --task topic --variant merged                  # interactive, greedy
+    qlora-chat --task topic --variant qlora --prompt "Sentence: ..."  # one answer
+    qlora-chat --task arithmetic --variant recovered --sample --temperature 0.7
+
+A variant loads exactly as its scoring job loads it (layout.variant_inputs, then
+evaluation/harness.load_model: the quantized base with its adapter, the full base with the
+recovered adapter, the merged model, ...), so what you talk to is what was scored. The prompt is
+the task's format (formats.prompt_text: the tokenizer's chat template for `chat` tasks, with
+the task's system prompt; the Alpaca template; a raw completion prompt); tokens stream as they
+are generated and generation stops at the tokenizer's EOS. In a chat task the conversation
+carries over turns (`/reset` clears it); `/exit` or end of input ends the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="qlora-chat", description=__doc__.split("\n")[0])
+    parser.add_argument("--task", required=True, help="a task of the run (its prompt format)")
+    parser.add_argument("--variant", default="merged",
+                        help="base, quantized, qlora, compressed, recovered, merged, "
+                             "<kind>+<task>, combined+<name> (default: %(default)s)")
+    parser.add_argument("--config", default="config/config.yaml", help="the run's config")
+    parser.add_argument("--prompt", help="answer this one prompt and exit (default: chat)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="for --sample")
+    return parser.parse_args(argv)
+
+
+def run_settings(config_path: str) -> tuple[dict, dict]:
+    """(config, tasks) of the run, its results folder selected (config key `run`)."""
+    from . import layout
+    from .config import load_config, load_yaml
+
+    config, tasks = load_config(load_yaml(config_path), root=".")
+    layout.use_run(config["run"])
+    return config, tasks
+
+
+def variant_paths(variant: str, task: str) -> dict[str, str]:
+    """What the variant loads, each checked to exist (the run must have produced it)."""
+    from . import layout
+
+    try:
+        inputs = layout.variant_inputs(variant, task)
+    except ValueError as err:
+        raise InputError(f"qlora-chat --variant: {err}") from None
+    inputs.pop("spec")
+    missing = [path for path in inputs.values() if not Path(path).exists()]
+    if missing:
+        raise InputError(f"qlora-chat: {missing[0]} not found; expected the output of a "
+                         f"finished run (make demo, or snakemake with this config)")
+    return inputs
+
+
+class Conversation:
+    """The task's prompt format around the user's turns; a chat task keeps its history."""
+
+    def __init__(self, task: dict, tokenizer):
+        self.fmt, self.tokenizer = task["format"], tokenizer
+        self.system = task["dataset"].get("system_prompt")
+        self.history: list[dict] = []
+
+    def prompt(self, text: str) -> str:
+        from .data.formats import from_prompt_completion, prompt_text
+
+        if self.fmt != "chat":  # one-shot formats: each turn stands alone
+            return prompt_text(from_prompt_completion({"prompt": text, "completion": ""},
+                                                      self.fmt), self.fmt, self.tokenizer)
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        turns = [*system, *self.history, {"role": "user", "content": text},
+                 {"role": "assistant", "content": ""}]
+        return prompt_text({"messages": turns}, "chat", self.tokenizer)
+
+    def answered(self, text: str, answer: str) -> None:
+        if self.fmt == "chat":
+            self.history += [{"role": "user", "content": text},
+                             {"role": "assistant", "content": answer}]
+
+    def reset(self) -> None:
+        self.history = []
+
+
+def generation_settings(args: argparse.Namespace, tokenizer) -> dict:
+    """model.generate's keywords: greedy unless --sample; stop at the tokenizer's EOS."""
+    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    if args.sample:
+        settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    else:  # greedy: no sampling knobs, so transformers does not warn that they are ignored
+        settings.update(temperature=None, top_p=None, top_k=None)
+    return settings
+
+
+def _streamer(tokenizer, out):
+    """transformers' TextStreamer (decodes whole words as they complete), into `out`."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def answer(model, tokenizer, prompt: str, settings: dict, out=None) -> str:
+    """The model's answer to `prompt`, streamed to `out` (a file) as it is generated."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = ids.to(next(model.parameters()).device)
+    streamer = _streamer(tokenizer, out) if out is not None else None
+    with torch.no_grad():
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                streamer=streamer, **settings)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def chat(model, tokenizer, conversation: Conversation, settings: dict, lines, out) -> None:
+    """Turns read from `lines` until /exit or their end; answers streamed to `out`."""
+    for line in lines:
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            conversation.reset()
+            continue
+        if text:
+            conversation.answered(text, answer(model, tokenizer, conversation.prompt(text),
+                                               settings, out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        _, tasks = run_settings(args.config)
+        if args.task not in tasks:
+            raise InputError(f"qlora-chat --task: found {args.task!r}; expected one of the "
+                             f"run's tasks {sorted(tasks)}")
+        paths = variant_paths(args.variant, args.task)
+    except InputError as err:
+        print(err, file=sys.stderr)
+        return 2
+    import torch
+
+    from .evaluation.harness import load_model
+    from .policy import Policy
+
+    model, tokenizer = load_model(Policy.detect(), **paths)
+    torch.manual_seed(args.seed)  # --sample: the same seed, the same answers
+    conversation = Conversation(tasks[args.task], tokenizer)
+    settings = generation_settings(args, tokenizer)
+    if args.prompt is not None:
+        answer(model, tokenizer, conversation.prompt(args.prompt), settings, sys.stdout)
+        return 0
+    print(f"{args.variant} on {args.task} ({tasks[args.task]['format']} format). "
+          f"/reset clears the conversation, /exit ends it.", file=sys.stderr)
+    chat(model, tokenizer, conversation, settings, _prompts(), sys.stdout)
+    return 0
+
+
+def _prompts():
+    """Lines typed at a `> ` prompt (or piped in)."""
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

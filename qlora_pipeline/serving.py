@@ -1,0 +1,72 @@
+"""Whether an adapter folder is what vLLM's LoRA loader reads, checked without vLLM.
+
+vLLM (`--enable-lora`, `LoRARequest(name, id, path)`) reads adapter_config.json through its
+PEFTHelper (vllm/lora/peft_helper.py) and the weights from adapter_model.safetensors, keyed as
+PEFT saves them (`base_model.model.<module>.lora_A.weight`, `...lora_B.weight`). It requires
+`r`, `lora_alpha` and `target_modules`; refuses DoRA and `modules_to_save`; serves bias
+`none` only (unless started with `--enable-lora-bias`); and scales every module by
+lora_alpha / r (lora_alpha / √r with rsLoRA): a per-module rank or alpha (`rank_pattern`,
+`alpha_pattern`, as the compressed and some combined adapters have) would be served with the
+wrong scale, silently. Its `--max-lora-rank` (default 16) must be at least the adapter's
+largest rank. Hand-written because vLLM is not installed here (it needs a GPU build); the rules
+above are those of vLLM's PEFTHelper, cited in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REQUIRED = ("r", "lora_alpha", "target_modules")
+KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def vllm_problems(adapter_dir: str | Path) -> list[str]:
+    """What would stop vLLM from serving the adapter as PEFT computes it (empty: ready)."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not config_path.exists() or not weights.exists():
+        return [f"{adapter_dir}: no adapter_config.json and adapter_model.safetensors"]
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    problems = [f"adapter_config.json has no {key!r}" for key in REQUIRED if key not in config]
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r}: vLLM serves LoRA only")
+    if config.get("use_dora"):
+        problems.append("use_dora: vLLM does not support DoRA")
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save: vLLM only supports it being None")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("bias: vLLM serves bias 'none' only (without --enable-lora-bias)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            problems.append(f"{key}: vLLM scales every module by lora_alpha/r; the "
+                            f"{len(config[key])} modules it names would get the wrong scale")
+    problems += _tensor_problems(weights)
+    return problems
+
+
+def _tensor_problems(weights: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as handle:
+        keys = list(handle.keys())
+    odd = [k for k in keys if not KEY.fullmatch(k)]
+    modules = {}
+    for key in keys:
+        match = KEY.fullmatch(key)
+        if match:
+            modules.setdefault(match[1], set()).add(match[2])
+    unpaired = sorted(m for m, parts in modules.items() if parts != {"A", "B"})
+    return ([f"tensors vLLM does not read: {odd[:3]}"] if odd else []) + \
+        ([f"modules without both lora_A and lora_B: {unpaired[:3]}"] if unpaired else [])
+
+
+def max_rank(adapter_dir: str | Path) -> int:
+    """The largest rank among the adapter's modules (vLLM's --max-lora-rank must reach it)."""
+    from safetensors import safe_open
+
+    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as handle:
+        return max((handle.get_slice(k).get_shape()[0] for k in handle.keys()
+                    if k.endswith("lora_A.weight")), default=0)
