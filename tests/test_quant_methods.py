@@ -119,28 +119,29 @@ def smol_shaped(tmp_path_factory, tiny_tokenizer) -> Path:
     return path
 
 
-# docs/quantization.md's formulas, by hand: 32-bit scales on this CPU (compute dtype float32).
-FORMULA = {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp4": 4 + 32 / 64,
-           "hqq8": 8 + 2 * 32 / 64, "hqq4": 4 + 2 * 32 / 64, "hqq3": 32 / 10 + 2 * 32 / 64,
-           "hqq2": 2 + 2 * 32 / 32}
+def formula(name: str, s: int) -> float:
+    """docs/quantization.md's formulas, by hand; s: bits of HQQ's scale and zero (the compute
+    dtype's: 32 on the CPU, 16 on a bf16/fp16 GPU)."""
+    return {"nf4": 4 + 8 / 64 + 32 / (64 * 256), "fp4": 4 + 32 / 64,
+            "hqq8": 8 + 2 * s / 64, "hqq4": 4 + 2 * s / 64, "hqq3": 32 / 10 + 2 * s / 64,
+            "hqq2": 2 + 2 * s / 32}[name]
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_stored_bits_match_the_documented_formula(smol_shaped, name):
-    if job_policy().cuda:
-        pytest.skip("the formulas above are for float32 scales (CPU); on CUDA hqq's are bf16")
+    scale_bits = torch.finfo(job_policy().compute_dtype("auto")).bits
     stage("quantize")(base=smol_shaped, quantized=smol_shaped.parent / name,
                       quantization=settled(name), seed=0)
     summary = json.loads((smol_shaped.parent / name / "quantization.json").read_text())["summary"]
     rows = json.loads((smol_shaped.parent / name / "quantization.json").read_text())["layers"]
     if name == "int8":  # 8 + 32/n_in, n_in 576 (attention, gate, up) or 1536 (down)
-        formula = sum((8 + 32 / r["shape"][1]) * r["params"] for r in rows) / \
+        expected = sum((8 + 32 / r["shape"][1]) * r["params"] for r in rows) / \
             sum(r["params"] for r in rows)
     else:
-        formula = FORMULA[name]
-    assert summary["bits_per_param_theoretical"] == pytest.approx(formula, rel=1e-4)
-    assert summary["bits_per_param_measured"] == pytest.approx(formula, rel=0.02), summary
-    assert summary["bits_per_param_measured"] >= formula * 0.999  # nothing left uncounted
+        expected = formula(name, scale_bits)
+    assert summary["bits_per_param_theoretical"] == pytest.approx(expected, rel=1e-4)
+    assert summary["bits_per_param_measured"] == pytest.approx(expected, rel=0.02), summary
+    assert summary["bits_per_param_measured"] >= expected * 0.999  # nothing left uncounted
 
 
 def test_docs_write_each_formula():

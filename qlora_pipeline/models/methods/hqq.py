@@ -15,6 +15,7 @@ layer computes x @ deq(W)^T on its PyTorch backend (dequantize, then matmul), wi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -178,8 +179,9 @@ def theoretical_bits(cfg: dict, in_features: int | None = None,
     return PACKED[cfg["bits"]] + 2 * meta_bits / cfg["group_size"]
 
 
-def _state_keys() -> set[str]:
-    return layer_class().state_dict_keys(None) - {"bias"}
+@functools.cache
+def _state_keys() -> frozenset[str]:
+    return frozenset(layer_class().state_dict_keys(None) - {"bias"})
 
 
 def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
