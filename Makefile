@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml envs/install-llama-cpp.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -21,6 +21,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	# The library, editable: scripts import it with no sys.path edit, and it is this folder's code.
 	$(PY) -m pip install --quiet --no-deps -e .
+	# llama.cpp for the GGUF export and its round trip: built from source once per CPU, cached.
+	PYTHON=$(PY) bash envs/install-llama-cpp.sh
 	touch $@
 
 # Model jobs side by side: one per GPU, or two on a CPU-only machine (gpus.model_slots).
@@ -32,6 +34,7 @@ demo: setup
 		gpu=$$(python -c 'from qlora_pipeline.gpus import model_slots; print(model_slots())')
 	@source $(VENV)/bin/activate && run=$(RUN) && echo && \
 		sed -n '/^## /,/^## Training/p' $$run/report/report.md | sed '$$d' && \
+		sed -n '/^## GGUF exports/,/^## /p' $$run/report/report.md | sed '$$d' && \
 		sed -n '/^## Combinations/,/^### Best method/p' $$run/report/report.md | sed '$$d' && \
 		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
 		echo "browsable: snakemake --report report.html)"

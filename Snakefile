@@ -15,6 +15,7 @@ include: "rules/analyze.smk"
 include: "rules/sweep.smk"
 include: "rules/combine.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 

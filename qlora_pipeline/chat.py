@@ -3,6 +3,7 @@
     qlora-chat --task topic --variant merged                  # interactive, greedy
     qlora-chat --task topic --variant qlora --prompt "Sentence: ..."  # one answer
     qlora-chat --task arithmetic --variant recovered --sample --temperature 0.7
+    qlora-chat --task topic --gguf results/models/gguf/topic/topic-q8_0.gguf  # in llama.cpp
 
 A variant loads exactly as its scoring job loads it (layout.variant_inputs, then
 evaluation/harness.load_model: the quantized base with its adapter, the full base with the
@@ -11,6 +12,8 @@ the task's format (formats.prompt_text: the tokenizer's chat template for `chat`
 the task's system prompt; the Alpaca template; a raw completion prompt); tokens stream as they
 are generated and generation stops at the tokenizer's EOS. In a chat task the conversation
 carries over turns (`/reset` clears it); `/exit` or end of input ends the session.
+With --gguf, an exported file (rule export_gguf) answers instead, run by llama.cpp
+(llama-cpp-python) on the same prompt text: what a llama.cpp, Ollama or LM Studio user gets.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variant", default="merged",
                         help="base, quantized, qlora, compressed, recovered, merged, "
                              "<kind>+<task>, combined+<name> (default: %(default)s)")
+    parser.add_argument("--gguf", help="a GGUF file (rule export_gguf) run by llama.cpp, "
+                                       "instead of --variant")
     parser.add_argument("--config", default="config/config.yaml", help="the run's config")
     parser.add_argument("--prompt", help="answer this one prompt and exit (default: chat)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy")
@@ -120,9 +125,39 @@ def _streamer(tokenizer, out):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+class LlamaCppModel:
+    """A GGUF file in llama.cpp, answering like a transformers model does here: the prompt
+    text in, tokenized by llama.cpp (special tokens parsed), streamed out to its EOS."""
+
+    def __init__(self, path: str, threads: int, seed: int = 0):
+        from .models.gguf_export import require_llama_cpp
+
+        llama_cpp = require_llama_cpp("qlora-chat --gguf")
+        self.llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
+        self.seed = seed  # --sample: the same seed, the same answers
+
+    def answer(self, prompt: str, settings: dict, out=None) -> str:
+        sampled = {k: settings[k] for k in ("temperature", "top_p", "top_k")} \
+            if settings["do_sample"] else {"temperature": 0.0}  # 0: llama.cpp's greedy sampler
+        pieces = []
+        for chunk in self.llm.create_completion(prompt, max_tokens=settings["max_new_tokens"],
+                                                stream=True, seed=self.seed,
+                                                **sampled):
+            pieces.append(chunk["choices"][0]["text"])
+            if out is not None:
+                out.write(pieces[-1])
+                out.flush()
+        if out is not None:
+            out.write("\n")
+        return "".join(pieces)
+
+
 def answer(model, tokenizer, prompt: str, settings: dict, out=None) -> str:
     """The model's answer to `prompt`, streamed to `out` (a file) as it is generated."""
     import torch
+
+    if isinstance(model, LlamaCppModel):
+        return model.answer(prompt, settings, out)
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
@@ -155,26 +190,44 @@ def main(argv: list[str] | None = None) -> int:
         if args.task not in tasks:
             raise InputError(f"qlora-chat --task: found {args.task!r}; expected one of the "
                              f"run's tasks {sorted(tasks)}")
-        paths = variant_paths(args.variant, args.task)
+        model, tokenizer = load(args)
     except InputError as err:
         print(err, file=sys.stderr)
         return 2
     import torch
 
-    from .evaluation.harness import load_model
-    from .policy import Policy
-
-    model, tokenizer = load_model(Policy.detect(), **paths)
     torch.manual_seed(args.seed)  # --sample: the same seed, the same answers
     conversation = Conversation(tasks[args.task], tokenizer)
     settings = generation_settings(args, tokenizer)
     if args.prompt is not None:
         answer(model, tokenizer, conversation.prompt(args.prompt), settings, sys.stdout)
         return 0
-    print(f"{args.variant} on {args.task} ({tasks[args.task]['format']} format). "
+    print(f"{args.gguf or args.variant} on {args.task} ({tasks[args.task]['format']} format). "
           f"/reset clears the conversation, /exit ends it.", file=sys.stderr)
     chat(model, tokenizer, conversation, settings, _prompts(), sys.stdout)
     return 0
+
+
+def load(args: argparse.Namespace):
+    """(model, tokenizer): the variant as scored, or the GGUF file in llama.cpp (the
+    tokenizer, the base's, renders the task's prompts; llama.cpp tokenizes them itself)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import layout
+    from .evaluation.harness import load_model
+    from .policy import Policy
+
+    if args.gguf is None:
+        return load_model(Policy.detect(), **variant_paths(args.variant, args.task))
+    if not Path(args.gguf).is_file():
+        raise InputError(f"qlora-chat --gguf: {args.gguf} not found; expected a .gguf file "
+                         f"(rule export_gguf writes results/models/gguf/<task>/<task>-<type>.gguf)")
+    if not Path(layout.BASE).is_dir():
+        raise InputError(f"qlora-chat --gguf: {layout.BASE} not found; expected the run's base "
+                         f"(its tokenizer renders the task's prompts)")
+    return (LlamaCppModel(args.gguf, torch.get_num_threads(), args.seed),
+            AutoTokenizer.from_pretrained(layout.BASE))
 
 
 def _prompts():

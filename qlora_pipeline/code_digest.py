@@ -22,7 +22,8 @@ from pathlib import Path
 
 PACKAGE = "qlora_pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGE_MODULES = ("data", "model", "train", "analyze", "sweep", "combine", "evaluate", "report")
+STAGE_MODULES = ("data", "model", "train", "analyze", "sweep", "combine", "evaluate", "export",
+                 "report")
 
 
 def _stamp(path: Path) -> tuple:

@@ -212,6 +212,8 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     _check_dataset(raw["dataset"], raw["format"], where)
     launch.check(raw["train"]["distributed"], where)
     raw["name"] = name
+    if isinstance(raw["export"]["type"], str):  # one type or a list: a list from here on
+        raw["export"]["type"] = [raw["export"]["type"]]
     # Derived, not a setting: the sweep's points, each checked like a task file (sweeps.py).
     raw["sweep_points"] = sweeps.expand(raw, schema, where, config.get("seed", 0))
     return raw

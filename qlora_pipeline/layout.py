@@ -98,6 +98,11 @@ def merged(task: str) -> str:
     return f"{RESULTS}/models/merged/{task}"
 
 
+def gguf(task: str) -> str:
+    """A task's GGUF export: <task>-<type>.gguf per type and export.json (stages/export.py)."""
+    return f"{RESULTS}/models/gguf/{task}"
+
+
 def sweep_point(task: str, point: str) -> str:
     """One sweep point's outputs (sweeps.py names the point): adapter/ and analysis/ of its
     QLoRA training (in the folder named for the training), recovered/, eval/<variant>/."""

@@ -43,7 +43,7 @@ def build_tokenizer():
 
 def build_model(vocab_size: int, seed: int = 0, arch: str = "llama"):
     """A 2-layer random causal LM. `arch`: llama (q/k/v/o, gate/up/down, no biases), qwen2
-    (biases on q/k/v), gpt_neox (query_key_value, dense, dense_h_to_4h..., biases everywhere,
+    (biases on q/k/v), mistral (llama's layers, an untied output head), gpt_neox (query_key_value, dense, dense_h_to_4h..., biases everywhere,
     an output head named embed_out), phi (q/k/v, dense, fc1/fc2, biases)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,6 +54,7 @@ def build_model(vocab_size: int, seed: int = 0, arch: str = "llama"):
                   bos_token_id=0, eos_token_id=2, pad_token_id=0)
     extra = {"llama": dict(num_key_value_heads=2, tie_word_embeddings=True),
              "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+             "mistral": dict(num_key_value_heads=2, tie_word_embeddings=False),
              "gpt_neox": dict(rotary_pct=0.25, tie_word_embeddings=False),
              "phi": dict(num_key_value_heads=4, partial_rotary_factor=0.5,
                          tie_word_embeddings=False)}[arch]

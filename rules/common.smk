@@ -261,6 +261,11 @@ def all_results():
     return list(dict.fromkeys([*eval_results(), *matrix]))
 
 
+def all_exports():
+    """The GGUF export of every task with `export.gguf` (rules/export.smk)."""
+    return [layout.gguf(t) for t in TASKS if TASKS[t]["export"]["gguf"]]
+
+
 def quantization_markdown():
     """The quantization report the report includes: with the sweep's section when there is one."""
     if QUANT_SWEEP:
@@ -278,6 +283,7 @@ def all_outputs():
         *all_sweep_results(),
         *all_sweep_analyses(),
         *[layout.merged(t) for t in TASKS],
+        *all_exports(),
         *all_results(),
         layout.report()["markdown"],
     ]

@@ -13,6 +13,7 @@ rule report:
         sweep_adapters=all_sweep_adapters(),
         sweep_analyses=all_sweep_analyses(),
         merged=[layout.merged(task) for task in TASKS],
+        exports=all_exports(),
         quantization=quantization_markdown(),
     output:
         scores=report(

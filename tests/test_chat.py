@@ -81,6 +81,7 @@ def test_sampling_is_seeded(in_run, capsys):
     (["--task", "sentiment"], "qlora-chat --task: found 'sentiment'"),
     (["--task", "topic", "--variant", "finetuned"], "qlora-chat --variant: variant 'finetuned'"),
     (["--task", "topic", "--variant", "recovered"], "results/adapters/topic/recovered not found"),
+    (["--task", "topic", "--gguf", "topic.gguf"], "qlora-chat --gguf: topic.gguf not found"),
 ])
 def test_bad_requests_are_refused_in_one_line(in_run, capsys, argv, message):
     assert chat.main(argv + ["--prompt", "x"]) == 2

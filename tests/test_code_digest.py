@@ -61,15 +61,17 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 
 
 @pytest.mark.parametrize("module, rules_changed", [
-    # promote_sweep_point: its task's metric name (evaluation/tasks.py reads formats)
+    # promote_sweep_point: its task's metric name (evaluation/tasks.py reads formats);
+    # export_gguf: the merged model's answers are the chat command's (chat.py renders prompts)
     ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate",
-                         "evaluate_sweep_point", "promote_sweep_point", "report"}),
+                         "evaluate_sweep_point", "promote_sweep_point", "report",
+                         "export_gguf"}),
     # analyze_*: models/checkpoint.py reads a quantized base through models/methods/
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
                             "merge", "evaluate", "compress_adapter", "train_sweep_point",
                             "recover_sweep_point", "evaluate_sweep_point", "combine_adapters",
                             "analyze_adapter", "analyze_sweep_point",
-                            "quantization_sweep_point"}),
+                            "quantization_sweep_point", "export_gguf"}),
     # combine_adapters: through compress.split (compress.py imports recommend)
     ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point",
                                "combine_adapters"}),

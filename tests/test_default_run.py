@@ -251,3 +251,21 @@ def test_merged_model_keeps_the_template_and_stops_at_eos(default_run):
         assert tokenizer.eos_token_id in out[:12], tokenizer.decode(out)  # stopped, early
         same += tokenizer.decode(out, skip_special_tokens=True).strip() == sample["response"]
     assert same >= 9, same
+
+
+def test_the_topic_model_exports_to_gguf_and_runs_in_llama_cpp(default_run):
+    """The default config exports the merged topic model as f16 and q8_0 GGUF files
+    (llama.cpp's converter), each read back by the importer within its type's rounding and
+    run in llama.cpp on the 40 scored test prompts: at f16 it tokenizes them as transformers
+    does and gives the merged model's greedy answer on at least 95 % of them."""
+    folder = default_run / "models" / "gguf" / "topic"
+    export = json.loads((folder / "export.json").read_text())
+    f16, q8 = export["types"]["f16"], export["types"]["q8_0"]
+    assert (folder / "topic-f16.gguf").stat().st_size == f16["bytes"]
+    assert 15.5 < f16["bits_per_param"] < 16.5 and 8 < q8["bits_per_param"] < 9.5
+    for found in (f16, q8):
+        assert found["importer"]["ok"] and found["llama_cpp"]["same_tokens"] == 1.0
+        assert found["llama_cpp"]["prompts"] == 40
+    assert f16["importer"]["max_weight_rel_error"] < 1e-3
+    assert f16["llama_cpp"]["same_answer"] >= 0.95
+    assert f16["llama_cpp"]["same_top_token"] >= 0.95

@@ -165,6 +165,16 @@ def test_a_new_combination_runs_only_its_jobs(copy_run):
     assert ("combine_adapters", "", "both") not in planned(workdir)
 
 
+def test_an_export_runs_only_its_job_and_the_report(copy_run):
+    """export.gguf on for one task: its export and the report, nothing upstream (planned,
+    not run: the tiny tokenizer is not one llama.cpp's converter knows; the default run runs
+    it)."""
+    workdir = copy_run()
+    edit(workdir / "config/tasks/topic.yaml",
+         lambda t: t.update(export={"gguf": True, "type": ["f16", "q4_k_m"]}))
+    assert planned(workdir) == {("export_gguf", "topic", ""), ("report", "", "")}
+
+
 def test_recovery_switched_on_for_one_task(copy_run):
     workdir = copy_run()
     edit(workdir / "config/tasks/topic.yaml",

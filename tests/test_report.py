@@ -234,6 +234,31 @@ def test_build_report(tmp_path):
     assert provenance["stage"] == "report" and provenance["code"]
 
 
+def test_gguf_exports_section(tmp_path):
+    """With exports, one row per GGUF file, after Compression: size, both round trips."""
+    run = make_run(tmp_path)
+    outputs = run.pop("outputs")
+    folder = tmp_path / "results/models/gguf/u"
+    folder.mkdir(parents=True)
+    checks = {"importer": {"checked": True, "max_weight_rel_error": 2.1e-4},
+              "llama_cpp": {"checked": True, "same_answer": 0.975, "same_tokens": 1.0,
+                            "same_top_token": 1.0}}
+    (folder / "export.json").write_text(json.dumps({"task": "u", "types": {
+        "f16": {"bytes": 3 * 2 ** 20, "bits_per_param": 16.1, "seconds": 2.5, **checks},
+        "q8_0": {"bytes": 2 ** 20, "bits_per_param": 8.6, "seconds": 2.0, **checks,
+                 "llama_cpp": {"checked": False, "why": "export.check.llama_cpp: false"}}}}))
+    stage("report")(**run, **outputs, exports=[folder])
+    text = outputs["markdown"].read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[sections.index("## Compression") + 1] == "## GGUF exports"
+    part = text.split("## GGUF exports", 1)[1].split("## Adapters", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()
+            if line.startswith("| u ")]
+    assert rows == [["u", "f16", "3", "16.1", "2.5", "0.00021", "0.975", "1", "1"],
+                    ["u", "q8_0", "1", "8.6", "2", "0.00021", "nan", "nan", "nan"]]
+    assert json.loads(outputs["provenance"].read_text())["inputs"]["export0"]
+
+
 def test_merge_and_training_rows(tmp_path):
     run = make_run(tmp_path)
     merges = report.merge_rows(run["merged"])

@@ -82,6 +82,23 @@ def merge_rows(merged_dirs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def export_rows(export_dirs: list) -> pd.DataFrame:
+    """Per exported GGUF file (stages/export.py): size, time, and both round trips."""
+    rows = []
+    for directory in map(Path, export_dirs):
+        export = read_json(directory / "export.json")
+        for gguf_type, found in export["types"].items():
+            imported, run = found["importer"], found["llama_cpp"]
+            rows.append({
+                "task": export["task"], "type": gguf_type, "MiB": found["bytes"] / 2 ** 20,
+                "bits_per_param": found["bits_per_param"], "seconds": found["seconds"],
+                "importer_weight_error": imported.get("max_weight_rel_error"),
+                "llama_cpp_same_answer": run.get("same_answer"),
+                "llama_cpp_same_tokens": run.get("same_tokens"),
+                "llama_cpp_same_top_token": run.get("same_top_token")})
+    return pd.DataFrame(rows)
+
+
 def compression_rows(compressed_dirs: list, frame: pd.DataFrame) -> pd.DataFrame:
     """Per compressed adapter: size and ranks against the adapter it was cut from, and the two
     adapters' scores on the task's own benchmark side by side."""
@@ -179,7 +196,7 @@ def analysis_sections(analysis_dirs: list) -> str:
 def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
              quantization_md: str, analyses_md: str = "",
              compressions: pd.DataFrame | None = None, sweeps_md: str = "",
-             combinations_md: str = "") -> str:
+             combinations_md: str = "", exports: pd.DataFrame | None = None) -> str:
     parts = ["# Fine-tuning report", "",
              "Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
              "cell shows its gain over the full-precision base in parentheses.", ""]
@@ -196,6 +213,14 @@ def markdown(frame: pd.DataFrame, training: pd.DataFrame, merges: pd.DataFrame,
                    "scored as the `compressed` variant on the same quantized base; scores are "
                    "the task's own metric."), "",
                   compressions.to_markdown(index=False, floatfmt=".4g"), ""]
+    if exports is not None and not exports.empty:
+        parts += ["## GGUF exports", "",
+                  ("Each exporting task's merged model as GGUF (task key `export`; "
+                   "results/models/gguf/): its size, the largest relative tensor error when "
+                   "read back by the importer, and on the task's test prompts in llama.cpp the "
+                   "share of the merged model's greedy answers, prompt tokens and top next "
+                   "tokens it reproduces (docs/serving.md)."), "",
+                  exports.to_markdown(index=False, floatfmt=".4g"), ""]
     if sweeps_md:
         parts += ["## Sweeps", "",
                   "Each point of a task's `sweep:` trained, scored and analysed on its own "

@@ -17,11 +17,12 @@ def report(*, results: list, adapters: list, analyses: list, compressions: list,
            policy: Policy, sweep_results: list = (), sweep_adapters: list = (),
            sweep_analyses: list = (), sweep_tables: dict | None = None, sweeps=None,
            sweeps_plot=None, combined: list = (), combination_table: dict | None = None,
-           combinations=None, overlap_plot=None) -> None:
+           combinations=None, overlap_plot=None, exports: list = ()) -> None:
     """scores.csv, report.md and the plots (written together or not at all); with sweep
     points (`sweep_tables`: rules/common.smk's sweep_table per task), their section,
     sweeps.csv and sweeps.png; with combinations (`combination_table`), theirs,
-    combinations.csv and overlap.png. Those files are declared inputs, read by path."""
+    combinations.csv and overlap.png; with GGUF exports (`exports`), their table. Those files
+    are declared inputs, read by path."""
     from ..analysis.plots import plot_adapters
     from ..evaluation import combination_report, reporting, sweep_report
 
@@ -35,7 +36,8 @@ def report(*, results: list, adapters: list, analyses: list, compressions: list,
               **{f"analysis{i}": p for i, p in enumerate(analyses)},
               **{f"compressed{i}": p for i, p in enumerate(compressions)},
               **{f"sweep{i}": p for i, p in enumerate(sweep_results)},
-              **{f"combined{i}": p for i, p in enumerate(combined)}}
+              **{f"combined{i}": p for i, p in enumerate(combined)},
+              **{f"export{i}": p for i, p in enumerate(exports)}}
     with stage_outputs("report", outputs, config={}, inputs=inputs, policy=policy) as out:
         frame = reporting.scores(results)
         frame.to_csv(out["scores"], index=False)
@@ -60,7 +62,7 @@ def report(*, results: list, adapters: list, analyses: list, compressions: list,
                                   Path(quantization).read_text(encoding="utf-8"),
                                   reporting.analysis_sections(analyses),
                                   reporting.compression_rows(compressions, frame), sweeps_md,
-                                  combinations_md)
+                                  combinations_md, reporting.export_rows(exports))
         out["markdown"].write_text(text, encoding="utf-8")
     log.info("\n%s", text)
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# llama.cpp for the GGUF export (rule export_gguf; docs/serving.md), into the Python
+# environment of $PYTHON (default: python): llama-cpp-python built from its source
+# distribution (llama.cpp's runtime and quantizer, for the round trip and the k-quant types),
+# and, from the same archive, llama.cpp's converter convert_hf_to_gguf.py with the gguf-py it
+# is written against, unpacked into <prefix>/share/llama.cpp (models/gguf_export.py).
+#
+# PyPI has no wheel of it: the C++ build takes ~8 min on 2 cores. The wheel is kept in
+# ~/.cache/qlora-pipeline, keyed by the CPU's instruction set, because it is built for this
+# CPU (-march=native: AVX-512 code must never run on a CPU without it); a new venv on the
+# same machine, or CI with that folder cached, installs it in seconds.
+set -euo pipefail
+VERSION=0.3.36
+python=${PYTHON:-python}
+prefix=$("$python" -c 'import sys; print(sys.prefix)')
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/qlora-pipeline/llama-cpp-python-$VERSION
+cpu=$({ grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; } | sha256sum | cut -c1-12)
+sdist=$cache/llama_cpp_python-$VERSION.tar.gz
+wheels=$cache/$(uname -m)-$cpu
+mkdir -p "$wheels"
+if [[ ! -f $sdist ]]; then
+    "$python" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$VERSION" -d "$cache"
+fi
+if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
+    echo "building llama-cpp-python $VERSION for this CPU (once; ~8 min on 2 cores)"
+    # The library only: no llava, tests, examples, tools or server.
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$python" -m pip wheel --quiet --no-deps "$sdist" -w "$wheels.tmp"
+    mv "$wheels.tmp"/llama_cpp_python-*.whl "$wheels"/ && rmdir "$wheels.tmp"
+fi
+# Its dependencies (numpy, jinja2, diskcache, typing-extensions) are pinned in requirements.txt.
+"$python" -m pip install --quiet --no-deps "$wheels"/llama_cpp_python-$VERSION-*.whl
+share=$prefix/share/llama.cpp
+rm -rf "$share" && mkdir -p "$share"
+inner=llama_cpp_python-$VERSION/vendor/llama.cpp
+tar -xzf "$sdist" -C "$share" --strip-components=3 \
+    "$inner/convert_hf_to_gguf.py" "$inner/conversion" "$inner/gguf-py" "$inner/LICENSE"

@@ -1,0 +1,24 @@
+# Export stage: a task's merged model as GGUF files for llama.cpp, Ollama and LM Studio
+# (only for tasks with `export: {gguf: true}`), each checked by two round trips.
+
+
+rule export_gguf:
+    input:
+        merged=layout.merged("{task}"),
+        spec=layout.eval_spec("{task}"),
+    output:
+        gguf=directory(layout.gguf("{task}")),
+    params:
+        export=lambda wc: task_cfg(wc)["export"],
+        code=code("export_gguf"),
+    threads: MODEL_THREADS
+    log:
+        f"{RESULTS}/logs/export_gguf/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/export_gguf/{{task}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=1,
+    script:
+        "../scripts/export_gguf.py"
