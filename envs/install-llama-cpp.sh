@@ -19,7 +19,7 @@ sdist=$cache/llama_cpp_python-$VERSION.tar.gz
 wheels=$cache/$(uname -m)-$cpu
 mkdir -p "$wheels"
 if [[ ! -f $sdist ]]; then
-    "$python" -m pip download --quiet --no-deps --no-binary :all: \
+    "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$VERSION" -d "$cache"
 fi
 if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then

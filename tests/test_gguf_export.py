@@ -21,7 +21,6 @@ from qlora_pipeline.policy import Policy
 from qlora_pipeline.stages.export import export_gguf
 from qlora_pipeline.tiny_models import build_model
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python: `make setup` builds it")
 QUESTIONS = ["What is 12 + 34?", "Classify: The storm hit the valley.", "What is 7 + 5?",
              "Name a food.", "Say hello.", "What is 3 + 3?"]
 
@@ -83,10 +82,12 @@ def test_f16_export_holds_the_merged_model(tmp_path, smol_tokenizer, arch):
     assert imported["same_top_token"] == 1.0
     run_ = found["llama_cpp"]
     assert run_["same_tokens"] == 1.0
-    assert run_["max_rel_gap"] < 1e-2 and run_["same_top_token"] == 1.0
-    # A random model's next-token distribution is nearly flat: over 8 greedy tokens f16
-    # rounding may flip a near-tie, so its answers are measured, not held to min_agreement
-    # (SmolLM2's are: test_default_run; the gate itself: the test below).
+    assert run_["max_rel_gap"] < 1e-2
+    # A random model's next-token distribution is nearly flat: f16 rounding (and another
+    # CPU's kernels) may flip a near-tie, so one top token of six may differ, and its 8-token
+    # answers are measured, not held to min_agreement (SmolLM2's are: test_default_run; the
+    # gate itself: the test below).
+    assert run_["same_top_token"] >= 5 / 6
     assert run_["prompts"] == len(QUESTIONS) and 0 <= run_["same_answer"] <= 1
 
 

@@ -25,8 +25,8 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 # Largest relative error ‖W_gguf − W‖/‖W‖ of any tensor that a type's rounding explains, with
-# room: f16 rounds each value to 2^-11 of itself, bf16 to 2^-8; block types measured on
-# SmolLM2-135M and tiny random models (docs/serving.md) and doubled. A wrong layout errs by ~1.
+# room: f16 rounds each value to 2^-11 of itself, bf16 to 2^-8; the block types' bounds are
+# at least twice what SmolLM2-135M measured (docs/serving.md). A wrong layout errs by ~1.
 WEIGHT_BOUNDS = {"f32": 1e-6, "f16": 1e-3, "bf16": 8e-3, "q8_0": 2e-2, "q6_k": 5e-2,
                  "q5_0": 0.1, "q5_1": 0.1, "q5_k_s": 0.1, "q5_k_m": 0.1, "q4_0": 0.2,
                  "q4_1": 0.2, "q4_k_s": 0.2, "q4_k_m": 0.2, "q3_k_m": 0.35, "q2_k": 0.6}
@@ -122,6 +122,7 @@ def llama_cpp_check(gguf_file: Path, ref: Reference, max_new_tokens: int, thread
         answers, same_tokens, found = [], 0, []
         for prompt, ids in zip(ref.prompts, ref.ids):
             # What a client sends: the text, tokenized by llama.cpp (BOS as the file says).
+            # (create_completion's own rule, read where it reads it in llama-cpp-python 0.3.36)
             bos = [llm.token_bos()] if llm._model.add_bos_token() else []
             same_tokens += int(bos + llm.tokenize(prompt.encode(), add_bos=False,
                                                   special=True) == ids)
