@@ -39,11 +39,14 @@ demo: setup
 		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
 		echo "browsable: snakemake --report report.html)"
 
-# Talk to a variant of the finished run (README; qlora-chat --help for every option).
+# Talk to a variant of the finished run (README; qlora-chat --help for every option), or with
+# GGUF=<file> to an exported file in llama.cpp.
 TASK ?= topic
 VARIANT ?= merged
+GGUF ?=
 chat: setup
-	source $(VENV)/bin/activate && qlora-chat --task $(TASK) --variant $(VARIANT)
+	source $(VENV)/bin/activate && qlora-chat --task $(TASK) \
+		$(if $(GGUF),--gguf $(GGUF),--variant $(VARIANT))
 
 test: setup
 	source $(VENV)/bin/activate && python -m pytest

@@ -156,6 +156,19 @@ def test_an_unconvertible_tokenizer_fails_with_the_converters_words(tmp_path, ti
     assert not (tmp_path / "gguf").exists()
 
 
+def test_a_model_the_ram_cannot_hold_is_refused_before_any_work(tmp_path, smol_tokenizer,
+                                                                 monkeypatch):
+    """The importer's round trip holds the model in float32 on the CPU: with too little RAM
+    the job is refused, naming the estimate and the remedy, before it converts anything."""
+    from qlora_pipeline import memory
+
+    merged, spec = make_merged(tmp_path, smol_tokenizer, "llama")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (50 * 2 ** 20, "available RAM"))
+    with pytest.raises(memory.MemoryRefused, match=r"export_gguf: estimated peak.*more RAM"):
+        run(tmp_path, merged, spec, settings(["f16"]))
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_a_missing_converter_is_named_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_export.ENV, str(tmp_path / "nowhere"))
     with pytest.raises(InputError, match=r"no convert_hf_to_gguf\.py in .*nowhere.*make setup"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 
+from .. import memory
 from ..outputs import stage_outputs, write_json
 from ..policy import Policy
 
@@ -26,13 +27,19 @@ def export_gguf(*, merged, spec, gguf, task: str, export: dict, policy: Policy) 
     gguf_export.converter_dir()  # what is missing is said before anything is loaded
     if check["llama_cpp"] or set(types) - set(gguf_export.CONVERTER_TYPES):
         gguf_export.require_llama_cpp("export")
+    prompts = gguf_roundtrip.test_prompts(spec, check["examples"])
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    # The importer's round trip holds the model in float32 in RAM, whatever the device.
+    memory.check_stage("export_gguf", merged, Policy.cpu(policy.threads), weights="full",
+                       seq=max(len(tokenizer(p)["input_ids"]) for p in prompts) +
+                       check["max_new_tokens"],
+                       remedy="a machine with more RAM: the importer's round trip reads the "
+                              "file back in float32 on the CPU")
     with stage_outputs("export_gguf", {"gguf": gguf}, config=export, policy=policy,
                        inputs={"merged": merged, "spec": spec}) as out:
-        prompts = gguf_roundtrip.test_prompts(spec, check["examples"])
         model = load_full_precision(merged, policy, offload=True).eval()
         parameters = sum(p.numel() for p in model.parameters())
-        ref = gguf_roundtrip.reference(model, AutoTokenizer.from_pretrained(merged), prompts,
-                                       check["max_new_tokens"])
+        ref = gguf_roundtrip.reference(model, tokenizer, prompts, check["max_new_tokens"])
         del model
         gc.collect()  # the importer's copy loads next
         files = gguf_export.export(merged, out["gguf"], task, types, policy.threads)
