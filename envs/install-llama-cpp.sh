@@ -5,7 +5,7 @@
 # and, from the same archive, llama.cpp's converter convert_hf_to_gguf.py with the gguf-py it
 # is written against, unpacked into <prefix>/share/llama.cpp (models/gguf_export.py).
 #
-# PyPI has no wheel of it: the C++ build takes ~8 min on 2 cores. The wheel is kept in
+# PyPI has no wheel of it: the C++ build takes ~6.5 min on 2 cores. The wheel is kept in
 # ~/.cache/qlora-pipeline, keyed by the CPU's instruction set, because it is built for this
 # CPU (-march=native: AVX-512 code must never run on a CPU without it); a new venv on the
 # same machine, or CI with that folder cached, installs it in seconds.
@@ -23,7 +23,7 @@ if [[ ! -f $sdist ]]; then
         "llama-cpp-python==$VERSION" -d "$cache"
 fi
 if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
-    echo "building llama-cpp-python $VERSION for this CPU (once; ~8 min on 2 cores)"
+    echo "building llama-cpp-python $VERSION for this CPU (once; ~6.5 min on 2 cores)"
     # The library only: no llava, tests, examples, tools or server.
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
