@@ -204,7 +204,10 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     "4bit" (quantized from a full-precision checkpoint: the 4-bit result plus the largest
     tensor in fp32), "full" (full precision in fp_bytes), "full+4bit" (both at once),
     "merge" (the merge on the CPU: two full-precision models and the 4-bit one, measured:
-    they load one after the other and the allocator does not return each before the next).
+    they load one after the other and the allocator does not return each before the next),
+    "export" (the GGUF export's round trips on the CPU: the merged model for the reference
+    answers, the importer's dequantized tensors and the model built from them, and llama.cpp's
+    mapping of the file, up to half a float32 copy at f16; measured 1.9 GB on SmolLM2).
     `shards`: FSDP over that many GPUs: weights and the adapter's state are split, and each GPU
     holds one block's weights gathered whole while it computes. `bits`: per quantized
     weight, the method's formula (docs/quantization.md)."""
@@ -213,7 +216,8 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     parts["weights"] = {"stored": shapes.stored_bytes, "4bit": q + shapes.largest_tensor * 4,
                         "full": full_precision_bytes(shapes, fp_bytes),
                         "full+4bit": q + full_precision_bytes(shapes, fp_bytes),
-                        "merge": q + 2 * full_precision_bytes(shapes, fp_bytes)}[weights]
+                        "merge": q + 2 * full_precision_bytes(shapes, fp_bytes),
+                        "export": 7 * full_precision_bytes(shapes, fp_bytes) // 2}[weights]
     if training:
         parts["trainer"] = TRAINER_BYTES
     if shards > 1:

@@ -29,8 +29,8 @@ def export_gguf(*, merged, spec, gguf, task: str, export: dict, policy: Policy) 
         gguf_export.require_llama_cpp("export")
     prompts = gguf_roundtrip.test_prompts(spec, check["examples"])
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    # The importer's round trip holds the model in float32 in RAM, whatever the device.
-    memory.check_stage("export_gguf", merged, Policy.cpu(policy.threads), weights="full",
+    # The round trips hold float32 copies in RAM, whatever the device (memory.estimate).
+    memory.check_stage("export_gguf", merged, Policy.cpu(policy.threads), weights="export",
                        seq=max(len(tokenizer(p)["input_ids"]) for p in prompts) +
                        check["max_new_tokens"],
                        remedy="a machine with more RAM: the importer's round trip reads the "
