@@ -215,3 +215,23 @@ def test_qlora_chat_runs_an_exported_file_in_llama_cpp(tmp_path, smol_tokenizer)
     assert out.getvalue() == streamed + "\n" and streamed
     whole = model.llm.create_completion(prompt, max_tokens=6, temperature=0.0)
     assert streamed == whole["choices"][0]["text"]
+
+
+def test_only_an_unsupported_architecture_skips_the_importer_check(tmp_path, monkeypatch):
+    """transformers' refusal of an architecture its GGUF loader lacks is recorded as not
+    checked, with its words; any other failure to read the file back fails the job."""
+    from qlora_pipeline.models import importer
+
+    def refuse(message):
+        def load(cfg):
+            raise ValueError(message)
+        return load
+
+    monkeypatch.setattr(importer, "load", refuse("GGUF model with architecture gptneox is not "
+                                                 "supported yet."))
+    found = gguf_roundtrip.importer_check(tmp_path / "t.gguf", tmp_path, None, "f16")
+    assert found == {"checked": False, "why": "transformers' GGUF loader: GGUF model with "
+                                              "architecture gptneox is not supported yet."}
+    monkeypatch.setattr(importer, "load", refuse("tensor shape mismatch"))
+    with pytest.raises(ValueError, match="tensor shape mismatch"):
+        gguf_roundtrip.importer_check(tmp_path / "t.gguf", tmp_path, None, "f16")
