@@ -31,7 +31,7 @@ RUN = $$(python -c 'import yaml; print(("results/" + (yaml.safe_load(open("confi
 
 demo: setup
 	source $(VENV)/bin/activate && snakemake --cores all --resources \
-		gpu=$$(python -c 'from qlora_pipeline.gpus import model_slots; print(model_slots())')
+		gpu=$$(python -c 'from qlora_pipeline.jobs.gpus import model_slots; print(model_slots())')
 	@source $(VENV)/bin/activate && run=$(RUN) && echo && \
 		sed -n '/^## /,/^## Training/p' $$run/report/report.md | sed '$$d' && \
 		sed -n '/^## GGUF exports/,/^## /p' $$run/report/report.md | sed '$$d' && \

@@ -12,7 +12,6 @@ include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/train.smk"
 include: "rules/analyze.smk"
-include: "rules/sweep.smk"
 include: "rules/combine.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
@@ -20,7 +19,7 @@ include: "rules/report.smk"
 
 
 # Jobs run here start as copies of a process that has imported the model libraries once
-# (qlora_pipeline/warm_start.py): seconds a job on a CPU. Not on GPU machines or clusters.
+# (qlora_pipeline/jobs/warm_start.py): seconds a job on a CPU. Not on GPU machines or clusters.
 onstart:
     if warm_start.wanted(config["warm_start"], local=workflow.local_exec and not workflow.touch):
         warm_start.start(f"{RESULTS}/logs/warm_start.log")

@@ -56,7 +56,7 @@ def base_weight(shape: dict, spent: list[float]):
 def measure(adapter: Path, shape: dict, intruders: bool) -> dict:
     """One analysis in this process: seconds and peak RSS after the imports."""
     from qlora_pipeline.analysis import adapter as analysis
-    from qlora_pipeline.training.adapter_file import read_adapter
+    from qlora_pipeline.models.adapter_file import read_adapter
 
     settings = {**SETTINGS, "intruders": {**SETTINGS["intruders"], "enabled": intruders}}
     reset_peak()

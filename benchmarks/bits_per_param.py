@@ -14,15 +14,15 @@ import math
 from pathlib import Path
 
 from benchmarks import support
-from qlora_pipeline import layout
+from qlora_pipeline.core import layout
 
-INPUTS = [layout.QUANTIZED]
+INPUTS = [layout.quantized()]
 
 
 def run(smoke: bool) -> dict:
     from qlora_pipeline.models.methods.bnb4 import theoretical_bits
 
-    path = support.tiny_quantized() if smoke else support.REPO / layout.QUANTIZED
+    path = support.tiny_quantized() if smoke else support.REPO / layout.quantized()
     layers, double_quant = stored_bits(path)
     params = sum(n for _, n in layers)
     measured = sum(bits * n for bits, n in layers) / params
@@ -43,7 +43,7 @@ def stored_bits(path: Path) -> tuple[list[tuple[float, int]], bool]:
 
     from qlora_pipeline.models.methods.bnb4 import storage_bits
     from qlora_pipeline.models.quantization import load_quantized
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     model = load_quantized(path, Policy.detect())
     layers = [(storage_bits(m.weight), math.prod(m.weight.quant_state.shape))

@@ -5,7 +5,7 @@ The run is `make demo`'s command (`snakemake --cores all --resources gpu=N`, N f
 gpus.model_slots: the GPUs, or two model jobs side by side on a CPU-only machine) on the
 repository's config, in a fresh working directory, so nothing is cached. Each job's wall time comes from
 Snakemake's own benchmark file (results/benchmarks/<rule>[/<wildcards>].tsv: the script's
-process, start to exit); its work from two lines runtime.run_script logs into the job's log,
+process, start to exit); its work from two lines its job (jobs/runner.py) logs into the job's log,
 just before the stage is called ("rule R: <stage> (threads: ...)") and when it returns
 ("rule R: done"). Start-up = wall − work: the interpreter, Snakemake's preamble, imports,
 the policy. --smoke: the data jobs of one task on a tiny base, to keep the parsing honest.
@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks import support
-from qlora_pipeline import layout
-from qlora_pipeline.gpus import model_slots
+from qlora_pipeline.core import layout
+from qlora_pipeline.jobs.gpus import model_slots
 
 GOAL_MINUTES = 6.0
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO qlora_pipeline: "
@@ -100,7 +100,7 @@ def work_seconds(log: Path) -> float:
             called, done = (called, when) if match.group(3) == "done" else (when, None)
     if called is None or done is None:
         raise RuntimeError(f"{log}: no 'rule ...: <stage>' and 'rule ...: done' lines; "
-                           f"expected runtime.run_script's log of a finished job")
+                           f"expected the log of a finished job (jobs/runner.py)")
     return done - called
 
 

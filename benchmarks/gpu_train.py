@@ -84,7 +84,7 @@ DRY = Scale("dry-run", TINY, seq=64, batch=2, warmup=1, steps=2, min_length=4)
 def policy_for(dry_run: bool):
     """The pipeline's runtime policy (device, bf16, optimizer mapping); the dry run is the
     CPU's policy whatever the machine has."""
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     if dry_run:
         return Policy("cpu", f"cpu:{os.cpu_count()} cores", False, torch.get_num_threads())
@@ -148,7 +148,7 @@ def build_model(scale: Scale, policy):
     bf16 weights would otherwise be made, on the host, then copied and quantized)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_pipeline.models import numerics
+    from qlora_pipeline.models.methods import bnb4
 
     compute_dtype = policy.compute_dtype("auto")
     config = LlamaConfig(**scale.model, use_cache=False,
@@ -171,7 +171,7 @@ def build_model(scale: Scale, policy):
     if left:
         raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
     model.is_loaded_in_4bit = True  # as transformers' 4-bit loader marks it; PEFT reads it
-    return numerics.single_path(model)
+    return bnb4.single_path(model)
 
 
 def check_rope_theta(config, expected: float) -> None:
@@ -360,7 +360,7 @@ def isolation(model, row: dict, tokenizer, policy) -> dict:
     under the training steps' autocast (so a bf16 tolerance where they compute in bf16).
     Recorded, not raised: a failure is a finding about the attention path. With random
     weights attention is nearly uniform, so this probe is weaker than on a trained model."""
-    from qlora_pipeline.errors import InputError
+    from qlora_pipeline.core.errors import InputError
     from qlora_pipeline.training.packing import check_isolation
 
     try:
@@ -383,7 +383,7 @@ def versions() -> dict:
 
 
 def summary(rows: list[dict], scale: Scale, model, params: dict, policy, checked: dict) -> dict:
-    from qlora_pipeline import machine
+    from qlora_pipeline.core import machine
 
     by_name = {row["name"]: row for row in rows}
     return {

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from benchmarks import support
-from qlora_pipeline import layout
+from qlora_pipeline.core import layout
 
 NOISE = 0.05  # merged/base within 1 ± NOISE counts as equal
 VARIANTS = ("base", "merged", "unmerged")
 TASK = "arithmetic"  # its LoRA spans all linear layers: the costliest unmerged adapter here
-INPUTS = [layout.BASE, layout.merged(TASK)]  # the merge's inputs include the adapter
+INPUTS = [layout.base(), layout.merged(TASK)]  # the merge's inputs include the adapter
 PROMPTS = ("What is 17 + 5? Answer with the number only.",
            ("Classify the topic of the sentence as one of: sports, food, weather, technology.\n"
             "Sentence: The chef served a spicy curry.\nAnswer with the topic only."),
@@ -50,7 +50,7 @@ def run(smoke: bool, threads: list[int] | None = None) -> dict:
 def pipeline_models() -> dict[str, Path]:
     """The task's base, final adapter (recovered when recovery is on) and merged model."""
     kind = "recovered" if support.task_settings(TASK)["recovery"]["enabled"] else "qlora"
-    return {"base": support.REPO / layout.BASE,
+    return {"base": support.REPO / layout.base(),
             "adapter": support.REPO / layout.adapter(TASK, kind),
             "merged": support.REPO / layout.merged(TASK)}
 
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     import torch
 
     from qlora_pipeline.evaluation.harness import load_model
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     torch.set_num_threads(args.threads)
     policy, seconds = Policy.detect(), {}

@@ -15,11 +15,13 @@ was measured, and the planning table of docs/cluster.md.
 from __future__ import annotations
 
 from benchmarks import support
-from qlora_pipeline import layout, memory
+from qlora_pipeline.core import layout, memory
+from qlora_pipeline.models.methods import bnb4
 
 GB = 1e9  # the published figures are in GB
 SETTINGS = {"seq": 2048, "batch": 1, "lora": {"r": 16, "target_modules": "all-linear"}}
 OPTIMIZER = "paged_adamw_8bit"  # the default on CUDA
+NF4_BITS = bnb4.theoretical_bits({"double_quant": True})  # the default quantization
 LLAMA = {  # config.json dimensions
     "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
@@ -49,7 +51,8 @@ def training_gb(config: dict, gpus: int, seq: int, batch: int, lora: dict) -> fl
     shapes = memory.Shapes.from_config(config)
     result = memory.estimate("train", shapes, weights="4bit", compute_bytes=2, fp_bytes=2,
                              batch=batch, seq=seq, lora=lora, training=True, checkpointing=True,
-                             efficient_attention=True, shards=gpus, optimizer=OPTIMIZER)
+                             efficient_attention=True, shards=gpus, optimizer=OPTIMIZER,
+                             bits=NF4_BITS)
     # "4bit" counts a load's transient fp32 tensor; the training loads the 4-bit checkpoint.
     return (result.total - shapes.largest_tensor * 4 // gpus) / GB
 
@@ -74,7 +77,7 @@ def published() -> list[dict]:
 
 
 def run(smoke: bool) -> dict:
-    rows = [] if smoke else memory.logged_estimates(support.REPO / layout.RESULTS)
+    rows = [] if smoke else memory.logged_estimates(support.REPO / layout.results())
     checks = published()
     ratios = [r["estimate_over_measured"] for r in rows]
     return {"name": "memory_model",

@@ -24,11 +24,11 @@ from pathlib import Path
 from unittest import mock
 
 from benchmarks import support
-from qlora_pipeline import layout
+from qlora_pipeline.core import layout
 
 GOAL = 1.5
 MODES = ("packed", "padded", "grouped")
-INPUTS = [layout.BASE, layout.QUANTIZED]
+INPUTS = [layout.base(), layout.quantized()]
 SETTINGS_TASK = "topic"  # a task on the config's defaults: LoRA r 8 on q_proj, v_proj
 MAX_LENGTH = 512
 BATCH = 4  # rows per step, in every mode
@@ -42,7 +42,7 @@ def run(smoke: bool, threads: list[int] | None = None) -> dict:
     if smoke:
         base, quantized, threads = support.tiny_base(), support.tiny_quantized(), 1
     else:
-        base, quantized = support.REPO / layout.BASE, support.REPO / layout.QUANTIZED
+        base, quantized = support.REPO / layout.base(), support.REPO / layout.quantized()
         threads = max(threads or [support.default_threads()])
     with tempfile.TemporaryDirectory() as tmp:
         args = prepared(Path(tmp), base, quantized, plan)
@@ -131,7 +131,7 @@ def train_one(mode: str, args, settings: dict, timer, batches: list) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer, TrainerCallback
 
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
     from qlora_pipeline.training import loop
     from qlora_pipeline.training import packing as packing_lib
     from qlora_pipeline.training.lora import prepare_qlora

@@ -33,9 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from qlora_pipeline import machine  # installed by make setup
-from qlora_pipeline.outputs import atomic_file, write_json
-from qlora_pipeline.provenance import git_commit
+from qlora_pipeline.core import machine
+from qlora_pipeline.core.files import atomic_file, write_json
+from qlora_pipeline.jobs.provenance import git_commit
 
 # In run order. A new benchmark is one module and one name here.
 BENCHMARKS = ("train_step", "packing", "inference", "serving", "bits_per_param",

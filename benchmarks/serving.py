@@ -33,12 +33,12 @@ from pathlib import Path
 
 from benchmarks import support
 from benchmarks.inference import PROMPTS, generation_inputs
-from qlora_pipeline import layout
+from qlora_pipeline.core import layout
 
 SETUPS = ("quantized", "switching", "combined", "merged")
 TASKS = ("arithmetic", "topic")
 COMBINATION = "-".join(TASKS)
-INPUTS = [layout.BASE, layout.QUANTIZED, *(layout.adapter(task, "qlora") for task in TASKS),
+INPUTS = [layout.base(), layout.quantized(), *(layout.adapter(task, "qlora") for task in TASKS),
           layout.combination(COMBINATION)]
 # --smoke: the tiny adapters' layers, different as the tasks' are (arithmetic: all linear
 # layers; topic: attention's q and v), so the combination spans both.
@@ -68,7 +68,7 @@ def run(smoke: bool, threads: list[int] | None = None) -> dict:
 
 def pipeline_models() -> dict:
     """The base, the quantized base, each task's QLoRA adapter and their combination."""
-    return {"base": support.REPO / layout.BASE, "quantized": support.REPO / layout.QUANTIZED,
+    return {"base": support.REPO / layout.base(), "quantized": support.REPO / layout.quantized(),
             "combined": support.REPO / layout.combination(COMBINATION),
             "adapters": {task: support.REPO / layout.adapter(task, "qlora") for task in TASKS}}
 
@@ -81,7 +81,7 @@ def tiny_models() -> dict:
 
     from qlora_pipeline.analysis.combine import combine
     from qlora_pipeline.evaluation.harness import load_model
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     root, base = support.scratch() / "serving", support.tiny_base()
     quantized = support.tiny_quantized()
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     import torch
 
     from benchmarks.merge_memory import status_mb
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     torch.set_num_threads(args.threads)
     policy, results = Policy.detect(), {}

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_pipeline import runtime
+from qlora_pipeline.jobs import environment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,9 +29,9 @@ def default_threads() -> int:
 
 
 def worker_env(threads: int) -> dict:
-    """The environment a pipeline job runs in (runtime.job_environment), for every worker."""
-    return {**runtime.ALLOCATOR_VARIABLES, **os.environ,
-            **{name: str(threads) for name in runtime.THREAD_VARIABLES}}
+    """The environment a pipeline job runs in (jobs/environment.job_environment), for every worker."""
+    return {**environment.ALLOCATOR_VARIABLES, **os.environ,
+            **{name: str(threads) for name in environment.THREAD_VARIABLES}}
 
 
 def run_worker(module: str, args: list[str], threads: int) -> dict:
@@ -134,7 +134,8 @@ def write_settings(path: Path, settings: dict) -> Path:
 @functools.cache
 def task_settings(task: str) -> dict:
     """A task's effective settings (defaults filled in) from the repository's config."""
-    from qlora_pipeline.config import load_config, load_yaml
+    from qlora_pipeline.config import load_config
+    from qlora_pipeline.config.schema import load_yaml
 
     _, tasks = load_config(load_yaml(REPO / "config" / "config.yaml"), root=REPO)
     return tasks[task]
@@ -160,7 +161,7 @@ def scratch() -> Path:
 @functools.cache
 def tiny_base() -> Path:
     """The tests' 2-layer random Llama with its tokenizer (qlora_pipeline.tiny_models)."""
-    from qlora_pipeline.tiny_models import build_tokenizer, save_model
+    from qlora_pipeline.models.tiny import build_tokenizer, save_model
 
     return save_model(scratch() / "base", build_tokenizer())
 
@@ -168,13 +169,13 @@ def tiny_base() -> Path:
 @functools.cache
 def tiny_quantized() -> Path:
     """The tiny base quantized by the pipeline's own quantize stage (NF4, double quant)."""
-    from qlora_pipeline.policy import Policy
-    from qlora_pipeline.stages import model
+    from qlora_pipeline.core.policy import Policy
+    from qlora_pipeline.jobs.runner import run_stage
 
     path = scratch() / "quantized"
-    model.quantize(base=tiny_base(), quantized=path, seed=0, policy=Policy.detect(),
-                   quantization={"method": "nf4", "double_quant": True,
-                                 "compute_dtype": "auto", "skip_modules": ["lm_head"]})
+    run_stage("quantize", base=tiny_base(), quantized=path, seed=0, policy=Policy.detect(),
+              quantization={"method": "nf4", "double_quant": True, "compute_dtype": "auto",
+                            "skip_modules": ["lm_head"]})
     return path
 
 
@@ -188,17 +189,17 @@ def tokenized(root: Path, base: Path, dataset: dict, tokenize: dict) -> Path:
     root/raw once, root/tokenized-<packing|padded> per tokenize block."""
     import datasets
 
-    from qlora_pipeline.policy import Policy
-    from qlora_pipeline.stages import data
+    from qlora_pipeline.core.policy import Policy
+    from qlora_pipeline.jobs.runner import run_stage
 
     datasets.disable_progress_bars()  # the driver's output is the benchmarks' progress
     policy = Policy.detect()
     raw = root / "raw"
     if not raw.exists():
-        data.fetch_dataset(raw=raw, dataset=dataset, format="chat", policy=policy)
+        run_stage("fetch_dataset", raw=raw, dataset=dataset, format="chat", policy=policy)
     out = root / f"tokenized-{'packed' if tokenize['packing'] else 'padded'}"
-    data.tokenize(raw=raw, base=base, tokenized=out, format="chat", tokenize=tokenize,
-                  policy=policy)
+    run_stage("tokenize", raw=raw, base=base, tokenized=out, format="chat", tokenize=tokenize,
+              policy=policy)
     return out
 
 

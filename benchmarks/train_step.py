@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import support
-from qlora_pipeline import layout
+from qlora_pipeline.core import layout
 
 GOAL = 1.03
 IMPLS = ("pipeline", "bare")
 TASK = "arithmetic"
-INPUTS = [layout.QUANTIZED, layout.tokenized(TASK)]  # made by the pipeline before a full run
+INPUTS = [layout.quantized(), layout.tokenized(TASK)]  # made by the pipeline before a full run
 FULL = {"repeats": 3, "steps": 16, "warmup": 2, "one_process": False}
 SMOKE = {"repeats": 1, "steps": 4, "warmup": 1, "one_process": True}
 
@@ -35,7 +35,7 @@ def run(smoke: bool, threads: list[int] | None = None) -> dict:
     if smoke:
         quantized, data, threads = support.tiny_quantized(), support.tiny_arithmetic(), [1]
     else:
-        quantized, data = support.REPO / layout.QUANTIZED, support.REPO / layout.tokenized(TASK)
+        quantized, data = support.REPO / layout.quantized(), support.REPO / layout.tokenized(TASK)
         threads = threads or sorted({1, support.default_threads()})
     rows = [measure_threads(n, plan, quantized, data) for n in threads]
     worst = max(rows, key=lambda r: r["ratio_pipeline_to_bare"])
@@ -82,7 +82,7 @@ def markdown(result: dict) -> str:
 
 def pipeline(quantized, data, tokenizer, settings: dict, steps: int, seed: int, work: Path,
              timer) -> None:
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
     from qlora_pipeline.training import loop
     from qlora_pipeline.training.lora import prepare_qlora
 

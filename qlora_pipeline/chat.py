@@ -23,7 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from .core.errors import InputError
+from .models.generation import LlamaCppModel, answer
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_settings(config_path: str) -> tuple[dict, dict]:
     """(config, tasks) of the run, its results folder selected (config key `run`)."""
-    from . import layout
-    from .config import load_config, load_yaml
+    from .core import layout
+    from .config import load_config
+    from .config.schema import load_yaml
 
     config, tasks = load_config(load_yaml(config_path), root=".")
     layout.use_run(config["run"])
@@ -59,7 +61,7 @@ def run_settings(config_path: str) -> tuple[dict, dict]:
 
 def variant_paths(variant: str, task: str) -> dict[str, str]:
     """What the variant loads, each checked to exist (the run must have produced it)."""
-    from . import layout
+    from .core import layout
 
     try:
         inputs = layout.variant_inputs(variant, task)
@@ -113,61 +115,6 @@ def generation_settings(args: argparse.Namespace, tokenizer) -> dict:
     return settings
 
 
-def _streamer(tokenizer, out):
-    """transformers' TextStreamer (decodes whole words as they complete), into `out`."""
-    from transformers import TextStreamer
-
-    class Streamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
-
-    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-class LlamaCppModel:
-    """A GGUF file in llama.cpp, answering like a transformers model does here: the prompt
-    text in, tokenized by llama.cpp (special tokens parsed), streamed out to its EOS."""
-
-    def __init__(self, path: str, threads: int, seed: int = 0):
-        from .models.gguf_export import require_llama_cpp
-
-        llama_cpp = require_llama_cpp("qlora-chat --gguf")
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
-        self.seed = seed  # --sample: the same seed, the same answers
-
-    def answer(self, prompt: str, settings: dict, out=None) -> str:
-        sampled = {k: settings[k] for k in ("temperature", "top_p", "top_k")} \
-            if settings["do_sample"] else {"temperature": 0.0}  # 0: llama.cpp's greedy sampler
-        pieces = []
-        for chunk in self.llm.create_completion(prompt, max_tokens=settings["max_new_tokens"],
-                                                stream=True, seed=self.seed,
-                                                **sampled):
-            pieces.append(chunk["choices"][0]["text"])
-            if out is not None:
-                out.write(pieces[-1])
-                out.flush()
-        if out is not None:
-            out.write("\n")
-        return "".join(pieces)
-
-
-def answer(model, tokenizer, prompt: str, settings: dict, out=None) -> str:
-    """The model's answer to `prompt`, streamed to `out` (a file) as it is generated."""
-    import torch
-
-    if isinstance(model, LlamaCppModel):
-        return model.answer(prompt, settings, out)
-
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    ids = ids.to(next(model.parameters()).device)
-    streamer = _streamer(tokenizer, out) if out is not None else None
-    with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                streamer=streamer, **settings)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def chat(model, tokenizer, conversation: Conversation, settings: dict, lines, out) -> None:
     """Turns read from `lines` until /exit or their end; answers streamed to `out`."""
     for line in lines:
@@ -214,20 +161,20 @@ def load(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
-    from . import layout
+    from .core import layout
     from .evaluation.harness import load_model
-    from .policy import Policy
+    from .core.policy import Policy
 
     if args.gguf is None:
         return load_model(Policy.detect(), **variant_paths(args.variant, args.task))
     if not Path(args.gguf).is_file():
         raise InputError(f"qlora-chat --gguf: {args.gguf} not found; expected a .gguf file "
                          f"(rule export_gguf writes results/models/gguf/<task>/<task>-<type>.gguf)")
-    if not Path(layout.BASE).is_dir():
-        raise InputError(f"qlora-chat --gguf: {layout.BASE} not found; expected the run's base "
+    if not Path(layout.base()).is_dir():
+        raise InputError(f"qlora-chat --gguf: {layout.base()} not found; expected the run's base "
                          f"(its tokenizer renders the task's prompts)")
     return (LlamaCppModel(args.gguf, torch.get_num_threads(), args.seed),
-            AutoTokenizer.from_pretrained(layout.BASE))
+            AutoTokenizer.from_pretrained(layout.base()))
 
 
 def _prompts():

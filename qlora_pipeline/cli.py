@@ -1,8 +1,8 @@
 """Start one stage from the command line: `qlora-stage <rule> name=value ...` (also
 `python -m qlora_pipeline.cli`). Values are JSON where they parse as JSON, else strings; the
-names are the rule's input, output and param names. This is how a rule runs a stage under a
-launcher (`shell: "torchrun ... -m qlora_pipeline.cli train_qlora ..."`); plain rules keep
-`script:`. Example:
+names are the rule's input, output and param names. The stage runs as its job runs it (outputs
+complete or absent, with provenance: jobs/runner.py); under torchrun each rank runs it on the
+job's temporary outputs, which the job itself moves into place. Example:
 
     qlora-stage quantize base=results/models/base quantized=/tmp/q seed=0 \\
         'quantization={"method": "nf4", "double_quant": true, "compute_dtype": "auto",
@@ -16,7 +16,7 @@ import inspect
 import json
 import sys
 
-from .errors import InputError
+from .core.errors import InputError
 
 
 def _value(text: str):
@@ -27,7 +27,7 @@ def _value(text: str):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from .stages import rules
+    from .jobs.runner import rules
 
     parser = argparse.ArgumentParser(
         prog="qlora-stage", description="Run one pipeline stage outside Snakemake.",
@@ -45,12 +45,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import contextlib
+    import logging
     import os
 
-    from .policy import Policy
-    from .runtime import job_environment, logged_to
-    from .stages import stage_function
+    from .core.policy import Policy
+    from .jobs import launch
+    from .jobs.environment import job_environment
+    from .jobs.runner import Job, call, stage_function
 
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -59,28 +60,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora-stage: {err.args[0]}", file=sys.stderr)
         return 2
     kwargs = {k: _value(v) for k, v in (a.split("=", 1) for a in args.arguments)}
-    params = {n: p for n, p in inspect.signature(stage).parameters.items() if n != "policy"}
-    expected = list(params)
-    unknown = sorted(set(kwargs) - set(params))
+    signature = inspect.signature(stage).parameters
+    params = {n: p for n, p in signature.items() if n != "policy" and p.kind != p.VAR_KEYWORD}
+    any_name = len(params) < len(signature) - 1  # `**written`: the report's outputs
+    unknown = [] if any_name else sorted(set(kwargs) - set(params) - {"provenance"})
     missing = [n for n, p in params.items()
                if p.default is inspect.Parameter.empty and n not in kwargs]
     if unknown or missing:
         print(f"qlora-stage {args.rule}: found {sorted(kwargs)}; missing {missing}, unknown "
-              f"{unknown}; expected {', '.join(expected)}", file=sys.stderr)
+              f"{unknown}; expected {', '.join(params)}", file=sys.stderr)
         return 2
     threads = args.threads or os.cpu_count() or 1
-    if not args.log:  # the caller's streams (a torchrun rank: its job's log), named by rank
-        import logging
-
-        rank = f" rank {os.environ['RANK']}" if "RANK" in os.environ else ""
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format=f"%(asctime)s %(levelname)s{rank} %(name)s: %(message)s")
-    with (logged_to(args.log) if args.log else contextlib.nullcontext()), job_environment(threads):
-        try:
-            stage(**kwargs, policy=Policy.detect(threads))
-        except InputError as err:
-            print(f"qlora-stage {args.rule}: {err}", file=sys.stderr)
-            return 1
+    try:
+        if launch.is_worker():  # a torchrun rank: its job owns the outputs, it only computes
+            rank = os.environ["RANK"]
+            logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                                format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: "
+                                       f"%(message)s")
+            with job_environment(threads):
+                call(stage, kwargs, Policy.detect(threads))
+        else:
+            Job.from_call(args.rule, kwargs, log_path=args.log, threads=threads,
+                          wants_gpu=True).run()
+    except InputError as err:
+        print(f"qlora-stage {args.rule}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,29 +1,28 @@
-# Adapter analysis: the spectrum of every trained adapter's update ΔW, layer by layer, against
-# the base it was trained on (qlora: the dequantized 4-bit base; recovered: the full base).
+# Adapter analysis: the spectrum of every trained adapter's update ΔW (each task's own, each
+# sweep's QLoRA trainings), layer by layer, against the base it was trained on (qlora: the
+# dequantized 4-bit base; recovered: the full base).
 
 
 rule analyze_adapter:
     input:
-        adapter=layout.adapter("{task}", "{kind}"),
-        base=lambda wc: layout.trained_base(wc.kind),
+        adapter=layout.adapter("{task}", "{name}"),
+        base=lambda wc: layout.trained_base(wc.name),
     output:
-        analysis=directory(layout.analysis("{task}", "{kind}")),
+        analysis=directory(layout.analysis("{task}", "{name}")),
     params:
         settings=config["analysis"],
         code=code("analyze_adapter"),
-    wildcard_constraints:
-        kind="|".join(layout.ADAPTERS),
     threads: MODEL_THREADS
     log:
-        f"{RESULTS}/logs/analyze_adapter/{{task}}/{{kind}}.log",
+        f"{RESULTS}/logs/analyze_adapter/{{task}}/{{name}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/analyze_adapter/{{task}}/{{kind}}.tsv"
+        f"{RESULTS}/benchmarks/analyze_adapter/{{task}}/{{name}}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
         gpu=1,
     script:
-        "../scripts/analyze_adapter.py"
+        STAGE
 
 
 # Compression: a task's QLoRA adapter cut to its best lower-rank approximation (task key
@@ -44,4 +43,4 @@ rule compress_adapter:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/compress_adapter.py"
+        STAGE

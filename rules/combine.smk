@@ -5,7 +5,7 @@
 
 rule combine_adapters:
     input:
-        adapters=lambda wc: [layout.adapter(t, combinations.KIND)
+        adapters=lambda wc: [layout.adapter(t, layout.COMBINED_FROM)
                              for t in combination_cfg(wc)["tasks"]],
     output:
         combined=directory(layout.combination("{combination}")),
@@ -26,4 +26,4 @@ rule combine_adapters:
     resources:
         gpu=1,
     script:
-        "../scripts/combine_adapters.py"
+        STAGE

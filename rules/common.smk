@@ -6,9 +6,13 @@
 import os
 import re
 
-from qlora_pipeline import code_digest, combinations, layout, quant_settings, sweeps, warm_start
-from qlora_pipeline.config import load_config, recovery_train
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.config import load_config, recovery_train, sweeps, trainings
+from qlora_pipeline.config import quantization as quant_settings
+from qlora_pipeline.core import layout
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.jobs import code_digest, warm_start
+from qlora_pipeline.report.sections import FILES as REPORT_FILES
+from qlora_pipeline.report.sections import outputs as report_outputs
 
 os.environ.setdefault("QLORA_PIPELINE_ROOT", workflow.basedir)
 
@@ -17,16 +21,31 @@ try:
     layout.use_run(config["run"])  # results/<run>/ for every path below
 except InputError as err:
     raise WorkflowError(str(err)) from None
-RESULTS = layout.RESULTS
+RESULTS = layout.results()
+BASE, QUANTIZED = layout.base(), layout.quantized()
 COMBINATIONS = {c["name"]: c for c in config["combinations"]}
 QUANT_SWEEP = {quant_settings.label(p): p for p in config["quantization_sweep"]}
+# The trainings table (qlora_pipeline/config/trainings.py): per task, its own training (id "")
+# and each sweep point; one set of rules trains, recovers, scores and analyses every row.
+TRAININGS = {task: TASKS[task]["trainings"] for task in TASKS}
+STAGE = "../scripts/stage.py"  # every rule's script: it runs the stage named like the rule
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: matches nothing)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def adapter_names(kinds=layout.TRAINED):
+    return list(dict.fromkeys(n for rows in TRAININGS.values()
+                              for n in trainings.adapters(rows, kinds)))
 
 
 wildcard_constraints:
-    task="|".join(TASKS),
+    task=one_of(TASKS),
     variant=layout.VARIANT_PATTERN,
-    point=sweeps.POINT,
-    qpoint="|".join(QUANT_SWEEP) or "(?!)",
+    name=one_of(adapter_names()),
+    qpoint=one_of(QUANT_SWEEP),
 
 
 def code(rule):
@@ -59,28 +78,49 @@ DATA_THREADS = 1
 TRAINING_PRIORITY = 10
 
 
-# A training job (QLoRA, recovery, a sweep point's) may run on several processes through
-# torchrun (train.distributed, qlora_pipeline/launch.py): it asks for one GPU and
-# MODEL_THREADS cores per process of its node, and for its nodes (the Slurm executor's
-# --nodes; the GPU count is the job's total, as --gpus reads it).
-def training_threads(cfg_of):
-    return lambda wc: MODEL_THREADS * _distributed(cfg_of(wc))["processes"]
-
-
-def training_gpus(cfg_of):
-    return lambda wc: _distributed(cfg_of(wc))["processes"] * _distributed(cfg_of(wc))["nodes"]
-
-
-def training_nodes(cfg_of):
-    return lambda wc: _distributed(cfg_of(wc))["nodes"]
-
-
-def _distributed(cfg):
-    return cfg["train"]["distributed"]
-
-
 def task_cfg(wildcards):
     return TASKS[wildcards.task]
+
+
+def training(wildcards):
+    """The row of the trainings table that makes adapter `name` of `task`."""
+    return trainings.by_adapter(TRAININGS[wildcards.task], wildcards.name)
+
+
+# A training job (QLoRA or recovery, of any row) may run on several processes through
+# torchrun (train.distributed, qlora_pipeline/jobs/launch.py): it asks for one GPU and
+# MODEL_THREADS cores per process of its node, and for its nodes (the Slurm executor's
+# --nodes; the GPU count is the job's total, as --gpus reads it).
+def _distributed(wildcards):
+    return training(wildcards)["train"]["distributed"]
+
+
+def training_threads(wildcards):
+    return MODEL_THREADS * _distributed(wildcards)["processes"]
+
+
+def training_gpus(wildcards):
+    return _distributed(wildcards)["processes"] * _distributed(wildcards)["nodes"]
+
+
+def training_nodes(wildcards):
+    return _distributed(wildcards)["nodes"]
+
+
+def trained_from(wildcards):
+    """The QLoRA adapter a recovery continues: its row's QLoRA training's."""
+    return layout.adapter(wildcards.task, trainings.adapter_name(training(wildcards), "qlora"))
+
+
+def base_model_source(wildcards):
+    """The GGUF file or local folder the import reads (none for a hub model): an input, so
+    that its provenance records it; ancient, so that a reinstall reruns nothing."""
+    base_model = config["base_model"]
+    if base_model["source"] == "gguf":
+        from qlora_pipeline.models.importer import gguf_location
+
+        return [ancient(str(gguf_location(base_model)))]
+    return [ancient(base_model["path"])] if base_model["source"] == "local" else []
 
 
 def local_dataset_files(wildcards):
@@ -101,8 +141,8 @@ def compress_enabled(task):
 
 def final_adapter(wildcards):
     """The adapter a task ships: the recovered one when recovery is on, else the QLoRA one."""
-    kind = "recovered" if recovery_enabled(wildcards.task) else "qlora"
-    return layout.adapter(wildcards.task, kind)
+    return layout.adapter(wildcards.task, "recovered" if recovery_enabled(wildcards.task)
+                          else "qlora")
 
 
 def variants(task):
@@ -122,108 +162,61 @@ def eval_settings(wildcards=None):
     return {k: v for k, v in config["evaluation"].items() if k != "variants"}
 
 
-def eval_results():
-    return [layout.evaluation(v, t)["results"] for t in TASKS for v in variants(t)]
-
-
-def adapter_kinds(task):
+def own_adapters(task):
+    """The task's own training's adapters (what it ships, merges and analyses)."""
     return ["qlora", "recovered"] if recovery_enabled(task) else ["qlora"]
 
 
 def all_adapters():
-    return [layout.adapter(t, kind) for t in TASKS for kind in adapter_kinds(t)]
+    return [layout.adapter(t, name) for t in TASKS for name in own_adapters(t)]
 
 
-def all_analyses():
-    return [layout.analysis(t, kind) for t in TASKS for kind in adapter_kinds(t)]
+def own_analyses():
+    """The analyses of every task's own adapters (a sweep's: its sweep_table)."""
+    return [layout.analysis(t, name) for t in TASKS for name in own_adapters(t)]
 
 
 def all_compressions():
     return [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)]
 
 
-def point_cfg(wildcards):
-    """One sweep point's blocks, seed, swept values and training id (sweeps.py)."""
-    return TASKS[wildcards.task]["sweep_points"][wildcards.point]
-
-
-def training_cfg(wildcards):
-    """One QLoRA training of a sweep: `point` names the training (sweeps.trainings)."""
-    return sweeps.trainings(TASKS[wildcards.task]["sweep_points"])[wildcards.point]
-
-
 def sweep_cfg(task):
     return TASKS[task]["sweep"]
 
 
-def sweep_points():
-    return [(t, point) for t in TASKS for point in TASKS[t]["sweep_points"]]
+def points(task):
+    """The task's sweep points: its rows of the trainings table but its own."""
+    return {id: row for id, row in TRAININGS[task].items() if id}
 
 
-def sweep_trainings(task):
-    return sweeps.trainings(TASKS[task]["sweep_points"])
-
-
-def point_adapter(task, point, kind):
-    """The adapter a point is scored with as `kind`: its training's (qlora) or its own."""
-    cfg = TASKS[task]["sweep_points"][point]
-    return layout.sweep_adapter(task, cfg["training"] if kind == "qlora" else point, kind)
-
-
-def point_inputs(wildcards):
-    """What scoring a point as a variant loads: the task's variant's inputs, with the point's
-    adapter in place of the task's."""
-    return {**layout.variant_inputs(wildcards.variant, wildcards.task),
-            "adapter": point_adapter(wildcards.task, wildcards.point, wildcards.variant)}
-
-
-def all_sweep_results():
-    return [layout.sweep_evaluation(t, p, v)["results"] for t, p in sweep_points()
-            for v in sweep_cfg(t)["variants"]]
-
-
-def all_sweep_adapters():
-    """Every trained and recovered adapter of every sweep (the report reads each point's
-    training summary, whatever it is scored as)."""
-    return [point_adapter(t, p, kind) for t, p in sweep_points()
-            for kind in dict.fromkeys(["qlora", *sweep_cfg(t)["variants"]])]
-
-
-def all_sweep_analyses():
-    return [layout.sweep_analysis(t, training) for t in TASKS for training in sweep_trainings(t)]
+def sweep_scores(task):
+    """The variants a task's sweep points are scored as (points sharing a QLoRA training
+    share its score)."""
+    return list(dict.fromkeys(trainings.adapter_name(row, kind)
+                              for row in points(task).values() for kind in row["scored"]))
 
 
 def sweep_table(task):
-    """What the report and the promotion read of a task's sweep, by path
-    (evaluation/sweep_report.py): per point its training, scores, adapters and analysis."""
-    points = TASKS[task]["sweep_points"]
-    if not points:
+    """What the report and the promotion read of a task's sweep, by path (report/sweeps.py):
+    per point its settings and seed (from the trainings table), its scores, adapters and
+    QLoRA training's analysis."""
+    if not points(task):
         return None
-    variants = sweep_cfg(task)["variants"]
-    return {"variants": variants, "promote": sweep_cfg(task)["promote"], "points": {
-        point: {"training": cfg["training"],
-                "results": {v: layout.sweep_evaluation(task, point, v)["results"]
-                            for v in variants},
-                "adapters": {kind: point_adapter(task, point, kind)  # qlora: its training's
-                             for kind in dict.fromkeys(["qlora", *variants])},
-                "analysis": layout.sweep_analysis(task, cfg["training"])}
-        for point, cfg in points.items()}}
+    sweep = sweep_cfg(task)
+    name = trainings.adapter_name
+    return {"variants": sweep["variants"], "promote": sweep["promote"],
+            "compare": sweeps.selection_variant(sweep), "points": {
+        point: {"settings": row["settings"], "seed": row["seed"],
+                "results": {v: layout.evaluation(name(row, v), task)["results"]
+                            for v in sweep["variants"]},
+                "adapters": {kind: layout.adapter(task, name(row, kind))
+                             for kind in dict.fromkeys(["qlora", *sweep["variants"]])},
+                "analysis": layout.analysis(task, name(row, "qlora"))}
+        for point, row in points(task).items()}}
 
 
 def promoted(task):
-    return bool(TASKS[task]["sweep_points"]) and sweep_cfg(task)["promote"] == "best"
-
-
-def one_of(names):
-    """A wildcard constraint matching exactly these names (none: matches nothing)."""
-    return "|".join(map(re.escape, names)) or "(?!)"
-
-
-# A task with `sweep.promote: best` gets its adapters from its chosen sweep point (rule
-# promote_sweep_point), not from train_qlora and recover: the rules' `task` wildcards are
-# constrained to the tasks they serve.
-PROMOTED = one_of([t for t in TASKS if promoted(t)])
-NOT_PROMOTED = one_of([t for t in TASKS if not promoted(t)])
+    return bool(points(task)) and sweep_cfg(task)["promote"] == "best"
 
 
 def combination_cfg(wildcards):
@@ -234,8 +227,8 @@ def combination_scores():
     """(variant, task) of the combination matrix: on every task of a combination, the
     quantized base, each such task's adapter (its own and the others': the interference
     baseline) and each combination of it."""
-    tasks = combinations.scored_tasks(COMBINATIONS)
-    kind = combinations.KIND
+    tasks = sorted({t for c in COMBINATIONS.values() for t in c["tasks"]})
+    kind = layout.COMBINED_FROM
     pairs = [(v, t) for t in tasks
              for v in ("quantized", kind, *(f"{kind}+{s}" for s in tasks if s != t))]
     return pairs + [(f"{layout.COMBINED}+{name}", t) for name, c in COMBINATIONS.items()
@@ -243,8 +236,8 @@ def combination_scores():
 
 
 def combination_table():
-    """What the report reads of the combinations, by path (evaluation/combination_report.py):
-    each one's settings and folder, and every score of the matrix by task and variant."""
+    """What the report reads of the combinations, by path (report/combinations.py): each
+    one's settings and folder, and every score of the matrix by task and variant."""
     if not COMBINATIONS:
         return None
     results = {}
@@ -255,35 +248,55 @@ def combination_table():
             "results": results}
 
 
-def all_results():
-    """Every score the report tables: the configured variants and the combination matrix."""
-    matrix = [layout.evaluation(v, t)["results"] for v, t in combination_scores()]
-    return list(dict.fromkeys([*eval_results(), *matrix]))
-
-
 def all_exports():
     """The GGUF export of every task with `export.gguf` (rules/export.smk)."""
     return [layout.gguf(t) for t in TASKS if TASKS[t]["export"]["gguf"]]
 
 
-def quantization_markdown():
-    """The quantization report the report includes: with the sweep's section when there is one."""
-    if QUANT_SWEEP:
-        return layout.quantization_sweep()["markdown"]
-    return layout.quantization_report()["markdown"]
+def quantization_files():
+    """The quantization report the report shows: with the sweep's section when there is one."""
+    markdown = (layout.quantization_sweep() if QUANT_SWEEP else layout.quantization_report())
+    return [layout.quantization_report()["report"], markdown["markdown"]]
+
+
+def report_sections():
+    """Each report section's files (qlora_pipeline/report/sections.py), by section."""
+    sweep_files = [[*t["results"].values(), *t["adapters"].values(), t["analysis"]]
+                   for table in filter(None, map(sweep_table, TASKS))
+                   for t in table["points"].values()]
+    matrix = [layout.evaluation(v, t)["results"] for v, t in combination_scores()]
+    return {
+        "scores": list(dict.fromkeys(
+            [layout.evaluation(v, t)["results"] for t in TASKS for v in variants(t)] + matrix)),
+        "training": all_adapters(),
+        "merges": [layout.merged(t) for t in TASKS],
+        "compression": all_compressions(),
+        "exports": all_exports(),
+        "sweeps": list(dict.fromkeys(f for files in sweep_files for f in files)),
+        "combinations": [layout.combination(n) for n in COMBINATIONS] + matrix,
+        "adapters": own_analyses(),
+        "quantization": quantization_files(),
+    }
+
+
+def report_tables():
+    return {"sweeps": {t: sweep_table(t) for t in TASKS if sweep_table(t)},
+            "combinations": combination_table()}
+
+
+def report_files():
+    """The report's outputs by name: report.md, and each present section's CSV and plot."""
+    return {name: f"{layout.report()}/{REPORT_FILES[name][0]}"
+            for name in report_outputs(report_sections())}
 
 
 def all_outputs():
     return [
-        quantization_markdown(),
         *all_adapters(),
         *[layout.combination(name) for name in COMBINATIONS],
-        *all_analyses(),
         *all_compressions(),
-        *all_sweep_results(),
-        *all_sweep_analyses(),
         *[layout.merged(t) for t in TASKS],
         *all_exports(),
-        *all_results(),
-        layout.report()["markdown"],
+        *[f for files in report_sections().values() for f in files],
+        report_files()["markdown"],
     ]

@@ -18,13 +18,13 @@ rule fetch_dataset:
     conda:
         "../envs/data.yaml"
     script:
-        "../scripts/fetch_dataset.py"
+        STAGE
 
 
 rule tokenize:
     input:
         raw=layout.raw("{task}"),
-        base=layout.BASE,
+        base=BASE,
     output:
         tokenized=directory(layout.tokenized("{task}")),
     params:
@@ -40,4 +40,4 @@ rule tokenize:
     conda:
         "../envs/data.yaml"
     script:
-        "../scripts/tokenize.py"
+        STAGE

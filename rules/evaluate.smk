@@ -1,11 +1,12 @@
-# Evaluation: each task's test split as an lm-eval task, then one job per variant × task,
+# Evaluation: each task's test split as an lm-eval task, then one job per variant × task
+# (any variant: a task's own models, another task's, a combination, a sweep point's adapter),
 # so that adding a variant or a benchmark reruns nothing else.
 
 
 rule eval_task_spec:
     input:
         raw=layout.raw("{task}"),
-        base=layout.BASE,
+        base=BASE,
     output:
         spec=directory(layout.eval_spec("{task}")),
     params:
@@ -21,7 +22,7 @@ rule eval_task_spec:
     conda:
         "../envs/eval.yaml"
     script:
-        "../scripts/eval_task_spec.py"
+        STAGE
 
 
 rule evaluate:
@@ -43,4 +44,4 @@ rule evaluate:
     resources:
         gpu=1,
     script:
-        "../scripts/evaluate.py"
+        STAGE

@@ -21,4 +21,4 @@ rule export_gguf:
     resources:
         gpu=1,
     script:
-        "../scripts/export_gguf.py"
+        STAGE

@@ -2,8 +2,10 @@
 
 
 rule import_base_model:
+    input:
+        source=base_model_source,
     output:
-        base=directory(layout.BASE),
+        base=directory(BASE),
     params:
         base_model=config["base_model"],
         code=code("import_base_model"),
@@ -15,14 +17,14 @@ rule import_base_model:
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/import_base_model.py"
+        STAGE
 
 
 rule quantize:
     input:
-        base=layout.BASE,
+        base=BASE,
     output:
-        quantized=directory(layout.QUANTIZED),
+        quantized=directory(QUANTIZED),
     params:
         quantization=config["quantization"],
         seed=config["seed"],
@@ -38,13 +40,13 @@ rule quantize:
     resources:
         gpu=1,
     script:
-        "../scripts/quantize.py"
+        STAGE
 
 
 rule quantization_report:
     input:
-        base=layout.BASE,
-        quantized=layout.QUANTIZED,
+        base=BASE,
+        quantized=QUANTIZED,
         tokenized=[layout.tokenized(task) for task in TASKS],
     output:
         **layout.quantization_report(),
@@ -62,13 +64,13 @@ rule quantization_report:
     resources:
         gpu=1,
     script:
-        "../scripts/quantization_report.py"
+        STAGE
 
 
 # Only with `quantization_sweep:` entries: each method measured, not trained (the table: report.smk).
 rule quantization_sweep_point:
     input:
-        base=layout.BASE,
+        base=BASE,
         tokenized=[layout.tokenized(task) for task in TASKS],
     output:
         report=directory(layout.quantization_sweep_point("{qpoint}")),
@@ -88,5 +90,5 @@ rule quantization_sweep_point:
     resources:
         gpu=1,
     script:
-        "../scripts/quantization_sweep_point.py"
+        STAGE
 

@@ -13,12 +13,7 @@ import pytest
 import yaml
 
 # Tests import these from conftest; the benchmarks' smoke versions share them.
-from qlora_pipeline.tiny_models import (  # noqa: F401
-    CHAT_TEMPLATE,
-    build_model,
-    build_tokenizer,
-    save_model,
-)
+from qlora_pipeline.models.tiny import CHAT_TEMPLATE, build_model, build_tokenizer, save_model
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +32,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 def task_blocks() -> dict:
     """Complete lora/train/recovery/merge blocks: a minimal task with the schema defaults."""
-    from qlora_pipeline.config import load_schema, validate
+    from qlora_pipeline.config.schema import load_schema, validate
 
     task = {"format": "chat",
             "dataset": {"source": "builtin", "name": "arithmetic", "num_examples": 80}}
@@ -46,36 +41,35 @@ def task_blocks() -> dict:
 
 def build_inputs(root: Path, model_dir: Path) -> tuple[Path, Path]:
     """A saved quantized base and tokenized arithmetic (chat) data, built with the stages."""
-    from qlora_pipeline.stages import data, model
-
-    policy = job_policy()
-    model.quantize(base=model_dir, quantized=root / "quantized", seed=0, policy=policy,
-                   quantization={"method": "nf4", "double_quant": True,
-                                 "compute_dtype": "auto", "skip_modules": ["lm_head"]})
-    data.fetch_dataset(raw=root / "raw", format="chat", policy=policy,
-                       dataset={"source": "builtin", "name": "arithmetic", "num_examples": 80,
-                                "seed": 1, "validation_fraction": 0.1, "test_fraction": 0.1,
-                                "columns": {}})
-    data.tokenize(raw=root / "raw", base=model_dir, tokenized=root / "tokenized", format="chat",
-                  tokenize={"max_length": 128, "train_on_prompt": False, "packing": False},
-                  policy=policy)
+    stage("quantize")(base=model_dir, quantized=root / "quantized", seed=0,
+                      quantization={"method": "nf4", "double_quant": True,
+                                    "compute_dtype": "auto", "skip_modules": ["lm_head"]})
+    stage("fetch_dataset")(raw=root / "raw", format="chat",
+                           dataset={"source": "builtin", "name": "arithmetic",
+                                    "num_examples": 80, "seed": 1, "validation_fraction": 0.1,
+                                    "test_fraction": 0.1, "columns": {}})
+    stage("tokenize")(raw=root / "raw", base=model_dir, tokenized=root / "tokenized",
+                      format="chat",
+                      tokenize={"max_length": 128, "train_on_prompt": False, "packing": False})
     return root / "quantized", root / "tokenized"
 
 
 def job_policy():
     """The policy a job on this machine gets (tests call stages without a job around them)."""
-    from qlora_pipeline.policy import Policy
+    from qlora_pipeline.core.policy import Policy
 
     return Policy.detect()
 
 
 def stage(rule: str):
-    """The stage function of `rule` with this machine's policy: called with the rule's names."""
-    import functools
+    """The stage of `rule` called by its rule's names, as its job runs it (outputs complete or
+    absent, with provenance), with this machine's policy unless one is given."""
+    from qlora_pipeline.jobs.runner import run_stage
 
-    from qlora_pipeline.stages import stage_function
+    def call(**kwargs):
+        return run_stage(rule, **{"policy": job_policy(), **kwargs})
 
-    return functools.partial(stage_function(rule), policy=job_policy())
+    return call
 
 
 def write_yaml(path: Path, data) -> Path:

@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from qlora_pipeline.analysis import intruders, profile, recommend, spectrum
-from qlora_pipeline.training.adapter_file import Update
+from qlora_pipeline.core.layout import parse_layer
+from qlora_pipeline.report.adapters import grid
+from qlora_pipeline.models.adapter_file import Update
 
 OUT, IN, R = 64, 48, 8
 S_TRUE = (3.0, 0.5)
@@ -242,7 +244,7 @@ def test_randomized_path_is_reproducible_and_leaves_the_rng(monkeypatch):
     ("model.embed_tokens", (None, "embed_tokens")),
 ])
 def test_parse_layer(key, expected):
-    assert profile.parse_layer(key) == expected
+    assert parse_layer(key) == expected
 
 
 def test_depth_band_thirds():
@@ -293,10 +295,10 @@ def test_summarize_means():
 
 
 def test_grid_layout():
-    layers, modules, matrix = profile.grid(RECORDS, "fro")
+    layers, modules, matrix = grid(RECORDS, "fro")
     assert (layers, modules) == ([0, 5, 8], ["down_proj", "q_proj"])
     assert matrix == [[2.0, 1.0], [None, 3.0], [None, 0.0]]
-    assert profile.grid(RECORDS, "intruders")[2] == [[None, 2], [None, 0], [None, 1]]
+    assert grid(RECORDS, "intruders")[2] == [[None, 2], [None, 0], [None, 1]]
 
 
 def spectral_record(S: list[float]) -> dict:

@@ -11,10 +11,10 @@ import pytest
 from conftest import TINY_TASKS, stage
 from safetensors.torch import load_file
 
-from qlora_pipeline import layout
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core import layout
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.models.checkpoint import Checkpoint
-from qlora_pipeline.training.adapter_file import read_adapter
+from qlora_pipeline.models.adapter_file import read_adapter
 
 KINDS = [(task, kind) for task, cfg in TINY_TASKS.items()
          for kind in (["qlora", "recovered"] if cfg.get("recovery", {}).get("enabled")
@@ -47,7 +47,7 @@ def test_numbers_match_the_dense_update_against_the_trained_base(tiny_run):
     layers = json.loads((tiny_run / layout.analysis("arithmetic", "qlora") / "layers.json")
                         .read_text())
     updates = read_adapter(tiny_run / layout.adapter("arithmetic", "qlora"))
-    base = Checkpoint(tiny_run / layout.QUANTIZED)
+    base = Checkpoint(tiny_run / layout.quantized())
     for key, update in updates.items():
         delta = update.delta().double().numpy()
         w0 = base.weight(key).double().numpy()
@@ -70,11 +70,11 @@ def test_training_logs_the_effective_rank_at_each_evaluation(tiny_run):
 
 
 def test_the_report_shows_the_analyses(tiny_run):
-    text = (tiny_run / layout.report()["markdown"]).read_text()
+    text = (tiny_run / f"{layout.report()}/report.md").read_text()
     assert "## Adapters" in text
     for task, kind in KINDS:
         assert f"### {task}: {kind} adapter" in text
-    assert (tiny_run / layout.report()["adapters_plot"]).stat().st_size > 10_000
+    assert (tiny_run / f"{layout.report()}/adapters.png").stat().st_size > 10_000
 
 
 def test_an_adapter_of_another_model_is_refused(tiny_run, tmp_path):
@@ -88,9 +88,9 @@ def test_an_adapter_of_another_model_is_refused(tiny_run, tmp_path):
     save_file({k.replace("layers.0.", "layers.9."): v for k, v in tensors.items()},
               adapter / "adapter_model.safetensors")
     with pytest.raises(InputError, match="does not store"):
-        stage("analyze_adapter")(adapter=adapter, base=tiny_run / layout.QUANTIZED,
+        stage("analyze_adapter")(adapter=adapter, base=tiny_run / layout.quantized(),
                                  analysis=tmp_path / "out", settings=SETTINGS, task="topic",
-                                 kind="qlora")
+                                 name="qlora")
     assert not (tmp_path / "out").exists()
 
 
@@ -112,6 +112,6 @@ def test_memory_holds_one_base_layer(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.Checkpoint, "weight", tracked)
     stage("analyze_adapter")(adapter=tiny_run / layout.adapter("arithmetic", "qlora"),
-                             base=tiny_run / layout.QUANTIZED, analysis=tmp_path / "out",
-                             settings=SETTINGS, task="arithmetic", kind="qlora")
+                             base=tiny_run / layout.quantized(), analysis=tmp_path / "out",
+                             settings=SETTINGS, task="arithmetic", name="qlora")
     assert peak[0] == 1

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import build_inputs, job_policy, save_model, stage, task_blocks
 from qlora_pipeline.config import recovery_train
-from qlora_pipeline.models.numerics import linear4bit_layers
+from qlora_pipeline.models.methods.bnb4 import linear4bit_layers
 from qlora_pipeline.models.quantization import load_quantized
 
 ARCHITECTURES = {"llama": False, "qwen2": True, "gpt_neox": True, "phi": True}  # biases?

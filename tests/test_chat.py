@@ -11,7 +11,9 @@ import json
 import pytest
 
 from conftest import job_policy
-from qlora_pipeline import chat, serving
+from qlora_pipeline import chat
+from qlora_pipeline.models import generation
+from qlora_pipeline.models import serving
 
 QUESTION = "What is 2 + 3? Answer with the number only."
 
@@ -38,7 +40,7 @@ def test_one_prompt_streams_the_variants_greedy_answer(in_run, capsys, variant, 
     streamed = capsys.readouterr().out
     model, tokenizer, settings = loaded(variant, task)
     prompt = chat.Conversation(settings, tokenizer).prompt(QUESTION)
-    direct = chat.answer(model, tokenizer, prompt,
+    direct = generation.answer(model, tokenizer, prompt,
                          chat.generation_settings(chat.parse_args(argv), tokenizer))
     assert streamed.strip() == direct.strip()
 

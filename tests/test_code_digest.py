@@ -1,5 +1,6 @@
 """Library code is a rerun trigger, stage by stage: a rule's params.code is a digest of the
-code its stage runs (qlora_pipeline/code_digest.py)."""
+code its stage runs (qlora_pipeline/jobs/code_digest.py); the code that only decides how a job
+runs (code_digest.INFRASTRUCTURE) is none."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import shutil
 import pytest
 from conftest import REPO
 
-from qlora_pipeline import code_digest
-from qlora_pipeline.stages import rules
+from qlora_pipeline.jobs import code_digest
+from qlora_pipeline.jobs.runner import rules
 
-TRAINING_LOOP_RULES = {"train_qlora", "recover", "train_sweep_point", "recover_sweep_point"}
+TRAINING_LOOP_RULES = {"train_qlora", "recover"}  # every row of the trainings table
 
 
 @pytest.fixture
@@ -61,23 +62,18 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 
 
 @pytest.mark.parametrize("module, rules_changed", [
-    # promote_sweep_point: its task's metric name (evaluation/tasks.py reads formats);
-    # export_gguf: the merged model's answers are the chat command's (chat.py renders prompts)
-    ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate",
-                         "evaluate_sweep_point", "promote_sweep_point", "report",
-                         "export_gguf"}),
-    # analyze_*: models/checkpoint.py reads a quantized base through models/methods/
+    ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate"}),
+    # not the adapter analysis: it reads a quantized base through models/methods/ alone
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
-                            "merge", "evaluate", "compress_adapter", "train_sweep_point",
-                            "recover_sweep_point", "evaluate_sweep_point", "combine_adapters",
-                            "analyze_adapter", "analyze_sweep_point",
+                            "merge", "evaluate", "compress_adapter", "combine_adapters",
                             "quantization_sweep_point", "export_gguf"}),
     # combine_adapters: through compress.split (compress.py imports recommend)
-    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "analyze_sweep_point",
-                               "combine_adapters"}),
+    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "combine_adapters"}),
     ("analysis/overlap.py", {"combine_adapters"}),
-    ("evaluation/combination_report.py", {"report"}),
-    ("evaluation/reporting.py", {"report"}),
+    ("report/combinations.py", {"report"}),
+    ("report/scores.py", {"report"}),
+    # the sweep's rule of choice: the report shows it, the promotion applies it
+    ("report/sweeps.py", {"report", "promote_sweep_point"}),
 ])
 def test_what_each_module_reaches(package, module, rules_changed):
     before = digests(package)
@@ -91,11 +87,34 @@ def test_unknown_rule():
         code_digest.for_rule("nope")
 
 
+def infrastructure_files(root) -> list:
+    """The files of code_digest.INFRASTRUCTURE, under `root` (a copy of the package)."""
+    found = []
+    for module in code_digest.INFRASTRUCTURE:
+        path = root.joinpath(*module.split(".")[1:])
+        found += sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+    return found
+
+
+def test_infrastructure_is_listed_and_no_trigger(package):
+    """Each listed module exists; a statement added to any of them changes no rule's digest."""
+    files = infrastructure_files(package)
+    assert {f.relative_to(package).as_posix() for f in files} >= {
+        "jobs/runner.py", "jobs/warm_start.py", "jobs/gpus.py", "jobs/launch.py",
+        "jobs/outputs.py", "jobs/provenance.py", "jobs/code_digest.py",
+        "jobs/environment.py", "core/memory.py", "core/machine.py"}
+    before = digests(package)
+    for path in files:
+        path.write_text(path.read_text() + "\n_UNUSED = 1\n")
+        assert changed(before, digests(package)) == set(), path
+
+
 def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
-    """The measured rerun set after an edit to the training loop: training, recovery, merge,
-    the scores and analyses of what they made, and the report; nothing of data or quantization.
-    (On an edited copy of the workflow and library: Snakemake imports the library from the
-    workflow's folder when it parses the rules.)"""
+    """On a finished tiny run: an edit to every module of code_digest.INFRASTRUCTURE plans
+    nothing; then the measured rerun set after an edit to the training loop: every training
+    of the table, recovery, merge, the scores and analyses of what they made, and the report;
+    nothing of data or quantization. (On an edited copy of the workflow and library:
+    Snakemake imports the library from the workflow's folder when it parses the rules.)"""
     from test_incremental import planned_with
 
     repo = tmp_path / "repo"
@@ -104,23 +123,27 @@ def test_a_library_edit_reruns_what_uses_it(copy_run, tmp_path):
         copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
         (repo / part).parent.mkdir(parents=True, exist_ok=True)
         copy(REPO / part, repo / part)
+    for path in infrastructure_files(repo / "qlora_pipeline"):
+        path.write_text(path.read_text() + "\n_UNUSED = 1\n")
+    workdir = copy_run()
+    assert planned_with(workdir, repo=repo) == set()
     loop = repo / "qlora_pipeline/training/loop.py"
     loop.write_text(loop.read_text().replace('"steps": trainer.state.global_step,',
                                              '"steps": int(trainer.state.global_step),'))
-    workdir = copy_run()
     assert planned_with(workdir, repo=repo) == {
-        ("train_qlora", "arithmetic", ""), ("train_qlora", "topic", ""),
-        ("recover", "arithmetic", ""), ("merge", "arithmetic", ""), ("merge", "topic", ""),
+        ("train_qlora", "arithmetic", "qlora"), ("train_qlora", "topic", "qlora"),
+        ("train_qlora", "topic", "qlora@r1"), ("train_qlora", "topic", "qlora@r2"),
+        ("recover", "arithmetic", "recovered"), ("merge", "arithmetic", ""),
+        ("merge", "topic", ""),
         ("evaluate", "arithmetic", "qlora"), ("evaluate", "arithmetic", "recovered"),
         ("evaluate", "arithmetic", "merged"), ("evaluate", "topic", "qlora"),
-        ("evaluate", "topic", "merged"), ("analyze_adapter", "arithmetic", "qlora"),
+        ("evaluate", "topic", "merged"), ("evaluate", "topic", "qlora@r1"),
+        ("evaluate", "topic", "qlora@r2"), ("analyze_adapter", "arithmetic", "qlora"),
         ("analyze_adapter", "arithmetic", "recovered"), ("analyze_adapter", "topic", "qlora"),
+        ("analyze_adapter", "topic", "qlora@r1"), ("analyze_adapter", "topic", "qlora@r2"),
         ("compress_adapter", "topic", ""), ("evaluate", "topic", "compressed"),
         ("combine_adapters", "", "both"), ("evaluate", "arithmetic", "combined+both"),
         ("evaluate", "topic", "combined+both"), ("evaluate", "arithmetic", "qlora+topic"),
-        ("evaluate", "topic", "qlora+arithmetic"),
-        *[(rule, "topic", point) for point in ("r1", "r2") for rule in (
-            "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point")],
-        ("report", "", ""),
+        ("evaluate", "topic", "qlora+arithmetic"), ("report", "", ""),
     }
     assert planned_with(workdir) == set()  # the library as it is: nothing to do

@@ -14,9 +14,9 @@ import torch
 from conftest import build_model
 
 from qlora_pipeline.analysis import compress
-from qlora_pipeline.errors import InputError
-from qlora_pipeline.models.numerics import NumericsError
-from qlora_pipeline.training.adapter_file import read_adapter
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.errors import NumericsError
+from qlora_pipeline.models.adapter_file import read_adapter
 
 R = 8
 S_TRUE = (0.6, 0.2, 0.05)  # the planted singular values of ΔW, largest first
@@ -175,7 +175,7 @@ def test_the_pipeline_compresses_and_scores_the_compressed_variant(tiny_run):
     """On the session's tiny run (topic: compress {rank: 1}): the compress_adapter job's
     adapter is the rank-1 cut of the QLoRA adapter's every ΔW, scored on the quantized base,
     and the report sets its size beside the QLoRA adapter's."""
-    from qlora_pipeline import layout
+    from qlora_pipeline.core import layout
 
     folder = tiny_run / layout.adapter("topic", "compressed")
     info = json.loads((folder / "compression.json").read_text())
@@ -191,7 +191,7 @@ def test_the_pipeline_compresses_and_scores_the_compressed_variant(tiny_run):
     results = json.loads((tiny_run / layout.evaluation("compressed", "topic")["results"])
                          .read_text())
     assert results["variant"] == "compressed"
-    report = (tiny_run / layout.report()["markdown"]).read_text()
+    report = (tiny_run / f"{layout.report()}/report.md").read_text()
     assert re.search(r"## Compression[^#]*\n\| topic +\| rank 1 +\|", report)
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, write_yaml
 
 from qlora_pipeline.config import deep_merge, load_config
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 
 ARITHMETIC = {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
                                             "num_examples": 20, "seed": 3}}
@@ -110,7 +110,7 @@ def test_deep_merge_does_not_mutate_its_inputs():
 
 
 def test_repository_config_and_tasks_are_valid():
-    from qlora_pipeline.config import load_yaml
+    from qlora_pipeline.config.schema import load_yaml
 
     config, tasks = load_config(load_yaml(REPO / "config/config.yaml"), root=REPO)
     assert set(tasks) == set(config["tasks"]) == {"arithmetic", "topic"}
@@ -217,8 +217,6 @@ def test_bad_value_from_task_overrides_names_the_override(root):
 @pytest.mark.parametrize("changes, key, found, expected", [
     ({"seed": "abc"}, "seed", '"abc"', "a value of type integer"),
     ({"base_model": {"source": "ftp"}}, "base_model.source", '"ftp"', "one of gguf, hub, local"),
-    ({"quantization": {"method": "int4"}}, "quantization.method", '"int4"',
-     "one of nf4, fp4, int8, hqq"),
     ({"quantization": {"method": "hqq", "bits": 5}}, "quantization.bits", "5",
      "one of 1, 2, 3, 4, 8"),
     ({"defaults": {"tokenize": {"max_length": 4}}}, "defaults.tokenize.max_length", "4",
@@ -230,6 +228,12 @@ def test_bad_config_value(root, changes, key, found, expected):
     message = error_of(root, **changes)
     assert message.startswith("config: invalid configuration")
     assert f"key '{key}': found {found}, expected {expected}" in message
+
+
+def test_an_unknown_quantization_method_is_named_with_the_methods_there_are(root):
+    """The methods are their modules (models/methods/), not a list in the schema."""
+    assert error_of(root, quantization={"method": "int4"}) == (
+        "config key 'quantization.method': found 'int4'; expected one of nf4, fp4, int8, hqq")
 
 
 @pytest.mark.parametrize("changes, key, unknown, suggestion", [
@@ -292,7 +296,7 @@ def test_distributed_training_settings(root):
     assert config["quantization"]["quant_storage"] == "uint8"  # the user's choice stands
 
 
-# ---- quantization methods (qlora_pipeline/quant_settings.py) ---------------------------------
+# ---- quantization methods (qlora_pipeline/config/quantization.py) ---------------------------
 
 def test_each_method_keeps_only_its_own_keys(root):
     hqq, _ = load(root, quantization={"method": "hqq", "bits": 3})
@@ -320,7 +324,7 @@ def test_the_old_quant_type_key_names_its_replacement(root):
 def test_sweep_points_are_settled_named_and_unique(root):
     config, _ = load(root, quantization_sweep=[{"method": "hqq", "bits": 2},
                                                {"method": "nf4", "double_quant": False}])
-    from qlora_pipeline.quant_settings import label
+    from qlora_pipeline.config.quantization import label
     assert [label(p) for p in config["quantization_sweep"]] == ["hqq2-g64", "nf4-nodq"]
     assert config["quantization_sweep"][0]["skip_modules"] == ["lm_head"]  # quantization's
     message = error_of(root, quantization_sweep=[{"method": "int8"}, {"method": "int8"}])

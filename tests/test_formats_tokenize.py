@@ -11,7 +11,7 @@ import pytest
 from conftest import CHAT_TEMPLATE, stage
 from qlora_pipeline.data import formats
 from qlora_pipeline.data.tokenize import IGNORE, pack, tokenize_record, tokenize_split
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.data.sources import read_split
 
 
@@ -296,8 +296,8 @@ def test_tokenize_dataset_writes_a_loadable_dataset(raw_dir, tiny_model_dir, tmp
     assert stats["splits"]["train"]["tokens"] == sum(len(x) for x in data["train"]["input_ids"])
     provenance = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert provenance["stage"] == "tokenize"
-    assert provenance["config"] == {"format": "chat", "tokenize": CFG}
-    assert set(provenance["inputs"]) == {"raw", "tokenizer"}
+    assert provenance["params"] == {"format": "chat", "tokenize": CFG}
+    assert set(provenance["inputs"]) == {"raw", "base"}  # the rule's names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenized"]
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from qlora_pipeline import config as config_module
-from qlora_pipeline import layout
-from qlora_pipeline.errors import InputError
+from conftest import REPO, stage
+from qlora_pipeline.config import load_config
+from qlora_pipeline.config.schema import load_schema, load_yaml
+from qlora_pipeline.core import layout
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.policy import Policy
 from qlora_pipeline.models import gguf_export, gguf_roundtrip
-from qlora_pipeline.policy import Policy
-from qlora_pipeline.stages.export import export_gguf
-from qlora_pipeline.tiny_models import build_model
+from qlora_pipeline.models.tiny import build_model
 
 QUESTIONS = ["What is 12 + 34?", "Classify: The storm hit the valley.", "What is 7 + 5?",
              "Name a food.", "Say hello.", "What is 3 + 3?"]
@@ -59,8 +59,8 @@ def make_merged(folder: Path, tokenizer, arch: str) -> tuple[Path, Path]:
 
 
 def run(folder: Path, merged: Path, spec: Path, export: dict) -> dict:
-    export_gguf(merged=str(merged), spec=str(spec), gguf=str(folder / "gguf"), task="t",
-                export=export, policy=Policy.cpu(2))
+    stage("export_gguf")(merged=str(merged), spec=str(spec), gguf=str(folder / "gguf"),
+                         task="t", export=export, policy=Policy.cpu(2))
     return json.loads((folder / "gguf" / "export.json").read_text())
 
 
@@ -160,7 +160,7 @@ def test_a_model_the_ram_cannot_hold_is_refused_before_any_work(tmp_path, smol_t
                                                                  monkeypatch):
     """The importer's round trip holds the model in float32 on the CPU: with too little RAM
     the job is refused, naming the estimate and the remedy, before it converts anything."""
-    from qlora_pipeline import memory
+    from qlora_pipeline.core import memory
 
     merged, spec = make_merged(tmp_path, smol_tokenizer, "llama")
     monkeypatch.setattr(memory, "available_bytes", lambda device: (50 * 2 ** 20, "available RAM"))
@@ -172,23 +172,23 @@ def test_a_model_the_ram_cannot_hold_is_refused_before_any_work(tmp_path, smol_t
 def test_a_missing_converter_is_named_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_export.ENV, str(tmp_path / "nowhere"))
     with pytest.raises(InputError, match=r"no convert_hf_to_gguf\.py in .*nowhere.*make setup"):
-        export_gguf(merged=str(tmp_path / "m"), spec=str(tmp_path / "s"),
-                    gguf=str(tmp_path / "gguf"), task="t", export=settings(["f16"]),
-                    policy=Policy.cpu(1))
+        stage("export_gguf")(merged=str(tmp_path / "m"), spec=str(tmp_path / "s"),
+                             gguf=str(tmp_path / "gguf"), task="t", export=settings(["f16"]),
+                             policy=Policy.cpu(1))
     assert not (tmp_path / "gguf").exists()
 
 
 def test_export_settings(tmp_path):
     """`type` is one type or a list (a list from the config on); an unknown type is refused
     naming the key; the schema offers exactly the types the stage can write."""
-    schema = config_module.load_schema("task.schema.yaml")["properties"]["export"]
+    schema = load_schema("task.schema.yaml")["properties"]["export"]
     offered = schema["properties"]["type"]["items"]["enum"]
     assert offered == list(gguf_export.TYPES)
     assert set(gguf_roundtrip.WEIGHT_BOUNDS) == set(gguf_export.TYPES)
     def with_export(export):
-        config = config_module.load_yaml(REPO / "config" / "config.yaml")
+        config = load_yaml(REPO / "config" / "config.yaml")
         config["task_overrides"] = {"arithmetic": {"export": export}}
-        return config_module.load_config(config, root=REPO)[1]["arithmetic"]["export"]
+        return load_config(config, root=REPO)[1]["arithmetic"]["export"]
 
     for given, expected in (("f16", ["f16"]), (["q8_0", "q4_k_m"], ["q8_0", "q4_k_m"])):
         assert with_export({"gguf": True, "type": given})["type"] == expected
@@ -203,15 +203,16 @@ def test_qlora_chat_runs_an_exported_file_in_llama_cpp(tmp_path, smol_tokenizer)
     import io
 
     from qlora_pipeline import chat
+    from qlora_pipeline.models import generation
 
     merged, spec = make_merged(tmp_path, smol_tokenizer, "llama")
     run(tmp_path, merged, spec, settings(["f16"], llama_cpp=False))
-    model = chat.LlamaCppModel(str(tmp_path / "gguf" / "t-f16.gguf"), threads=2)
+    model = generation.LlamaCppModel(str(tmp_path / "gguf" / "t-f16.gguf"), threads=2)
     prompt = gguf_roundtrip.test_prompts(spec, 1)[0]
     args = chat.parse_args(["--task", "t", "--max-new-tokens", "6"])
     out = io.StringIO()
     greedy = chat.generation_settings(args, smol_tokenizer)
-    streamed = chat.answer(model, smol_tokenizer, prompt, greedy, out)
+    streamed = generation.answer(model, smol_tokenizer, prompt, greedy, out)
     assert out.getvalue() == streamed + "\n" and streamed
     whole = model.llm.create_completion(prompt, max_tokens=6, temperature=0.0)
     assert streamed == whole["choices"][0]["text"]

@@ -1,4 +1,4 @@
-"""Workstation GPU pinning (qlora_pipeline/gpus.py) with simulated GPUs: QLORA_NUM_GPUS
+"""Workstation GPU pinning (qlora_pipeline/jobs/gpus.py) with simulated GPUs: QLORA_NUM_GPUS
 stands in for `nvidia-smi -L`, and the claims are real flock()s taken by real processes."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from types import SimpleNamespace
 import pytest
 from conftest import REPO
 
-from qlora_pipeline import gpus
-from qlora_pipeline.runtime import run_script
+from qlora_pipeline.jobs import gpus
+from qlora_pipeline.jobs.runner import Job
 
 # A process that pins a GPU like a stage does, reports it, and holds it until told to stop
 # (a line on stdin) or killed.
 HOLDER = """
 import json, os, sys, time
-from qlora_pipeline import gpus
+from qlora_pipeline.jobs import gpus
 with gpus.pinned_gpu(poll_s=0.05) as index:
     print(json.dumps({"index": index, "cvd": os.environ.get("CUDA_VISIBLE_DEVICES")}),
           flush=True)
@@ -33,7 +33,7 @@ with gpus.pinned_gpu(poll_s=0.05) as index:
 # A process that pins a GPU, records when it held it, and works for `hold` seconds.
 WORKER = """
 import json, os, sys, time
-from qlora_pipeline import gpus
+from qlora_pipeline.jobs import gpus
 out, hold = sys.argv[1], float(sys.argv[2])
 with gpus.pinned_gpu(poll_s=0.02) as index:
     start = time.time()
@@ -239,11 +239,15 @@ def test_a_killed_holder_releases_its_gpu(sim):
             proc.kill()
 
 
-# ---- the hook in run_script --------------------------------------------------------------------
+# ---- the hook in the job runner ---------------------------------------------------------------
 
-def fake_smk(resources: dict) -> SimpleNamespace:
-    return SimpleNamespace(log=[], resources=resources, rule="fake", threads=1, input={},
-                           output={}, params={}, wildcards={})
+def run_fake(resources: dict, stage) -> None:
+    """A job as Snakemake hands it over (its resources), running `stage`."""
+    import dataclasses
+
+    smk = SimpleNamespace(log=[], resources=resources, rule="fake", threads=1, input={},
+                          output={}, params={}, wildcards={})
+    dataclasses.replace(Job.from_snakemake(smk), stage=stage).run()
 
 
 @pytest.mark.parametrize("resources, expected", [
@@ -251,22 +255,20 @@ def fake_smk(resources: dict) -> SimpleNamespace:
     ({}, None),          # a rule without a GPU is not
     ({"gpu": 0}, None),
 ])
-def test_run_script_pins_only_rules_that_declare_a_gpu(sim, resources, expected):
+def test_a_job_pins_only_rules_that_declare_a_gpu(sim, resources, expected):
     sim.env(2)
     seen = {}
-    run_script(fake_smk(resources),
-               lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    run_fake(resources, lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
     assert seen["cvd"] == expected
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
-def test_run_script_leaves_a_slurm_assignment_alone(sim, monkeypatch):
+def test_a_job_leaves_a_slurm_assignment_alone(sim, monkeypatch):
     sim.env(2)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     seen = {}
-    run_script(fake_smk({"gpu": 1}),
-               lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
+    run_fake({"gpu": 1}, lambda policy: seen.update(cvd=os.environ.get("CUDA_VISIBLE_DEVICES")))
     assert seen["cvd"] == "5"
 
 

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from conftest import stage
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = "tiny-org/tiny-llama"
 
 
 def import_base(base_model: dict, out) -> None:
-    stage("import_base_model")(base=out, base_model=base_model)
+    """As the rule runs it: a local folder is its declared input (a hub model has none)."""
+    source = [base_model["path"]] if base_model["source"] == "local" else []
+    stage("import_base_model")(base=out, base_model=base_model, source=source)
 
 
 def local_cfg(path, **overrides) -> dict:
@@ -58,7 +60,7 @@ def test_local_import_writes_a_complete_checkpoint(tiny_model_dir, tmp_path):
     assert not list(out.parent.glob(".base.tmp-*"))
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "import_base_model"
-    assert prov["inputs"]["model"]["path"] == str(tiny_model_dir)
+    assert prov["inputs"]["source"][0]["path"] == str(tiny_model_dir)
     assert_same_weights(tiny_model_dir, out)
     source = AutoTokenizer.from_pretrained(tiny_model_dir)
     saved = AutoTokenizer.from_pretrained(out)
@@ -246,7 +248,7 @@ def test_gguf_auto_dtype_is_the_files_own(tmp_path):
 
 def test_a_bf16_model_is_stored_in_bf16(tiny_tokenizer, tmp_path):
     """Large models are bf16: the import keeps them so (half the float32 size), under auto."""
-    from qlora_pipeline.tiny_models import build_model
+    from qlora_pipeline.models.tiny import build_model
 
     source = tmp_path / "src"
     build_model(len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(source)

@@ -31,11 +31,11 @@ def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
         head = re.match(r"(?:local)?rule (\w+):", block.strip())
         if not head or head[1] == "all":
             continue
-        wildcards = dict(re.findall(r"(\w+)=([\w+-]+)", (re.search(r"wildcards: (.*)", block)
+        wildcards = dict(re.findall(r"(\w+)=([\w+.@-]+)", (re.search(r"wildcards: (.*)", block)
                                                       or [None, ""])[1]))
-        # the third field: a sweep point, an evaluation's variant, an analysis's adapter kind,
-        # a combination
-        third = next((wildcards[k] for k in ("point", "variant", "kind", "combination")
+        # the third field: an evaluation's variant, an adapter's name (a training's, an
+        # analysis's: qlora, recovered@r1, ...), a combination
+        third = next((wildcards[k] for k in ("variant", "name", "combination")
                       if k in wildcards), "")
         jobs.add((head[1], wildcards.get("task", ""), third))
     return jobs
@@ -62,11 +62,11 @@ def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     workdir = copy_run()
     edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))
     jobs = planned(workdir)
-    assert rules(jobs) == {"evaluate", "evaluate_sweep_point", "report"}
+    assert rules(jobs) == {"evaluate", "report"}
     variants = {"arithmetic": {"base", "quantized", "qlora", "recovered", "merged",
                                "qlora+topic", "combined+both"},
                 "topic": {"base", "quantized", "qlora", "compressed", "merged",
-                          "qlora+arithmetic", "combined+both"}}
+                          "qlora+arithmetic", "combined+both", "qlora@r1", "qlora@r2"}}
     assert {(t, v) for r, t, v in jobs if r == "evaluate"} == {
         (t, v) for t, vs in variants.items() for v in vs}
 
@@ -76,7 +76,7 @@ def test_lora_rank_of_one_task(copy_run):
     edit(workdir / "config/tasks/arithmetic.yaml", lambda t: t.setdefault("lora", {}).update(r=4))
     jobs = planned(workdir)
     assert jobs == {
-        ("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
+        ("train_qlora", "arithmetic", "qlora"), ("recover", "arithmetic", "recovered"),
         ("merge", "arithmetic", ""), ("evaluate", "arithmetic", "qlora"),
         ("evaluate", "arithmetic", "recovered"), ("evaluate", "arithmetic", "merged"),
         ("analyze_adapter", "arithmetic", "qlora"), ("analyze_adapter", "arithmetic", "recovered"),
@@ -95,13 +95,13 @@ def test_dataset_of_one_task(copy_run):
     assert {(r, v) for r, t, v in jobs if t == "arithmetic"} == {
         ("evaluate", "qlora+topic"), ("evaluate", "combined+both")}, jobs
     assert {("fetch_dataset", "topic", ""), ("tokenize", "topic", ""),
-            ("eval_task_spec", "topic", ""), ("train_qlora", "topic", ""),
+            ("eval_task_spec", "topic", ""), ("train_qlora", "topic", "qlora"),
             ("merge", "topic", ""), ("analyze_adapter", "topic", "qlora"),
             ("compress_adapter", "topic", ""), ("quantization_report", "", ""),
             ("report", "", "")} <= jobs
     assert {v for r, t, v in jobs if r == "evaluate" and t == "topic"} == {
         "base", "quantized", "qlora", "compressed", "merged", "qlora+arithmetic",
-        "combined+both"}
+        "combined+both", "qlora@r1", "qlora@r2"}  # the sweep's points too: their data changed
     assert not rules(jobs) & {"import_base_model", "quantize"}
 
 
@@ -111,8 +111,9 @@ def test_quantization_block(copy_run):
     jobs = planned(workdir)
     assert {"quantize", "quantization_report", "train_qlora", "recover", "merge",
             "analyze_adapter", "compress_adapter", "combine_adapters", "evaluate",
-            "train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point",
             "report"} == rules(jobs)
+    # every training of the table: the tasks' own and topic's sweep points
+    assert {n for r, t, n in jobs if r == "train_qlora"} == {"qlora", "qlora@r1", "qlora@r2"}
     assert not rules(jobs) & {"fetch_dataset", "tokenize", "import_base_model", "eval_task_spec"}
     # the full-precision base's scores do not depend on quantization
     assert not any(r == "evaluate" and v == "base" for r, _, v in jobs)
@@ -149,8 +150,7 @@ def test_base_model_reruns_everything_but_raw_data(copy_run, tmp_path):
     assert "fetch_dataset" not in rules(jobs)
     assert {"import_base_model", "tokenize", "quantize", "quantization_report", "train_qlora",
             "recover", "merge", "analyze_adapter", "compress_adapter", "combine_adapters",
-            "eval_task_spec", "evaluate", "train_sweep_point", "evaluate_sweep_point",
-            "analyze_sweep_point", "report"} == rules(jobs)
+            "eval_task_spec", "evaluate", "report"} == rules(jobs)
 
 
 def test_a_new_combination_runs_only_its_jobs(copy_run):
@@ -181,7 +181,7 @@ def test_recovery_switched_on_for_one_task(copy_run):
          lambda t: t.update(recovery={"enabled": True, "steps": 2}))
     jobs = planned(workdir)
     assert jobs == {
-        ("recover", "topic", ""), ("merge", "topic", ""),
+        ("recover", "topic", "recovered"), ("merge", "topic", ""),
         ("evaluate", "topic", "recovered"), ("evaluate", "topic", "merged"),
         ("analyze_adapter", "topic", "recovered"), ("report", "", ""),
     }

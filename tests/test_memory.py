@@ -4,12 +4,14 @@ stage that would not fit, and the placement that offloads a full-precision model
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import build_inputs, job_policy, stage, task_blocks
 
-from qlora_pipeline import memory
-from qlora_pipeline.tiny_models import build_model, save_model
+from qlora_pipeline.core import memory
+from qlora_pipeline.models import methods
+from qlora_pipeline.models.tiny import build_model, save_model
 
 # Published parameter counts of the Llama 3.1 family, and their configs' dimensions.
 LLAMA_31 = {
@@ -48,17 +50,20 @@ def test_planning_shapes_match_the_published_parameter_counts(size):
 def test_estimate_parts_follow_the_settings():
     shapes = memory.Shapes.from_config(LLAMA_31["8B"][0])
     lora = {"r": 16, "target_modules": "all-linear"}
+    nf4 = methods.of("nf4").theoretical_bits({"double_quant": True})
     kwargs = dict(weights="4bit", compute_bytes=2, fp_bytes=2, batch=1, seq=2048, lora=lora,
-                  training=True, efficient_attention=True)
+                  training=True, efficient_attention=True, bits=nf4)
     plain = memory.estimate("train", shapes, **kwargs)
     checkpointed = memory.estimate("train", shapes, **kwargs, checkpointing=True)
     assert checkpointed.parts["activations"] < plain.parts["activations"] / 5
     assert plain.parts["weights"] == pytest.approx(
-        shapes.linear_params * memory.NF4_BITS / 8 + shapes.other_params * 2
+        shapes.linear_params * nf4 / 8 + shapes.other_params * 2
         + shapes.largest_tensor * 4, rel=1e-9)
     # NF4 with double quantization, about 4.13 bits per block weight, embeddings and head in
     # bf16: 5.7 GB for 8B (QLoRA's "8B in about 6 GB").
-    assert 5.0e9 < memory.quantized_bytes(shapes, 2) < 6.5e9
+    assert 5.0e9 < memory.quantized_bytes(shapes, 2, nf4) < 6.5e9
+    with pytest.raises(ValueError, match="need the method's bits per weight"):
+        memory.estimate("train", shapes, **{**kwargs, "bits": None})
     assert plain.parts["adapter"] == memory.lora_params(shapes, lora) * 16  # AdamW: fp32 states
     assert memory.lora_params(shapes, {"r": 8, "target_modules": ["q_proj", "v_proj"]}) == \
         8 * 32 * 2 * (4096 + 4096)
@@ -94,15 +99,23 @@ def test_a_stage_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path
     assert record["total_mb"] == 1024.0
 
 
-def test_training_records_its_estimate(tmp_path, tiny_model_dir):
+def test_training_logs_its_estimate(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """The estimate goes to the job's log (memory.py is infrastructure: nothing it computes
+    reaches an output), where the default run's test reads it back."""
     quantized, tokenized = build_inputs(tmp_path, tiny_model_dir)
     blocks = task_blocks()
     train = {**blocks["train"], "max_steps": 2, "eval_steps": 1, "batch_size": 4}
-    stage("train_qlora")(quantized=quantized, tokenized=tokenized, adapter=tmp_path / "a",
-                         lora=blocks["lora"], train=train, seed=0,
-                         checkpoints=tmp_path / "checkpoints")
+    records = []
+    check = memory.check_stage
+    monkeypatch.setattr(memory, "check_stage", lambda *a, **k: records.append(check(*a, **k)))
+    with caplog.at_level("INFO", logger="qlora_pipeline.core.memory"):
+        stage("train_qlora")(quantized=quantized, tokenized=tokenized, adapter=tmp_path / "a",
+                             lora=blocks["lora"], train=train, seed=0,
+                             checkpoints=tmp_path / "checkpoints")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    estimate = summary["memory_estimate"]
+    estimate, = records
+    assert "memory_estimate" not in summary
+    assert re.search(r"memory estimate of train_qlora: [\d.]+ GiB", caplog.text)
     assert estimate["stage"] == "train_qlora" and estimate["available_mb"] > 0
     # The 4-bit checkpoint loads as stored: its tensors' bytes (the file less its header).
     stored = sum(p.stat().st_size for p in quantized.glob("*.safetensors")) / 2**20

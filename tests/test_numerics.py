@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from conftest import build_inputs, job_policy, save_model, stage
-from qlora_pipeline import machine
+from qlora_pipeline.core import machine
+from qlora_pipeline.core.errors import NumericsError
 from qlora_pipeline.models import numerics
+from qlora_pipeline.models.methods import bnb4
 from qlora_pipeline.models import quantization as quantize
-from qlora_pipeline.models.quantization_report import markdown as quantization_markdown
+from qlora_pipeline.report.quantization import report_markdown as quantization_markdown
 
 HAS_AVX512_BF16 = "avx512_bf16" in machine.cpu_info()["numeric_flags"]
 QUANT_CFG = {"method": "nf4", "double_quant": True, "compute_dtype": "auto",
@@ -52,13 +54,13 @@ def eval_pass(model, ids) -> None:
 
 def test_loaders_keep_every_4bit_layer_off_the_packed_path(quantized, cpu_kind):
     model = quantize.load_quantized(quantized["quant"], job_policy())
-    layers = numerics.linear4bit_layers(model)
+    layers = bnb4.linear4bit_layers(model)
     assert layers and all(m.support_avx512bf16_for_cpu is False for _, m in layers)
     eval_pass(model, torch.tensor([[1, 5, 9, 20, 33]]))
-    assert not any(numerics.is_packed(m) for _, m in layers)
+    assert not any(bnb4.is_packed(m) for _, m in layers)
 
     fresh = quantize.quantize(quantized["base"], QUANT_CFG, job_policy())  # the quantize stage's model
-    assert all(m.support_avx512bf16_for_cpu is False for _, m in numerics.linear4bit_layers(fresh))
+    assert all(m.support_avx512bf16_for_cpu is False for _, m in bnb4.linear4bit_layers(fresh))
 
 
 def with_adapter(model):
@@ -98,20 +100,20 @@ def test_gradients_after_an_eval_pass_equal_the_dequantized_fp32_reference(quant
 
 def test_check_names_a_layer_that_computes_something_else(quantized, monkeypatch):
     model = quantize.load_quantized(quantized["quant"], job_policy())
-    layers = numerics.linear4bit_layers(model)
+    layers = bnb4.linear4bit_layers(model)
     name, victim = layers[1]
     forward = type(victim).forward
     monkeypatch.setattr(victim, "forward", lambda x: forward(victim, x.bfloat16()).float())
-    with pytest.raises(numerics.NumericsError, match=rf"1 of {len(layers)}: {name} \(eval"):
+    with pytest.raises(NumericsError, match=rf"1 of {len(layers)}: {name} \(eval"):
         numerics.check(model, torch.float32)
 
 
 def test_check_names_a_layer_that_passes_no_gradient(quantized, monkeypatch):
     model = quantize.load_quantized(quantized["quant"], job_policy())
-    name, victim = numerics.linear4bit_layers(model)[0]
+    name, victim = bnb4.linear4bit_layers(model)[0]
     forward = type(victim).forward
     monkeypatch.setattr(victim, "forward", lambda x: forward(victim, x).detach())
-    with pytest.raises(numerics.NumericsError, match=rf"{name} \(eval 0.00e\+00, train "
+    with pytest.raises(NumericsError, match=rf"{name} \(eval 0.00e\+00, train "
                                                      rf"0.00e\+00, input_grad 1.00e\+00\)"):
         numerics.check(model, torch.float32)
 
@@ -131,8 +133,8 @@ def test_quantize_records_the_check_and_fails_without_output_when_the_path_is_wr
                          quantization_markdown(report))
         return
     # As on an AVX512-BF16 CPU without the switch: the packed path is taken and refused.
-    monkeypatch.setattr(numerics, "single_path", lambda model: model)
-    with pytest.raises(numerics.NumericsError, match="packed"):
+    monkeypatch.setattr(bnb4, "single_path", lambda model: model)
+    with pytest.raises(NumericsError, match="packed"):
         stage("quantize")(base=quantized["base"], quantized=out, quantization=QUANT_CFG, seed=0)
     assert not out.exists() and not list(tmp_path.glob(".quantized*"))
 
@@ -150,13 +152,13 @@ def test_the_real_packed_kernel_is_refused_and_switched_off(quantized):
 
     raw = AutoModelForCausalLM.from_pretrained(quantized["quant"], device_map="cpu")
     eval_pass(raw, torch.tensor([[1, 5, 9, 20, 33]]))
-    assert any(numerics.is_packed(m) for _, m in numerics.linear4bit_layers(raw))
-    with pytest.raises(numerics.NumericsError, match="packed"):
+    assert any(bnb4.is_packed(m) for _, m in bnb4.linear4bit_layers(raw))
+    with pytest.raises(NumericsError, match="packed"):
         numerics.check(raw, torch.float32)
 
     model = quantize.load_quantized(quantized["quant"], job_policy())
     eval_pass(model, torch.tensor([[1, 5, 9, 20, 33]]))
-    assert not any(numerics.is_packed(m) for _, m in numerics.linear4bit_layers(model))
+    assert not any(bnb4.is_packed(m) for _, m in bnb4.linear4bit_layers(model))
     assert numerics.check(model, torch.float32)["max_relative_gap"]["input_grad"] < 1e-4
 
 

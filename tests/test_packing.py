@@ -8,7 +8,7 @@ import torch
 
 from conftest import build_inputs, build_model, stage, task_blocks
 from qlora_pipeline.data.tokenize import pack
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.training import packing
 
 ARCHS = ("llama", "qwen2", "gpt_neox", "phi")

@@ -47,8 +47,8 @@ def test_every_output_directory_has_provenance(finished):
                       *[results / "data" / t / s for t in TINY_TASKS for s in ("raw", "tokenized")],
                       results / "quantization"]:
         prov = json.loads((directory / "provenance.json").read_text())
-        assert {"config", "config_hash", "inputs", "packages", "device", "started",
-                "finished"} <= set(prov), directory
+        assert {"params", "params_hash", "wildcards", "inputs", "packages", "device",
+                "started", "finished"} <= set(prov), directory
         assert prov["packages"]["transformers"]
 
 

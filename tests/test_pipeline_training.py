@@ -100,12 +100,12 @@ def test_merge_base_follows_recovery(finished):
 def test_logs_show_training_progress(finished):
     logs = finished / "results/logs"
     for task in TINY_TASKS:
-        text = (logs / "train_qlora" / f"{task}.log").read_text()
+        text = (logs / "train_qlora" / task / "qlora.log").read_text()
         assert "%|" in text and "'loss'" in text and "eval_loss" in text
         assert "rule train_qlora: done" in text
         assert "rule merge: done" in (logs / "merge" / f"{task}.log").read_text()
     for task in RECOVERED:
-        assert "rule recover: done" in (logs / "recover" / f"{task}.log").read_text()
+        assert "rule recover: done" in (logs / "recover" / task / "recovered.log").read_text()
     checkpoints = finished / "results/checkpoints"
     assert not [p for p in checkpoints.rglob("*") if p.is_file()]  # removed once complete
 

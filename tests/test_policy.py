@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_pipeline.policy import Policy, torch_dtype
+from qlora_pipeline.core.policy import Policy, torch_dtype
 
 CPU = Policy("cpu", "cpu:2 cores", bf16=False, threads=2)
 AMPERE = Policy("cuda", "cuda:A100", bf16=True, threads=8)

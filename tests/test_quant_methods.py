@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import build_inputs, job_policy, stage, task_blocks
-from qlora_pipeline import quant_settings
+from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.models import methods
 from qlora_pipeline.models import quantization as quant
 
@@ -39,7 +39,7 @@ def quantized_dir(base: Path, root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module", params=["llama", "gpt_neox"])
 def base(request, tmp_path_factory, tiny_tokenizer) -> Path:
-    from qlora_pipeline.tiny_models import save_model
+    from qlora_pipeline.models.tiny import save_model
 
     return save_model(tmp_path_factory.mktemp(f"methods-{request.param}") / "base",
                       tiny_tokenizer, request.param)
@@ -207,7 +207,7 @@ def test_quantization_sweep_measures_each_method(tmp_path, tiny_model_dir):
 
 
 def test_a_group_size_that_divides_no_layer_is_refused(base, tmp_path):
-    from qlora_pipeline.errors import InputError
+    from qlora_pipeline.core.errors import InputError
 
     settings = {**settled("hqq4"), "group_size": 24}  # 64·64 weights: not a multiple of 24
     with pytest.raises(InputError, match="quantization.group_size: found 24"):

@@ -9,7 +9,7 @@ import pytest
 from conftest import build_model, job_policy, task_blocks, write_yaml
 
 from qlora_pipeline.config import load_config
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.training import lora
 
 # The tiny Llama: hidden 64, 4 heads, 2 KV heads, so q_proj is 64x64 and v_proj 64->32.

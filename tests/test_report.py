@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from conftest import stage
-from qlora_pipeline.evaluation import reporting as report
-from qlora_pipeline.layout import VARIANT_KINDS
+from qlora_pipeline.core.layout import VARIANT_KINDS
+from qlora_pipeline.report import merges, scores, training
+from qlora_pipeline.report.sections import FILES, SECTIONS
 
 COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
 # Task t: own benchmark (acc) + arc_easy; task u: own benchmark (exact match) only.
@@ -51,7 +52,7 @@ def write_results(root: Path) -> list[Path]:
 def test_score_rows_name_pair_and_skip(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results_json("t", "qlora", 0.5)))
-    rows = report.score_rows(path)
+    rows = scores.score_rows(path)
     assert rows == [
         {"task": "t", "variant": "qlora", "benchmark": "t", "metric": "acc", "value": 0.5,
          "stderr": 0.1},
@@ -61,13 +62,13 @@ def test_score_rows_name_pair_and_skip(tmp_path):
          "value": pytest.approx(0.5 / 3), "stderr": None},  # "N/A" stderr: none
     ]
     path.write_text(json.dumps(results_json("u", "base", 0.2)))
-    assert report.score_rows(path) == [
+    assert scores.score_rows(path) == [
         {"task": "u", "variant": "base", "benchmark": "u", "metric": "exact_match",
          "value": 0.2, "stderr": 0.05}]  # the filter name is not part of the metric
 
 
 def test_scores_table_orders_variants(tmp_path):
-    frame = report.scores(write_results(tmp_path))
+    frame = scores.rows(write_results(tmp_path))
     assert list(frame.columns) == COLUMNS
     assert len(frame) == 5 * 3 + 4  # t: 3 metrics x 5 variants; u: 1 metric x 4 variants
     own = frame[(frame.task == "t") & (frame.benchmark == "t")]
@@ -82,8 +83,8 @@ def test_scores_table_orders_variants(tmp_path):
 
 
 def test_task_table_shows_gain_over_base(tmp_path):
-    frame = report.scores(write_results(tmp_path))
-    lines = report.task_table(frame[frame.task == "t"]).splitlines()
+    frame = scores.rows(write_results(tmp_path))
+    lines = scores.task_table(frame[frame.task == "t"]).splitlines()
     assert lines[0] == "| benchmark | metric | base | quantized | qlora | recovered | merged |"
     assert lines[1] == "|---|---|---|---|---|---|---|"
     assert ("| t | acc | 0.500 | 0.400 (-0.100) | 0.900 (+0.400) | 0.950 (+0.450) "
@@ -91,12 +92,12 @@ def test_task_table_shows_gain_over_base(tmp_path):
     assert "| arc_easy | acc | 0.250 | 0.200 (-0.050) | 0.450 (+0.200) |" in lines[2]
     assert len(lines) == 2 + 3  # one row per benchmark x metric
 
-    u = report.task_table(frame[frame.task == "u"]).splitlines()
+    u = scores.task_table(frame[frame.task == "u"]).splitlines()
     assert u[0] == "| benchmark | metric | base | qlora | compressed | merged |"
     assert u[2] == ("| u | exact_match | 0.200 | 0.600 (+0.400) | 0.580 (+0.380) "
                     "| 0.550 (+0.350) |")
 
-    no_base = report.task_table(frame[(frame.task == "u") & (frame.variant != "base")])
+    no_base = scores.task_table(frame[(frame.task == "u") & (frame.variant != "base")])
     assert "| u | exact_match | 0.600 | 0.580 | 0.550 |" in no_base and "(" not in no_base
 
 
@@ -111,8 +112,11 @@ def write_analysis(folder: Path, task: str, kind: str) -> Path:
         for i in range(3) for m in ("q_proj", "v_proj")}
     (folder / "layers.json").write_text(json.dumps(layers))
     (folder / "summary.json").write_text(json.dumps({
-        "task": task, "kind": kind, "r": 2,
-        "summary": {"spectra": {"q_proj": [1.0, 0.4], "v_proj": [1.0, 0.3]}}}))
+        "task": task, "kind": kind, "r": 2, "layers_analyzed": 6,
+        "recommendation": {"uniform": 1},
+        "summary": {"spectra": {"q_proj": [1.0, 0.4], "v_proj": [1.0, 0.3]},
+                    "by_module": {m: {"layers": 3, "effective_rank": 1.8}
+                                  for m in ("q_proj", "v_proj")}}}))
     return folder
 
 
@@ -165,25 +169,43 @@ def make_run(root: Path) -> dict:
         (directory / "merge_check.json").write_text(json.dumps({
             "chosen": chosen, "recovered": task == "t", "examples": 8, "checks": checks}))
         merged.append(directory)
-    quantization = root / "results/quantization/report.md"
-    quantization.parent.mkdir(parents=True)
-    quantization.write_text("# Quantization report\n\n| layer | error |\n|---|---|\n"
-                            "| q_proj | 0.1 |\n")
-    out = root / "results/report"
-    outputs = {"scores": out / "scores.csv", "markdown": out / "report.md",
-               "scores_plot": out / "scores.png", "loss_plot": out / "loss.png", "adapters_plot": out / "adapters.png",
-               "provenance": out / "provenance.json"}
+    quantization = write_quantization(root)
     compressed = write_compression(root / "results/adapters/u/compressed", "u")
-    return {"results": files, "adapters": adapters, "analyses": analyses, "merged": merged,
-            "compressions": [compressed], "quantization": quantization, "outputs": outputs}
+    sections = {"scores": files, "training": adapters, "merges": merged,
+                "compression": [compressed], "adapters": analyses, "quantization": quantization}
+    return {"sections": sections, "outputs": report_outputs(root, sections)}
+
+
+def write_quantization(root: Path) -> list[Path]:
+    """The quantization report's files, as the quantization_report stage writes them."""
+    folder = root / "results/quantization"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps({"summary": {"method": "nf4"}}))
+    (folder / "report.md").write_text("# Quantization report\n\n| layer | error |\n|---|---|\n"
+                                      "| q_proj | 0.1 |\n")
+    return [folder / "report.json", folder / "report.md"]
+
+
+def report_outputs(root: Path, sections: dict) -> dict[str, Path]:
+    """The report's files for these sections (as rules/common.smk's report_files names them)."""
+    from qlora_pipeline.report.sections import outputs
+
+    out = root / "results/report"
+    return {**{name: out / FILES[name][0] for name in outputs(sections)},
+            "provenance": out / "provenance.json"}
+
+
+def build(run: dict, tables: dict | None = None) -> dict[str, Path]:
+    """The report stage on a handmade run, as its rule calls it."""
+    files = [f for fs in run["sections"].values() for f in fs]
+    stage("report")(files=files, sections=run["sections"], tables=tables or {}, **run["outputs"])
+    return run["outputs"]
 
 
 def test_build_report(tmp_path):
     import matplotlib.image
 
-    run = make_run(tmp_path)
-    outputs = run.pop("outputs")
-    stage("report")(**run, **outputs)
+    outputs = build(make_run(tmp_path))
 
     scores = pd.read_csv(outputs["scores"])
     assert list(scores.columns) == COLUMNS
@@ -237,7 +259,6 @@ def test_build_report(tmp_path):
 def test_gguf_exports_section(tmp_path):
     """With exports, one row per GGUF file, after Compression: size, both round trips."""
     run = make_run(tmp_path)
-    outputs = run.pop("outputs")
     folder = tmp_path / "results/models/gguf/u"
     folder.mkdir(parents=True)
     checks = {"importer": {"checked": True, "max_weight_rel_error": 2.1e-4},
@@ -247,7 +268,8 @@ def test_gguf_exports_section(tmp_path):
         "f16": {"bytes": 3 * 2 ** 20, "bits_per_param": 16.1, "seconds": 2.5, **checks},
         "q8_0": {"bytes": 2 ** 20, "bits_per_param": 8.6, "seconds": 2.0, **checks,
                  "llama_cpp": {"checked": False, "why": "export.check.llama_cpp: false"}}}}))
-    stage("report")(**run, **outputs, exports=[folder])
+    run["sections"]["exports"] = [folder]
+    outputs = build(run)
     text = outputs["markdown"].read_text()
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections[sections.index("## Compression") + 1] == "## GGUF exports"
@@ -256,17 +278,20 @@ def test_gguf_exports_section(tmp_path):
             if line.startswith("| u ")]
     assert rows == [["u", "f16", "3", "16.1", "2.5", "0.00021", "0.975", "1", "1"],
                     ["u", "q8_0", "1", "8.6", "2", "0.00021", "nan", "nan", "nan"]]
-    assert json.loads(outputs["provenance"].read_text())["inputs"]["export0"]
+    recorded = json.loads(outputs["provenance"].read_text())
+    assert {"path": str(folder), "sha256": recorded["inputs"]["files"][-1]["sha256"]} in \
+        recorded["inputs"]["files"]
+    assert recorded["params"]["sections"]["exports"] == [str(folder)]
 
 
 def test_merge_and_training_rows(tmp_path):
-    run = make_run(tmp_path)
-    merges = report.merge_rows(run["merged"])
-    chosen = merges[merges.chosen]
+    run = make_run(tmp_path)["sections"]
+    found = merges.rows(run["merges"])
+    chosen = found[found.chosen]
     assert chosen[["task", "merge_base"]].values.tolist() == [["t", "full"], ["u", "dequantized"]]
     assert list(chosen.recovered) == [True, False]
-    training = report.training_rows(run["adapters"])
-    assert training[["task", "adapter", "steps"]].values.tolist() == [
+    rows = training.rows(run["training"])
+    assert rows[["task", "adapter", "steps"]].values.tolist() == [
         ["t", "qlora", 6], ["t", "recovered", 3], ["u", "qlora", 6]]
 
 
@@ -276,7 +301,7 @@ def snakemake_inputs(workdir: Path) -> None:
     """Handmade inputs of the report rule for the tiny config's tasks and variants."""
     from conftest import TINY_TASKS
 
-    from qlora_pipeline.outputs import write_json
+    from qlora_pipeline.core.files import write_json
 
     results = workdir / "results"
     gaps = {"max_abs_logit_gap": 0.01, "mean_abs_logit_gap": 0.001, "top1_agreement": 1.0}
@@ -302,8 +327,7 @@ def snakemake_inputs(workdir: Path) -> None:
             "chosen": "dequantized", "recovered": recovery, "examples": 2,
             "checks": {"dequantized": {"vs_unmerged": gaps, "vs_trained": gaps}}})
     write_combination(workdir)
-    (results / "quantization").mkdir(parents=True)
-    (results / "quantization/report.md").write_text("# Quantization report\n\nnumbers\n")
+    write_quantization(workdir)
 
 
 # The tiny config's combination `both`: the other task's adapter and the combination on each
@@ -314,8 +338,8 @@ MATRIX = {("arithmetic", "qlora+topic"): 0.25, ("topic", "qlora+arithmetic"): 0.
 
 def write_combination(workdir: Path) -> None:
     """Handmade outputs of the combination's jobs, as the report reads them."""
-    from qlora_pipeline import layout
-    from qlora_pipeline.outputs import write_json
+    from qlora_pipeline.core import layout
+    from qlora_pipeline.core.files import write_json
 
     for (task, variant), value in MATRIX.items():
         write_json(workdir / layout.evaluation(variant, task)["results"], {
@@ -332,18 +356,17 @@ def write_combination(workdir: Path) -> None:
 
 def write_sweep_point(workdir: Path, task: str, point: str, rank: int) -> None:
     """Handmade outputs of one sweep point's three jobs, as the report reads them."""
-    from qlora_pipeline import layout
-    from qlora_pipeline.outputs import write_json
+    from qlora_pipeline.core import layout
+    from qlora_pipeline.core.files import write_json
 
-    adapter = workdir / layout.sweep_adapter(task, point)
-    write_json(adapter / "provenance.json", {"config": {"sweep": {"lora.r": rank}, "seed": 0}})
+    adapter = workdir / layout.adapter(task, f"qlora@{point}")
     write_json(adapter / "summary.json", {"eval_loss_best": 1.0, "train_seconds": 2.0,
                                           "tokens_per_second": 100.0,
                                           "trainable_params": 1000 * rank})
-    write_json(workdir / layout.sweep_evaluation(task, point, "qlora")["results"], {
+    write_json(workdir / layout.evaluation(f"qlora@{point}", task)["results"], {
         "results": {f"qlora_{task}": {"acc,none": 0.1 * rank, "acc_stderr,none": 0.05}},
         "variant": f"qlora@{point}", "task": task})
-    write_json(workdir / layout.sweep_analysis(task, point) / "summary.json", {
+    write_json(workdir / layout.analysis(task, f"qlora@{point}") / "summary.json", {
         "summary": {"by_module": {"q_proj": {"effective_rank": 1.0, "layers": 2}}}})
 
 

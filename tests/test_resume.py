@@ -68,7 +68,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
     snakemake(interrupted, "--unlock")
     snakemake(interrupted, TARGET, "--rerun-incomplete")
 
-    log = (interrupted / "results/logs/train_qlora/topic.log").read_text()
+    log = (interrupted / "results/logs/train_qlora/topic/qlora.log").read_text()
     assert "resuming from" in log and f"checkpoint-{step}" in log
     summary = yaml.safe_load((interrupted / TARGET / "summary.json").read_text())
     assert summary["resumed_from"] and summary["steps"] == TRAIN["max_steps"]
@@ -94,6 +94,6 @@ def test_checkpoint_of_another_config_is_discarded(copy_run):
     task["train"]["learning_rate"] = 0.002  # another config: the old checkpoint must not be used
     path.write_text(yaml.safe_dump(task))
     snakemake(workdir, TARGET, "--rerun-incomplete")
-    log = (workdir / "results/logs/train_qlora/topic.log").read_text()
+    log = (workdir / "results/logs/train_qlora/topic/qlora.log").read_text()
     assert "made under another configuration" in log
     assert "resuming from" not in log.split("made under another configuration")[-1]

@@ -11,8 +11,8 @@ import pytest
 from conftest import snakemake
 from test_incremental import edit
 
-from qlora_pipeline import layout
-from qlora_pipeline.evaluation import runs
+from qlora_pipeline.core import layout
+from qlora_pipeline.report import runs
 
 
 def planned_paths(workdir) -> list[str]:
@@ -86,13 +86,12 @@ def test_compare_refuses_a_run_that_did_not_finish(tmp_path, capsys):
 def test_training_curves_go_to_tensorboard(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for task, kind, point in (("topic", "qlora", None), ("arithmetic", "recovered", None),
-                              ("topic", "qlora", "r1")):
-        folder = tiny_run / layout.tensorboard(task, kind, point)
+    for task, name in (("topic", "qlora"), ("arithmetic", "recovered"), ("topic", "qlora@r1")):
+        folder = tiny_run / layout.tensorboard(task, name)
         events = EventAccumulator(str(folder))
         events.Reload()
         losses = {e.step: e.value for e in events.Scalars("train/loss")}
-        adapter = (layout.sweep_adapter(task, point) if point else layout.adapter(task, kind))
+        adapter = layout.adapter(task, name)
         logged = [json.loads(line) for line in
                   (tiny_run / adapter / "metrics.jsonl").read_text().splitlines()]
         expected = {r["step"]: r["loss"] for r in logged if "loss" in r}

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from qlora_pipeline.runtime import job_environment
+from qlora_pipeline.jobs.environment import job_environment
 
 
 def test_job_environment_sets_threads_and_huge_pages_then_restores(monkeypatch):

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from lm_eval.api.model import LM
 
-from qlora_pipeline.config import load_schema, validate
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.config.schema import load_schema, validate
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.evaluation import harness, tasks
 
 RECORDS = [{"prompt": "What is 40 + 2?\n", "completion": "42"},

@@ -202,7 +202,7 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
                  if res.get("gpu", 0) >= 1}
     # The training rules' GPUs and nodes come from the rule (train.distributed: one process,
     # one GPU, one node by default), not the profile.
-    training = {"train_qlora", "recover", "train_sweep_point", "recover_sweep_point"}
+    training = {"train_qlora", "recover"}
     assert not gpu_rules & training
     gpu_rules |= training
     assert "quantize" in gpu_rules

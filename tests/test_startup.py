@@ -1,5 +1,5 @@
-"""A job loads only what its stage uses: each rule's script runs in a fresh interpreter, as
-Snakemake runs it, and the heavy packages it has imported are checked (no timings: those are
+"""A job loads only what its stage uses: each rule's job runs the one script (scripts/stage.py)
+in a fresh interpreter, as Snakemake runs it, and the heavy packages it has imported are checked (no timings: those are
 benchmarks). On a 2-core CPU torch takes ~1.3 s to import, and peft with the bitsandbytes it
 imports (which compiles ops at import) seconds more: a data, spec or report job that paid for
 them would spend most of its time starting."""
@@ -16,13 +16,13 @@ import pytest
 from conftest import REPO, stage, task_blocks
 from test_report import make_run
 
-from qlora_pipeline.code_digest import stage_functions
+from qlora_pipeline.jobs.code_digest import stage_functions
 
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "lm_eval")
 STAGES = stage_functions()
 RULE_TEXT = "\n".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
 
-# One job: scripts/<rule>.py under a stand-in `snakemake` object; with "stub", the stage
+# One job: scripts/stage.py under a stand-in `snakemake` object; with "stub", the stage
 # function is replaced by one that does nothing, so what is loaded is the job's start-up.
 CHILD = """
 import importlib, json, runpy, sys, types
@@ -35,7 +35,7 @@ if job["stub"]:
 smk = types.SimpleNamespace(rule=job["rule"], threads=1, resources=job["resources"], log=[],
                             input=job["input"], output=job["output"], params=job["params"],
                             wildcards=job["wildcards"])
-runpy.run_path(f"scripts/{job['rule']}.py", init_globals={"snakemake": smk}, run_name="__main__")
+runpy.run_path("scripts/stage.py", init_globals={"snakemake": smk}, run_name="__main__")
 print(json.dumps([name for name in job["heavy"] if name in sys.modules]))
 """
 
@@ -73,8 +73,9 @@ def not_needed_at_startup(rule: str) -> set[str]:
 
 
 @pytest.mark.parametrize("rule", list(STAGES))
-def test_a_job_starts_without_what_its_stage_does_not_use(rule):
-    found = loaded(rule, stub=True, wildcards={"task": "t", "variant": "base"})
+def test_a_job_starts_without_what_its_stage_does_not_use(rule, tmp_path):
+    found = loaded(rule, stub=True, wildcards={"task": "t", "variant": "base"},
+                   output={"out": tmp_path / "out"})
     assert not found & not_needed_at_startup(rule), (
         f"rule {rule}: {sorted(found & not_needed_at_startup(rule))} imported before the stage "
         f"runs; import them inside the function that uses them")
@@ -103,10 +104,11 @@ def test_the_data_stages_need_no_model_libraries(tmp_path, tiny_tokenizer):
     assert (tmp_path / "tokenized" / "stats.json").is_file()
 
     run = make_run(tmp_path / "report")
-    outputs = run.pop("outputs")
-    inputs = {k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in run.items()}
-    assert not loaded("report", stub=False, input=inputs, output=outputs) & {*HEAVY}
-    assert outputs["markdown"].is_file()
+    sections = {k: [str(p) for p in v] for k, v in run["sections"].items()}
+    files = [f for fs in sections.values() for f in fs]
+    assert not loaded("report", stub=False, input={"files": files}, output=run["outputs"],
+                      params={"sections": sections, "tables": {}}) & {*HEAVY}
+    assert run["outputs"]["markdown"].is_file()
 
 
 def test_scoring_a_model_without_an_adapter_needs_no_peft(tmp_path, tiny_model_dir):

@@ -1,6 +1,6 @@
 """Sweeps: a task's `sweep:` block expanded into named points (checked when the config loads),
-each point trained, scored and analysed as its own jobs, only the new points run when the grid
-grows, and the report's table, plot and chosen point."""
+each point a row of the trainings table, trained, scored and analysed by the task's own rules,
+only the new points run when the grid grows, and the report's table, plot and chosen point."""
 
 from __future__ import annotations
 
@@ -15,18 +15,24 @@ import yaml
 from conftest import REPO, TINY_TASKS, snakemake, tiny_config, write_yaml
 from test_incremental import edit, planned
 
-from qlora_pipeline import layout, sweeps
-from qlora_pipeline.config import load_config
-from qlora_pipeline.errors import InputError
-from qlora_pipeline.evaluation import sweep_report
+from qlora_pipeline.config import load_config, sweeps, trainings
+from qlora_pipeline.core import layout
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.report import sweeps as sweep_report
 
 BASE_CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
 
 
-def points(sweep: dict, task: str = "topic", **overrides) -> dict:
+def table(sweep: dict, task: str = "topic", **overrides) -> dict:
+    """The task's rows of the trainings table, its own training's (id "") included."""
     config = copy.deepcopy(BASE_CONFIG)
     config["task_overrides"] = {task: {"sweep": sweep, **overrides}}
-    return load_config(config, root=REPO)[1][task]["sweep_points"]
+    return load_config(config, root=REPO)[1][task]["trainings"]
+
+
+def points(sweep: dict, task: str = "topic", **overrides) -> dict:
+    """The sweep's points: the rows but the task's own."""
+    return {id: row for id, row in table(sweep, task, **overrides).items() if id}
 
 
 def test_grid_names_every_combination_and_sets_its_values():
@@ -82,14 +88,15 @@ def test_points_differing_only_in_recovery_share_one_training():
     found = points({"lora.r": [4, 8], "recovery.steps": [5, 10], "variants": ["recovered"]},
                    task="arithmetic")
     assert sorted(found) == ["r4-rsteps10", "r4-rsteps5", "r8-rsteps10", "r8-rsteps5"]
-    assert found["r4-rsteps5"]["training"] == found["r4-rsteps10"]["training"] == "r4"
+    assert found["r4-rsteps5"]["qlora"] == found["r4-rsteps10"]["qlora"] == "r4"
     assert found["r8-rsteps5"]["recovery"]["steps"] == 5
-    assert sorted(sweeps.trainings(found)) == ["r4", "r8"]
-    assert sweeps.trainings(found)["r8"]["settings"] == {"lora.r": 8}
+    assert trainings.adapters(found, ["qlora"]) == ["qlora@r4", "qlora@r8"]
+    assert trainings.adapter_name(found["r8-rsteps5"], "recovered") == "recovered@r8-rsteps5"
+    assert trainings.by_adapter(found, "qlora@r8")["lora"]["r"] == 8
     # Only recovery swept: every point recovers the one training with the task's settings.
     found = points({"recovery.learning_rate": [1e-5, 1e-4], "variants": ["qlora", "recovered"]},
                    task="arithmetic")
-    assert {p["training"] for p in found.values()} == {sweeps.SHARED}
+    assert {p["qlora"] for p in found.values()} == {sweeps.SHARED}
     assert sweeps.selection_variant({"variants": ["qlora", "recovered"]}) == "recovered"
 
 
@@ -100,8 +107,11 @@ def test_promoting_a_recovered_task_needs_recovered_points():
     assert points({"lora.r": [2], "promote": "best"})  # topic: no recovery, qlora suffices
 
 
-def test_no_sweep_no_points():
-    assert points(None) == {}
+def test_no_sweep_one_row_the_tasks_own():
+    rows = table(None)
+    assert list(rows) == [""] and rows[""]["settings"] == {} and rows[""]["qlora"] == ""
+    assert trainings.adapters(rows) == ["qlora"]  # topic: no recovery
+    assert trainings.adapters(table(None, task="arithmetic")) == ["qlora", "recovered"]
 
 
 def test_the_rule_picks_the_smallest_adapter_within_one_stderr():
@@ -120,37 +130,40 @@ POINTS = {"r1": 1, "r2": 2}
 
 
 def test_each_point_is_trained_scored_and_analysed(tiny_run):
+    """By the task's own rules: train_qlora, evaluate and analyze_adapter, with the point's
+    settings as params (what the report reads is the trainings table, not provenance)."""
     params = {}
     for point, rank in POINTS.items():
-        adapter = tiny_run / layout.sweep_adapter("topic", point)
+        adapter = tiny_run / layout.adapter("topic", f"qlora@{point}")
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == rank
         provenance = json.loads((adapter / "provenance.json").read_text())
-        assert provenance["stage"] == "train_sweep_point"
-        assert provenance["config"]["sweep"] == {"lora.r": rank}
+        assert provenance["stage"] == "train_qlora"
+        assert provenance["params"]["lora"]["r"] == rank
+        assert provenance["wildcards"] == {"task": "topic", "name": f"qlora@{point}"}
         params[point] = json.loads((adapter / "summary.json").read_text())["trainable_params"]
-        results = json.loads((tiny_run / layout.sweep_evaluation("topic", point, "qlora")[
+        results = json.loads((tiny_run / layout.evaluation(f"qlora@{point}", "topic")[
             "results"]).read_text())
         assert results["variant"] == f"qlora@{point}" and results["task"] == "topic"
-        summary = json.loads((tiny_run / layout.sweep_analysis("topic", point) / "summary.json")
-                             .read_text())
-        assert summary["r"] == rank
+        summary = json.loads((tiny_run / layout.analysis("topic", f"qlora@{point}") /
+                              "summary.json").read_text())
+        assert summary["r"] == rank and summary["kind"] == f"qlora@{point}"
     assert params["r2"] == 2 * params["r1"]  # trainable parameters scale with the rank
 
 
 def test_the_report_tables_and_plots_the_points(tiny_run):
-    table = pd.read_csv(tiny_run / layout.sweep_report()["sweeps"])
+    table = pd.read_csv(tiny_run / f"{layout.report()}/sweeps.csv")
     assert sorted(table["point"]) == sorted(POINTS) and set(table["task"]) == {"topic"}
     assert list(table.sort_values("point")["lora.r"]) == [1, 2]
     assert table["score"].between(0, 1).all() and (table["trainable_params"] > 0).all()
-    report = (tiny_run / layout.report()["markdown"]).read_text()
+    report = (tiny_run / f"{layout.report()}/report.md").read_text()
     section = report.split("## Sweeps", 1)[1].split("## Adapters", 1)[0]
     assert "### topic" in section and "Chosen: **r" in section
-    assert (tiny_run / layout.sweep_report()["sweeps_plot"]).stat().st_size > 0
+    assert (tiny_run / f"{layout.report()}/sweeps.png").stat().st_size > 0
 
 
 def sweep_jobs(task: str, *points_: str) -> set:
-    return {(rule, task, point) for point in points_
-            for rule in ("train_sweep_point", "evaluate_sweep_point", "analyze_sweep_point")}
+    return {(rule, task, f"qlora@{point}") for point in points_
+            for rule in ("train_qlora", "evaluate", "analyze_adapter")}
 
 
 def test_adding_a_point_runs_only_it(copy_run):
@@ -163,7 +176,7 @@ def test_removing_a_point_reruns_only_the_report_and_keeps_its_files(copy_run):
     workdir = copy_run()
     edit(workdir / "config/tasks/topic.yaml", lambda t: t["sweep"].update({"lora.r": [1]}))
     assert planned(workdir) == {("report", "", "")}
-    assert (workdir / layout.sweep_adapter("topic", "r2")).is_dir()
+    assert (workdir / layout.adapter("topic", "qlora@r2")).is_dir()
 
 
 def test_a_key_not_swept_reruns_every_point_and_nothing_of_other_tasks(copy_run):
@@ -175,8 +188,7 @@ def test_a_key_not_swept_reruns_every_point_and_nothing_of_other_tasks(copy_run)
     # of arithmetic, only the scores of topic's adapter on it, alone and in the combination
     assert {(r, v) for r, t, v in jobs if t == "arithmetic"} == {
         ("evaluate", "qlora+topic"), ("evaluate", "combined+both")}
-    assert {r for r, _, _ in jobs} - {"train_sweep_point", "evaluate_sweep_point",
-                                      "analyze_sweep_point"} == {
+    assert {r for r, _, _ in jobs} == {
         "train_qlora", "merge", "compress_adapter", "combine_adapters", "evaluate",
         "analyze_adapter", "report"}
 
@@ -202,35 +214,35 @@ def promoted_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_recovered_points_share_their_training_and_are_scored_both_ways(promoted_run):
-    sweep_dir = promoted_run / "results/sweeps/arithmetic"
-    assert sorted(p.name for p in sweep_dir.iterdir() if (p / "adapter").is_dir()) == ["r1", "r2"]
+    adapters = promoted_run / "results/adapters/arithmetic"
+    assert sorted(p.name for p in adapters.glob("qlora@*")) == ["qlora@r1", "qlora@r2"]
     for point in RECOVERED_POINTS:
-        recovered = promoted_run / layout.sweep_adapter("arithmetic", point, "recovered")
+        recovered = promoted_run / layout.adapter("arithmetic", f"recovered@{point}")
         provenance = json.loads((recovered / "provenance.json").read_text())
-        assert provenance["stage"] == "recover_sweep_point"
-        assert provenance["config"]["train"]["max_steps"] == int(point[-1])  # rsteps1/2
-        assert provenance["inputs"]["qlora"]["path"] == layout.sweep_adapter(
-            "arithmetic", point.split("-")[0])
-        for variant in ("qlora", "recovered"):
-            results = json.loads((promoted_run / layout.sweep_evaluation(
-                "arithmetic", point, variant)["results"]).read_text())
-            assert results["variant"] == f"{variant}@{point}"
-    table = pd.read_csv(promoted_run / layout.sweep_report()["sweeps"])
+        assert provenance["stage"] == "recover"
+        assert provenance["params"]["train"]["max_steps"] == int(point[-1])  # rsteps1/2
+        training = f"qlora@{point.split('-')[0]}"
+        assert provenance["inputs"]["qlora"]["path"] == layout.adapter("arithmetic", training)
+        for variant in (training, f"recovered@{point}"):  # a training's score is shared
+            results = json.loads((promoted_run / layout.evaluation(
+                variant, "arithmetic")["results"]).read_text())
+            assert results["variant"] == variant
+    table = pd.read_csv(promoted_run / f"{layout.report()}/sweeps.csv")
     assert sorted(table["point"]) == RECOVERED_POINTS
     assert {"score", "score_qlora", "recovery.steps", "lora.r"} <= set(table.columns)
 
 
 def test_promotion_ships_the_chosen_points_adapters(promoted_run):
-    table = pd.read_csv(promoted_run / layout.sweep_report()["sweeps"])
+    table = pd.read_csv(promoted_run / f"{layout.report()}/sweeps.csv")
     chosen = sweep_report.choose(table)["point"]
     for kind, source in (("qlora", chosen.split("-")[0]), ("recovered", chosen)):
         shipped = promoted_run / layout.adapter("arithmetic", kind)
         provenance = json.loads((shipped / "provenance.json").read_text())
         assert provenance["stage"] == "promote_sweep_point"
-        assert provenance["config"]["point"] == chosen
-        assert provenance["config"]["variant"] == "recovered"
-        assert sorted(c["point"] for c in provenance["config"]["candidates"]) == RECOVERED_POINTS
-        trained = promoted_run / layout.sweep_adapter("arithmetic", source, kind)
+        promotion = json.loads((shipped / "promotion.json").read_text())
+        assert promotion["point"] == chosen and promotion["variant"] == "recovered"
+        assert sorted(c["point"] for c in promotion["candidates"]) == RECOVERED_POINTS
+        trained = promoted_run / layout.adapter("arithmetic", f"{kind}@{source}")
         assert (shipped / "adapter_model.safetensors").read_bytes() == \
             (trained / "adapter_model.safetensors").read_bytes()
         assert json.loads((shipped / "trained_provenance.json").read_text()) == \
@@ -240,8 +252,10 @@ def test_promotion_ships_the_chosen_points_adapters(promoted_run):
                         .read_text())
     assert merged["inputs"]["adapter"]["path"] == layout.adapter("arithmetic", "recovered")
     logs = promoted_run / "results/logs"
-    assert not (logs / "train_qlora").exists() and not (logs / "recover").exists()
-    report = (promoted_run / layout.report()["markdown"]).read_text()
+    assert not (logs / "train_qlora/arithmetic/qlora.log").exists()
+    assert not (logs / "recover/arithmetic/recovered.log").exists()
+    assert (logs / "train_qlora/arithmetic/qlora@r1.log").exists()
+    report = (promoted_run / f"{layout.report()}/report.md").read_text()
     assert f"Chosen: **{chosen}**" in report and "Promoted (sweep.promote: best)" in report
 
 
@@ -250,9 +264,9 @@ def test_promotion_off_trains_the_task_itself_again(promoted_run, tmp_path):
     shutil.copytree(promoted_run, workdir, symlinks=True)
     edit(workdir / "config/tasks/arithmetic.yaml", lambda t: t["sweep"].pop("promote"))
     jobs = planned(workdir)
-    assert {("train_qlora", "arithmetic", ""), ("recover", "arithmetic", ""),
+    assert {("train_qlora", "arithmetic", "qlora"), ("recover", "arithmetic", "recovered"),
             ("merge", "arithmetic", "")} <= jobs
-    assert not any(rule.endswith("_sweep_point") for rule, _, _ in jobs)
+    assert not any("@" in name for _, _, name in jobs)  # the points' own jobs stay done
 
 
 @pytest.mark.parametrize("example", sorted(p for p in (REPO / "config/examples").glob("*.yaml")
@@ -265,4 +279,4 @@ def test_the_example_configs_load_and_sweep(example):
 
     config = deep_merge(BASE_CONFIG, yaml.safe_load(example.read_text()))
     tasks = load_config(config, root=REPO)[1]
-    assert any(task["sweep_points"] for task in tasks.values())
+    assert any(len(task["trainings"]) > 1 for task in tasks.values())

@@ -15,7 +15,7 @@ import torch
 
 from conftest import build_inputs, job_policy, stage, task_blocks
 from qlora_pipeline.config import recovery_train
-from qlora_pipeline.errors import InputError
+from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.training import lora, loop
 
 HIDDEN, INTER, KV_OUT, LAYERS = 64, 128, 32, 2
@@ -231,7 +231,7 @@ def test_train_qlora_outputs(trained):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "train_qlora"
     assert set(prov["inputs"]) == {"quantized", "tokenized"}
-    assert prov["config"]["lora"]["r"] == 8
+    assert prov["params"]["lora"]["r"] == 8
 
 
 def test_saved_adapter_is_float32_and_trained(trained):
@@ -346,7 +346,7 @@ def test_recovery_continues_the_qlora_adapter(prepared, trained, tmp_path):
     assert any(not torch.equal(after[k], before[k]) for k in before)  # but it did train
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["stage"] == "recover" and set(prov["inputs"]) == {"base", "qlora", "tokenized"}
-    assert prov["config"]["train"]["max_steps"] == 3 and prov["config"]["train"]["epochs"] is None
+    assert prov["params"]["train"]["max_steps"] == 3 and prov["params"]["train"]["epochs"] is None
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 

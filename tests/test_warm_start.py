@@ -1,4 +1,4 @@
-"""Warm start (qlora_pipeline/warm_start.py): a job forked from the server writes what it
+"""Warm start (qlora_pipeline/jobs/warm_start.py): a job forked from the server writes what it
 writes when it starts from scratch, with its own threads, variables, directory and streams;
 a failure, a refusal, a missing server and a stopped job behave as they do without it."""
 
@@ -17,10 +17,10 @@ import torch
 from conftest import stage, task_blocks
 from test_determinism import same_tensors
 
-from qlora_pipeline import warm_start
-from qlora_pipeline.errors import InputError
-from qlora_pipeline.runtime import Job
-from qlora_pipeline.stages import stage_function
+from qlora_pipeline.jobs import warm_start
+from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.jobs.runner import Job
+
 
 
 def probe(*, out, seconds: float = 0.0, fail: bool = False, policy) -> None:
@@ -37,8 +37,9 @@ def probe(*, out, seconds: float = 0.0, fail: bool = False, policy) -> None:
     time.sleep(seconds)
 
 
-def probe_job(tmp_path, **kwargs) -> Job:
-    return Job(rule="probe", stage=probe, kwargs={"out": str(tmp_path / "probe.json"), **kwargs},
+def probe_job(tmp_path, **params) -> Job:
+    return Job(rule="probe", stage=probe, inputs={}, outputs={}, wildcards={},
+               params={"out": str(tmp_path / "probe.json"), **params},
                log_path=str(tmp_path / "probe.log"), threads=2, wants_gpu=False)
 
 
@@ -49,7 +50,7 @@ def server(tmp_path_factory):
     address = str(root / "warm.sock")
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "qlora_pipeline.warm_start", "--socket", address,
+            [sys.executable, "-m", "qlora_pipeline.jobs.warm_start", "--socket", address,
              "--watch", str(os.getpid())], stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **warm_start.SERVER_ENVIRONMENT})
     deadline = time.monotonic() + 180
@@ -97,16 +98,15 @@ def test_a_stage_run_warm_writes_what_it_writes_cold(server, tmp_path, tiny_mode
     train = {**task["train"], "max_steps": 3, "eval_steps": 3, "batch_size": 4}
     for mode in ("cold", "warm"):
         root = tmp_path / mode
-        jobs = [Job(rule="quantize", stage=stage_function("quantize"), threads=1,
-                    wants_gpu=True, log_path=str(root / "quantize.log"),
-                    kwargs={"base": str(tiny_model_dir), "quantized": str(root / "quantized"),
-                            "quantization": quantization, "seed": 0}),
-                Job(rule="train_qlora", stage=stage_function("train_qlora"), threads=1,
-                    wants_gpu=True, log_path=str(root / "train.log"),
-                    kwargs={"quantized": str(root / "quantized"),
-                            "tokenized": str(tmp_path / "tokenized"),
-                            "adapter": str(root / "adapter"), "lora": task["lora"],
-                            "train": train, "seed": 0, "checkpoints": str(root / "ckpt")})]
+        jobs = [Job.from_call("quantize", {
+                    "base": str(tiny_model_dir), "quantized": str(root / "quantized"),
+                    "quantization": quantization, "seed": 0}, threads=1, wants_gpu=True,
+                    log_path=str(root / "quantize.log")),
+                Job.from_call("train_qlora", {
+                    "quantized": str(root / "quantized"), "tokenized": str(tmp_path / "tokenized"),
+                    "adapter": str(root / "adapter"), "lora": task["lora"], "train": train,
+                    "seed": 0, "checkpoints": str(root / "ckpt")}, threads=1, wants_gpu=True,
+                    log_path=str(root / "train.log"))]
         for job in jobs:
             if mode == "cold":
                 job.run()
@@ -129,8 +129,8 @@ def test_a_job_under_another_interpreter_runs_itself(server, tmp_path, monkeypat
 
 def test_a_job_that_cannot_be_sent_runs_itself(server, tmp_path, capsys):
     """A stage the copy could not import (here a lambda) is not the server's to run."""
-    job = Job(rule="probe", stage=lambda **_: None, kwargs={}, log_path=None, threads=1,
-              wants_gpu=False)
+    job = Job(rule="probe", stage=lambda **_: None, inputs={}, outputs={}, params={},
+              wildcards={}, log_path=None, threads=1, wants_gpu=False)
     assert warm_start.submit(job, address=server[0]) is None
     assert "the job runs itself" in capsys.readouterr().err
 
@@ -144,7 +144,7 @@ def test_without_a_server_the_job_runs_itself(tmp_path, monkeypatch):
 CLIENT = """
 import sys
 sys.path[:0] = {path!r}
-from qlora_pipeline import warm_start
+from qlora_pipeline.jobs import warm_start
 from test_warm_start import probe_job
 from pathlib import Path
 sys.exit(warm_start.submit(probe_job(Path({root!r}), seconds=120), address={address!r}))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.adapter_file import Update, read_against
+from ..models.adapter_file import Update, read_against
 from . import profile, recommend, spectrum
 
 log = logging.getLogger(__name__)

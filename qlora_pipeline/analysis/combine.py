@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..combinations import LOW_RANK
-from ..errors import InputError
-from ..models.numerics import NumericsError
-from ..training.adapter_file import PREFIX, Update, read_adapter
+from .combination_methods import LOW_RANK
+from ..core.errors import InputError
+from ..core.errors import NumericsError
+from ..models.adapter_file import PREFIX, Update, read_adapter
 from .compress import split
 from .overlap import numerical_rank, overlaps
 from .spectrum import low_rank_svd

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..models.numerics import TOLERANCE, NumericsError
-from ..training.adapter_file import PREFIX, Update, read_adapter
+from ..core.errors import InputError
+from ..core.errors import NumericsError
+from ..models.numerics import TOLERANCE
+from ..models.adapter_file import PREFIX, Update, read_adapter
 from .recommend import layer_rank
 from .spectrum import low_rank_svd
 

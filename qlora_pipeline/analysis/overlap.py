@@ -13,7 +13,7 @@ from itertools import combinations
 
 import torch
 
-from ..training.adapter_file import Update
+from ..models.adapter_file import Update
 from .spectrum import low_rank_svd
 
 

@@ -6,21 +6,10 @@ numbered (model.layers.<i>, gpt_neox.layers.<i>, transformer.h.<i>, ...) is prof
 
 from __future__ import annotations
 
-import re
+from ..core.layout import parse_layer
 
-# The container of the numbered blocks: Llama/Mistral/Qwen/NeoX "layers", GPT-2/Falcon "h",
-# BERT-style "layer", and "blocks". The first such index in a name is the decoder block's.
-BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 BANDS = ("shallow", "middle", "deep")
 MEANS = ("fro", "effective_rank", "stable_rank", "rank_90", "relative_norm", "intruders")
-
-
-def parse_layer(key: str) -> tuple[int | None, str]:
-    """'model.layers.12.self_attn.q_proj.weight' -> (12, 'q_proj'); (None, leaf) for a
-    weight outside the numbered blocks."""
-    name = key.removesuffix(".weight")
-    match = BLOCK.search(name)
-    return (int(match.group(1)) if match else None), name.rsplit(".", 1)[-1]
 
 
 def depth_band(index: int, num_layers: int) -> str:
@@ -82,26 +71,3 @@ def summarize(records: dict[str, dict], num_layers: int) -> dict:
             "by_depth": {band: stats(bands[band]) for band in BANDS if band in bands},
             "spectra": {module: spectrum for module, spectrum in spectra.items() if spectrum},
             "layers": len(records)}
-
-
-def grid(records: dict[str, dict],
-         metric: str) -> tuple[list[int], list[str], list[list[float | None]]]:
-    """(layer indices, module names, matrix[layer][module]) of one metric for a heatmap; None
-    where a module is not adapted in that layer. Weights outside the numbered blocks are left
-    out; several weights in one cell (a mixture of experts' experts) give their mean."""
-    cells: dict[tuple[int, str], list[float]] = {}
-    for key, rec in records.items():
-        index, module = parse_layer(key)
-        found = value(rec, metric)
-        if index is not None:
-            cells.setdefault((index, module), [])
-            if found is not None:
-                cells[(index, module)].append(found)
-    layers = sorted({index for index, _ in cells})
-    modules = sorted({module for _, module in cells})
-    matrix = [[mean(cells.get((index, module))) for module in modules] for index in layers]
-    return layers, modules, matrix
-
-
-def mean(values: list[float] | None) -> float | None:
-    return sum(values) / len(values) if values else None

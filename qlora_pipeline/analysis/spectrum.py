@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..training.adapter_file import Update
+from ..models.adapter_file import Update
 from . import intruders
 
 ENERGIES = (0.9, 0.99)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 # Integer addition/subtraction with an exact answer: the QLoRA literature warns that 4-bit

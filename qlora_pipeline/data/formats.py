@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 REQUIRED = {
     "alpaca": ("instruction", "output"),

@@ -15,8 +15,8 @@ import logging
 import random
 from pathlib import Path
 
-from ..errors import InputError
-from ..outputs import read_jsonl
+from ..core.errors import InputError
+from ..core.files import read_jsonl
 from . import builtin, formats
 
 log = logging.getLogger(__name__)

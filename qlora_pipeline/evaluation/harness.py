@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import InputError
-from ..policy import Policy
+from ..core.errors import InputError
+from ..core.policy import Policy
 
 log = logging.getLogger(__name__)
 

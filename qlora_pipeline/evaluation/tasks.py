@@ -10,16 +10,13 @@ from pathlib import Path
 import yaml
 
 from ..data import formats
-from ..errors import InputError
+from ..core.errors import InputError
+from ..core.layout import lm_eval_name
 
 STOP = ["\n"]  # answers are one line; the chat end marker is added when there is one
 # The task schema's `scoring` defaults: strict exact match but for case and trailing space.
 DEFAULT_SCORING = {"metric": "exact_match", "ignore_case": True, "ignore_punctuation": False,
                    "extract": None}
-
-
-def lm_eval_name(task: str) -> str:
-    return f"qlora_{task}"
 
 
 def benchmark_kind(records: list[dict]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

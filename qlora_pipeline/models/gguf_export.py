@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 log = logging.getLogger(__name__)
 

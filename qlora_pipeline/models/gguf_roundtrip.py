@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def test_prompts(spec_dir: Path, examples: int) -> list[str]:
 
 def reference(model, tokenizer, prompts: list[str], max_new_tokens: int) -> Reference:
     """Greedy answers (to EOS) and last-position logits of the merged model."""
-    from ..chat import answer
+    from .generation import answer
 
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": None,
                 "top_p": None, "top_k": None, "eos_token_id": tokenizer.eos_token_id,

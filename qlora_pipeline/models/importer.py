@@ -9,8 +9,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from ..errors import InputError
-from ..policy import torch_dtype
+from ..core.errors import InputError
+from ..core.policy import torch_dtype
 
 log = logging.getLogger(__name__)
 # Only what a safetensors checkpoint needs: never pickled weights, never code.

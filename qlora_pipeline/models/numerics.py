@@ -23,12 +23,15 @@ import logging
 
 import torch
 
+from ..core.errors import NumericsError
+from .methods import layers as quantized_layers
+from .methods import of_layer
+from .methods.bnb4 import is_packed
+
 log = logging.getLogger(__name__)
 
 # Largest relative error ‖y − y_ref‖ / ‖y_ref‖ accepted for the same math in the same dtype
-# (only the summation order may differ): bitsandbytes' 4-bit and HQQ layers. The packed bf16
-# kernel under a float32 compute dtype is off by ~3e-3, so float32's bound catches it; its
-# missing gradient fails at any dtype.
+# (only the summation order may differ; each method's layers: methods/*.TOLERANCE).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 PROBE_ROWS = 4
 # Largest gap between two losses computed by the same math summed in another order (float32:
@@ -38,42 +41,15 @@ PROBE_ROWS = 4
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
-class NumericsError(RuntimeError):
-    """A 4-bit layer does not compute what its configuration says."""
-
-
-def linear4bit_layers(model) -> list[tuple[str, object]]:
-    import bitsandbytes as bnb
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
-
-
-def is_packed(module) -> bool:
-    state = getattr(getattr(module, "weight", None), "quant_state", None)  # bnb 4-bit only
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def single_path(model):
-    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path, on any CPU."""
-    for name, module in linear4bit_layers(model):
-        if is_packed(module):  # packed before we saw it: its scales were already rounded
-            raise NumericsError(f"{name}: weight already repacked for bitsandbytes' CPU "
-                                f"inference kernel; load the model again before using it")
-        # Read by Linear4bit.forward; False keeps it off the packed kernel.
-        module.support_avx512bf16_for_cpu = False
-    return model
-
-
 def check(model, compute_dtype: torch.dtype) -> dict:
     """Each quantized layer against x @ deq(W)^T after an eval pass, forward and backward.
 
     Returns the largest relative gaps (recorded in quantization.json); raises NumericsError
     naming the layers whose gap exceeds the method's TOLERANCE or whose input gets no gradient.
     """
-    from .methods import layers as quantized_layers, of_layer
 
     layers = quantized_layers(model)
-    tolerance = max((of_layer(m).TOLERANCE[compute_dtype] for _, m in layers), default=0.0)
+    tolerance = max((of_layer(m).TOLERANCE[str(compute_dtype).removeprefix("torch.")] for _, m in layers), default=0.0)
     worst = {"eval": 0.0, "train": 0.0, "input_grad": 0.0}
     bad = []
     generator = torch.Generator().manual_seed(0)
@@ -106,8 +82,6 @@ def _relative(a: torch.Tensor | None, ref: torch.Tensor) -> float:
 
 def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, float]:
     """Relative gaps of one layer: eval output, then train output and input gradient."""
-    from .methods import of_layer
-
     weight = of_layer(module).dequantized(module).to(dtype)
     device = weight.device
     bias = module.bias.to(dtype) if module.bias is not None else None

@@ -1,12 +1,19 @@
-"""Perplexity of a model on tokenized examples, over the tokens that carry loss."""
+"""Perplexity of a model on tokenized examples, over the tokens that carry loss; and what
+quantizing the base cost in it, task by task (the quantization_report stage)."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 
 import torch
 
+from ..core.policy import Policy
+from . import quantization
 from .label_positions import supported
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -37,3 +44,20 @@ def perplexity(model, examples, max_examples: int) -> dict:
         total_tokens += int((shift_labels != -100).sum())
     mean = total_nll / max(total_tokens, 1)
     return {"nll": mean, "perplexity": math.exp(mean), "tokens": total_tokens}
+
+
+def perplexities(base_dir, quantized_dir, validation: dict, max_examples: int,
+                 policy: Policy) -> dict[str, dict]:
+    """task -> {"full_precision": ..., "quantized": ...}; one model in memory at a time."""
+    loaders = {"full_precision": lambda: quantization.load_full_precision(base_dir, policy,
+                                                                          offload=True),
+               "quantized": lambda: quantization.load_quantized(quantized_dir, policy)}
+    results: dict[str, dict] = {task: {} for task in validation}
+    for variant, load in loaders.items():
+        model = load()
+        for task, examples in validation.items():
+            results[task][variant] = perplexity(model, examples, max_examples)
+            log.info("%s %s: %s", task, variant, results[task][variant])
+        del model
+        gc.collect()
+    return results

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..policy import Policy
+from ..core.policy import Policy
 from . import methods, numerics, tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def load_full_precision(path: str | Path, policy: Policy, offload: bool = False)
     does not fit, the layers that do not are kept in RAM (memory.full_precision_placement)."""
     from transformers import AutoModelForCausalLM
 
-    from .. import memory
+    from ..core import memory
 
     placement = memory.full_precision_placement(path, policy) if offload \
         else {"device_map": policy.device}
@@ -116,13 +116,9 @@ def theoretical_bits(cfg: dict, rows: list[dict], compute_dtype: torch.dtype) ->
     """The method's formula (docs/quantization.md), averaged over the layers by parameters."""
     method = methods.of(cfg["method"])
     params = sum(r["params"] for r in rows)
-    return sum(method.theoretical_bits(cfg, in_features=r["shape"][1], meta_dtype=compute_dtype)
+    meta_bits = torch.finfo(compute_dtype).bits  # HQQ's per-group scales: the compute dtype
+    return sum(method.theoretical_bits(cfg, in_features=r["shape"][1], meta_bits=meta_bits)
                * r["params"] for r in rows) / max(params, 1)
-
-
-def nominal_bits(cfg: dict) -> float:
-    """Bits per quantized weight by the method's formula, for memory estimates (fp32 scales)."""
-    return methods.of(cfg["method"]).theoretical_bits(cfg)
 
 
 def stored_bits(quantized_dir) -> float:

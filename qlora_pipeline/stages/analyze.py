@@ -1,39 +1,47 @@
-"""Stage of rules/analyze.smk: the spectrum of one trained adapter, layer by layer, with a rank
-recommendation."""
+"""Stages of rules/analyze.smk: the spectrum of one trained adapter (any training of the
+trainings table), layer by layer, with a rank recommendation; and a task's adapter cut to
+lower ranks."""
 
 from __future__ import annotations
 
 import logging
 
-from ..analysis.analyze_job import analyze_into
+from ..core.files import write_json
+from ..core.policy import Policy
 from ..models import tokenizer_files
-from ..outputs import stage_outputs, write_json
-from ..policy import Policy
+from . import Input, Output
 
 log = logging.getLogger(__name__)
 
 
-def analyze_adapter(*, adapter, base, analysis, settings: dict, task: str, kind: str,
-                    policy: Policy) -> dict:
+def analyze_adapter(*, adapter: Input, base: Input, analysis: Output, settings: dict, task: str,
+                    name: str, policy: Policy) -> dict:
     """One folder: layers.json (every adapted layer's singular values and metrics),
     summary.json (by module type and depth, the rank recommendation) and analysis.md. The
-    base is read one layer at a time (analysis/adapter.py)."""
-    return analyze_into("analyze_adapter", adapter=adapter, base=base, analysis=analysis,
-                        settings=settings, task=task, kind=kind, policy=policy)
+    base is read one layer at a time (analysis/adapter.py). `name`: the adapter's
+    (layout.adapter_name: qlora, recovered, qlora@<training>, ...)."""
+    from ..analysis import adapter as adapter_analysis
+    from ..analysis import tables
+
+    result = adapter_analysis.analyze(adapter, base, settings, policy.device)
+    write_json(analysis / "layers.json", result.pop("layers"))
+    write_json(analysis / "summary.json", {"task": task, "kind": name, **result})
+    text = tables.markdown(task, name, result)
+    (analysis / "analysis.md").write_text(text, encoding="utf-8")
+    log.info("\n%s", text)
+    return result
 
 
-def compress_adapter(*, adapter, compressed, settings: dict, task: str,
+def compress_adapter(*, adapter: Input, compressed: Output, settings: dict, task: str,
                      policy: Policy) -> dict:
     """The task's QLoRA adapter cut to lower ranks (analysis/compress.py), a PEFT adapter
     scored as the `compressed` variant on the quantized base it was trained on; beside it,
     compression.json: parameters and bytes before and after, the energy kept per layer."""
     from ..analysis import compress
 
-    with stage_outputs("compress_adapter", {"compressed": compressed}, config=settings,
-                       inputs={"adapter": adapter}, policy=policy) as out:
-        result = compress.compress(adapter, out["compressed"], settings)
-        tokenizer_files.copy(adapter, out["compressed"])  # the source adapter's
-        write_json(out["compressed"] / "compression.json", {"task": task, **result})
+    result = compress.compress(adapter, compressed, settings)
+    tokenizer_files.copy(adapter, compressed)  # the source adapter's
+    write_json(compressed / "compression.json", {"task": task, **result})
     log.info("%s: %d layers, rank %d -> %s, parameters %d -> %d, energy kept >= %.3f", task,
              result["layers"], result["rank_before"], result["rank_after"],
              result["parameters"]["before"], result["parameters"]["after"],

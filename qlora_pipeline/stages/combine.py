@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import logging
 
-from ..combinations import KIND
+from ..core.files import write_json
+from ..core.layout import COMBINED_FROM
+from ..core.policy import Policy
 from ..models import tokenizer_files
-from ..outputs import stage_outputs, write_json
-from ..policy import Policy
+from . import Inputs, Output
 
 log = logging.getLogger(__name__)
 
 
-def combine_adapters(*, adapters: list, combined, combination: dict, seed: int,
+def combine_adapters(*, adapters: Inputs, combined: Output, combination: dict, seed: int,
                      policy: Policy) -> dict:
     """One folder: adapter_config.json and adapter_model.safetensors (loadable with
     PeftModel.from_pretrained on the quantized base), and combination.json: the settings, each
@@ -23,15 +24,11 @@ def combine_adapters(*, adapters: list, combined, combination: dict, seed: int,
     from ..analysis.combine import combine
 
     sources = dict(zip(combination["tasks"], map(str, adapters)))
-    with stage_outputs("combine_adapters", {"combined": combined},
-                       config={**combination, "kind": KIND},
-                       inputs={f"adapter_{task}": path for task, path in sources.items()},
-                       policy=policy, seed=seed) as out:
-        result = combine(sources, out["combined"], combination, seed, device=policy.device)
-        tokenizer_files.copy(adapters[0], out["combined"])  # every source's is the base's
-        write_json(out["combined"] / "combination.json",
-                   {"sources": {task: {"adapter": path, "kind": KIND}
-                                for task, path in sources.items()}, **result})
+    result = combine(sources, combined, combination, seed, device=policy.device)
+    tokenizer_files.copy(adapters[0], combined)  # every source's is the base's
+    write_json(combined / "combination.json",
+               {"sources": {task: {"adapter": path, "kind": COMBINED_FROM}
+                            for task, path in sources.items()}, **result})
     log.info("%s (%s of %s): %d layers, rank %d..%d, error against its definition <= %.2g, "
              "from the weighted sum <= %.2g", combination["name"], combination["method"],
              ", ".join(sources), result["layers"], result["rank"]["min"], result["rank"]["max"],

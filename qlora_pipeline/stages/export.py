@@ -6,14 +6,16 @@ from __future__ import annotations
 import gc
 import logging
 
-from .. import memory
-from ..outputs import stage_outputs, write_json
-from ..policy import Policy
+from ..core import memory
+from ..core.files import write_json
+from ..core.policy import Policy
+from . import Input, Output
 
 log = logging.getLogger(__name__)
 
 
-def export_gguf(*, merged, spec, gguf, task: str, export: dict, policy: Policy) -> dict:
+def export_gguf(*, merged: Input, spec: Input, gguf: Output, task: str, export: dict,
+                policy: Policy) -> dict:
     """One folder: <task>-<type>.gguf per configured type and export.json (per type: size,
     bits/param, seconds, the importer's and llama.cpp's round trips). A file that does not
     hold the merged model (a tensor beyond its type's rounding, or for a float type llama.cpp
@@ -35,21 +37,19 @@ def export_gguf(*, merged, spec, gguf, task: str, export: dict, policy: Policy) 
                        check["max_new_tokens"],
                        remedy="a machine with more RAM: the importer's round trip reads the "
                               "file back in float32 on the CPU")
-    with stage_outputs("export_gguf", {"gguf": gguf}, config=export, policy=policy,
-                       inputs={"merged": merged, "spec": spec}) as out:
-        model = load_full_precision(merged, policy, offload=True).eval()
-        parameters = sum(p.numel() for p in model.parameters())
-        ref = gguf_roundtrip.reference(model, tokenizer, prompts, check["max_new_tokens"])
-        del model
-        gc.collect()  # the importer's copy loads next
-        files = gguf_export.export(merged, out["gguf"], task, types, policy.threads)
-        for gguf_type, entry in files.items():
-            entry["bits_per_param"] = round(8 * entry["bytes"] / parameters, 3)
-            entry.update(_round_trips(out["gguf"] / entry["file"], merged, ref, gguf_type,
-                                      check, policy.threads))
-        write_json(out["gguf"] / "export.json", {
-            "task": task, "parameters": parameters, "prompts": len(prompts),
-            "merged_answers": ref.answers[:5], "types": files})
+    model = load_full_precision(merged, policy, offload=True).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    ref = gguf_roundtrip.reference(model, tokenizer, prompts, check["max_new_tokens"])
+    del model
+    gc.collect()  # the importer's copy loads next
+    files = gguf_export.export(merged, gguf, task, types, policy.threads)
+    for gguf_type, entry in files.items():
+        entry["bits_per_param"] = round(8 * entry["bytes"] / parameters, 3)
+        entry.update(_round_trips(gguf / entry["file"], merged, ref, gguf_type, check,
+                                  policy.threads))
+    write_json(gguf / "export.json", {
+        "task": task, "parameters": parameters, "prompts": len(prompts),
+        "merged_answers": ref.answers[:5], "types": files})
     return files
 
 

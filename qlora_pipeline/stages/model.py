@@ -5,60 +5,56 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .. import memory, quant_settings
-from ..errors import InputError
-from ..outputs import read_json, stage_outputs, write_json
-from ..policy import Policy
-from ..runtime import seed_everything
+from ..core import memory
+from ..core.errors import InputError
+from ..core.files import read_json, write_json
+from ..core.policy import Policy
+from ..core.seeding import seed_everything
+from . import Input, Inputs, Output
 
 log = logging.getLogger(__name__)
 
 
-def import_base_model(*, base, base_model: dict, policy: Policy) -> None:
+def import_base_model(*, base: Output, base_model: dict, policy: Policy,
+                      source: Inputs = ()) -> None:
     """The configured base (GGUF file, hub repository or local folder) as one HF safetensors
-    checkpoint with its tokenizer and chat template."""
+    checkpoint with its tokenizer and chat template. `source`: the GGUF file or local folder
+    (declared, so that provenance records what was read; a hub model has none)."""
     from ..models import importer
 
-    inputs = {"gguf": importer.gguf_location(base_model)} if base_model["source"] == "gguf" else {}
-    if base_model["source"] == "local":
-        inputs = {"model": base_model["path"]}
-    with stage_outputs("import_base_model", {"base": base}, config=base_model, inputs=inputs,
-                       policy=policy) as out:
-        model, tokenizer = importer.load(base_model)
-        log.info("%s: %d parameters, %s", type(model).__name__,
-                 sum(p.numel() for p in model.parameters()), model.dtype)
-        importer.save(model, tokenizer, out["base"])
+    model, tokenizer = importer.load(base_model)
+    log.info("%s: %d parameters, %s", type(model).__name__,
+             sum(p.numel() for p in model.parameters()), model.dtype)
+    importer.save(model, tokenizer, base)
 
 
-def quantize(*, base, quantized, quantization: dict, seed: int, policy: Policy) -> None:
+def quantize(*, base: Input, quantized: Output, quantization: dict, seed: int,
+             policy: Policy) -> None:
     """The base quantized and saved, with per-layer errors, stored bits/param and the numerics
     check in quantization.json. Nothing is saved when the check fails."""
     from ..models import quantization as quant
 
-    with stage_outputs("quantize", {"quantized": quantized}, config=quantization,
-                       inputs={"base": base}, policy=policy, seed=seed) as out:
-        seed_everything(seed)
-        model, rows, checked = _quantized_and_measured(base, quantization, policy, "quantize")
-        quant.save(model, base, out["quantized"])
-        summary = quant.summarize(rows, quantization, quant.saved_compute_dtype(model),
-                                  quant.checkpoint_bytes(out["quantized"]),
-                                  quant.checkpoint_bytes(base))
-        write_json(out["quantized"] / "quantization.json",
-                   {"summary": summary, "layers": rows, "numerics_check": checked})
-        log.info("quantization summary: %s", summary)
+    seed_everything(seed)
+    model, rows, checked = _quantized_and_measured(base, quantization, policy, "quantize")
+    quant.save(model, base, quantized)
+    summary = quant.summarize(rows, quantization, quant.saved_compute_dtype(model),
+                              quant.checkpoint_bytes(quantized), quant.checkpoint_bytes(base))
+    write_json(quantized / "quantization.json",
+               {"summary": summary, "layers": rows, "numerics_check": checked})
+    log.info("quantization summary: %s", summary)
 
 
 def _quantized_and_measured(base, settings: dict, policy: Policy, stage: str, seq: int = 1):
     """(model, layer rows, numerics check): the base quantized by `settings` in memory, each
     layer's error against the base, and the check (which fails the job when a layer does not
     compute the configured math)."""
-    from ..models import numerics
+    from ..models import methods, numerics
     from ..models import quantization as quant
     from ..models.checkpoint import Checkpoint
 
     # On the CPU the full-precision file is mapped and read whole while it quantizes.
     memory.check_stage(stage, base, policy, weights="4bit" if policy.cuda else "full+4bit",
-                       seq=seq, bits=quant.nominal_bits(settings),
+                       seq=seq, bits=methods.of(settings["method"]).theoretical_bits(settings),
                        remedy="a GPU with more memory (the quantized weights must fit)")
     model = quant.quantize(base, settings, policy)
     rows = quant.layer_errors(model, Checkpoint(base))  # one base tensor at a time
@@ -68,31 +64,27 @@ def _quantized_and_measured(base, settings: dict, policy: Policy, stage: str, se
     return model, rows, numerics.check(model, quant.saved_compute_dtype(model))
 
 
-def quantization_sweep_point(*, base, tokenized: list, report, point: dict, tasks: list,
-                             max_examples: int, seed: int, policy: Policy) -> None:
+def quantization_sweep_point(*, base: Input, tokenized: Inputs, report: Output, point: dict,
+                             tasks: list, max_examples: int, seed: int, policy: Policy) -> None:
     """One `quantization_sweep` method measured, not saved (`report`: a folder of report.json):
     bits/param, weight error and the numerics check as the quantize stage's, and validation
     perplexity per task."""
-    from ..models import perplexity
+    from ..models import methods, perplexity
     from ..models import quantization as quant
 
-    with stage_outputs("quantization_sweep_point", {"report": report},
-                       config={"point": point, "max_examples": max_examples},
-                       inputs={"base": base, **dict(zip(tasks, tokenized))}, policy=policy,
-                       seed=seed) as out:
-        seed_everything(seed)
-        validation = _validation(tasks, tokenized)
-        model, rows, checked = _quantized_and_measured(base, point, policy,
-                                                       "quantization_sweep_point",
-                                                       seq=_longest(validation))
-        summary = quant.summarize(rows, point, quant.saved_compute_dtype(model),
-                                  quant.model_bytes(model), quant.checkpoint_bytes(base))
-        ppl = {task: perplexity.perplexity(model, examples, max_examples)
-               for task, examples in validation.items()}
-        write_json(out["report"] / "report.json",
-                   {"label": quant_settings.label(point), "settings": point,
-                    "summary": summary, "perplexity": ppl, "layers": rows,
-                    "numerics_check": checked})
+    seed_everything(seed)
+    validation = _validation(tasks, tokenized)
+    model, rows, checked = _quantized_and_measured(base, point, policy,
+                                                   "quantization_sweep_point",
+                                                   seq=_longest(validation))
+    summary = quant.summarize(rows, point, quant.saved_compute_dtype(model),
+                              quant.model_bytes(model), quant.checkpoint_bytes(base))
+    ppl = {task: perplexity.perplexity(model, examples, max_examples)
+           for task, examples in validation.items()}
+    write_json(report / "report.json",
+               {"label": methods.of(point["method"]).label(point), "settings": point,
+                "summary": summary,
+                "perplexity": ppl, "layers": rows, "numerics_check": checked})
 
 
 def _validation(tasks: list, tokenized: list) -> dict:
@@ -108,26 +100,23 @@ def _longest(validation: dict) -> int:
     return max(len(ids) for rows in validation.values() for ids in rows["input_ids"])
 
 
-def quantization_report(*, base, quantized, tokenized: list, report, markdown, provenance,
-                        tasks: list, max_examples: int, policy: Policy) -> None:
+def quantization_report(*, base: Input, quantized: Input, tokenized: Inputs, report: Output,
+                        markdown: Output, tasks: list, max_examples: int,
+                        policy: Policy) -> None:
     """Weight-level numbers from the quantize stage plus validation perplexity of the full
     precision and the quantized base. `tokenized`: each task's folder, in the order of `tasks`."""
     from ..models import quantization as quant
-    from ..models import quantization_report as qreport
+    from ..models.perplexity import perplexities
+    from ..report.quantization import report_markdown
 
-    outputs = {"report": report, "markdown": markdown, "provenance": provenance}
-    with stage_outputs("quantization_report", outputs, config={"max_examples": max_examples},
-                       inputs={"base": base, "quantized": quantized, **dict(zip(tasks, tokenized))},
-                       policy=policy) as out:
-        validation = _validation(tasks, tokenized)
-        # One model at a time; on the CPU the allocator keeps the first one's memory while
-        # the second loads (as in the merge), so both count there.
-        memory.check_stage("quantization_report", base, policy,
-                           weights="full" if policy.cuda else "full+4bit", seq=_longest(validation),
-                           offload=True, remedy="a GPU with more memory",
-                           bits=quant.stored_bits(quantized))
-        numbers = {**read_json(Path(quantized) / "quantization.json"),
-                   "perplexity": qreport.perplexities(base, quantized, validation, max_examples,
-                                                      policy)}
-        write_json(out["report"], numbers)
-        out["markdown"].write_text(qreport.markdown(numbers), encoding="utf-8")
+    validation = _validation(tasks, tokenized)
+    # One model at a time; on the CPU the allocator keeps the first one's memory while
+    # the second loads (as in the merge), so both count there.
+    memory.check_stage("quantization_report", base, policy,
+                       weights="full" if policy.cuda else "full+4bit", seq=_longest(validation),
+                       offload=True, remedy="a GPU with more memory",
+                       bits=quant.stored_bits(quantized))
+    numbers = {**read_json(Path(quantized) / "quantization.json"),
+               "perplexity": perplexities(base, quantized, validation, max_examples, policy)}
+    write_json(report, numbers)
+    markdown.write_text(report_markdown(numbers), encoding="utf-8")

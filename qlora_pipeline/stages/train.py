@@ -1,44 +1,158 @@
-"""Stages of rules/train.smk: a QLoRA adapter per task, an optional full-precision recovery of
-it, and the merge of the task's final adapter into a standalone model. QLoRA and recovery are
-one training routine (training/train_job.py) with two ways of preparing the model."""
+"""Stages of rules/train.smk: any training of the trainings table (a task's own, a sweep
+point's) as a QLoRA adapter, its optional full-precision recovery, and the merge of a task's
+final adapter into a standalone model. QLoRA and recovery are one training routine (`_train`)
+with two ways of preparing the model (training/lora.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import tempfile
+from pathlib import Path
 
-from .. import memory
-from ..outputs import stage_outputs, write_json
-from ..policy import Policy
+from ..core import memory
+from ..core.files import checksum, config_hash, write_json
+from ..core.policy import Policy
+from ..core.seeding import seed_everything
+from . import Input, Inputs, Output
 
 # The training modules import torch, transformers and PEFT: each stage imports them itself, so
-# that its script can hand the job to a warm-start server before paying for them.
+# that its job can be handed to a warm-start server before paying for them.
 log = logging.getLogger(__name__)
 
 
-def train_qlora(*, quantized, tokenized, adapter, lora: dict, train: dict, seed: int,
-                checkpoints, tensorboard=None, policy: Policy) -> dict:
+def train_qlora(*, quantized: Input, tokenized: Input, adapter: Output, lora: dict,
+                train: dict, seed: int, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """LoRA injected into the saved quantized base (quantize first, then inject), trained."""
-    from ..training.train_job import train_qlora_adapter
+    from ..training.lora import prepare_qlora
 
-    return train_qlora_adapter(
-        "train_qlora", quantized=quantized, tokenized=tokenized, adapter=adapter, lora=lora,
-        train=train, seed=seed, checkpoints=checkpoints, tensorboard=tensorboard, policy=policy)
+    return _train("train_qlora", adapter, tokenized, quantized, train, seed, checkpoints,
+                  tensorboard, policy, weights="stored", lora=lora,
+                  key={"lora": lora, "train": train, "seed": seed, "inputs": [quantized, tokenized]},
+                  prepare=lambda: prepare_qlora(quantized, lora, policy,
+                                                _checkpointing(train, policy)))
 
 
-def recover(*, base, qlora, tokenized, adapter, train: dict, seed: int, checkpoints,
-            tensorboard=None, policy: Policy) -> dict:
+def recover(*, base: Input, qlora: Input, tokenized: Input, adapter: Output, train: dict,
+            seed: int, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
-    from ..training.train_job import recover_adapter
+    from ..training.lora import prepare_recovery
 
-    return recover_adapter(
-        "recover", base=base, qlora=qlora, tokenized=tokenized, adapter=adapter, train=train,
-        seed=seed, checkpoints=checkpoints, tensorboard=tensorboard, policy=policy)
+    return _train("recover", adapter, tokenized, base, train, seed, checkpoints, tensorboard,
+                  policy, weights="full", lora=_adapter_lora(qlora),
+                  key={"train": train, "seed": seed, "inputs": [base, qlora, tokenized]},
+                  prepare=lambda: prepare_recovery(base, qlora, policy,
+                                                   _checkpointing(train, policy)))
 
 
-def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered: bool,
-          policy: Policy) -> dict:
+def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, checkpoints,
+           tensorboard, policy: Policy, *, weights: str, lora: dict, key: dict, prepare) -> dict:
+    """Prepare the model, check that exactly the adapter trains, train it, save the adapter
+    with its metrics and summary. Checkpoints live outside the output, under a key of the
+    settings and the inputs' provenance, so that an interrupted job resumes (the job removes
+    them once the adapter is in place). `weights` (how `model_dir` loads) and `lora` (r,
+    target_modules): for the memory estimate (memory.py), which is logged."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from ..analysis.monitor import AdapterMonitor
+    from ..models import tokenizer_files
+    from ..training import distributed, loop
+    from ..training.lora import verify_frozen
+
+    with distributed.rank_folder(adapter) as out:  # rank 0's lands
+        seed_everything(seed)  # every rank alike: the same adapter initialisation
+        resume_dir = _resume_dir(Path(checkpoints), key)
+        data = load_from_disk(str(tokenized))
+        _check_memory(stage, model_dir, weights, data["train"], train, lora, policy)
+        model, expected = prepare()
+        params = verify_frozen(model, expected)
+        log.info("trainable: %s", params)
+        metrics = resume_dir / "metrics.jsonl"
+        summary = loop.train(model, AutoTokenizer.from_pretrained(model_dir), data, train,
+                             resume_dir, metrics, seed, policy, tensorboard=tensorboard,
+                             save_to=out, observers=(AdapterMonitor(metrics),)
+                             if distributed.is_main() else ())
+        summary.update(params)
+        log.info("summary: %s", summary)
+        if metrics.exists():
+            shutil.copy2(metrics, out / "metrics.jsonl")
+        write_json(out / "summary.json", summary)
+        tokenizer_files.copy(model_dir, out)  # chat template, EOS, generation settings
+    return summary
+
+
+def _check_memory(stage: str, model_dir, weights: str, rows, train: dict, lora: dict,
+                  policy: Policy) -> dict:
+    """The training's peak estimated (memory.py) from its longest batch: batch_size rows of
+    the longest training row; refused before loading if it cannot fit."""
+    longest = max(len(ids) for ids in rows["input_ids"])
+    return memory.check_stage(
+        stage, model_dir, policy, weights=weights, batch=train["batch_size"], seq=longest,
+        lora=lora, training=True, checkpointing=_checkpointing(train, policy),
+        optimizer=policy.optimizer(train["optimizer"]),
+        remedy="train.batch_size smaller (with gradient_accumulation larger), "
+               "tokenize.max_length shorter, gradient_checkpointing on, or "
+               "train.distributed")
+
+
+def _adapter_lora(adapter_dir) -> dict:
+    """r and target modules of a saved adapter (recovery continues it: its size)."""
+    from ..training.lora import check_adapter
+
+    check_adapter(adapter_dir, "recovery")
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = saved["target_modules"]
+    return {"r": saved["r"], "target_modules": targets if isinstance(targets, str)
+            else sorted({t.rsplit(".", 1)[-1] for t in targets})}
+
+
+def _checkpointing(train: dict, policy: Policy) -> bool:
+    return policy.gradient_checkpointing(train["gradient_checkpointing"])
+
+
+def _resume_dir(root: Path, key: dict) -> Path:
+    """Keyed by the settings and the inputs' own provenance: resume only a run that would have
+    produced the same adapter; discard the others."""
+    from ..training import distributed, loop
+
+    stamps = [checksum(Path(p) / "provenance.json") for p in key["inputs"]]
+    name = config_hash({**key, "inputs": stamps})
+    if distributed.is_main():
+        loop.discard_stale_checkpoints(root, keep=name)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    return root / name
+
+
+def promote_sweep_point(*, results: Inputs, adapters: Inputs, trainings: Inputs,
+                        adapter: Output, table: dict, task: str, name: str,
+                        policy: Policy) -> str:
+    """The point the report's rule chooses (report/sweeps.py), its adapter `name` (qlora or
+    recovered) copied as the task's own, with promotion.json: the point, the rule, every
+    candidate's score. The adapter's own provenance is kept as trained_provenance.json."""
+    from ..report import sweeps
+
+    del results, adapters, trainings  # declared inputs (the job waits for them); read by path
+    compared = {**table, "variants": [table["compare"]]}  # only the scores the job waits for
+    candidates = sweeps.rows([], {task: compared}, with_analysis=False)
+    chosen = sweeps.choose(candidates)
+    source = Path(table["points"][chosen["point"]]["adapters"][name])
+    shutil.copytree(source, adapter, dirs_exist_ok=True)
+    (adapter / "provenance.json").rename(adapter / "trained_provenance.json")
+    write_json(adapter / "promotion.json", {
+        "point": chosen["point"], "variant": table["compare"], "rule": sweeps.RULE,
+        "adapter": str(source), "metric": candidates["metric"].iloc[0],
+        "candidates": candidates[["point", "score", "stderr", "trainable_params"]]
+        .to_dict("records")})
+    log.info("%s: promoted sweep point %s (%.4f) as its %s adapter", task, chosen["point"],
+             chosen["score"], name)
+    return chosen["point"]
+
+
+def merge(*, base: Input, quantized: Input, adapter: Input, tokenized: Input, merged: Output,
+          merge: dict, recovered: bool, policy: Policy) -> dict:
     """The task's final adapter merged into the configured base, saved with merge_check.json:
     its logit gaps to the unmerged model and to the model as trained."""
     from datasets import load_from_disk
@@ -49,28 +163,26 @@ def merge(*, base, quantized, adapter, tokenized, merged, merge: dict, recovered
     from ..training.lora import check_adapter
 
     check_adapter(adapter, "merge")
-    with stage_outputs("merge", {"merged": merged}, config=merge, policy=policy,
-                       inputs={"base": base, "quantized": quantized, "adapter": adapter}) as out:
-        test = load_from_disk(str(tokenized))["test"]
-        prompts = [e["input_ids"] for e in test.select(range(min(merge["check_examples"],
-                                                                 len(test))))]
-        # On the CPU the 4-bit model (trained logits), the merged one and the base it is
-        # checked against load one after the other; the allocator keeps each one's memory.
-        memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",
-                           seq=max(map(len, prompts), default=1), offload=True,
-                           remedy="a GPU with more memory", bits=stored_bits(quantized))
-        trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
-        chosen = merging.resolve_base(merge["base"], recovered)
-        others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []
-        shard_bytes = merge["max_shard_mb"] * 1024 ** 2
-        checks = {}
-        for kind in others:  # checked, then deleted (inside the output's temporary folder)
-            with tempfile.TemporaryDirectory(dir=out["merged"]) as scratch:
-                checks[kind] = merging.merge_and_check(kind, base, quantized, adapter, scratch,
-                                                       prompts, trained, policy, shard_bytes)
-        checks[chosen] = merging.merge_and_check(chosen, base, quantized, adapter, out["merged"],
-                                                 prompts, trained, policy, shard_bytes)
-        AutoTokenizer.from_pretrained(base).save_pretrained(out["merged"])
-        write_json(out["merged"] / "merge_check.json", {"chosen": chosen, "recovered": recovered,
-                                                         "examples": len(prompts), "checks": checks})
+    test = load_from_disk(str(tokenized))["test"]
+    prompts = [e["input_ids"] for e in test.select(range(min(merge["check_examples"],
+                                                             len(test))))]
+    # On the CPU the 4-bit model (trained logits), the merged one and the base it is
+    # checked against load one after the other; the allocator keeps each one's memory.
+    memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",
+                       seq=max(map(len, prompts), default=1), offload=True,
+                       remedy="a GPU with more memory", bits=stored_bits(quantized))
+    trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
+    chosen = merging.resolve_base(merge["base"], recovered)
+    others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []
+    shard_bytes = merge["max_shard_mb"] * 1024 ** 2
+    checks = {}
+    for kind in others:  # checked, then deleted (inside the output's temporary folder)
+        with tempfile.TemporaryDirectory(dir=merged) as scratch:
+            checks[kind] = merging.merge_and_check(kind, base, quantized, adapter, scratch,
+                                                   prompts, trained, policy, shard_bytes)
+    checks[chosen] = merging.merge_and_check(chosen, base, quantized, adapter, merged,
+                                             prompts, trained, policy, shard_bytes)
+    AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+    write_json(merged / "merge_check.json", {"chosen": chosen, "recovered": recovered,
+                                             "examples": len(prompts), "checks": checks})
     return checks

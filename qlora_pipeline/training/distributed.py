@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 
 def world_size() -> int:
@@ -40,18 +40,14 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
-def main_outputs(outputs_block, names: list[str]):
-    """Rank 0's outputs (the stage's complete-or-absent block); elsewhere throwaway folders, so
-    that the code inside runs the same on every rank and only rank 0's result lands."""
+def rank_folder(path):
+    """`path` on rank 0, which writes the outputs; elsewhere a throwaway folder, so that the
+    code runs the same on every rank and only rank 0's result lands."""
     if is_main():
-        with outputs_block as out:
-            yield out
+        yield Path(path)
         return
     with tempfile.TemporaryDirectory(prefix=f".rank{rank()}-") as scratch:
-        out = {name: Path(scratch) / name for name in names}
-        for path in out.values():
-            path.mkdir()
-        yield out
+        yield Path(scratch)
 
 
 def save_adapter(trainer, model, out_dir: Path) -> None:

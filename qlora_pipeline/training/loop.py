@@ -25,13 +25,11 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import memory
-from ..errors import InputError
+from ..core.errors import InputError
+from ..core.files import read_jsonl
+from ..core.policy import Policy
 from ..models import label_positions
-from ..outputs import read_jsonl
-from ..policy import Policy
 from . import distributed, packing, shared_prefix
-from .adapter_monitor import AdapterMonitor
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
@@ -147,7 +145,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
     resumes from them); the best checkpoint by validation loss is restored at the end.
-    `observers`: extra callbacks that only watch (the step-time benchmark); `tensorboard`: a
+    `observers`: extra callbacks that only watch (the adapter's spectrum, the step-time
+    benchmark); `tensorboard`: a
     folder for the curves as TensorBoard event files (emptied unless the job resumes);
     `save_to`: where the trained adapter is saved (distributed.save_adapter).
     """
@@ -162,8 +161,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     isolation = packed_isolation(model, data["train"], tokenizer)
     # Rank 0 keeps the record; every rank checks its own gradients.
     first = FirstEvaluation()
-    callbacks = [*((MetricsLog(metrics_path), AdapterMonitor(metrics_path))
-                   if distributed.is_main() else ()), GradientGuard(), first, *observers]
+    callbacks = [*((MetricsLog(metrics_path),) if distributed.is_main() else ()), GradientGuard(),
+                 first, *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
@@ -204,7 +203,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "train_seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
         "tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds else None,
-        "peak_memory_mb": round(memory.peak_mb(policy.device), 1),
+        "peak_memory_mb": round(policy.peak_memory_mb(), 1),
         "peak_memory_kind": "cuda max allocated" if policy.cuda else "process max RSS",
         "optimizer": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "resumed_from": resume,

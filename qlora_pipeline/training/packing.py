@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from ..errors import InputError
+from ..core.errors import InputError
 from ..models import label_positions
 from ..models.numerics import LOSS_TOLERANCE
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..models.checkpoint import INDEX, SINGLE, dequantize
-from .adapter_file import read_against
+from ..models.adapter_file import read_against
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,11 @@
 """Quantization methods, one module each (bnb4: bitsandbytes NF4/FP4; bnb8: LLM.int8; hqq: HQQ
-1-8 bits), behind one interface, so that quantizing, saving, loading, dequantizing, counting
-stored bits and checking the math are the same calls whatever the method:
+1-8 bits), behind one interface, so that settling the config, quantizing, saving, loading,
+dequantizing, counting stored bits and checking the math are the same calls whatever the
+method. A method module declares everything about it, and nothing else lists methods:
 
+    NAMES, KEYS                               its quantization.method names; its own config
+                                              keys with their defaults (config/quantization.py)
+    label(cfg), describe(cfg), THEORY         its name in a sweep, in reports, its bits in words
     available() -> bool                       its library imports
     layer_class()                             the class of its quantized linear layers
     wrote(quantization_config) -> bool        config.json's quantization_config is its own
@@ -11,11 +15,13 @@ stored bits and checking the math are the same calls whatever the method:
     compute_dtype(model)                      the dtype its layers take and give
     dequantized(module) -> Tensor             deq(Q(W)) of one layer
     stored_bytes(module), params(module)      what one layer stores (every constant), and encodes
-    theoretical_bits(cfg, in_features=, meta_dtype=)   the formula of docs/quantization.md
+    theoretical_bits(cfg, in_features=, meta_bits=)   the formula of docs/quantization.md (with
+                                              its defaults: the bits a memory estimate counts)
     stored_weight(key, get, weight_map)       deq(Q(W)) read from a checkpoint's tensors, or None
     is_stored_part(key, weight_map), weight_key(key)   its stored tensors vs the model's keys
-    describe(cfg) -> str                      the scheme's name in reports
     TOLERANCE                                 numerics.check's bound for the layer's math
+Each imports torch and its library only inside its functions: the config reads them when the
+workflow is parsed.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from pathlib import Path
 
 from . import bnb4, bnb8, hqq
 
-MODULES = {"nf4": bnb4, "fp4": bnb4, "int8": bnb8, "hqq": hqq}
 ALL = (bnb4, bnb8, hqq)
+MODULES = {name: module for module in ALL for name in module.NAMES}
 
 
 def of(method: str):

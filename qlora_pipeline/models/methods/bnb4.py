@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ...core.errors import NumericsError
+from ...core.policy import Policy, torch_dtype
+from .common import ROUNDING, from_pretrained_quantized, nbytes
 
-from ...policy import Policy, torch_dtype
-from .. import numerics
-from .common import from_pretrained_quantized, nbytes
+NAMES = ("nf4", "fp4")  # quantization.method
+KEYS = {"double_quant": True, "quant_storage": "auto"}  # its own keys, with their defaults
+THEORY = ("4 bits per weight plus one fp32 absmax per 64 weights (4.5 bits); double "
+          "quantization stores that absmax in 8 bits with one fp32 per 256 blocks (≈4.127 bits)")
 
 BLOCKSIZE = 64  # transformers' 4-bit blocksize (not configurable there)
 BITS = 4
 # The parts bitsandbytes saves beside a 4-bit weight `<name>.weight`.
 SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
             ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
-TOLERANCE = numerics.TOLERANCE  # x @ deq(W)^T, summed in another order
+TOLERANCE = ROUNDING  # x @ deq(W)^T, summed in another order
 
 
 def available() -> bool:
@@ -37,8 +40,15 @@ def wrote(quantization_config: dict) -> bool:
         bool(quantization_config.get("load_in_4bit"))
 
 
+def label(cfg: dict) -> str:
+    """nf4, fp4; without double quantization nf4-nodq."""
+    return cfg["method"] + ("" if cfg["double_quant"] else "-nodq")
+
+
 def storage_dtype(cfg: dict, policy: Policy) -> torch.dtype:
     """uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')."""
+    import torch
+
     storage = cfg.get("quant_storage", "uint8")
     return torch.uint8 if storage == "uint8" else policy.compute_dtype(cfg["compute_dtype"])
 
@@ -57,8 +67,8 @@ def hf_config(cfg: dict, policy: Policy):
 
 
 def quantize(base_dir, cfg: dict, policy: Policy):
-    """On the single numerics path (numerics.single_path); the caller runs numerics.check."""
-    return numerics.single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy),
+    """On the single numerics path (single_path); the caller runs numerics.check."""
+    return single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy),
                                                           policy))
 
 
@@ -69,7 +79,7 @@ def save(model, out_dir) -> None:
 def load(path, policy: Policy):
     from transformers import AutoModelForCausalLM
 
-    return numerics.single_path(AutoModelForCausalLM.from_pretrained(path,
+    return single_path(AutoModelForCausalLM.from_pretrained(path,
                                                                      device_map=policy.device))
 
 
@@ -90,6 +100,8 @@ def stored_bytes(module) -> int:
 
 def weight_bytes(weight) -> int:
     """A 4-bit weight (Params4bit) with every constant of its quantization state."""
+    import torch
+
     state = weight.quant_state
     total = nbytes(weight.data) + nbytes(state.absmax) + nbytes(state.code)
     if state.nested:
@@ -107,8 +119,7 @@ def params(module) -> int:
     return math.prod(module.weight.quant_state.shape)
 
 
-def theoretical_bits(cfg: dict, in_features: int | None = None,
-                     meta_dtype: torch.dtype = torch.float32) -> float:
+def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:
     """4 + 32/64 = 4.5; with double quantization 4 + 8/64 + 32/(64·256) ≈ 4.127."""
     if cfg["double_quant"]:
         return BITS + 8 / BLOCKSIZE + 32 / (BLOCKSIZE * 256)
@@ -119,6 +130,7 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
     state_keys = [key + suffix for suffix in SUFFIXES if key + suffix in weight_map]
     if not state_keys:
         return None
+    import torch
     from bitsandbytes.functional import QuantState, dequantize_4bit
 
     state = QuantState.from_dict({k[len(key) + 1:]: get(k) for k in state_keys},
@@ -136,3 +148,25 @@ def weight_key(key: str) -> str | None:
 
 def describe(cfg: dict) -> str:
     return f"{cfg['method'].upper()}{' + double quantization' if cfg['double_quant'] else ''}"
+
+
+def linear4bit_layers(model) -> list[tuple[str, object]]:
+    import bitsandbytes as bnb
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def is_packed(module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)  # bnb 4-bit only
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def single_path(model):
+    """Keep every 4-bit layer on bitsandbytes' dequantize-and-matmul path, on any CPU."""
+    for name, module in linear4bit_layers(model):
+        if is_packed(module):  # packed before we saw it: its scales were already rounded
+            raise NumericsError(f"{name}: weight already repacked for bitsandbytes' CPU "
+                                f"inference kernel; load the model again before using it")
+        # Read by Linear4bit.forward; False keeps it off the packed kernel.
+        module.support_avx512bf16_for_cpu = False
+    return model

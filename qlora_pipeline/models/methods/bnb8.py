@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ...policy import Policy
+from ...core.policy import Policy
 from .common import from_pretrained_quantized, nbytes
 
+NAMES = ("int8",)  # quantization.method
+KEYS: dict = {}  # no keys of its own
+THEORY = "8 bits per weight plus one fp32 scale per output row of n_in weights (8 + 32/n_in)"
 BITS = 8
 SUFFIXES = (".SCB", ".weight_format")
 # Measured on random inputs (numerics.check): relative gap up to 9e-3 in eval mode on
 # SmolLM2-135M's layers (int8 rounding of the input rows), 1e-7 in train mode; a missing
 # gradient reads 1, wrong weights 1e-1 or more.
-TOLERANCE = {torch.float32: 2e-2, torch.bfloat16: 3e-2, torch.float16: 2e-2}
+TOLERANCE = {"float32": 2e-2, "bfloat16": 3e-2, "float16": 2e-2}
 
 
 def available() -> bool:
@@ -82,8 +83,7 @@ def params(module) -> int:
     return math.prod(module.weight.shape)
 
 
-def theoretical_bits(cfg: dict, in_features: int | None = None,
-                     meta_dtype: torch.dtype = torch.float32) -> float:
+def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:
     """8 + 32/n_in: an fp32 scale per output row of n_in weights."""
     return BITS + (32 / in_features if in_features else 0.0)
 
@@ -101,6 +101,10 @@ def is_stored_part(key: str, weight_map: dict) -> bool:
 
 def weight_key(key: str) -> str | None:
     return None
+
+
+def label(cfg: dict) -> str:
+    return "int8"
 
 
 def describe(cfg: dict) -> str:

@@ -20,15 +20,18 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from ...core.errors import InputError
+from ...core.policy import Policy, torch_dtype
+from .common import ROUNDING, nbytes
 
-from ...errors import InputError
-from ...policy import Policy, torch_dtype
-from .. import numerics
-from .common import nbytes
+NAMES = ("hqq",)  # quantization.method
+KEYS = {"bits": 4, "group_size": 64}  # its own keys, with their defaults
+THEORY = ("the bits packed as hqq packs them (3 bits: ten to an int32, 3.2) plus a scale and a "
+          "zero per group in the compute dtype (+ 2·32/group_size in float32, 2·16/group_size "
+          "in bf16)")
 
 PACKED = {8: 8.0, 4: 4.0, 3: 32 / 10, 2: 2.0, 1: 1.0}
-TOLERANCE = numerics.TOLERANCE  # x @ deq(W)^T: dequantize, then matmul
+TOLERANCE = ROUNDING  # x @ deq(W)^T: dequantize, then matmul
 
 
 def available() -> bool:
@@ -59,6 +62,11 @@ def _replace(model, name: str, layer) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+def label(cfg: dict) -> str:
+    """hqq3-g64: bits and group size."""
+    return f"hqq{cfg['bits']}-g{cfg['group_size']}"
+
+
 def _settings(cfg: dict, dtype: torch.dtype) -> dict:
     """What config.json records: HqqConfig's dictionary (quant_method, quant_config,
     skip_modules) and the compute dtype the layers were built for."""
@@ -73,6 +81,7 @@ def _settings(cfg: dict, dtype: torch.dtype) -> dict:
 def quantize(base_dir, cfg: dict, policy: Policy):
     """Every nn.Linear but skip_modules (and a tied output head) replaced by an HQQLinear built
     from its weight, one layer at a time, on the job's device."""
+    import torch
     from hqq.core.quantize import HQQLinear
     from transformers import AutoModelForCausalLM
 
@@ -128,23 +137,21 @@ def load(path, policy: Policy):
     HQQLinear filled from its stored state, every other tensor assigned as stored."""
     from accelerate import init_empty_weights
     from hqq.core.quantize import HQQLinear
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..checkpoint import Checkpoint
 
     config = AutoConfig.from_pretrained(path)
     settings = config.quantization_config
     del config.quantization_config  # transformers would quantize again
     dtype = torch_dtype(settings["compute_dtype"])
-    checkpoint = Checkpoint(Path(path))
+    state = load_file(Path(path) / "model.safetensors")  # hqq's save writes one file
     with init_empty_weights():  # parameters on the meta device, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config)
-    for key in checkpoint.weight_map:
+    for key in state:
         if key.endswith(".W_q"):
             _replace(model, key.removesuffix(".W_q"),
                      HQQLinear(None, None, compute_dtype=dtype, device=policy.device,
                                initialize=False))
-    state = {key: checkpoint.get(key) for key in checkpoint.weight_map}
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     model.tie_weights()
     missing = [k for k in missing if k.endswith(".weight") and
@@ -165,6 +172,8 @@ def dequantized(module) -> torch.Tensor:
 
 def stored_bytes(module) -> int:
     """The packed weights and every per-group tensor (scale, zero)."""
+    import torch
+
     return nbytes(module.W_q) + sum(nbytes(v) for v in module.meta.values() if torch.is_tensor(v))
 
 
@@ -172,10 +181,8 @@ def params(module) -> int:
     return math.prod(module.meta["shape"])
 
 
-def theoretical_bits(cfg: dict, in_features: int | None = None,
-                     meta_dtype: torch.dtype = torch.float32) -> float:
+def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:
     """PACKED[bits] + 2·b/group_size: a scale and a zero of b bits (the compute dtype's) each."""
-    meta_bits = torch.finfo(meta_dtype).bits
     return PACKED[cfg["bits"]] + 2 * meta_bits / cfg["group_size"]
 
 
@@ -188,6 +195,8 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
     prefix = key.removesuffix(".weight")
     if not key.endswith(".weight") or f"{prefix}.W_q" not in weight_map:
         return None
+    import torch
+
     layer = layer_class()(None, None, compute_dtype=torch.float32, device="cpu",
                           initialize=False)
     layer.load_state_dict({k: get(f"{prefix}.{k}") for k in _state_keys()

@@ -1,0 +1,152 @@
+"""The run configuration read when the workflow is parsed: config.yaml and the task files
+validated (schema.py), each task's effective settings, its sweep expanded (sweeps.py), the
+combinations checked (combinations.py) and the quantization settled (quantization.py). A bad
+value fails here, in one line naming the file and key, before any job runs."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InputError
+from ..data.builtin import check_arithmetic
+from . import combinations, quantization, sweeps, trainings
+from .schema import load_schema, load_yaml, validate
+
+log = logging.getLogger(__name__)
+# Task keys whose mapping is a choice between keys ({energy} or {rank}), not settings: a
+# task's value replaces the defaults' instead of merging with it.
+CHOICES = ("compress",)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return base updated by override, recursing into nested mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_dataset(dataset: dict, fmt: str, where: str) -> None:
+    """What the schema cannot say: keys that depend on the source or the format."""
+    arithmetic = dataset["source"] == "builtin" and dataset.get("name") == "arithmetic"
+    if "options" in dataset and not arithmetic:
+        raise InputError(f"{where}: key 'dataset.options': found it for source "
+                         f"'{dataset['source']}' {dataset.get('name', '')}; expected it only "
+                         f"for the builtin arithmetic generator")
+    if arithmetic:
+        try:  # refused here, before any job runs, rather than in fetch_dataset
+            check_arithmetic(dataset["num_examples"], **dataset.get("options", {}))
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+    if "system_prompt" in dataset and fmt != "chat":
+        raise InputError(f"{where}: key 'dataset.system_prompt': found format "
+                         f"'{fmt}'; expected format 'chat' (only chat has system turns)")
+
+
+def _check_distributed(distributed: dict, where: str) -> None:
+    """Several processes need a strategy (docs/cluster.md)."""
+    strategy, processes, nodes = (distributed[k] for k in ("strategy", "processes", "nodes"))
+    if strategy == "none" and processes * nodes > 1:
+        raise InputError(f"{where}: key 'train.distributed': found {processes} processes x "
+                         f"{nodes} nodes with strategy 'none'; expected strategy ddp or fsdp "
+                         f"(or processes 1, nodes 1)")
+
+
+def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
+    """The effective config of one task: global defaults, then its file, then inline overrides."""
+    task_dir = Path(root) / config["task_dir"]
+    path = task_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in task_dir.glob("*.yaml"))
+        raise InputError(
+            f"config key 'tasks': unknown task '{name}': found no file {path}; expected one of "
+            f"the tasks in {task_dir}: {', '.join(known) or 'none'}"
+        )
+    raw = load_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
+    override = config.get("task_overrides", {}).get(name, {})
+    merged = deep_merge(config["defaults"], deep_merge(raw, override))
+    for key in CHOICES:  # the most specific setting wins whole
+        for layer in (override, raw):
+            if key in layer:
+                merged[key] = copy.deepcopy(layer[key])
+                break
+    raw = merged
+    # The global seed is the seed of everything a task does not seed itself (config schema).
+    if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
+        raw["dataset"]["seed"] = config.get("seed", 0)
+    where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
+    schema = load_schema("task.schema.yaml")
+    validate(raw, schema, where)
+    _check_dataset(raw["dataset"], raw["format"], where)
+    _check_distributed(raw["train"]["distributed"], where)
+    raw["name"] = name
+    if isinstance(raw["export"]["type"], str):  # one type or a list: a list from here on
+        raw["export"]["type"] = [raw["export"]["type"]]
+    # Derived, not a setting: the task's rows of the trainings table (trainings.py), its
+    # sweep's points each checked like a task file (sweeps.py).
+    seed = config.get("seed", 0)
+    raw["trainings"] = trainings.rows(raw, sweeps.expand(raw, schema, where, seed), seed)
+    return raw
+
+
+def canonical(value: Any) -> Any:
+    """Mappings with sorted keys, recursively: rules' params compare equal whatever the key
+    order in the YAML files, so reordering a file reruns nothing."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
+
+
+def recovery_train(task: dict) -> dict:
+    """The training settings recovery runs with: the task's `train` block, with recovery's
+    steps and learning rate, a fixed number of steps (no epochs, no early stopping) and an
+    evaluation at least at the end. The recover rule's params hold exactly this."""
+    train, recovery = task["train"], task["recovery"]
+    return canonical({**train, "max_steps": recovery["steps"], "epochs": None,
+                      "learning_rate": recovery["learning_rate"],
+                      "early_stopping_patience": None,
+                      "eval_steps": min(train["eval_steps"], recovery["steps"])})
+
+
+def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
+    """Validate the main config (in place, with defaults) and load every listed task."""
+    if "quant_type" in (config.get("quantization") or {}):
+        raise InputError("config key 'quantization.quant_type': renamed 'quantization.method' "
+                         f"(nf4, fp4, int8, hqq); found quant_type "
+                         f"{config['quantization']['quant_type']!r}")
+    validate(config, load_schema("config.schema.yaml"), "config")
+    # Defaults are task settings: the task schema checks them, with nothing required.
+    defaults_schema = {**load_schema("task.schema.yaml"), "required": []}
+    del defaults_schema["$schema"]  # nested, it would switch to a validator without defaults
+    validate(config, {"type": "object", "properties": {"defaults": defaults_schema}}, "config")
+    unknown = set(config.get("task_overrides", {})) - set(config["tasks"])
+    if unknown:
+        raise InputError(
+            f"config key 'task_overrides': found {sorted(unknown)}, not in 'tasks'; expected "
+            f"only tasks listed in 'tasks' {config['tasks']}"
+        )
+    tasks = {name: canonical(load_task(name, config, root)) for name in config["tasks"]}
+    known = sorted(p.stem for p in (Path(root) / config["task_dir"]).glob("*.yaml"))
+    kept = combinations.check(config["combinations"], config["tasks"], known)
+    left_out = [c["name"] for c in config["combinations"] if c["name"] not in kept]
+    if left_out:
+        log.warning("combinations %s left out: not all their tasks are in 'tasks' %s",
+                    left_out, config["tasks"])
+    config["combinations"] = list(kept.values())
+    # quant_storage 'auto': FSDP shards only float tensors, so a task trained with FSDP needs
+    # the 4-bit weights stored in the compute dtype (bitsandbytes #1123). Settled here, so that
+    # the quantize rule's params, and its output, change with it.
+    fsdp = any(t["train"]["distributed"]["strategy"] == "fsdp" for t in tasks.values())
+    config["quantization"] = quantization.settle(config["quantization"], "quantization", fsdp)
+    config["quantization_sweep"] = list(quantization.sweep(config).values())
+    return canonical(config), tasks

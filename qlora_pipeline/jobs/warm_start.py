@@ -1,0 +1,391 @@
+"""Warm start: jobs forked from a process that has imported the libraries already.
+
+On a CPU a small model's job spends 6-11 s importing torch, transformers, PEFT, bitsandbytes
+and lm-eval before it does any work, and the default run has some twenty such jobs. When the
+workflow runs its jobs on this machine and sees no GPU, the Snakefile's `onstart` starts this
+module beside Snakemake (`start`). It imports those libraries once (no project code, so that
+an edit to the pipeline still reaches the next job) and waits on a Unix socket under
+.snakemake/. Each job's script (runtime.run_script) sends it the job: the stage and its
+arguments, the job's environment, working directory and standard streams. The server forks;
+the copy becomes the job (same streams, variables, directory, threads) and reports its exit
+status to the script, which exits with it. A job that cannot reach the server, or runs under
+another interpreter (a conda env of its own), runs itself as before, so the server is only
+ever a shortcut: the outputs are the same either way (tests/test_warm_start.py).
+
+Written by hand: multiprocessing's forkserver serves only the program that started it, not
+separate processes such as Snakemake's jobs.
+
+Not where a GPU is visible: bitsandbytes queries CUDA when it is imported, and a CUDA context
+does not survive a fork. Not under a cluster executor: its jobs run on other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import logging
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOCKET_VARIABLE = "QLORA_WARM_START_SOCKET"  # set by `start` for the jobs Snakemake spawns
+SOCKET_NAME = ".snakemake/qlora-warm-start.sock"
+# What the model stages import; each one is optional (a data env has none of them).
+PRELOAD = (
+    "numpy", "torch", "transformers", "transformers.modeling_utils", "transformers.trainer",
+    "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+    "safetensors.torch", "bitsandbytes", "peft", "datasets", "lm_eval.evaluator",
+    "lm_eval.models.huggingface", "lm_eval.tasks", "gguf",
+)
+# Set before the imports so that what the libraries fix when they load matches a job's own
+# start: one BLAS thread (a job sets torch's own count itself), torch's huge-page allocation
+# (runtime.ALLOCATOR_VARIABLES, read once, at the first allocation).
+SERVER_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                      "OPENBLAS_NUM_THREADS": "1"}
+_HEADER = struct.Struct("!Q")  # payload length
+_REPLY = struct.Struct("!cq")  # kind (b"P": child pid, b"X": exit status, b"R": refused), value
+
+
+# ---- the job's side -------------------------------------------------------------------------
+
+def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> int | None:
+    """Run `job` (runtime.Job) in a copy of the warm server and return its exit status, or
+    None when no server takes it (the caller then runs it itself)."""
+    address = address or os.environ.get(SOCKET_VARIABLE)
+    if not address:
+        return None
+    try:
+        conn = _connect(address, connect_timeout)
+    except OSError:
+        return None
+    with conn:
+        try:
+            payload = pickle.dumps(_request(job))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            socket.send_fds(conn, [_HEADER.pack(len(payload))], [0, 1, 2])
+            conn.sendall(payload)
+            kind, value = _read_reply(conn)
+        except (OSError, pickle.PicklingError, AttributeError, TypeError) as err:
+            print(f"warm start: {err}; the job runs itself", file=sys.stderr)
+            return None
+        if kind != b"P":  # refused, or the server went away before forking
+            return None
+        with _forwarding_signals(value):
+            while kind != b"X":
+                try:
+                    kind, value = _read_reply(conn)
+                except OSError:
+                    kind = None
+                if kind is None:  # the copy died without a word: killed from outside
+                    return 1
+        return value
+
+
+def _request(job) -> dict:
+    # The job itself is unpickled only in the copy, under the job's sys.path: the server
+    # imports no project code (an edit must reach the next job).
+    return {"executable": os.path.realpath(sys.executable), "prefix": sys.prefix,
+            "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path),
+            "job": pickle.dumps(job)}
+
+
+def _connect(address: str, timeout: float) -> socket.socket:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        # sun_path holds ~107 bytes; a relative path reaches a socket in a deep working dir.
+        conn.connect(address if len(address) < 100 else os.path.relpath(address))
+    except OSError:
+        conn.close()
+        raise
+    conn.settimeout(None)
+    return conn
+
+
+def _read_reply(conn: socket.socket) -> tuple[bytes | None, int]:
+    data = _recv_exactly(conn, _REPLY.size)
+    return _REPLY.unpack(data) if data else (None, 0)
+
+
+@contextlib.contextmanager
+def _forwarding_signals(pid: int):
+    """Snakemake stops a job by signalling its process: pass it on to the copy (and whatever
+    the copy started), which then exits and reports."""
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signum)
+    saved = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
+    """Import `preload`, then fork one copy per job until `watch_pid` (Snakemake) exits."""
+    started = time.monotonic()
+    for name in preload:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    # A stop (SIGTERM) between creating the socket file and the `finally` that removes it
+    # would leave the file behind (a copied working directory would then hold a socket).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    listener = _listen(address)
+    bound = os.stat(address).st_ino
+    children: dict[int, socket.socket] = {}
+    log.info("warm start: serving %s (imports took %.1f s, %d threads)", address,
+             time.monotonic() - started, _thread_count())
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            while _alive(watch_pid) and _owns(address, bound):
+                if selector.select(timeout=0.5):
+                    _accept(listener, children)
+                _reap(children)
+    finally:
+        if _owns(address, bound):
+            os.unlink(address)
+        listener.close()
+
+
+def _listen(address: str) -> socket.socket:
+    Path(address).parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    saved = os.umask(0o177)  # the socket is its owner's alone
+    try:
+        listener.bind(address if len(address) < 100 else os.path.relpath(address))
+    finally:
+        os.umask(saved)
+    listener.listen(16)
+    return listener
+
+
+def _owns(address: str, bound: int) -> bool:
+    """Whether the socket file is still the one this server bound (a later server replaces it)."""
+    try:
+        return os.stat(address).st_ino == bound
+    except FileNotFoundError:
+        return False
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _accept(listener: socket.socket, children: dict) -> None:
+    conn, _ = listener.accept()
+    try:
+        request, fds = _read_request(conn)
+    except Exception as err:  # noqa: BLE001 - a malformed or foreign request: refuse it
+        log.warning("warm start: request refused: %s", err)
+        _refuse(conn)
+        return
+    refusal = _refusal(request)
+    if refusal:
+        log.info("warm start: %s; the job runs itself", refusal)
+        for fd in fds:
+            os.close(fd)
+        _refuse(conn)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the copy keeps only its own connection
+        for other in (listener, *children.values()):
+            other.close()
+        _become_job(conn, fds, request)  # never returns
+    for fd in fds:
+        os.close(fd)
+    children[pid] = conn
+    with contextlib.suppress(OSError):  # a job script gone already: its copy stops itself
+        conn.sendall(_REPLY.pack(b"P", pid))
+
+
+def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                              struct.calcsize("3i")))[1]
+    if uid != os.getuid():
+        raise PermissionError(f"peer uid {uid} is not this server's {os.getuid()}")
+    header, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
+    if len(header) != _HEADER.size or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("expected a length and three file descriptors")
+    payload = _recv_exactly(conn, _HEADER.unpack(header)[0])
+    return pickle.loads(payload), fds
+
+
+def _refusal(request: dict) -> str | None:
+    mine = (os.path.realpath(sys.executable), sys.prefix)
+    theirs = (request.get("executable"), request.get("prefix"))
+    if theirs != mine:
+        return f"job runs {theirs[0]}, server {mine[0]}"
+    return None
+
+
+def _refuse(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(_REPLY.pack(b"R", 0))
+    conn.close()
+
+
+def _reap(children: dict) -> None:
+    """Collect finished copies; one killed by a signal could not report, so report for it."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        if os.WIFSIGNALED(status):
+            with contextlib.suppress(OSError):
+                conn.sendall(_REPLY.pack(b"X", 128 + os.WTERMSIG(status)))
+        conn.close()
+
+
+def _become_job(conn: socket.socket, fds: list[int], request: dict) -> None:
+    """In the forked copy: take the job's streams, variables and directory, run it, report."""
+    status = 1
+    try:
+        os.setpgid(0, 0)  # its own group, so that a signal reaches what the job starts too
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[:] = request["path"]
+        threading.Thread(target=_stop_when_orphaned, args=(conn,), daemon=True).start()
+        status = _run(pickle.loads(request["job"]))
+    except BaseException:  # noqa: BLE001 - whatever happens, the job's script must hear of it
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.sendall(_REPLY.pack(b"X", status))
+        os._exit(status)
+
+
+def _run(job) -> int:
+    try:
+        dataclasses.replace(job, warm=True).run()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would, then status 1
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _stop_when_orphaned(conn: socket.socket) -> None:
+    """The job's script never writes after its request: the connection ends only when the
+    script has gone (killed without a chance to forward the signal). Then stop the job."""
+    with contextlib.suppress(OSError):
+        while conn.recv(1):
+            pass
+    os.killpg(0, signal.SIGTERM)
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(left)
+        if not chunk:
+            return b""
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+# ---- started and stopped by the Snakefile ---------------------------------------------------
+
+_server: subprocess.Popen | None = None
+
+
+def wanted(enabled: bool, *, local: bool) -> bool:
+    """`warm_start` of config.yaml, where it is safe: jobs on this machine, and no GPU."""
+    from . import gpus
+    return bool(enabled) and local and gpus.gpu_count() == 0
+
+
+def start(log_path: str | Path) -> str:
+    """Start the server beside this process (Snakemake) and point its jobs at it."""
+    global _server
+    address = str(Path(SOCKET_NAME).resolve())
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **SERVER_ENVIRONMENT}
+    from .environment import ALLOCATOR_VARIABLES
+    env.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_VARIABLES.items()})
+    with open(log_path, "a", encoding="utf-8") as handle:
+        _server = subprocess.Popen(
+            [sys.executable, "-m", __name__, "--socket", address, "--watch", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)  # a Ctrl-C meant for Snakemake's jobs is not for it
+    os.environ[SOCKET_VARIABLE] = address
+    return address
+
+
+def stop() -> None:
+    global _server
+    os.environ.pop(SOCKET_VARIABLE, None)
+    if _server is not None:
+        _server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _server.wait(timeout=10)
+        _server = None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--watch", type=int, help="serve until this process exits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(args.socket, watch_pid=args.watch)
+
+
+if __name__ == "__main__":
+    main()

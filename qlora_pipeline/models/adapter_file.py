@@ -1,0 +1,110 @@
+"""A saved PEFT LoRA adapter read as plain tensors, one update per adapted layer, without
+PEFT or the model: what the streamed merge and the adapter analysis compute from.
+
+ΔW = scaling·B·A (α/r, or α/√r with rsLoRA; r per layer, so rank_pattern adapters work), and
+DoRA's magnitude where the adapter has one. Settings whose effect this module does not compute
+are refused, not ignored (UNSUPPORTED).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.errors import InputError
+from .checkpoint import Checkpoint
+
+PREFIX = "base_model.model."
+# adapter_config.json settings whose update this module does not compute: refused, not ignored.
+UNSUPPORTED = {"lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
+               "layer_replication": None, "trainable_token_indices": None,
+               "target_parameters": None, "use_qalora": False, "use_bdlora": None}
+
+
+@dataclass
+class Update:
+    """One adapted layer: ΔW = scaling·B·A (transposed with fan_in_fan_out); DoRA's magnitude."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    fan_in_fan_out: bool
+    magnitude: torch.Tensor | None = None
+
+    def delta(self) -> torch.Tensor:
+        # PEFT's get_delta_weight, in float32 (PEFT also upcasts bf16/fp16 on the CPU).
+        delta = self.B.float() @ self.A.float()
+        return (delta.T if self.fan_in_fan_out else delta) * self.scaling
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + ΔW, or DoRA's m·(W + ΔW)/‖W + ΔW‖ (row norms of the unmerged sum, as PEFT)."""
+        merged = weight.float() + self.delta()
+        if self.magnitude is None:
+            return merged
+        rows = merged.T if self.fan_in_fan_out else merged
+        factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
+        factor = factor.view(-1, 1)
+        return (factor.T if self.fan_in_fan_out else factor) * merged
+
+
+def read_adapter(adapter_dir: Path) -> dict[str, Update]:
+    """Every adapted layer of a saved PEFT LoRA adapter, keyed by the base weight it changes."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    check_supported(config, adapter_dir)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    layers: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        module, part = split_adapter_key(key, adapter_dir)
+        layers.setdefault(module, {})[part] = tensor
+    return {f"{module}.weight": update(module, parts, config, adapter_dir)
+            for module, parts in layers.items()}
+
+
+def read_against(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, Update], Checkpoint]:
+    """The adapter's updates and the base checkpoint they apply to, read one tensor at a time;
+    an adapter of weights the base does not store is refused."""
+    updates = read_adapter(adapter_dir)
+    checkpoint = Checkpoint(base_dir)
+    missing = sorted(set(updates) - set(checkpoint.ordered_keys()))
+    if missing:
+        raise InputError(f"{adapter_dir}: adapts {missing[:3]} which {base_dir} does not store "
+                         f"(another model, or a tied or renamed weight?); expected weights "
+                         f"among its checkpoint")
+    return updates, checkpoint
+
+
+def check_supported(config: dict, adapter_dir: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise InputError(f"{adapter_dir}/adapter_config.json: peft_type is "
+                         f"{config.get('peft_type')!r}; expected a LoRA adapter")
+    for key, neutral in UNSUPPORTED.items():
+        if config.get(key, neutral) not in (neutral, None, {}, [], False):
+            raise InputError(f"{adapter_dir}/adapter_config.json: {key} = {config[key]!r}; its "
+                             f"update is not computed here (expected {neutral!r})")
+
+
+def split_adapter_key(key: str, adapter_dir: Path) -> tuple[str, str]:
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'A')."""
+    parts = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
+    for suffix, part in parts.items():
+        if key.startswith(PREFIX) and key.endswith(suffix):
+            return key[len(PREFIX):-len(suffix)], part
+    raise InputError(f"{adapter_dir}/adapter_model.safetensors: tensor {key!r} is not a LoRA "
+                     f"A, B or DoRA magnitude of a linear layer; expected one")
+
+
+def update(module: str, parts: dict, config: dict, adapter_dir: Path) -> Update:
+    if "A" not in parts or "B" not in parts:
+        raise InputError(f"{adapter_dir}: layer {module} lacks lora_A or lora_B")
+    rank = parts["A"].shape[0]  # rank_pattern may give each layer its own r
+    alpha = config["lora_alpha"]
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return Update(parts["A"], parts["B"], scaling, bool(config.get("fan_in_fan_out")),
+                  parts.get("magnitude"))

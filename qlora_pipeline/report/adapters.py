@@ -1,0 +1,112 @@
+"""The adapter analyses (analysis/): per adapter its rank, the rank it needed and the rank
+recommended, each analysis's own tables, and one figure: where the update is (layer × module
+heatmaps of ‖ΔW‖_F and of effective rank), how its singular values fall (normalised spectra
+per module type) and how it changes with depth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.files import read_json
+from ..core.layout import parse_layer
+from .plotting import pyplot
+
+PANELS = 4
+
+
+def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
+    rows = []
+    for directory in sorted(map(Path, files)):
+        summary = read_json(directory / "summary.json")
+        by_module = summary["summary"]["by_module"].values()
+        rows.append({"task": summary["task"], "adapter": summary["kind"], "r": summary["r"],
+                     "layers": summary["layers_analyzed"],
+                     "effective_rank": sum(m["effective_rank"] * m["layers"] for m in by_module)
+                     / max(sum(m["layers"] for m in by_module), 1),
+                     "recommended_r": summary["recommendation"]["uniform"],
+                     "folder": str(directory)})
+    return pd.DataFrame(rows)
+
+
+def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
+    sections = [(Path(folder) / "analysis.md").read_text(encoding="utf-8")
+                for folder in frame["folder"]]
+    return "\n".join(["## Adapters", "",
+                      "Each trained adapter's update ΔW, layer by layer (results/analysis/).", "",
+                      frame.drop(columns="folder").to_markdown(index=False, floatfmt=".3g"), "",
+                      "![adapters](adapters.png)", "", *sections])
+
+
+def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
+    plt = pyplot()
+    dirs = list(map(Path, frame["folder"]))
+    fig, axes = plt.subplots(max(len(dirs), 1), PANELS,
+                             figsize=(4.2 * PANELS, 3.4 * max(len(dirs), 1)), squeeze=False)
+    for row, directory in zip(axes, dirs):
+        layers = read_json(directory / "layers.json")
+        summary = read_json(directory / "summary.json")
+        title = f"{summary['task']} {summary['kind']}"
+        heatmap(fig, row[0], layers, "fro", f"{title}: ‖ΔW‖_F")
+        heatmap(fig, row[1], layers, "effective_rank", f"{title}: effective rank (r={summary['r']})")
+        spectra(row[2], summary["summary"]["spectra"], f"{title}: σ_i / σ_1")
+        depth_profile(row[3], layers, f"{title}: by depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def heatmap(fig, ax, layers: dict, metric: str, title: str) -> None:
+    indices, modules, matrix = grid(layers, metric)
+    values = [[float("nan") if v is None else v for v in row] for row in matrix]
+    image = ax.imshow(values, aspect="auto", origin="lower", cmap="viridis")
+    ax.set(title=title, xlabel="module", ylabel="layer")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(indices))[::max(1, len(indices) // 8)],
+                  indices[::max(1, len(indices) // 8)], fontsize=7)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+
+
+def spectra(ax, spectra_by_module: dict, title: str) -> None:
+    for module, values in spectra_by_module.items():
+        ax.plot(range(1, len(values) + 1), values, marker=".", label=module)
+    ax.set(title=title, xlabel="i", ylabel="mean σ_i / σ_1", ylim=(0, 1.05))
+    ax.legend(fontsize=6)
+
+
+def depth_profile(ax, layers: dict, title: str) -> None:
+    """Mean relative update ‖ΔW‖_F/‖W0‖_F (or ‖ΔW‖_F) per layer index, per module type."""
+    metric = "relative_norm" if any(m.get("relative_norm") is not None for m in layers.values()) \
+        else "fro"
+    indices, modules, matrix = grid(layers, metric)
+    for j, module in enumerate(modules):
+        points = [(i, row[j]) for i, row in zip(indices, matrix) if row[j] is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=module)
+    ax.set(title=title, xlabel="layer", ylabel="‖ΔW‖_F/‖W0‖_F" if metric == "relative_norm"
+           else "‖ΔW‖_F")
+    ax.legend(fontsize=6)
+
+
+def grid(records: dict[str, dict],
+         metric: str) -> tuple[list[int], list[str], list[list[float | None]]]:
+    """(layer indices, module names, matrix[layer][module]) of one metric for a heatmap; None
+    where a module is not adapted in that layer. Weights outside the numbered blocks are left
+    out; several weights in one cell (a mixture of experts' experts) give their mean."""
+    cells: dict[tuple[int, str], list[float]] = {}
+    for key, rec in records.items():
+        index, module = parse_layer(key)
+        found = rec.get(metric)
+        found = found["count"] if isinstance(found, dict) else found  # intruders
+        if index is not None:
+            cells.setdefault((index, module), [])
+            if found is not None:
+                cells[(index, module)].append(found)
+    layers = sorted({index for index, _ in cells})
+    modules = sorted({module for _, module in cells})
+    matrix = [[mean(cells.get((index, module))) for module in modules] for index in layers]
+    return layers, modules, matrix
+
+
+def mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -1,0 +1,82 @@
+"""Every score in one table (scores.csv: task × variant × benchmark × metric), per-task tables
+with each variant's gain over the full-precision base, and a bar plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.files import read_json
+from ..core.layout import SCORED_KINDS, Variant, lm_eval_name
+from .plotting import pyplot
+
+COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
+
+
+def variant_order(variant: str) -> tuple[int, str]:
+    """Kinds in pipeline order (base first: gains are shown against it), then by name."""
+    return SCORED_KINDS.index(Variant.parse(variant).kind), variant
+
+
+def score_rows(results_file: str | Path) -> list[dict]:
+    """One row per (benchmark, metric) of one variant × task results.json."""
+    data = read_json(results_file)
+    rows = []
+    for benchmark, metrics in data["results"].items():
+        name = data["task"] if benchmark == lm_eval_name(data["task"]) else benchmark
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({"task": data["task"], "variant": data["variant"], "benchmark": name,
+                         "metric": metric, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+    return rows
+
+
+def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
+    frame = pd.DataFrame([row for f in files for row in score_rows(f)], columns=COLUMNS)
+    return frame.sort_values(["task", "benchmark", "metric", "variant"],
+                             key=lambda c: c.map(variant_order) if c.name == "variant" else c,
+                             ignore_index=True)
+
+
+def task_table(frame: pd.DataFrame) -> str:
+    """Variants as columns; each tuned variant's cell shows its gain over `base`."""
+    wide = frame.pivot_table(index=["benchmark", "metric"], columns="variant", values="value")
+    wide = wide[sorted(wide.columns, key=variant_order)]
+    lines = ["| benchmark | metric | " + " | ".join(wide.columns) + " |",
+             "|---|---|" + "---|" * len(wide.columns)]
+    for (benchmark, metric), row in wide.iterrows():
+        cells = []
+        for variant, value in row.items():
+            gain = "" if variant == "base" or "base" not in row else f" ({value - row['base']:+.3f})"
+            cells.append(f"{value:.3f}{gain}")
+        lines.append(f"| {benchmark} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
+    parts = ["Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
+             "cell shows its gain over the full-precision base in parentheses.", ""]
+    for task, group in frame.groupby("task"):
+        parts += [f"## {task}", "", task_table(group), ""]
+    return "\n".join(parts + ["![scores](scores.png)", ""])
+
+
+def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
+    plt = pyplot()
+    groups = list(frame.groupby(["task", "benchmark", "metric"]))
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.5),
+                             squeeze=False)
+    for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
+        ax.bar(group["variant"], group["value"],
+               yerr=group["stderr"].fillna(0).astype(float), capsize=3)
+        top = 1.05 if group["value"].max() <= 1 else 105  # chrF and BLEU are out of 100
+        ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, top))
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
