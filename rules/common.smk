@@ -189,13 +189,6 @@ def points(task):
     return {id: row for id, row in TRAININGS[task].items() if id}
 
 
-def sweep_scores(task):
-    """The variants a task's sweep points are scored as (points sharing a QLoRA training
-    share its score)."""
-    return list(dict.fromkeys(trainings.adapter_name(row, kind)
-                              for row in points(task).values() for kind in row["scored"]))
-
-
 def sweep_table(task):
     """What the report and the promotion read of a task's sweep, by path (report/sweeps.py):
     per point its settings and seed (from the trainings table), its scores, adapters and
@@ -288,15 +281,3 @@ def report_files():
     """The report's outputs by name: report.md, and each present section's CSV and plot."""
     return {name: f"{layout.report()}/{REPORT_FILES[name][0]}"
             for name in report_outputs(report_sections())}
-
-
-def all_outputs():
-    return [
-        *all_adapters(),
-        *[layout.combination(name) for name in COMBINATIONS],
-        *all_compressions(),
-        *[layout.merged(t) for t in TASKS],
-        *all_exports(),
-        *[f for files in report_sections().values() for f in files],
-        report_files()["markdown"],
-    ]
