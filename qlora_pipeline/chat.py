@@ -99,20 +99,15 @@ class Conversation:
             self.history += [{"role": "user", "content": text},
                              {"role": "assistant", "content": answer}]
 
-    def reset(self) -> None:
-        self.history = []
-
 
 def generation_settings(args: argparse.Namespace, tokenizer) -> dict:
     """model.generate's keywords: greedy unless --sample; stop at the tokenizer's EOS."""
-    settings = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
-    if args.sample:
-        settings.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    else:  # greedy: no sampling knobs, so transformers does not warn that they are ignored
-        settings.update(temperature=None, top_p=None, top_k=None)
-    return settings
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
+            # greedy: no sampling knobs, so transformers does not warn that they are ignored
+            **(sampling if args.sample else dict.fromkeys(sampling))}
 
 
 def chat(model, tokenizer, conversation: Conversation, settings: dict, lines, out) -> None:
@@ -122,7 +117,7 @@ def chat(model, tokenizer, conversation: Conversation, settings: dict, lines, ou
         if text == "/exit":
             break
         if text == "/reset":
-            conversation.reset()
+            conversation.history = []
             continue
         if text:
             conversation.answered(text, answer(model, tokenizer, conversation.prompt(text),

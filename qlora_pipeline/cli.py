@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     try:
         if launch.is_worker():  # a torchrun rank: its job owns the outputs, it only computes
-            rank = os.environ["RANK"]
             logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                                format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: "
-                                       f"%(message)s")
+                                format=f"%(asctime)s %(levelname)s rank {os.environ['RANK']} "
+                                       f"%(name)s: %(message)s")
             with job_environment(threads):
                 call(stage, kwargs, Policy.detect(threads))
         else:

@@ -71,7 +71,8 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
     ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "combine_adapters"}),
     ("analysis/overlap.py", {"combine_adapters"}),
     ("report/combinations.py", {"report"}),
-    ("report/scores.py", {"report"}),
+    # the score of a results.json: the report shows it, the promotion compares it
+    ("report/scores.py", {"report", "promote_sweep_point"}),
     # the sweep's rule of choice: the report shows it, the promotion applies it
     ("report/sweeps.py", {"report", "promote_sweep_point"}),
 ])

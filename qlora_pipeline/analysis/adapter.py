@@ -8,7 +8,6 @@ storage is read), so memory holds one base layer whatever the model's size.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import read_json
 from ..models.adapter_file import Update, read_against
 from . import profile, recommend, spectrum
 
@@ -61,13 +61,13 @@ def on(update: Update, device: str) -> Update:
 
 
 def adapter_rank(adapter_dir: Path) -> int:
-    return int(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+    return int(read_json(adapter_dir / "adapter_config.json")["r"])
 
 
 def num_layers(base_dir: Path, layers: dict) -> int:
     """The model's depth from its config (the adapter may skip layers), else the deepest
     adapted layer + 1."""
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json(base_dir / "config.json")
     depth = config.get("num_hidden_layers") or config.get("n_layer")
     if depth:
         return int(depth)

@@ -25,7 +25,6 @@ per-layer ranks in rank_pattern and its exact module paths as target_modules.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,10 @@ from pathlib import Path
 import torch
 
 from .combination_methods import LOW_RANK
-from ..core.errors import InputError
-from ..core.errors import NumericsError
-from ..models.adapter_file import PREFIX, Update, read_adapter
-from .compress import split
+from ..core.errors import InputError, NumericsError
+from ..core.files import read_json
+from ..models.adapter_file import Update, read_adapter
+from .compress import save_adapter, split
 from .overlap import numerical_rank, overlaps
 from .spectrum import low_rank_svd
 
@@ -59,26 +58,19 @@ def combine(adapter_dirs: dict[str, Path], out_dir: Path, spec: dict, seed: int 
     (task -> folder, in the order of spec's weights) into out_dir as a PEFT adapter; return its
     summary with a record per layer. `device`: where the pruning methods' dense updates and
     SVDs are computed (the factors' r×r work stays on the CPU)."""
-    from safetensors.torch import save_file
-
     configs, layers = read_sources(adapter_dirs, spec["weights"])
     torch.manual_seed(seed)  # DARE's random drops, layer by layer in a fixed order
-    tensors, records, ranks = {}, {}, {}
+    factors, records, ranks = {}, {}, {}
     for module, parts in layers.items():
         A, B, records[module] = combine_layer(parts, spec, device)
         ranks[module] = A.shape[0]
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = A
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = B
-    out_dir = Path(out_dir)
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = adapter_config(next(iter(configs.values())), ranks)
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
-                                                 + "\n", encoding="utf-8")
+        factors[module] = A, B
+    save_adapter(out_dir, factors, adapter_config(next(iter(configs.values())), ranks))
     by_task: dict[str, dict[str, Update]] = {}
     for module, parts in layers.items():
         for part in parts:
             by_task.setdefault(part.task, {})[module] = part.update
-    return {**summary(spec, layers, records, ranks), "overlap": overlaps(by_task)}
+    return {**summary(spec, layers, records, ranks, by_task), "overlap": overlaps(by_task)}
 
 
 def read_sources(adapter_dirs: dict[str, Path],
@@ -88,7 +80,7 @@ def read_sources(adapter_dirs: dict[str, Path],
     configs, layers = {}, {}
     for (task, folder), weight in zip(adapter_dirs.items(), weights):
         folder = Path(folder)
-        configs[task] = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        configs[task] = read_json(folder / "adapter_config.json")
         for key, update in read_adapter(folder).items():
             if update.magnitude is not None:
                 raise InputError(f"{folder} (task {task}): a DoRA adapter (use_dora) cannot be "
@@ -225,11 +217,10 @@ def adapter_config(first: dict, ranks: dict[str, int]) -> dict:
             "layers_pattern": None, "exclude_modules": None}
 
 
-def summary(spec: dict, layers: dict[str, list[Part]], records: dict, ranks: dict) -> dict:
-    sources = {}
-    for parts in layers.values():
-        for p in parts:
-            sources[p.task] = sources.get(p.task, 0) + p.update.A.numel() + p.update.B.numel()
+def summary(spec: dict, layers: dict[str, list[Part]], records: dict, ranks: dict,
+            by_task: dict[str, dict[str, Update]]) -> dict:
+    sources = {task: sum(u.A.numel() + u.B.numel() for u in updates.values())
+               for task, updates in by_task.items()}
     errors = [r["relative_error"] for r in records.values()]
     from_sum = [r["from_sum"] for r in records.values()]
     combined = sum(k * (parts[0].update.A.shape[1] + parts[0].update.B.shape[0])

@@ -16,14 +16,13 @@ neither factor is far larger than the other (the adapter can be trained further 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from ..core.errors import InputError
-from ..core.errors import NumericsError
+from ..core.errors import InputError, NumericsError
+from ..core.files import read_json, write_json
 from ..models.numerics import TOLERANCE
 from ..models.adapter_file import PREFIX, Update, read_adapter
 from .recommend import layer_rank
@@ -95,35 +94,42 @@ def check_factors(A: torch.Tensor, B: torch.Tensor, scale: float, expected: torc
 def compress(adapter_dir: Path, out_dir: Path, keep: dict) -> dict:
     """Write the compressed adapter (adapter_config.json, adapter_model.safetensors) into
     out_dir and return its summary: per-layer records, parameters and bytes before and after."""
-    from safetensors.torch import save_file
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json(adapter_dir / "adapter_config.json")
     updates = read_adapter(adapter_dir)
     alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora"))
-    tensors, layers = {}, {}
+    factors, layers = {}, {}
     for key, update in updates.items():
         module = key.removesuffix(".weight")
         A, B, layers[module] = truncate(update, keep, alpha, rslora)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = A
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = B
+        factors[module] = A, B
     ranks = {module: record["compressed_rank"] for module, record in layers.items()}
     r = max(ranks.values())
     # Module paths as rank_pattern keys, as the rank recommendation writes them (recommend.py).
     config.update(r=r, rank_pattern={m: k for m, k in sorted(ranks.items()) if k != r})
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True)
-                                                 + "\n", encoding="utf-8")
-    return summary(keep, updates, tensors, layers, adapter_dir, out_dir)
+    save_adapter(out_dir, factors, config)
+    return summary(keep, updates, factors, layers, adapter_dir, out_dir)
 
 
-def summary(keep: dict, updates: dict[str, Update], tensors: dict, layers: dict,
+def save_adapter(out_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 config: dict) -> None:
+    """A PEFT adapter in out_dir: adapter_model.safetensors of the factors ({module path:
+    (A, B)}), then adapter_config.json."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{PREFIX}{module}.lora_{name}.weight": factor
+               for module, (A, B) in factors.items() for name, factor in (("A", A), ("B", B))}
+    save_file(tensors, Path(out_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_json(Path(out_dir) / "adapter_config.json", config)
+
+
+def summary(keep: dict, updates: dict[str, Update], factors: dict, layers: dict,
             adapter_dir: Path, out_dir: Path) -> dict:
     energies = [record["energy_kept"] for record in layers.values()]
     errors = [record["relative_error"] for record in layers.values()]
     ranks = [record["compressed_rank"] for record in layers.values()]
     params = sum(u.A.numel() + u.B.numel() for u in updates.values())
-    new_params = sum(t.numel() for t in tensors.values())
+    new_params = sum(A.numel() + B.numel() for A, B in factors.values())
     weights = "adapter_model.safetensors"
     return {"keep": keep, "layers": len(layers),
             "rank_before": max(record["rank"] for record in layers.values()),

@@ -44,9 +44,6 @@ def layer_overlap(a: Update, b: Update) -> dict:
 def overlaps(updates: dict[str, dict[str, Update]]) -> list[dict]:
     """One record per layer that two tasks both adapt: {pair: 'a|b', layer, overlap, ...};
     `updates` maps task -> read_adapter's layers."""
-    records = []
-    for (ta, ua), (tb, ub) in combinations(sorted(updates.items()), 2):
-        for layer in sorted(set(ua) & set(ub)):
-            records.append({"pair": f"{ta}|{tb}", "layer": layer,
-                            **layer_overlap(ua[layer], ub[layer])})
-    return records
+    return [{"pair": f"{ta}|{tb}", "layer": layer, **layer_overlap(ua[layer], ub[layer])}
+            for (ta, ua), (tb, ub) in combinations(sorted(updates.items()), 2)
+            for layer in sorted(set(ua) & set(ub))]

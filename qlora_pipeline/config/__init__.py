@@ -72,29 +72,28 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
     override = config.get("task_overrides", {}).get(name, {})
-    merged = deep_merge(config["defaults"], deep_merge(raw, override))
+    task = deep_merge(config["defaults"], deep_merge(raw, override))
     for key in CHOICES:  # the most specific setting wins whole
         for layer in (override, raw):
             if key in layer:
-                merged[key] = copy.deepcopy(layer[key])
+                task[key] = copy.deepcopy(layer[key])
                 break
-    raw = merged
     # The global seed is the seed of everything a task does not seed itself (config schema).
-    if isinstance(raw.get("dataset"), dict) and "seed" not in raw["dataset"]:
-        raw["dataset"]["seed"] = config.get("seed", 0)
+    seed = config.get("seed", 0)
+    if isinstance(task.get("dataset"), dict) and "seed" not in task["dataset"]:
+        task["dataset"]["seed"] = seed
     where = f"{path} (with config task_overrides.{name} merged)" if override else str(path)
     schema = load_schema("task.schema.yaml")
-    validate(raw, schema, where)
-    _check_dataset(raw["dataset"], raw["format"], where)
-    _check_distributed(raw["train"]["distributed"], where)
-    raw["name"] = name
-    if isinstance(raw["export"]["type"], str):  # one type or a list: a list from here on
-        raw["export"]["type"] = [raw["export"]["type"]]
+    validate(task, schema, where)
+    _check_dataset(task["dataset"], task["format"], where)
+    _check_distributed(task["train"]["distributed"], where)
+    task["name"] = name
+    if isinstance(task["export"]["type"], str):  # one type or a list: a list from here on
+        task["export"]["type"] = [task["export"]["type"]]
     # Derived, not a setting: the task's rows of the trainings table (trainings.py), its
     # sweep's points each checked like a task file (sweeps.py).
-    seed = config.get("seed", 0)
-    raw["trainings"] = trainings.rows(raw, sweeps.expand(raw, schema, where, seed), seed)
-    return raw
+    task["trainings"] = trainings.rows(task, sweeps.expand(task, schema, where, seed), seed)
+    return task
 
 
 def canonical(value: Any) -> Any:

@@ -13,7 +13,6 @@ from ..core.errors import InputError
 from ..core.layout import COMBINED
 
 
-
 def check(combinations: list[dict], tasks: list[str], known: list[str]) -> dict[str, dict]:
     """{name: the combination with weights filled in (1 each by default)}, or InputError.
     A combination of known tasks (files in task_dir) that this run does not list is left out,
@@ -57,7 +56,3 @@ def checked(item: dict, where: str) -> dict:
                          f"keeps every rank; expected svd_rank only with {', '.join(TRUNCATED)}")
     return {**item, "weights": [float(w) for w in weights]}
 
-
-def scored_tasks(combinations: dict[str, dict]) -> list[str]:
-    """The tasks of any combination: each is scored with every other one's adapter."""
-    return sorted({t for c in combinations.values() for t in c["tasks"]})

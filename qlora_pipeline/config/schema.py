@@ -36,14 +36,16 @@ def load_schema(name: str) -> dict:
     return load_yaml(SCHEMA_DIR / name)
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """" (did you mean '<the closest choice>'?)", or "" when none is close."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _condition(error: jsonschema.ValidationError, schema: dict | None) -> str:
+def _condition(error: jsonschema.ValidationError, schema: dict) -> str:
     """' when <key> is <value>' for an error raised by the `then` of an if/then rule."""
     path = list(error.schema_path)
-    if schema is None or "then" not in path:
+    if "then" not in path:
         return ""
     at = len(path) - 1 - path[::-1].index("then")
     node = schema
@@ -69,33 +71,30 @@ def _condition(error: jsonschema.ValidationError, schema: dict | None) -> str:
     return f" when {' and '.join(parts)}" if parts else ""
 
 
-def _describe(error: jsonschema.ValidationError, schema: dict | None = None) -> str:
-    key = _key_path(error)
-    found = json.dumps(error.instance, default=str)
-    if len(found) > 80:
-        found = found[:77] + "..."
+# What a failed keyword expected, where the message is "found <value>, expected <this>".
+EXPECTED = {"type": "a value of type {}", "minimum": "a number >= {}",
+            "maximum": "a number <= {}", "exclusiveMinimum": "a number > {}",
+            "exclusiveMaximum": "a number < {}", "minItems": "at least {} item(s)",
+            "uniqueItems": "no repeated items", "pattern": "a string matching {}"}
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
     value = error.validator_value
-    if error.validator == "type":
-        expected = f"a value of type {value}"
-    elif error.validator in ("enum", "const"):
-        expected = "one of " + ", ".join(map(str, value if error.validator == "enum" else [value]))
-    elif error.validator == "required":
+    if error.validator == "required":
         missing = next((k for k in value if k not in error.instance and repr(k) in error.message),
                        error.message.split("'")[1])
         found_keys = ", ".join(map(str, error.instance)) or "none"
         return (f"key '{key}': missing required key '{missing}' (found keys: {found_keys}); "
                 f"expected '{missing}' to be set{_condition(error, schema)}")
-    elif error.validator == "additionalProperties":
+    if error.validator == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
-        extra = [k for k in error.instance if k not in allowed]
-        hints = []
-        for name in extra:
-            close = difflib.get_close_matches(str(name), allowed, n=1)
-            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        hints = [f"'{name}'{did_you_mean(str(name), allowed)}"
+                 for name in error.instance if name not in allowed]
         return (f"key '{key}': found unknown key(s) {', '.join(hints)}; expected only "
                 f"{', '.join(allowed) or 'no keys'} (check the spelling; see "
                 f"docs/configuration.md)")
-    elif error.validator == "oneOf" and all(
+    if error.validator == "oneOf" and all(
             isinstance(alt, dict) and set(alt) == {"required"} for alt in value):
         present = [k for alt in value for k in alt["required"] if k in error.instance]
         options = " | ".join(" + ".join(alt["required"]) for alt in value)
@@ -103,45 +102,36 @@ def _describe(error: jsonschema.ValidationError, schema: dict | None = None) -> 
         found = ", ".join(dict.fromkeys(present)) or f"none of {', '.join(keys)}"
         return (f"key '{key}': found {found}; expected exactly one of: "
                 f"{options}{_condition(error, schema)}")
-    elif error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        sign = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">",
-                "exclusiveMaximum": "<"}[error.validator]
-        expected = f"a number {sign} {value}"
-    elif error.validator == "minItems":
-        expected = f"at least {value} item(s)"
-    elif error.validator == "uniqueItems":
-        expected = "no repeated items"
-    elif error.validator == "pattern":
-        expected = f"a string matching {value}"
+    found = json.dumps(error.instance, default=str)
+    if len(found) > 80:
+        found = found[:77] + "..."
+    if error.validator in ("enum", "const"):
+        expected = "one of " + ", ".join(map(str, value if error.validator == "enum" else [value]))
     else:
-        expected = f"{error.validator} {value}"
+        expected = EXPECTED.get(error.validator, f"{error.validator} {{}}").format(value)
     return f"key '{key}': found {found}, expected {expected}{_condition(error, schema)}"
 
 
-class _DefaultingValidator:
+def _defaulting_validator(schema: dict) -> jsonschema.Draft202012Validator:
     """A Draft 2020-12 validator that also fills in schema defaults (like snakemake's validate)."""
+    base = jsonschema.Draft202012Validator
 
-    def __init__(self, schema: dict):
-        base = jsonschema.Draft202012Validator
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-        def set_defaults(validator, properties, instance, schema):
-            if isinstance(instance, dict):
-                for prop, sub in properties.items():
-                    if "default" in sub and prop not in instance:
-                        instance[prop] = copy.deepcopy(sub["default"])
-            yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
-
-        cls = jsonschema.validators.extend(base, {"properties": set_defaults})
-        # format_checker: `format: regex` keys are compiled when the config is read
-        self.validator = cls(schema, format_checker=base.FORMAT_CHECKER)
-
-    def errors(self, instance):
-        return sorted(self.validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    # format_checker: `format: regex` keys are compiled when the config is read
+    return cls(schema, format_checker=base.FORMAT_CHECKER)
 
 
 def validate(instance: Any, schema: dict, where: str) -> Any:
     """Validate `instance` in place (filling defaults); raise InputError naming `where`."""
-    errors = _DefaultingValidator(schema).errors(instance)
+    errors = sorted(_defaulting_validator(schema).iter_errors(instance),
+                    key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n  ".join(_describe(e, schema) for e in errors[:10])
         raise InputError(f"{where}: invalid configuration:\n  {lines}")

@@ -13,12 +13,11 @@ expansion is two itertools calls; the rest is naming and checking.
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import re
 
 from ..core.errors import InputError
-from .schema import validate
+from .schema import did_you_mean, validate
 
 BLOCKS = ("lora", "train", "recovery")
 TRAINED = ("lora", "train")  # the blocks a QLoRA training reads
@@ -31,11 +30,6 @@ SHORT = {"lora.r": "r", "lora.alpha": "alpha", "lora.dropout": "dropout",
 OPTIONS = ("mode", "seeds", "variants", "promote")
 
 
-def swept_keys(sweep: dict) -> list[str]:
-    """The dotted keys of a sweep block, in sorted order (the config's keys are sorted)."""
-    return sorted(key for key in sweep if key not in OPTIONS)
-
-
 def expand(task: dict, schema: dict, where: str, seed: int) -> dict[str, dict]:
     """{point id: {"settings": {dotted key: value}, "seed", "lora", "train", "recovery",
     "training": the id of its QLoRA training}} for a task with a sweep block, {} without one.
@@ -44,7 +38,7 @@ def expand(task: dict, schema: dict, where: str, seed: int) -> dict[str, dict]:
     sweep = task.get("sweep")
     if not sweep:
         return {}
-    keys = swept_keys(sweep)
+    keys = sorted(key for key in sweep if key not in OPTIONS)  # sorted, as the config is
     if not keys:
         raise InputError(f"{where}: key 'sweep': found no swept key (only {sorted(sweep)}); "
                          f"expected a dotted key with a list, such as lora.r: [4, 8, 16]")
@@ -82,14 +76,11 @@ def selection_variant(sweep: dict) -> str:
 
 
 def check_key(key: str, schema: dict, where: str) -> None:
-    block, _, name = key.partition(".")
-    known = schema["properties"].get(block, {}).get("properties", {}) if block in BLOCKS else {}
-    if name not in known or key == "recovery.enabled":
-        candidates = [f"{b}.{k}" for b in BLOCKS for k in schema["properties"][b]["properties"]
-                      if f"{b}.{k}" != "recovery.enabled"]
-        close = difflib.get_close_matches(key, candidates, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise InputError(f"{where}: key 'sweep.{key}': not a setting a sweep can vary{hint}; "
+    candidates = [f"{b}.{k}" for b in BLOCKS for k in schema["properties"][b]["properties"]
+                  if f"{b}.{k}" != "recovery.enabled"]
+    if key not in candidates:
+        raise InputError(f"{where}: key 'sweep.{key}': not a setting a sweep can vary"
+                         f"{did_you_mean(key, candidates)}; "
                          f"expected a dotted key of {', '.join(BLOCKS)} such as lora.r or "
                          f"train.learning_rate (recovery.enabled: list recovered in "
                          f"sweep.variants instead)")
@@ -134,8 +125,7 @@ def point_id(settings: dict, seed: int | None) -> str:
              for key, value in sorted(settings.items())]
     if seed is not None:
         parts.append(f"s{seed}")
-    name = "-".join(parts)
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
 
 
 def value_text(value) -> str:

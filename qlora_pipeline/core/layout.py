@@ -49,7 +49,6 @@ def pattern(kinds, *, source: bool = False, training: bool = False) -> str:
 VARIANT_PATTERN = "|".join([
     "base|quantized", pattern([*TRAINED, "compressed", "merged"], source=True),
     pattern(TRAINED, source=True, training=True), rf"{COMBINED}\+{NAME}"])
-ADAPTER_PATTERN = pattern(TRAINED, training=True)  # an adapter folder a training makes
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,6 @@ def quantized_bytes(shapes: Shapes, compute_bytes: int, bits: float) -> int:
     return int(shapes.linear_params * bits / 8) + shapes.other_params * compute_bytes
 
 
-def full_precision_bytes(shapes: Shapes, dtype_bytes: int) -> int:
-    return shapes.params * dtype_bytes
-
-
 def activation_bytes(shapes: Shapes, batch: int, seq: int, act_bytes: int, *,
                      checkpointing: bool, efficient_attention: bool, training: bool) -> int:
     """Per layer 34·s·b·h at 16-bit (17 values per hidden unit), plus the attention scores
@@ -216,12 +212,10 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     if bits is None and weights in ("4bit", "full+4bit", "merge"):
         raise ValueError(f"memory estimate of {stage}: weights {weights!r} need the method's "
                          f"bits per weight")
-    q = quantized_bytes(shapes, compute_bytes, bits or 0)
+    q, full = quantized_bytes(shapes, compute_bytes, bits or 0), shapes.params * fp_bytes
     parts["weights"] = {"stored": shapes.stored_bytes, "4bit": q + shapes.largest_tensor * 4,
-                        "full": full_precision_bytes(shapes, fp_bytes),
-                        "full+4bit": q + full_precision_bytes(shapes, fp_bytes),
-                        "merge": q + 2 * full_precision_bytes(shapes, fp_bytes),
-                        "export": 7 * full_precision_bytes(shapes, fp_bytes) // 2}[weights]
+                        "full": full, "full+4bit": q + full, "merge": q + 2 * full,
+                        "export": 7 * full // 2}[weights]
     if training:
         parts["trainer"] = TRAINER_BYTES
     if shards > 1:
@@ -337,7 +331,7 @@ def full_precision_placement(model_dir: str | Path, policy) -> dict:
     import torch
 
     shapes = Shapes.from_checkpoint(model_dir)
-    weights = full_precision_bytes(shapes, 2 if policy.bf16 else 4)  # from the headers alone
+    weights = shapes.params * (2 if policy.bf16 else 4)  # full precision, from the headers alone
     free, _ = available_bytes(policy.device)
     cpu, _ = available_bytes("cpu")
     plan = offload_plan(weights, free, cpu - resident_bytes())

@@ -21,7 +21,6 @@ from . import builtin, formats
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 # ---- local files -----------------------------------------------------------------------------
@@ -116,18 +115,20 @@ def _read_parquet(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: row {i}", row) for i, row in enumerate(records)]
 
 
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+           ".parquet": _read_parquet}
+
+
 def read_local(path: str | Path) -> list[tuple[str, dict]]:
     """Rows of a local file as (where, record) pairs, `where` naming file and line/row."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: dataset file not found; expected an existing file (a "
                          f"relative path is taken from the working directory)")
-    suffix = path.suffix.lower()
-    if suffix not in LOCAL_SUFFIXES:
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
         raise InputError(f"{path}: unsupported file type '{path.suffix}'; "
-                         f"expected one of {', '.join(LOCAL_SUFFIXES)}")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-              ".parquet": _read_parquet}[suffix]
+                         f"expected one of {', '.join(READERS)}")
     rows = reader(path)
     if not rows:
         raise InputError(f"{path}: the dataset is empty; expected at least one record")

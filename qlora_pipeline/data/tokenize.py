@@ -39,16 +39,13 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
     position ids restart at 0: training turns them into a block-diagonal causal mask, so that
     no example attends to another (training/packing.py).
     """
-    packed, current = [], {"input_ids": [], "labels": [], "position_ids": []}
+    packed = []
     for example in examples:
-        if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > max_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += example["labels"]
-        current["position_ids"] += list(range(len(example["input_ids"])))
-    if current["input_ids"]:
-        packed.append(current)
+        if not packed or len(packed[-1]["input_ids"]) + len(example["input_ids"]) > max_length:
+            packed.append({"input_ids": [], "labels": [], "position_ids": []})
+        packed[-1]["input_ids"] += example["input_ids"]
+        packed[-1]["labels"] += example["labels"]
+        packed[-1]["position_ids"] += list(range(len(example["input_ids"])))
     return packed
 
 

@@ -65,12 +65,6 @@ def located_spec(spec_dir: Path, into: Path) -> Path:
 
 def evaluate(model, tokenizer, spec_dir: Path, task_names: list[str], cfg: dict, seed: int,
              policy: Policy) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lm-eval-spec-") as located:
-        return _evaluate(model, tokenizer, located_spec(spec_dir, Path(located)), task_names,
-                         cfg, seed, policy)
-
-
-def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -79,13 +73,14 @@ def _evaluate(model, tokenizer, task_dir: Path, task_names, cfg, seed, policy) -
     lm = SharedContextLM(pretrained=model, tokenizer=tokenizer,
                          batch_size=policy.eval_batch_size(cfg["batch_size"]),
                          token_budget=policy.eval_token_budget(cfg["batch_size"]))
-    manager = TaskManager(include_path=str(task_dir),
-                          include_defaults=len(task_names) > 1)  # only ours: skip the index
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=task_names, task_manager=manager, num_fewshot=cfg["num_fewshot"],
-        limit=cfg["limit"], log_samples=True, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
-    )
+    with tempfile.TemporaryDirectory(prefix="lm-eval-spec-") as located:
+        manager = TaskManager(include_path=str(located_spec(spec_dir, Path(located))),
+                              include_defaults=len(task_names) > 1)  # only ours: skip the index
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=task_names, task_manager=manager, num_fewshot=cfg["num_fewshot"],
+            limit=cfg["limit"], log_samples=True, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
+        )
     return {"results": results["results"], "n-samples": results.get("n-samples"),
             "scoring": lm.scoring,  # shared-context log-likelihoods or lm-eval's; None: none
             "config": {k: v for k, v in results.get("config", {}).items()

@@ -95,14 +95,13 @@ def sequences(rows: list[Row]) -> list[dict]:
     begin alike, several rows after one copy of that beginning. Each sequence: tokens,
     positions, segments, groups, and per row the `predicting` indices of its continuations."""
     shared = _common_length([r.context for r in rows])
-    if len(rows) < 2 or shared < SHARED_MIN:
-        return [{"tokens": r.tokens, "positions": r.positions, "segments": r.segments,
-                 "groups": [SHARED + 1] * len(r), "rows": [r], "predicting": [r.predicting()]}
-                for r in rows]
+    alone = len(rows) < 2 or shared < SHARED_MIN  # each row a sequence of its own
+    if alone:
+        shared = 0
     out: list[dict] = []
     for row in rows:
-        if not out or (len(out[-1]["tokens"]) + len(row) - shared > PACKED_TOKENS
-                       and out[-1]["rows"]):
+        if not out or alone or (len(out[-1]["tokens"]) + len(row) - shared > PACKED_TOKENS
+                                and out[-1]["rows"]):
             out.append({"tokens": list(row.context[:shared]), "positions": list(range(shared)),
                         "segments": [CONTEXT] * shared, "groups": [SHARED] * shared,
                         "rows": [], "predicting": []})
@@ -121,10 +120,8 @@ def _common_length(contexts) -> int:
     """Tokens every context begins with, leaving each at least one of its own (its last token
     predicts the continuations, so it must see only its own context)."""
     shortest = min(len(c) for c in contexts)
-    for i in range(shortest - 1):
-        if any(c[i] != contexts[0][i] for c in contexts):
-            return i
-    return max(shortest - 1, 0)
+    return next((i for i in range(shortest - 1) if any(c[i] != contexts[0][i] for c in contexts)),
+                max(shortest - 1, 0))
 
 
 @torch.no_grad()
@@ -132,15 +129,9 @@ def score_rows(model, rows: list[Row], device, dtype) -> dict:
     """{(context, continuation): (log-likelihood, greedy)} for one batch of rows."""
     laid = sequences(rows)
     width = max(len(s["tokens"]) for s in laid)
-    ids = torch.zeros(len(laid), width, dtype=torch.long)
-    positions = torch.zeros_like(ids)
-    segments = torch.full_like(ids, PAD)
-    groups = torch.full_like(ids, PAD)
-    for i, seq in enumerate(laid):
-        n = len(seq["tokens"])
-        for name, tensor in (("tokens", ids), ("positions", positions), ("segments", segments),
-                             ("groups", groups)):
-            tensor[i, :n] = torch.tensor(seq[name])
+    ids, positions, segments, groups = (  # one row per sequence, `fill` after its end
+        torch.tensor([s[name] + [fill] * (width - len(s[name])) for s in laid])
+        for name, fill in (("tokens", 0), ("positions", 0), ("segments", PAD), ("groups", PAD)))
     kept = sorted({p for seq in laid for per_row in seq["predicting"] for at in per_row
                    for p in at})
     column = {p: k for k, p in enumerate(kept)}
@@ -178,8 +169,7 @@ class SharedContextLM(HFLM):
         self._checked: dict = {}  # the check's own shared scores, not computed twice
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-        rows = rows_of(requests)
-        fits = [r for r in rows.values() if len(r) <= self.max_length]
+        fits = [r for r in rows_of(requests).values() if len(r) <= self.max_length]
         if self.backend != "causal" or not fits:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         if self.scoring is None:
@@ -218,20 +208,16 @@ class SharedContextLM(HFLM):
             override_bs or self._detect_batch_size())
         done = [r for r in rows if all((r.context, c) in self._checked for c in r.continuations)]
         scores = {(r.context, c): self._checked[r.context, c] for r in done for c in r.continuations}
-        rows = [r for r in rows if r not in done]
-        rows.sort(key=len, reverse=True)  # similar lengths together: little padding
+        # similar lengths together: little padding
+        rows = sorted((r for r in rows if r not in done), key=len, reverse=True)
         start = 0
         while start < len(rows):
             if self.token_budget:  # the first row of a batch is its longest
                 size = max(1, self.token_budget // len(rows[start]))
             scores.update(score_rows(self.model, rows[start:start + size], self.device,
-                                     self._mask_dtype))
+                                     mask_dtype(self.model)))
             start += size
         return scores
-
-    @property
-    def _mask_dtype(self) -> torch.dtype:
-        return mask_dtype(self.model)
 
     def check(self, requests, rows: list[Row]) -> dict:
         """The first contexts scored both ways: shared rows are used only if every
@@ -243,8 +229,7 @@ class SharedContextLM(HFLM):
             shared = self.score(rows)
         except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention without masks
             return {"shared_context": False, "reason": f"the model failed on a 4D mask: {err}"}
-        dtype = self._mask_dtype
-        tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
+        tolerance = LOSS_TOLERANCE.get(mask_dtype(self.model), 1e-2)
         gap, greedy_equal = 0.0, True
         for request, (loglik, greedy) in zip(sample, stock, strict=True):
             mine, my_greedy = shared[tuple(request[1]), tuple(request[2])]

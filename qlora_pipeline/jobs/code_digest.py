@@ -46,10 +46,6 @@ def _stamp(path: Path) -> tuple:
     return path, stat.st_mtime_ns, stat.st_size
 
 
-def _parse(path: Path) -> ast.Module:
-    return _parse_at(*_stamp(path))
-
-
 @functools.lru_cache(maxsize=None)
 def _parse_at(path: Path, *_stamp) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -67,10 +63,8 @@ def _module_imports(module: str, path: Path, *stamp) -> tuple[str, ...]:
 
 def _module_file(module: str, root: Path) -> Path | None:
     parts = module.split(".")[1:]
-    for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
-        if parts and candidate.is_file():
-            return candidate
-    return None
+    candidates = (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py"))
+    return next((path for path in candidates if parts and path.is_file()), None)
 
 
 def _imports(node: ast.AST, module: str, is_package: bool) -> dict[str, str]:
@@ -94,13 +88,8 @@ def _imports(node: ast.AST, module: str, is_package: bool) -> dict[str, str]:
 
 def _existing(modules, root: Path) -> set[str]:
     """Module names that are files (a `from x import name` may name a function, not a module)."""
-    out = set()
-    for name in modules:
-        if _module_file(name, root):
-            out.add(name)
-        elif _module_file(name.rsplit(".", 1)[0], root):
-            out.add(name.rsplit(".", 1)[0])
-    return out
+    named = (name if _module_file(name, root) else name.rsplit(".", 1)[0] for name in modules)
+    return {name for name in named if _module_file(name, root)}
 
 
 def _closure(modules: set[str], root: Path) -> set[str]:
@@ -120,18 +109,10 @@ def stage_functions(root: Path = PACKAGE_DIR) -> dict[str, tuple[str, ast.Module
     found = {}
     for name in STAGE_MODULES:
         module = f"{PACKAGE}.stages.{name}"
-        tree = _parse(_module_file(module, Path(root)))
+        tree = _parse_at(*_stamp(_module_file(module, Path(root))))
         found.update({node.name: (module, tree, node) for node in tree.body
                       if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")})
     return found
-
-
-def _stage_function(rule: str, root: Path) -> tuple[str, ast.Module, ast.FunctionDef]:
-    functions = stage_functions(root)
-    if rule not in functions:
-        raise KeyError(f"no stage function named {rule!r} in {PACKAGE}.stages "
-                       f"({', '.join(STAGE_MODULES)})")
-    return functions[rule]
 
 
 def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[list, set[str]]:
@@ -159,13 +140,18 @@ def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[lis
 
 def for_rule(rule: str, root: Path = PACKAGE_DIR) -> str:
     """sha256 (16 hex digits) of the code the stage function named like `rule` runs."""
-    module, tree, function = _stage_function(rule, Path(root))
+    root = Path(root)
+    functions = stage_functions(root)
+    if rule not in functions:
+        raise KeyError(f"no stage function named {rule!r} in {PACKAGE}.stages "
+                       f"({', '.join(STAGE_MODULES)})")
+    module, tree, function = functions[rule]
     reached, modules = _used(function, tree, module)
     digest = hashlib.sha256()
     for node in sorted(reached, key=lambda n: n.lineno):
         digest.update(ast.dump(node).encode())  # the code, not its comments or blank lines
-    for name in sorted(_closure(_existing(modules, Path(root)), Path(root))):
+    for name in sorted(_closure(_existing(modules, root), root)):
         digest.update(name.encode())
-        digest.update(_dump_at(*_stamp(_module_file(name, Path(root)))))
+        digest.update(_dump_at(*_stamp(_module_file(name, root))))
     return digest.hexdigest()[:16]
 

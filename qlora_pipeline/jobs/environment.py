@@ -25,13 +25,12 @@ def logged_to(log_path: str | Path | None):
         yield
         return
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    saved_err = os.dup(2)
-    saved_out = os.dup(1)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}  # stdout, stderr
     with open(log_path, "a", buffering=1, encoding="utf-8") as handle:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
+        for fd in saved:
+            os.dup2(handle.fileno(), fd)
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr, force=True,
@@ -42,15 +41,14 @@ def logged_to(log_path: str | Path | None):
             sys.stderr.flush()
             message = str(err) if isinstance(err, InputError) else traceback.format_exc()
             print(message, file=sys.stderr, flush=True)
-            os.write(saved_err, f"\nerror: {err}\n(full log: {log_path})\n".encode())
+            os.write(saved[2], f"\nerror: {err}\n(full log: {log_path})\n".encode())
             raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved_out, 1)
-            os.dup2(saved_err, 2)
-            os.close(saved_out)
-            os.close(saved_err)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

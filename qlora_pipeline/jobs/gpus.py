@@ -45,7 +45,7 @@ def lock_dir() -> Path:
 def gpu_count() -> int:
     """GPUs on this machine: $QLORA_NUM_GPUS, else the lines of `nvidia-smi -L`, else 0."""
     override = os.environ.get(NUM_GPUS_ENV)
-    if override not in (None, ""):
+    if override:
         try:
             count = int(override)
         except ValueError:
@@ -171,13 +171,9 @@ def pinned_gpu(count: int = 1, **claim_kwargs) -> Iterator[int | None]:
     Yields the first GPU index, or None where nothing is pinned (see the module docstring).
     """
     reason = skip_reason()
-    if reason:
-        log.info("GPU pinning skipped: %s", reason)
-        yield None
-        return
-    total = gpu_count()
+    total = 0 if reason else gpu_count()
     if total == 0:
-        log.info("GPU pinning skipped: no GPU found")
+        log.info("GPU pinning skipped: %s", reason or "no GPU found")
         yield None
         return
     torch = sys.modules.get("torch")

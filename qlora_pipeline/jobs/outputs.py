@@ -85,5 +85,5 @@ def _remove_leftovers(targets: dict[str, Path], stage: str) -> None:
     else:
         patterns = [(target.parent, f".{target.name}.tmp-*") for target in targets.values()]
     for folder, pattern in patterns:
-        for leftover in folder.glob(pattern) if folder.is_dir() else ():
+        for leftover in folder.glob(pattern):  # none where the folder does not exist
             shutil.rmtree(leftover, ignore_errors=True)

@@ -25,9 +25,6 @@ from .environment import job_environment, logged_to
 from .outputs import stage_outputs
 
 log = logging.getLogger("qlora_pipeline")
-# Params naming folders a job keeps outside its outputs until they land (an interrupted
-# training's checkpoints, which Snakemake must not delete before a rerun): removed after.
-SCRATCH = ("checkpoints",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +58,8 @@ class Job:
                   wildcards=dict(smk.wildcards.items()),
                   log_path=str(smk.log[0]) if len(smk.log) else None, threads=smk.threads,
                   wants_gpu=int(smk.resources.get("gpu", 0) or 0) >= 1)
-        repeated = [n for n in job.inputs if n in job.outputs or n in job.params] + \
-            [n for n in job.outputs if n in job.params]
+        names = [*job.inputs, *job.outputs, *job.params]
+        repeated = [n for n in names if names.count(n) > 1]
         if repeated:
             raise ValueError(f"rule {job.rule}: {repeated[0]!r} names two of its inputs, "
                              f"outputs and params; expected distinct names")
@@ -110,18 +107,18 @@ class Job:
                 result = self.run_distributed(paths)
             else:
                 result = call(self.function, self.arguments(paths), policy)
-        for name in SCRATCH:
-            if name in self.params:
-                shutil.rmtree(self.params[name], ignore_errors=True)  # nothing left to resume
+        # The folder a job keeps outside its outputs until they land (an interrupted training's
+        # checkpoints, which Snakemake must not delete before a rerun): nothing left to resume.
+        if "checkpoints" in self.params:
+            shutil.rmtree(self.params["checkpoints"], ignore_errors=True)
         return result
 
     def arguments(self, paths: dict) -> dict:
         """The stage's keyword arguments: inputs, the outputs' temporary paths, params, and
         the wildcards it names (where no input, output or param has the name)."""
         accepted = inspect.signature(self.function).parameters
-        given = {**self.inputs, **{k: v for k, v in paths.items() if k != "provenance"},
-                 **self.params}
-        return {**{k: v for k, v in self.wildcards.items() if k in accepted}, **given}
+        return {**{k: v for k, v in self.wildcards.items() if k in accepted}, **self.inputs,
+                **{k: v for k, v in paths.items() if k != "provenance"}, **self.params}
 
     def run_distributed(self, paths: dict) -> None:
         """The stage on the job's processes (torchrun), which write to this job's log."""

@@ -85,14 +85,11 @@ def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> 
         if kind != b"P":  # refused, or the server went away before forking
             return None
         with _forwarding_signals(value):
-            while kind != b"X":
-                try:
-                    kind, value = _read_reply(conn)
-                except OSError:
-                    kind = None
-                if kind is None:  # the copy died without a word: killed from outside
-                    return 1
-        return value
+            try:
+                kind, value = _read_reply(conn)  # the copy's exit status (b"X"), or nothing
+            except OSError:
+                kind = None
+        return value if kind == b"X" else 1  # without a word, the copy was killed from outside
 
 
 def _request(job) -> dict:
@@ -168,8 +165,7 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
 
 def _listen(address: str) -> socket.socket:
     Path(address).parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
+    Path(address).unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     saved = os.umask(0o177)  # the socket is its owner's alone
     try:
@@ -204,16 +200,11 @@ def _accept(listener: socket.socket, children: dict) -> None:
     conn, _ = listener.accept()
     try:
         request, fds = _read_request(conn)
-    except Exception as err:  # noqa: BLE001 - a malformed or foreign request: refuse it
-        log.warning("warm start: request refused: %s", err)
-        _refuse(conn)
-        return
-    refusal = _refusal(request)
-    if refusal:
-        log.info("warm start: %s; the job runs itself", refusal)
-        for fd in fds:
-            os.close(fd)
-        _refuse(conn)
+    except Exception as err:  # noqa: BLE001 - not this server's job to run: refuse it
+        log.info("warm start: request refused: %s; the job runs itself", err)
+        with contextlib.suppress(OSError):
+            conn.sendall(_REPLY.pack(b"R", 0))
+        conn.close()
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -230,31 +221,26 @@ def _accept(listener: socket.socket, children: dict) -> None:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """The request and the job's standard streams, from this server's user, for a job that
+    runs this server's interpreter (not a conda env's); else an error, nothing left open."""
     uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                               struct.calcsize("3i")))[1]
     if uid != os.getuid():
         raise PermissionError(f"peer uid {uid} is not this server's {os.getuid()}")
     header, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 3)
-    if len(header) != _HEADER.size or len(fds) != 3:
+    try:
+        if len(header) != _HEADER.size or len(fds) != 3:
+            raise ValueError("expected a length and three file descriptors")
+        request = pickle.loads(_recv_exactly(conn, _HEADER.unpack(header)[0]))
+        mine = (os.path.realpath(sys.executable), sys.prefix)
+        theirs = (request.get("executable"), request.get("prefix"))
+        if theirs != mine:
+            raise ValueError(f"job runs {theirs[0]}, server {mine[0]}")
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise ValueError("expected a length and three file descriptors")
-    payload = _recv_exactly(conn, _HEADER.unpack(header)[0])
-    return pickle.loads(payload), fds
-
-
-def _refusal(request: dict) -> str | None:
-    mine = (os.path.realpath(sys.executable), sys.prefix)
-    theirs = (request.get("executable"), request.get("prefix"))
-    if theirs != mine:
-        return f"job runs {theirs[0]}, server {mine[0]}"
-    return None
-
-
-def _refuse(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.sendall(_REPLY.pack(b"R", 0))
-    conn.close()
+        raise
+    return request, fds
 
 
 def _reap(children: dict) -> None:
@@ -290,26 +276,18 @@ def _become_job(conn: socket.socket, fds: list[int], request: dict) -> None:
         os.environ.update(request["env"])
         sys.path[:] = request["path"]
         threading.Thread(target=_stop_when_orphaned, args=(conn,), daemon=True).start()
-        status = _run(pickle.loads(request["job"]))
+        dataclasses.replace(pickle.loads(request["job"]), warm=True).run()
+        status = 0
+    except SystemExit as stop:  # the job's own exit status
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:  # noqa: BLE001 - whatever happens, the job's script must hear of it
-        traceback.print_exc()
+        traceback.print_exc()  # as the interpreter would; status 1
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
             sys.stderr.flush()
             conn.sendall(_REPLY.pack(b"X", status))
         os._exit(status)
-
-
-def _run(job) -> int:
-    try:
-        dataclasses.replace(job, warm=True).run()
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - printed as the interpreter would, then status 1
-        traceback.print_exc()
-        return 1
-    return 0
 
 
 def _stop_when_orphaned(conn: socket.socket) -> None:
@@ -355,9 +333,8 @@ def start(log_path: str | Path) -> str:
     global _server
     address = str(Path(SOCKET_NAME).resolve())
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **SERVER_ENVIRONMENT}
-    from .environment import ALLOCATOR_VARIABLES
-    env.update({k: os.environ.get(k, v) for k, v in ALLOCATOR_VARIABLES.items()})
+    from .environment import ALLOCATOR_VARIABLES  # a user's own setting wins
+    env = {**ALLOCATOR_VARIABLES, **os.environ, **SERVER_ENVIRONMENT}
     with open(log_path, "a", encoding="utf-8") as handle:
         _server = subprocess.Popen(
             [sys.executable, "-m", __name__, "--socket", address, "--watch", str(os.getpid())],

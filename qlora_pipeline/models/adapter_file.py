@@ -46,8 +46,7 @@ class Update:
         if self.magnitude is None:
             return merged
         rows = merged.T if self.fan_in_fan_out else merged
-        factor = self.magnitude.float() / torch.linalg.norm(rows, dim=1)
-        factor = factor.view(-1, 1)
+        factor = (self.magnitude.float() / torch.linalg.norm(rows, dim=1)).view(-1, 1)
         return (factor.T if self.fan_in_fan_out else factor) * merged
 
 

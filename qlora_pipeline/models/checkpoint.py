@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InputError
+from .methods import logical_keys, stored_weight
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -37,8 +38,6 @@ class Checkpoint:
     def ordered_keys(self) -> list[str]:
         """The model's keys, shard after shard (the files are read in order): a quantized
         weight once, as `<layer>.weight`, whatever its method stores for it."""
-        from .methods import logical_keys
-
         order = {shard: i for i, shard in enumerate(dict.fromkeys(self.weight_map.values()))}
         stored = sorted(self.weight_map, key=lambda key: order[self.weight_map[key]])
         return logical_keys(stored, self.weight_map)
@@ -58,9 +57,6 @@ class Checkpoint:
         return self.get(key) if value is None else value
 
 
-def dequantize(key: str, get, weight_map: dict) -> torch.Tensor | None:
-    """The full-precision value of a quantized weight `key`, or None when it is stored
-    unquantized. Each method reads its own storage (methods/*.stored_weight)."""
-    from .methods import stored_weight
-
-    return stored_weight(key, get, weight_map)
+# dequantize(key, get, weight_map): the full-precision value of a quantized weight `key`, or
+# None when it is stored unquantized. Each method reads its own storage (methods/*.stored_weight).
+dequantize = stored_weight

@@ -82,18 +82,18 @@ def load(cfg: dict):
     if cfg["source"] == "gguf":
         path = gguf_location(cfg)
         log.info("dequantizing GGUF %s (once; later stages read the safetensors)", path)
-        kwargs = {"gguf_file": path.name}
-        directory = path.parent
+        directory, from_gguf = path.parent, {"gguf_file": path.name}
+        kwargs = from_gguf
     elif cfg["source"] in ("hub", "local"):
-        directory = hub_snapshot(cfg) if cfg["source"] == "hub" else Path(cfg["path"])
-        check_safetensors(directory, "base_model.path" if cfg["source"] == "local" else "base_model.id")
-        kwargs = {"use_safetensors": True, "trust_remote_code": trust}
+        hub = cfg["source"] == "hub"
+        directory = hub_snapshot(cfg) if hub else Path(cfg["path"])
+        check_safetensors(directory, "base_model.id" if hub else "base_model.path")
+        from_gguf, kwargs = {}, {"use_safetensors": True, "trust_remote_code": trust}
     else:
         raise InputError(f"base_model.source: unknown source '{cfg['source']}'; "
                          f"expected gguf, hub or local")
     with parse_gguf_once() if cfg["source"] == "gguf" else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(
-            directory, trust_remote_code=trust, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust, **from_gguf)
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if cfg["source"] == "gguf":
         # The weights are now plain float tensors; drop the GGUF marker so they save as such.
@@ -116,8 +116,7 @@ def gguf_dtype(path: Path) -> str:
 
     kinds = {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
     names = {gguf.GGMLQuantizationType.BF16: "bfloat16", gguf.GGMLQuantizationType.F16: "float16"}
-    return names[next(iter(kinds))] if len(kinds) == 1 and next(iter(kinds)) in names \
-        else "float32"
+    return names.get(kinds.pop(), "float32") if len(kinds) == 1 else "float32"
 
 
 @contextlib.contextmanager

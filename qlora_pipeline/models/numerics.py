@@ -47,9 +47,9 @@ def check(model, compute_dtype: torch.dtype) -> dict:
     Returns the largest relative gaps (recorded in quantization.json); raises NumericsError
     naming the layers whose gap exceeds the method's TOLERANCE or whose input gets no gradient.
     """
-
     layers = quantized_layers(model)
-    tolerance = max((of_layer(m).TOLERANCE[str(compute_dtype).removeprefix("torch.")] for _, m in layers), default=0.0)
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    tolerance = max((of_layer(m).TOLERANCE[dtype_name] for _, m in layers), default=0.0)
     worst = {"eval": 0.0, "train": 0.0, "input_grad": 0.0}
     bad = []
     generator = torch.Generator().manual_seed(0)
@@ -60,14 +60,13 @@ def check(model, compute_dtype: torch.dtype) -> dict:
         if is_packed(module) or any(gap > tolerance for gap in gaps.values()):
             bad.append(f"{name} ({', '.join(f'{k} {v:.2e}' for k, v in gaps.items())}"
                        f"{', packed' if is_packed(module) else ''})")
-    result = {"layers_checked": len(layers),
-              "compute_dtype": str(compute_dtype).replace("torch.", ""),
+    result = {"layers_checked": len(layers), "compute_dtype": dtype_name,
               "tolerance": tolerance, "max_relative_gap": worst}
     if bad:
         raise NumericsError(
-            f"quantized layers do not compute x @ deq(W)^T in {result['compute_dtype']} after an "
+            f"quantized layers do not compute x @ deq(W)^T in {dtype_name} after an "
             f"eval pass (tolerance {tolerance:g}; a gap of 1 is a missing gradient): "
-            f"{len(bad)} of {result['layers_checked']}: {'; '.join(bad[:5])}"
+            f"{len(bad)} of {len(layers)}: {'; '.join(bad[:5])}"
             f"{' …' if len(bad) > 5 else ''}")
     log.info("quantized layers' numerics check: %s", result)
     return result

@@ -12,6 +12,7 @@ import torch
 
 from ..core.policy import Policy
 from . import methods, numerics, tokenizer_files
+from .methods.common import replace_module
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,8 @@ def state_dict(model_dir: Path) -> dict:
     """Every tensor of a safetensors checkpoint (all shards)."""
     from safetensors.torch import load_file
 
-    state = {}
-    for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        state.update(load_file(shard))
-    return state
+    return {key: tensor for shard in sorted(Path(model_dir).glob("*.safetensors"))
+            for key, tensor in load_file(shard).items()}
 
 
 def saved_compute_dtype(model) -> torch.dtype:
@@ -73,8 +72,7 @@ def dequantized(model):
         linear.weight.data = weight
         if module.bias is not None:
             linear.bias.data = module.bias.data.to(dtype)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+        replace_module(model, name, linear)
     return model
 
 

@@ -52,12 +52,11 @@ def _tensor_problems(weights: Path) -> list[str]:
 
     with safe_open(weights, "pt") as handle:
         keys = list(handle.keys())
-    odd = [k for k in keys if not KEY.fullmatch(k)]
+    matches = [KEY.fullmatch(k) for k in keys]
+    odd = [k for k, match in zip(keys, matches) if not match]
     modules = {}
-    for key in keys:
-        match = KEY.fullmatch(key)
-        if match:
-            modules.setdefault(match[1], set()).add(match[2])
+    for match in filter(None, matches):
+        modules.setdefault(match[1], set()).add(match[2])
     unpaired = sorted(m for m, parts in modules.items() if parts != {"A", "B"})
     return ([f"tensors vLLM does not read: {odd[:3]}"] if odd else []) + \
         ([f"modules without both lora_A and lora_B: {unpaired[:3]}"] if unpaired else [])

@@ -12,11 +12,8 @@ from pathlib import Path
 PREFIXES = ("tokenizer", "special_tokens", "chat_template", "generation_config")
 
 
-def copy(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy `src`'s tokenizer and generation files into `dst`; returns their names."""
-    names = []
+def copy(src: str | Path, dst: str | Path) -> None:
+    """Copy `src`'s tokenizer and generation files into `dst`."""
     for path in sorted(Path(src).iterdir()):
         if path.is_file() and path.name.startswith(PREFIXES):
             shutil.copy2(path, Path(dst) / path.name)
-            names.append(path.name)
-    return names

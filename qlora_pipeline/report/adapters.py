@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import parse_layer
-from .plotting import pyplot
+from .plotting import figure
 
 PANELS = 4
 
@@ -20,14 +20,19 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
     rows = []
     for directory in sorted(map(Path, files)):
         summary = read_json(directory / "summary.json")
-        by_module = summary["summary"]["by_module"].values()
         rows.append({"task": summary["task"], "adapter": summary["kind"], "r": summary["r"],
                      "layers": summary["layers_analyzed"],
-                     "effective_rank": sum(m["effective_rank"] * m["layers"] for m in by_module)
-                     / max(sum(m["layers"] for m in by_module), 1),
+                     "effective_rank": mean_effective_rank(summary["summary"]["by_module"]),
                      "recommended_r": summary["recommendation"]["uniform"],
                      "folder": str(directory)})
     return pd.DataFrame(rows)
+
+
+def mean_effective_rank(by_module: dict[str, dict]) -> float:
+    """An adapter's effective rank averaged over its adapted layers, from its analysis
+    summary's by_module (each module type's mean and layer count; every type has a layer)."""
+    layers = sum(m["layers"] for m in by_module.values())
+    return sum(m["effective_rank"] * m["layers"] for m in by_module.values()) / layers
 
 
 def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
@@ -40,21 +45,19 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
-    plt = pyplot()
     dirs = list(map(Path, frame["folder"]))
-    fig, axes = plt.subplots(max(len(dirs), 1), PANELS,
-                             figsize=(4.2 * PANELS, 3.4 * max(len(dirs), 1)), squeeze=False)
-    for row, directory in zip(axes, dirs):
-        layers = read_json(directory / "layers.json")
-        summary = read_json(directory / "summary.json")
-        title = f"{summary['task']} {summary['kind']}"
-        heatmap(fig, row[0], layers, "fro", f"{title}: ‖ΔW‖_F")
-        heatmap(fig, row[1], layers, "effective_rank", f"{title}: effective rank (r={summary['r']})")
-        spectra(row[2], summary["summary"]["spectra"], f"{title}: σ_i / σ_1")
-        depth_profile(row[3], layers, f"{title}: by depth")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    height = max(len(dirs), 1)
+    with figure(path, height, PANELS, dpi=90, figsize=(4.2 * PANELS, 3.4 * height),
+                squeeze=False) as (fig, axes):
+        for row, directory in zip(axes, dirs):
+            layers = read_json(directory / "layers.json")
+            summary = read_json(directory / "summary.json")
+            title = f"{summary['task']} {summary['kind']}"
+            heatmap(fig, row[0], layers, "fro", f"{title}: ‖ΔW‖_F")
+            heatmap(fig, row[1], layers, "effective_rank",
+                    f"{title}: effective rank (r={summary['r']})")
+            spectra(row[2], summary["summary"]["spectra"], f"{title}: σ_i / σ_1")
+            depth_profile(row[3], layers, f"{title}: by depth")
 
 
 def heatmap(fig, ax, layers: dict, metric: str, title: str) -> None:
@@ -99,9 +102,9 @@ def grid(records: dict[str, dict],
         found = rec.get(metric)
         found = found["count"] if isinstance(found, dict) else found  # intruders
         if index is not None:
-            cells.setdefault((index, module), [])
+            cell = cells.setdefault((index, module), [])
             if found is not None:
-                cells[(index, module)].append(found)
+                cell.append(found)
     layers = sorted({index for index, _ in cells})
     modules = sorted({module for _, module in cells})
     matrix = [[mean(cells.get((index, module))) for module in modules] for index in layers]

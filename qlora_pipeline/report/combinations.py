@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import COMBINED, Variant, parse_layer
-from .plotting import pyplot
+from .plotting import figure
 from .sweeps import own_score
 
 BASE = "quantized"  # the base every combined adapter was trained on, and is scored on
@@ -69,13 +69,11 @@ def matrix_markdown(frame: pd.DataFrame, table: dict) -> str:
 
 
 def cell(row) -> str:
-    text = f"{row.score:.3f}"
-    if row.gain is not None and not pd.isna(row.gain):
-        extra = [f"{row.gain:+.3f}"]
-        if row.retention is not None and not pd.isna(row.retention):
-            extra.append(f"{row.retention:.0%}")
-        text += f" ({', '.join(extra)})"
-    return text
+    """The score, and in parentheses its gain and retention where it has them (a row with a
+    retention, a combination's, always has a gain)."""
+    extra = [f"{value:{spec}}" for value, spec in ((row.gain, "+.3f"), (row.retention, ".0%"))
+             if pd.notna(value)]
+    return f"{row.score:.3f}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def best_methods(frame: pd.DataFrame, table: dict) -> pd.DataFrame:
@@ -133,29 +131,26 @@ def overlap_markdown(frame: pd.DataFrame) -> str:
 
 def plot(frame: pd.DataFrame, files: list, table: dict, path: Path) -> None:
     """One heatmap per task pair: module type × depth, coloured by overlap."""
-    plt = pyplot()
     frame = overlaps(table)
     pairs = sorted(frame["pair"].unique()) or ["none"]
     # One colour scale for every pair, up to the largest overlap: trained adapters overlap by
     # a few tenths at most, which a 0-1 scale would leave all dark.
     top = max(0.05, float(frame["overlap"].max()) if len(frame) else 0.0)
-    fig, axes = plt.subplots(len(pairs), 1, figsize=(10, 2.6 * len(pairs)),
-                             squeeze=False)
-    for ax, pair in zip(axes[:, 0], pairs):
-        group = frame[frame["pair"] == pair]
-        if group.empty:
-            ax.set_axis_off()
-            continue
-        grid = group.pivot_table(index="module", columns="depth", values="overlap")
-        image = ax.imshow(grid.to_numpy(), vmin=0, vmax=top, aspect="auto", cmap="viridis")
-        ax.set(yticks=range(len(grid.index)), yticklabels=list(grid.index), xlabel="layer",
-               title=f"{pair.replace('|', ' & ')}: mean overlap {group['overlap'].mean():.3f} "
-                     f"(random subspaces ≈ {group['random'].mean():.3f})")
-        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], fontsize=7)
-        fig.colorbar(image, ax=ax, label="mean cos² of principal angles")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, len(pairs), 1, figsize=(10, 2.6 * len(pairs)),
+                squeeze=False) as (fig, axes):
+        for ax, pair in zip(axes[:, 0], pairs):
+            group = frame[frame["pair"] == pair]
+            if group.empty:
+                ax.set_axis_off()
+                continue
+            grid = group.pivot_table(index="module", columns="depth", values="overlap")
+            image = ax.imshow(grid.to_numpy(), vmin=0, vmax=top, aspect="auto", cmap="viridis")
+            ax.set(yticks=range(len(grid.index)), yticklabels=list(grid.index), xlabel="layer",
+                   title=f"{pair.replace('|', ' & ')}: mean overlap "
+                         f"{group['overlap'].mean():.3f} "
+                         f"(random subspaces ≈ {group['random'].mean():.3f})")
+            ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns], fontsize=7)
+            fig.colorbar(image, ax=ax, label="mean cos² of principal angles")
 
 
 def markdown(frame: pd.DataFrame, table: dict) -> str:

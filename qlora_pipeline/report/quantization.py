@@ -5,14 +5,13 @@ method measured: bits per parameter against the change in perplexity, task by ta
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from ..core.files import read_json
 from ..models import methods
-from .plotting import pyplot
+from .plotting import figure
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
@@ -98,33 +97,29 @@ def sweep_rows(quantization_report: str | Path, points: list) -> pd.DataFrame:
     """One row per method, sorted by bits per parameter: the configured method's from the
     quantization report (whose full-precision perplexity every change is measured from),
     then each sweep point's."""
-    report = json.loads(Path(quantization_report).read_text(encoding="utf-8"))
+    report = read_json(quantization_report)
     full = {task: r["full_precision"] for task, r in report["perplexity"].items()}
     rows = [_row(report["summary"]["method"], report["summary"],
                  {task: r["quantized"] for task, r in report["perplexity"].items()}, full, True)]
     for path in points:
-        point = json.loads((Path(path) / "report.json").read_text(encoding="utf-8"))
+        point = read_json(Path(path) / "report.json")
         rows.append(_row(point["label"], point["summary"], point["perplexity"], full, False))
     return pd.DataFrame(rows).sort_values("bits_per_param", kind="stable").reset_index(drop=True)
 
 
 def sweep_plot(frame: pd.DataFrame, path: str | Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for column in [c for c in frame.columns if c.endswith("_change_pct")]:
-        ax.plot(frame["bits_per_param"], frame[column], marker="o",
-                label=column.removesuffix("_change_pct"))
-    for _, row in frame.iterrows():
-        ax.annotate(row["method"].removesuffix(" (configured)"),
-                    (row["bits_per_param"], frame.filter(like="_change_pct").loc[_].max()),
-                    textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xlabel("bits per quantized parameter (stored, every constant)")
-    ax.set_ylabel("validation perplexity vs full precision (%)")
-    ax.legend(title="task")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, dpi=120, figsize=(6.5, 4)) as (_, ax):
+        for column in [c for c in frame.columns if c.endswith("_change_pct")]:
+            ax.plot(frame["bits_per_param"], frame[column], marker="o",
+                    label=column.removesuffix("_change_pct"))
+        for index, row in frame.iterrows():
+            ax.annotate(row["method"].removesuffix(" (configured)"),
+                        (row["bits_per_param"], frame.filter(like="_change_pct").loc[index].max()),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel("bits per quantized parameter (stored, every constant)")
+        ax.set_ylabel("validation perplexity vs full precision (%)")
+        ax.legend(title="task")
 
 
 def sweep_markdown(frame: pd.DataFrame, quantization_md: str) -> str:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlora-compare", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", help="run names or folders (default: every run)")
     parser.add_argument("--results", default="results", help="where runs live (default: %(default)s)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)  # None: sys.argv[1:]
     results = Path(args.results)
     try:
         runs = resolve(args.runs, results) if args.runs else find_runs(results)

@@ -3,13 +3,14 @@ with each variant's gain over the full-precision base, and a bar plot."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import SCORED_KINDS, Variant, lm_eval_name
-from .plotting import pyplot
+from .plotting import figure
 
 COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
 
@@ -19,21 +20,26 @@ def variant_order(variant: str) -> tuple[int, str]:
     return SCORED_KINDS.index(Variant.parse(variant).kind), variant
 
 
+def numeric_metrics(metrics: dict, no_stderr: float | None = None) -> Iterator[tuple]:
+    """(metric, value, stderr) for each numeric metric of one benchmark's lm-eval results
+    (keys '<metric>,<filter>'); stderr is `no_stderr` where the results give none."""
+    for key, value in metrics.items():
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            yield (metric, float(value),
+                   float(stderr) if isinstance(stderr, (int, float)) else no_stderr)
+
+
 def score_rows(results_file: str | Path) -> list[dict]:
     """One row per (benchmark, metric) of one variant × task results.json."""
     data = read_json(results_file)
-    rows = []
-    for benchmark, metrics in data["results"].items():
-        name = data["task"] if benchmark == lm_eval_name(data["task"]) else benchmark
-        for key, value in metrics.items():
-            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
-                continue
-            metric, filter_name = key.split(",", 1)
-            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-            rows.append({"task": data["task"], "variant": data["variant"], "benchmark": name,
-                         "metric": metric, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
-    return rows
+    task = data["task"]
+    return [{"task": task, "variant": data["variant"],
+             "benchmark": task if benchmark == lm_eval_name(task) else benchmark,
+             "metric": metric, "value": value, "stderr": stderr}
+            for benchmark, metrics in data["results"].items()
+            for metric, value, stderr in numeric_metrics(metrics)]
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
@@ -67,16 +73,12 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
-    plt = pyplot()
     groups = list(frame.groupby(["task", "benchmark", "metric"]))
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.5),
-                             squeeze=False)
-    for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
-        ax.bar(group["variant"], group["value"],
-               yerr=group["stderr"].fillna(0).astype(float), capsize=3)
-        top = 1.05 if group["value"].max() <= 1 else 105  # chrF and BLEU are out of 100
-        ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, top))
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    width = max(len(groups), 1)
+    with figure(path, 1, width, figsize=(4 * width, 3.5), squeeze=False) as (_, axes):
+        for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
+            ax.bar(group["variant"], group["value"],
+                   yerr=group["stderr"].fillna(0).astype(float), capsize=3)
+            top = 1.05 if group["value"].max() <= 1 else 105  # chrF and BLEU are out of 100
+            ax.set(title=f"{task}: {benchmark}", ylabel=metric, ylim=(0, top))
+            ax.tick_params(axis="x", rotation=30)

@@ -14,11 +14,14 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import lm_eval_name
-from .plotting import pyplot
+from .adapters import mean_effective_rank
+from .plotting import figure
+from .scores import numeric_metrics
 
 RULE = ("the smallest adapter (trainable parameters) whose score is within one standard error "
         "of the best point's")
 LOG_KEYS = ("lora.r", "lora.alpha", "train.learning_rate")
+SUMMARY_KEYS = ("eval_loss_best", "train_seconds", "tokens_per_second", "trainable_params")
 
 
 def rows(files: list, tables: dict, frames: dict | None = None,
@@ -40,10 +43,7 @@ def rows(files: list, tables: dict, frames: dict | None = None,
             rows.append({"task": task, "point": point, **values, "seed": files["seed"],
                          "metric": metric, "score": score, "stderr": stderr,
                          **{f"score_{v}": s[1] for v, s in scores.items() if v != compared},
-                         "eval_loss_best": summary.get("eval_loss_best"),
-                         "train_seconds": summary.get("train_seconds"),
-                         "tokens_per_second": summary.get("tokens_per_second"),
-                         "trainable_params": summary.get("trainable_params"),
+                         **{key: summary.get(key) for key in SUMMARY_KEYS},
                          **({"effective_rank": effective_rank(files["analysis"])}
                             if with_analysis else {})})
     return pd.DataFrame(rows)
@@ -51,19 +51,13 @@ def rows(files: list, tables: dict, frames: dict | None = None,
 
 def effective_rank(analysis: str) -> float:
     """A training's effective rank, averaged over its adapted layers."""
-    by_module = read_json(Path(analysis) / "summary.json")["summary"]["by_module"]
-    layers = sum(m["layers"] for m in by_module.values())
-    return sum(m["effective_rank"] * m["layers"] for m in by_module.values()) / layers
+    return mean_effective_rank(read_json(Path(analysis) / "summary.json")["summary"]["by_module"])
 
 
 def own_score(data: dict) -> tuple[str, float, float]:
     """The task's own benchmark's first metric, its value and standard error."""
-    metrics = data["results"][lm_eval_name(data["task"])]
-    for key, value in metrics.items():
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
-            metric, filter_name = key.split(",", 1)
-            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-            return metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else 0.0
+    for found in numeric_metrics(data["results"][lm_eval_name(data["task"])], no_stderr=0.0):
+        return found
     raise ValueError(f"results of {data['task']}: no numeric metric for the task's benchmark")
 
 
@@ -111,34 +105,32 @@ def plot(frame: pd.DataFrame, files: list, tables: dict, path: Path) -> None:
     """Per task and swept key: the score against the key's values (mean over the other keys'
     points and seeds; error bars: the spread across seeds where there are several, else the
     score's standard error); log axes for rank, alpha and learning rate."""
-    plt = pyplot()
     panels = [(task, key) for task, points in frame.groupby("task")
               for key in swept(points.dropna(axis=1, how="all"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (task, key) in zip(axes[0], panels):
-        points = frame[frame["task"] == task]
-        chosen = points[points["point"] == choose(points.dropna(axis=1, how="all"))["point"]]
-        grouped = points.groupby(key)["score"]
-        spread = grouped.std().fillna(0) if points["seed"].nunique() > 1 else \
-            points.groupby(key)["stderr"].mean()
-        means = grouped.mean()
-        numeric = pd.api.types.is_numeric_dtype(means.index)
-        x = list(means.index) if numeric else list(range(len(means)))
-        ax.errorbar(x, means.values, yerr=spread.reindex(means.index).values, marker="o",
-                    capsize=3)
-        position = chosen[key].iloc[0] if numeric else list(means.index).index(chosen[key].iloc[0])
-        ax.plot([position], chosen["score"].iloc[:1], marker="*", markersize=14, color="C3",
-                linestyle="none", label=f"chosen: {chosen['point'].iloc[0]}")
-        ax.legend(loc="lower right", fontsize="small")
-        if key in LOG_KEYS and numeric:
-            ax.set_xscale("log", base=2 if key != "train.learning_rate" else 10)
-            ax.set_xticks(x, [f"{v:g}" for v in x])  # the swept values, not powers of 2
-            ax.minorticks_off()
-        if not numeric:
-            ax.set_xticks(x, [str(v) for v in means.index], rotation=20)
-        top = 1.05 if points["score"].max() <= 1 else 105  # chrF and BLEU are out of 100
-        ax.set(title=f"{task}: score by {key}", xlabel=key, ylabel=points["metric"].iloc[0],
-               ylim=(0, top))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 1, len(panels), figsize=(4.5 * len(panels), 3.5),
+                squeeze=False) as (_, axes):
+        for ax, (task, key) in zip(axes[0], panels):
+            points = frame[frame["task"] == task]
+            chosen = points[points["point"] == choose(points.dropna(axis=1, how="all"))["point"]]
+            grouped = points.groupby(key)["score"]
+            spread = grouped.std().fillna(0) if points["seed"].nunique() > 1 else \
+                points.groupby(key)["stderr"].mean()
+            means = grouped.mean()
+            numeric = pd.api.types.is_numeric_dtype(means.index)
+            x = list(means.index) if numeric else list(range(len(means)))
+            ax.errorbar(x, means.values, yerr=spread.reindex(means.index).values, marker="o",
+                        capsize=3)
+            value = chosen[key].iloc[0]
+            position = value if numeric else list(means.index).index(value)
+            ax.plot([position], chosen["score"].iloc[:1], marker="*", markersize=14, color="C3",
+                    linestyle="none", label=f"chosen: {chosen['point'].iloc[0]}")
+            ax.legend(loc="lower right", fontsize="small")
+            if key in LOG_KEYS and numeric:
+                ax.set_xscale("log", base=2 if key != "train.learning_rate" else 10)
+                ax.set_xticks(x, [f"{v:g}" for v in x])  # the swept values, not powers of 2
+                ax.minorticks_off()
+            if not numeric:
+                ax.set_xticks(x, [str(v) for v in means.index], rotation=20)
+            top = 1.05 if points["score"].max() <= 1 else 105  # chrF and BLEU are out of 100
+            ax.set(title=f"{task}: score by {key}", xlabel=key, ylabel=points["metric"].iloc[0],
+                   ylim=(0, top))

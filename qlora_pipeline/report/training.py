@@ -9,10 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.files import read_json, read_jsonl
-from .plotting import pyplot
+from .plotting import figure
 
 KEYS = ("steps", "eval_loss_initial", "eval_loss_best", "train_seconds", "tokens_per_second",
         "peak_memory_mb", "trainable_params", "trainable_pct")
+# metrics.jsonl's losses: (column, line style, label)
+CURVES = (("loss", "-", "train"), ("eval_loss", "o--", "validation"))
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
@@ -38,32 +40,28 @@ def metrics(adapter_dir: Path) -> pd.DataFrame:
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
     """Per task: the losses over the steps (recovery continues after QLoRA) and below them the
     adapter's mean effective rank per module type at each evaluation."""
-    plt = pyplot()
     tasks = sorted({Path(d).parent.name for d in files})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
-    for ax, rank_ax, task in zip(axes[0], axes[1], tasks):
-        offset = 0
-        for directory in sorted((Path(d) for d in files if Path(d).parent.name == task),
-                                key=lambda d: d.name != "qlora"):
-            found = metrics(directory)
-            if found.empty:
-                continue
-            for column, style in (("loss", "-"), ("eval_loss", "o--")):
-                if column in found:
-                    points = found.dropna(subset=[column])
-                    ax.plot(points["step"] + offset, points[column], style,
-                            label=f"{directory.name} {'train' if column == 'loss' else 'validation'}")
-            ranks(rank_ax, found, directory.name, offset)
-            offset += int(found["step"].max())
-        ax.set(title=task, xlabel="step", ylabel="loss")
-        ax.legend(fontsize=7)
-        rank_ax.set(title=f"{task}: adapter effective rank", xlabel="step",
-                    ylabel="mean effective rank")
-        if rank_ax.lines:
-            rank_ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False) as (_, axes):
+        for ax, rank_ax, task in zip(axes[0], axes[1], tasks):
+            offset = 0
+            for directory in sorted((Path(d) for d in files if Path(d).parent.name == task),
+                                    key=lambda d: d.name != "qlora"):
+                found = metrics(directory)
+                if found.empty:
+                    continue
+                for column, style, kind in CURVES:
+                    if column in found:
+                        points = found.dropna(subset=[column])
+                        ax.plot(points["step"] + offset, points[column], style,
+                                label=f"{directory.name} {kind}")
+                ranks(rank_ax, found, directory.name, offset)
+                offset += int(found["step"].max())
+            ax.set(title=task, xlabel="step", ylabel="loss")
+            ax.legend(fontsize=7)
+            rank_ax.set(title=f"{task}: adapter effective rank", xlabel="step",
+                        ylabel="mean effective rank")
+            if rank_ax.lines:
+                rank_ax.legend(fontsize=6)
 
 
 def ranks(ax, found: pd.DataFrame, label: str, offset: int) -> None:

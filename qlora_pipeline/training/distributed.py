@@ -26,10 +26,6 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def is_main() -> bool:
     """Rank 0 writes the outputs, the metrics log and TensorBoard; the others only train."""
     return rank() == 0

@@ -30,13 +30,10 @@ class GradientPathBroken(RuntimeError):
 def adapter_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
     """(name, A, B) for every trainable LoRA pair of the model."""
     params = dict(model.named_parameters())
-    pairs = []
-    for name, a in params.items():
-        if ".lora_A." in name and a.requires_grad:
-            b = params.get(name.replace(".lora_A.", ".lora_B."))
-            if b is not None:
-                pairs.append((name.replace(".lora_A.", ".lora_{A,B}."), a, b))
-    return pairs
+    pairs = [(name, a, params.get(name.replace(".lora_A.", ".lora_B.")))
+             for name, a in params.items() if ".lora_A." in name and a.requires_grad]
+    return [(name.replace(".lora_A.", ".lora_{A,B}."), a, b) for name, a, b in pairs
+            if b is not None]
 
 
 def _has_gradient(param) -> bool:
@@ -57,10 +54,9 @@ def missing_gradients(model) -> list[str]:
 class GradientGuard(TrainerCallback):
     """Checks gradient flow into the adapters at the steps where the bug class shows."""
 
-    def __init__(self):
-        self.checks_left = 0
-        self.reason = ""
-        self.start_step = 0
+    checks_left = 0  # optimizer steps still to check, and why
+    reason = ""
+    start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start_step = state.global_step
@@ -86,7 +82,6 @@ class GradientGuard(TrainerCallback):
                 f"training would leave these adapters unchanged")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        norm = (logs or {}).get("grad_norm")
-        if norm is not None and norm == 0:
+        if (logs or {}).get("grad_norm") == 0:
             raise GradientPathBroken(f"step {state.global_step}: gradient norm 0 — no gradient "
                                      f"reached the adapters; training would change nothing")

@@ -192,13 +192,12 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     log.info("validation loss before training (adapter = 0): %.4f", initial)
     if save_to is not None:
         distributed.save_adapter(trainer, model, Path(save_to))
-    best = trainer.state.best_metric  # the restored checkpoint's validation loss
     tokens = trainer.state.num_input_tokens_seen
     return {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "eval_loss_initial": initial,
-        "eval_loss_best": best,
+        "eval_loss_best": trainer.state.best_metric,  # the restored checkpoint's
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "train_seconds": round(seconds, 2),
         "tokens_seen": int(tokens),
@@ -259,18 +258,15 @@ def packed_isolation(model, train, tokenizer) -> dict | None:
     if not packing.is_packed(train):
         return None
     packing.without_cache(model)
-    rows = range(min(len(train), 16))
-    best = max(rows, key=lambda i: train[i]["position_ids"].count(0))
+    best = max(range(min(len(train), 16)), key=lambda i: train[i]["position_ids"].count(0))
     result = packing.check_isolation(model, train[best], tokenizer)
     log.info("packing: examples isolated in packed rows: %s", result)
     return result
 
 
 def _logged_initial_loss(metrics_path: Path) -> float:
-    for record in read_jsonl(metrics_path):
-        if record["step"] == 0 and "eval_loss" in record:
-            return record["eval_loss"]
-    return float("nan")
+    return next((record["eval_loss"] for record in read_jsonl(metrics_path)
+                 if record["step"] == 0 and "eval_loss" in record), float("nan"))
 
 
 def forget_metrics_after(metrics_path: Path, step: int) -> None:
@@ -284,18 +280,15 @@ def forget_metrics_after(metrics_path: Path, step: int) -> None:
 def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
     """The newest checkpoint that was written completely (a job killed while saving leaves a
     partial one: Trainer writes trainer_state.json last). Partial ones are deleted."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+    found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
                    key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
     for candidate in found:
         try:
             TrainerState.load_from_json(str(candidate / "trainer_state.json"))
             return str(candidate)
         except (OSError, ValueError):  # missing or cut short
-            pass
-        log.info("discarding incomplete checkpoint %s", candidate)
-        shutil.rmtree(candidate, ignore_errors=True)
+            log.info("discarding incomplete checkpoint %s", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
     return None
 
 

@@ -14,31 +14,26 @@ from ..core.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def _is_linear(module) -> bool:
+def _linear_layers(model) -> list[tuple[str, object]]:
+    """(name, module) of the model's linear layers, quantized or not, output head excluded."""
     from ..models.methods import layers_types
 
-    return isinstance(module, (torch.nn.Linear, *layers_types()))
+    kinds, head = (torch.nn.Linear, *layers_types()), model.get_output_embeddings()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, kinds) and module is not head]
 
 
 def linear_names(model) -> list[str]:
     """Leaf names of the model's linear layers (q_proj, v_proj, ...), output head excluded."""
-    head = model.get_output_embeddings()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if _is_linear(module) and module is not head})
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_layers(model)})
 
 
 def targeted_layers(model, target_modules, layers: list[int] | None = None) -> list[tuple[str, object]]:
     """The (name, module) pairs a LoRA config with these targets will adapt."""
     names = set(linear_names(model)) if target_modules == "all-linear" else set(target_modules)
-    head = model.get_output_embeddings()
-    out = []
-    for name, module in model.named_modules():
-        if not _is_linear(module) or module is head or name.rsplit(".", 1)[-1] not in names:
-            continue
-        if layers is not None and not any(f".{i}." in f".{name}." for i in layers):
-            continue
-        out.append((name, module))
-    return out
+    return [(name, module) for name, module in _linear_layers(model)
+            if name.rsplit(".", 1)[-1] in names
+            and (layers is None or any(f".{i}." in f".{name}." for i in layers))]
 
 
 def check(model, cfg: dict) -> None:
@@ -115,24 +110,15 @@ def _check_rank_pattern(patterns: dict, names: list[str]) -> dict[str, str | Non
     return {name: _pattern_key(patterns, name) for name in names}
 
 
-def layer_ranks(model, cfg: dict) -> list[tuple[object, int]]:
-    """(module, rank) for each adapted layer: its rank_pattern rank where a key matches, else r."""
-    layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
-    patterns = cfg.get("rank_pattern") or {}
-    out = []
-    for name, module in layers:
-        key = _pattern_key(patterns, name) if patterns else None
-        out.append((module, cfg["r"] if key is None else patterns[key]))
-    return out
-
-
 def expected_trainable(model, cfg: dict) -> int:
     """LoRA's parameter count: rank·(in + out) per adapted layer, rank from lora.rank_pattern
     where a key matches it, else r (+ out for DoRA's magnitude)."""
-    per_layer = [rank * (m.in_features + m.out_features)
-                 + (m.out_features if cfg.get("use_dora") else 0)
-                 for m, rank in layer_ranks(model, cfg)]
-    return sum(per_layer)
+    patterns, dora = cfg.get("rank_pattern") or {}, cfg.get("use_dora")
+    total = 0
+    for name, m in targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform")):
+        rank = patterns.get(_pattern_key(patterns, name), cfg["r"])  # r where no key matches
+        total += rank * (m.in_features + m.out_features) + (m.out_features if dora else 0)
+    return total
 
 
 def peft_config(cfg: dict):

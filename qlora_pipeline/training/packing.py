@@ -30,22 +30,17 @@ class Collator:
         self.label_positions = label_positions
 
     def __call__(self, features: list[dict]) -> dict:
-        batch = self._collate(features)
-        return label_positions.keep(batch) if self.label_positions else batch
-
-    def _collate(self, features: list[dict]) -> dict:
         positions = [feature.pop("position_ids", None) for feature in features]
         batch = self.pad(features)
-        if positions[0] is None:
-            return batch
-        width = batch["input_ids"].shape[1]
-        position_ids = torch.zeros(len(positions), width, dtype=torch.long)
-        for row, ids in enumerate(positions):  # padding: position 0, a sequence of its own
-            span = slice(width - len(ids), width) if self.left else slice(0, len(ids))
-            position_ids[row, span] = torch.as_tensor(ids)
-        batch["position_ids"] = position_ids
-        del batch["attention_mask"]  # with one, transformers would not separate the examples
-        return batch
+        if positions[0] is not None:
+            width = batch["input_ids"].shape[1]
+            position_ids = torch.zeros(len(positions), width, dtype=torch.long)
+            for row, ids in enumerate(positions):  # padding: position 0, a sequence of its own
+                span = slice(width - len(ids), width) if self.left else slice(0, len(ids))
+                position_ids[row, span] = torch.as_tensor(ids)
+            batch["position_ids"] = position_ids
+            del batch["attention_mask"]  # with one, transformers would not separate examples
+        return label_positions.keep(batch) if self.label_positions else batch
 
 
 def is_packed(dataset) -> bool:

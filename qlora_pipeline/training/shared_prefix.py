@@ -60,11 +60,9 @@ def split(model, batch: dict, layouts=LAYOUTS) -> dict:
     """The batch in the first of `layouts` that suits it, its common prefix computed once.
     Unchanged if the rows share too little or no layout suits."""
     length = prefix_length(batch)
-    if not length:
-        return batch
-    if ONE_ROW in layouts and _fits_one_row(batch, length):
+    if length and ONE_ROW in layouts and _fits_one_row(batch, length):
         return one_row(model, batch, length)
-    if CACHE in layouts:
+    if length and CACHE in layouts:
         return cached(model, batch, length)
     return batch
 

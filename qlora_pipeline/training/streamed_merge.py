@@ -83,7 +83,10 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
         dequantized += tensor is not None
         tensor = checkpoint.get(key) if tensor is None else tensor
         if key in updates:
-            tensor = checked(key, updates[key].apply(tensor))
+            tensor = updates[key].apply(tensor)
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"merging the adapter into {key} gives non-finite weights; the "
+                                 f"adapter is broken")
             merged += 1
         writer.add(key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     shards = writer.close()
@@ -92,13 +95,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
              merged, dequantized, len(shards), writer.total / 1e6)
     return {"merged_layers": merged, "dequantized_layers": dequantized, "shards": len(shards),
             "bytes": writer.total, "max_shard_bytes": max_shard_bytes}
-
-
-def checked(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"merging the adapter into {key} gives non-finite weights; the "
-                         f"adapter is broken")
-    return tensor
 
 
 def write_config(base_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:

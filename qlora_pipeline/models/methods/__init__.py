@@ -67,11 +67,8 @@ def of_layer(module):
 def stored_weight(key: str, get, weight_map: dict):
     """deq(Q(W)) of `key` (`<layer>.weight`) from a checkpoint's tensors, or None when the
     checkpoint stores it unquantized."""
-    for module in ALL:
-        value = module.stored_weight(key, get, weight_map)
-        if value is not None:
-            return value
-    return None
+    values = (module.stored_weight(key, get, weight_map) for module in ALL)
+    return next((value for value in values if value is not None), None)
 
 
 def is_stored_part(key: str, weight_map: dict) -> bool:
@@ -84,12 +81,7 @@ def logical_keys(keys: list[str], weight_map: dict) -> list[str]:
     replaced by the `<layer>.weight` they encode."""
     out = []
     for key in keys:
-        for module in ALL:
-            renamed = module.weight_key(key)
-            if renamed:
-                out.append(renamed)
-                break
-        else:
-            if not is_stored_part(key, weight_map):
-                out.append(key)
+        renamed = next(filter(None, (module.weight_key(key) for module in ALL)), None)
+        if renamed or not is_stored_part(key, weight_map):
+            out.append(renamed or key)
     return out

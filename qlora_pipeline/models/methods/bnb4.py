@@ -7,10 +7,14 @@ quantization one 8-bit absmax per 64 and one fp32 scale (and offset) per 256 blo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from ...core.errors import NumericsError
 from ...core.policy import Policy, torch_dtype
 from .common import ROUNDING, from_pretrained_quantized, nbytes
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
+    import torch
 
 NAMES = ("nf4", "fp4")  # quantization.method
 KEYS = {"double_quant": True, "quant_storage": "auto"}  # its own keys, with their defaults
@@ -45,31 +49,26 @@ def label(cfg: dict) -> str:
     return cfg["method"] + ("" if cfg["double_quant"] else "-nodq")
 
 
-def storage_dtype(cfg: dict, policy: Policy) -> torch.dtype:
-    """uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')."""
-    import torch
-
-    storage = cfg.get("quant_storage", "uint8")
-    return torch.uint8 if storage == "uint8" else policy.compute_dtype(cfg["compute_dtype"])
-
-
 def hf_config(cfg: dict, policy: Policy):
+    import torch
     from transformers import BitsAndBytesConfig
 
+    compute = policy.compute_dtype(cfg["compute_dtype"])
+    # uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')
+    storage = torch.uint8 if cfg.get("quant_storage", "uint8") == "uint8" else compute
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg["method"],
         bnb_4bit_use_double_quant=cfg["double_quant"],
-        bnb_4bit_compute_dtype=policy.compute_dtype(cfg["compute_dtype"]),
+        bnb_4bit_compute_dtype=compute,
         llm_int8_skip_modules=cfg["skip_modules"] or None,
-        bnb_4bit_quant_storage=storage_dtype(cfg, policy),
+        bnb_4bit_quant_storage=storage,
     )
 
 
 def quantize(base_dir, cfg: dict, policy: Policy):
     """On the single numerics path (single_path); the caller runs numerics.check."""
-    return single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy),
-                                                          policy))
+    return single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy), policy))
 
 
 def save(model, out_dir) -> None:
@@ -79,8 +78,7 @@ def save(model, out_dir) -> None:
 def load(path, policy: Policy):
     from transformers import AutoModelForCausalLM
 
-    return single_path(AutoModelForCausalLM.from_pretrained(path,
-                                                                     device_map=policy.device))
+    return single_path(AutoModelForCausalLM.from_pretrained(path, device_map=policy.device))
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -151,9 +149,7 @@ def describe(cfg: dict) -> str:
 
 
 def linear4bit_layers(model) -> list[tuple[str, object]]:
-    import bitsandbytes as bnb
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, layer_class())]
 
 
 def is_packed(module) -> bool:

@@ -9,9 +9,13 @@ rounding: TOLERANCE is looser than 4-bit's.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from ...core.policy import Policy
 from .common import from_pretrained_quantized, nbytes
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
+    import torch
 
 NAMES = ("int8",)  # quantization.method
 KEYS: dict = {}  # no keys of its own

@@ -16,6 +16,12 @@ def from_pretrained_quantized(base_dir, quantization_config, policy: Policy):
         dtype="auto" if policy.cuda else torch.float32)
 
 
+def replace_module(model, name: str, layer) -> None:
+    """Put `layer` where the submodule `name` is."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
 def nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size() if tensor is not None else 0
 

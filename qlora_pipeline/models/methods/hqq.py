@@ -19,10 +19,14 @@ import functools
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...core.errors import InputError
 from ...core.policy import Policy, torch_dtype
-from .common import ROUNDING, nbytes
+from .common import ROUNDING, nbytes, replace_module
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
+    import torch
 
 NAMES = ("hqq",)  # quantization.method
 KEYS = {"bits": 4, "group_size": 64}  # its own keys, with their defaults
@@ -55,11 +59,6 @@ def wrote(quantization_config: dict) -> bool:
 def _skipped(name: str, skip: list[str]) -> bool:
     """bitsandbytes' rule (llm_int8_skip_modules): a module whose name has an entry as a part."""
     return name in skip or any(part in skip for part in name.split("."))
-
-
-def _replace(model, name: str, layer) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
 def label(cfg: dict) -> str:
@@ -99,8 +98,8 @@ def quantize(base_dir, cfg: dict, policy: Policy):
                          f"divide the weights of {uneven[:3]}; expected a divisor of every "
                          f"quantized layer's size (64 or 128 usually)")
     for name, module in targets:
-        _replace(model, name, HQQLinear(module, settings["quant_config"],
-                                        compute_dtype=dtype, device=policy.device))
+        replace_module(model, name, HQQLinear(module, settings["quant_config"],
+                                              compute_dtype=dtype, device=policy.device))
     return _finish(model.to(policy.device), settings)  # HQQLinear.to is a no-op
 
 
@@ -149,9 +148,9 @@ def load(path, policy: Policy):
         model = AutoModelForCausalLM.from_config(config)
     for key in state:
         if key.endswith(".W_q"):
-            _replace(model, key.removesuffix(".W_q"),
-                     HQQLinear(None, None, compute_dtype=dtype, device=policy.device,
-                               initialize=False))
+            replace_module(model, key.removesuffix(".W_q"),
+                           HQQLinear(None, None, compute_dtype=dtype, device=policy.device,
+                                     initialize=False))
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     model.tie_weights()
     missing = [k for k in missing if k.endswith(".weight") and
