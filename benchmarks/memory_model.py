@@ -1,5 +1,5 @@
-"""memory_model: the per-stage memory estimates (qlora_pipeline/memory.py) set against what
-was measured, and the planning table of docs/cluster.md.
+"""memory_model: the per-stage memory estimates (qlora_pipeline/core/memory.py) set against
+what was measured, and the planning table of docs/cluster.md.
 
 1. Planning (no inputs): per-GPU memory of QLoRA training for Llama 3.1 8B, 70B and 405B on
    one GPU, DDP (each GPU holds the whole model) and FSDP over 2, 4 and 8 GPUs, at the
@@ -13,6 +13,9 @@ was measured, and the planning table of docs/cluster.md.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 from benchmarks import support
 from qlora_pipeline.core import layout, memory
@@ -45,10 +48,46 @@ PUBLISHED = [
 ]
 
 
+def planned_shapes(config: dict, dtype_bytes: int = 2) -> memory.Shapes:
+    """A Llama-style decoder (grouped-query attention, gated MLP) from its config alone: for
+    planning a model not downloaded (docs/cluster.md's table)."""
+    dims = memory.dimensions(config)
+    h, kv = dims["hidden"], config.get("num_key_value_heads", dims["heads"])
+    head_dim = h // dims["heads"]
+    attention = 2 * h * h + 2 * h * kv * head_dim
+    linear = dims["layers"] * (attention + 3 * h * dims["intermediate"])
+    tied = config.get("tie_word_embeddings", False)
+    other = dims["vocab"] * h * (1 if tied else 2) + dims["layers"] * 2 * h + h
+    return memory.Shapes(**dims, linear_params=linear, other_params=other,
+                         stored_bytes=(linear + other) * dtype_bytes,
+                         largest_tensor=dims["vocab"] * h)
+
+
+ESTIMATE_LOG = re.compile(r"memory estimate of (\w+): ([\d.]+) GiB")  # core/memory.check
+PEAK_LOG = re.compile(r"rule \w+: done \(peak memory ([\d.]+) MB\)")  # jobs/runner.Job.run
+
+
+def logged_estimates(results: Path) -> list[dict]:
+    """Each model job of a finished run: its estimate (logged by `check`) against its
+    measured peak (logged by the job runner), from its log. Snakemake's benchmark max_rss
+    will not do: where a warm-start copy ran the stage, it measures only the job's script."""
+    rows = []
+    for log_path in sorted((Path(results) / "logs").rglob("*.log")):
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        estimates, peaks = ESTIMATE_LOG.findall(text), PEAK_LOG.findall(text)
+        if not estimates or not peaks:
+            continue
+        estimate_mb, peak_mb = float(estimates[-1][1]) * 1024, float(peaks[-1])
+        rows.append({"job": str(log_path.relative_to(Path(results) / "logs").with_suffix("")),
+                     "estimate_mb": round(estimate_mb), "measured_mb": round(peak_mb),
+                     "estimate_over_measured": round(estimate_mb / peak_mb, 2)})
+    return rows
+
+
 def training_gb(config: dict, gpus: int, seq: int, batch: int, lora: dict) -> float:
     """Per-GPU peak of QLoRA training on a CUDA GPU (bf16 compute, gradient checkpointing,
     memory-efficient attention), sharded over `gpus` with FSDP (1: one GPU, or DDP)."""
-    shapes = memory.Shapes.from_config(config)
+    shapes = planned_shapes(config)
     result = memory.estimate("train", shapes, weights="4bit", compute_bytes=2, fp_bytes=2,
                              batch=batch, seq=seq, lora=lora, training=True, checkpointing=True,
                              efficient_attention=True, shards=gpus, optimizer=OPTIMIZER,
@@ -60,7 +99,7 @@ def training_gb(config: dict, gpus: int, seq: int, batch: int, lora: dict) -> fl
 def planning() -> list[dict]:
     rows = []
     for name, config in LLAMA.items():
-        row = {"model": name, "params_b": round(memory.Shapes.from_config(config).params / 1e9, 1)}
+        row = {"model": name, "params_b": round(planned_shapes(config).params / 1e9, 1)}
         row["1 GPU / DDP"] = round(training_gb(config, 1, **SETTINGS), 1)
         for gpus in (2, 4, 8):
             row[f"FSDP {gpus}"] = round(training_gb(config, gpus, **SETTINGS), 1)
@@ -77,7 +116,7 @@ def published() -> list[dict]:
 
 
 def run(smoke: bool) -> dict:
-    rows = [] if smoke else memory.logged_estimates(support.REPO / layout.results())
+    rows = [] if smoke else logged_estimates(support.REPO / layout.results())
     checks = published()
     ratios = [r["estimate_over_measured"] for r in rows]
     return {"name": "memory_model",

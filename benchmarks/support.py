@@ -161,7 +161,7 @@ def scratch() -> Path:
 @functools.cache
 def tiny_base() -> Path:
     """The tests' 2-layer random Llama with its tokenizer (qlora_pipeline.tiny_models)."""
-    from qlora_pipeline.models.tiny import build_tokenizer, save_model
+    from benchmarks.tiny_models import build_tokenizer, save_model
 
     return save_model(scratch() / "base", build_tokenizer())
 

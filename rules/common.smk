@@ -247,9 +247,10 @@ def all_exports():
 
 
 def quantization_files():
-    """The quantization report the report shows: with the sweep's section when there is one."""
-    markdown = (layout.quantization_sweep() if QUANT_SWEEP else layout.quantization_report())
-    return [layout.quantization_report()["report"], markdown["markdown"]]
+    """The quantization report, and with a `quantization_sweep` its methods' measures."""
+    report = layout.quantization_report()
+    points = [layout.quantization_sweep_point(label) for label in QUANT_SWEEP]
+    return [report["report"], report["markdown"]], [report["report"], *points] if points else []
 
 
 def report_sections():
@@ -268,7 +269,8 @@ def report_sections():
         "sweeps": list(dict.fromkeys(f for files in sweep_files for f in files)),
         "combinations": [layout.combination(n) for n in COMBINATIONS] + matrix,
         "adapters": own_analyses(),
-        "quantization": quantization_files(),
+        "quantization": quantization_files()[0],
+        "quantization_sweep": quantization_files()[1],
     }
 
 

@@ -67,7 +67,8 @@ rule quantization_report:
         STAGE
 
 
-# Only with `quantization_sweep:` entries: each method measured, not trained (the table: report.smk).
+# Only with `quantization_sweep:` entries: each method measured, not trained (the table: a
+# section of the report).
 rule quantization_sweep_point:
     input:
         base=BASE,

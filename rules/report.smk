@@ -22,24 +22,3 @@ rule report:
         "../envs/report.yaml"
     script:
         STAGE
-
-
-# Only with `quantization_sweep:` entries: the methods measured (model.smk), in one table.
-rule quantization_sweep:
-    input:
-        quantization_report=layout.quantization_report()["report"],
-        quantization_markdown=layout.quantization_report()["markdown"],
-        points=[layout.quantization_sweep_point(label) for label in QUANT_SWEEP],
-    output:
-        **layout.quantization_sweep(),
-    params:
-        code=code("quantization_sweep"),
-    threads: DATA_THREADS
-    log:
-        f"{RESULTS}/logs/quantization_sweep.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/quantization_sweep.tsv"
-    conda:
-        "../envs/report.yaml"
-    script:
-        STAGE

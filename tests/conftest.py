@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 # Tests import these from conftest; the benchmarks' smoke versions share them.
-from qlora_pipeline.models.tiny import CHAT_TEMPLATE, build_model, build_tokenizer, save_model
+from benchmarks.tiny_models import CHAT_TEMPLATE, build_model, build_tokenizer, save_model
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -206,7 +206,7 @@ def test_the_two_tasks_combined(default_run):
 def test_memory_estimates_bound_the_measured_peaks(default_run):
     """Every model stage estimated its peak before loading (memory.py); on SmolLM2 the
     estimate is an upper bound of what the job then used, and not a loose one."""
-    from qlora_pipeline.core.memory import logged_estimates
+    from benchmarks.memory_model import logged_estimates
 
     rows = logged_estimates(default_run)
     stages = {row["job"].split("/")[0] for row in rows}

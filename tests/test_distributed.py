@@ -18,7 +18,7 @@ from qlora_pipeline.jobs import launch
 from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.core.files import read_jsonl
 from qlora_pipeline.jobs.runner import Job
-from qlora_pipeline.models.tiny import save_model
+from benchmarks.tiny_models import save_model
 
 GLOBAL_BATCH = 8
 STEPS = 8

@@ -19,7 +19,7 @@ from qlora_pipeline.core import layout
 from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.core.policy import Policy
 from qlora_pipeline.models import gguf_export, gguf_roundtrip
-from qlora_pipeline.models.tiny import build_model
+from benchmarks.tiny_models import build_model
 
 QUESTIONS = ["What is 12 + 34?", "Classify: The storm hit the valley.", "What is 7 + 5?",
              "Name a food.", "Say hello.", "What is 3 + 3?"]

@@ -248,7 +248,7 @@ def test_gguf_auto_dtype_is_the_files_own(tmp_path):
 
 def test_a_bf16_model_is_stored_in_bf16(tiny_tokenizer, tmp_path):
     """Large models are bf16: the import keeps them so (half the float32 size), under auto."""
-    from qlora_pipeline.models.tiny import build_model
+    from benchmarks.tiny_models import build_model
 
     source = tmp_path / "src"
     build_model(len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(source)

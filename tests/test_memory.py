@@ -9,9 +9,10 @@ import re
 import pytest
 from conftest import build_inputs, job_policy, stage, task_blocks
 
+from benchmarks.memory_model import planned_shapes
 from qlora_pipeline.core import memory
 from qlora_pipeline.models import methods
-from qlora_pipeline.models.tiny import build_model, save_model
+from benchmarks.tiny_models import build_model, save_model
 
 # Published parameter counts of the Llama 3.1 family, and their configs' dimensions.
 LLAMA_31 = {
@@ -43,12 +44,12 @@ def test_shapes_are_read_from_the_headers_alone(tmp_path, tiny_tokenizer, arch):
 @pytest.mark.parametrize("size", sorted(LLAMA_31))
 def test_planning_shapes_match_the_published_parameter_counts(size):
     config, published = LLAMA_31[size]
-    shapes = memory.Shapes.from_config(config)
+    shapes = planned_shapes(config)
     assert shapes.params == pytest.approx(published, rel=1e-3)
 
 
 def test_estimate_parts_follow_the_settings():
-    shapes = memory.Shapes.from_config(LLAMA_31["8B"][0])
+    shapes = planned_shapes(LLAMA_31["8B"][0])
     lora = {"r": 16, "target_modules": "all-linear"}
     nf4 = methods.of("nf4").theoretical_bits({"double_quant": True})
     kwargs = dict(weights="4bit", compute_bytes=2, fp_bytes=2, batch=1, seq=2048, lora=lora,

@@ -39,7 +39,7 @@ def quantized_dir(base: Path, root: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module", params=["llama", "gpt_neox"])
 def base(request, tmp_path_factory, tiny_tokenizer) -> Path:
-    from qlora_pipeline.models.tiny import save_model
+    from benchmarks.tiny_models import save_model
 
     return save_model(tmp_path_factory.mktemp(f"methods-{request.param}") / "base",
                       tiny_tokenizer, request.param)
@@ -189,21 +189,21 @@ def test_quantization_sweep_measures_each_method(tmp_path, tiny_model_dir):
         assert point["label"] == quant_settings.label(settled(name))
         assert point["perplexity"]["arithmetic"]["perplexity"] > 1
         assert not list(points[-1].glob("*.safetensors"))  # measured, not saved
-    outputs = {"table": tmp_path / "sweep.csv", "markdown": tmp_path / "sweep.md",
-               "plot": tmp_path / "sweep.png", "provenance": tmp_path / "sweep.json"}
-    stage("quantization_sweep")(quantization_report=tmp_path / "q.report",
-                                quantization_markdown=tmp_path / "q.markdown", points=points,
-                                **outputs)
+    # The report's section of the sweep (report/quantization_sweep.py), as the report writes it
+    files = [tmp_path / "q.report", *points]
+    outputs = {"markdown": tmp_path / "report.md", "provenance": tmp_path / "report.json",
+               "quantization_sweep": tmp_path / "quantization_sweep.csv",
+               "quantization_sweep_plot": tmp_path / "quantization_sweep.png"}
+    stage("report")(files=files, sections={"quantization_sweep": files}, tables={}, **outputs)
     import pandas as pd
 
-    table = pd.read_csv(outputs["table"])
+    table = pd.read_csv(outputs["quantization_sweep"])
     assert list(table["method"]) == ["hqq2-g32", "nf4 (configured)", "int8"]  # by bits
     assert table["bits_per_param"].is_monotonic_increasing
     # 2-bit costs more perplexity than LLM.int8 (8 bits) on the same base
     assert table.loc[0, "arithmetic_change_pct"] > table.loc[2, "arithmetic_change_pct"]
-    text = outputs["markdown"].read_text()
-    assert text.startswith("# Quantization report") and "## Bits per parameter" in text
-    assert outputs["plot"].stat().st_size > 0
+    assert "## Bits per parameter against perplexity" in outputs["markdown"].read_text()
+    assert outputs["quantization_sweep_plot"].stat().st_size > 0
 
 
 def test_a_group_size_that_divides_no_layer_is_refused(base, tmp_path):

@@ -172,13 +172,6 @@ def quantization_sweep_point(label: str) -> str:
     return f"{results()}/quantization/sweep/{label}"
 
 
-def quantization_sweep() -> dict[str, str]:
-    """The sweep's table and plot, and the quantization report with its section."""
-    folder = f"{results()}/quantization"
-    return {"table": f"{folder}/sweep.csv", "markdown": f"{folder}/report_with_sweep.md",
-            "plot": f"{folder}/sweep.png", "provenance": f"{folder}/sweep_provenance.json"}
-
-
 def report() -> str:
     """The report's folder: report.md, each section's CSV and plot (report/sections.py) and
     provenance.json."""

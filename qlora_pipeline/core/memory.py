@@ -2,7 +2,8 @@
 and the run-time refusal of a stage that would not fit (docs/cluster.md, "Memory model").
 
 Shapes come from a checkpoint's config.json and its safetensors headers (names, shapes,
-dtypes: no weight is read), or from a config alone when planning (`Shapes.from_config`).
+dtypes: no weight is read); for planning a model not downloaded, benchmarks/memory_model.py
+builds them from a config alone.
 Written by hand: accelerate's `estimate-memory` counts weights only, and the published
 figures (QLoRA, PEFT's FSDP guide) are per model, not per stage.
 
@@ -25,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,20 +93,6 @@ class Shapes:
         dims = dimensions(config)  # (a 4-bit checkpoint's packed weights count as bytes)
         return cls(**dims, linear_params=linear, other_params=other, stored_bytes=stored,
                    largest_tensor=largest)
-
-    @classmethod
-    def from_config(cls, config: dict, dtype_bytes: int = 2) -> Shapes:
-        """A Llama-style decoder (grouped-query attention, gated MLP) from its config alone:
-        for planning a model not downloaded (docs/cluster.md's table)."""
-        dims = dimensions(config)
-        h, kv = dims["hidden"], config.get("num_key_value_heads", dims["heads"])
-        head_dim = h // dims["heads"]
-        attention = 2 * h * h + 2 * h * kv * head_dim
-        linear = dims["layers"] * (attention + 3 * h * dims["intermediate"])
-        tied = config.get("tie_word_embeddings", False)
-        other = dims["vocab"] * h * (1 if tied else 2) + dims["layers"] * 2 * h + h
-        return cls(**dims, linear_params=linear, other_params=other,
-                   stored_bytes=(linear + other) * dtype_bytes, largest_tensor=dims["vocab"] * h)
 
     @property
     def params(self) -> int:
@@ -342,24 +328,3 @@ def full_precision_placement(model_dir: str | Path, policy) -> dict:
                 "RAM (accelerate offload; slower)", model_dir, weights / GIB, free / GIB,
                 max(0, weights - plan["gpu"]) / GIB)
     return {"device_map": "auto", "max_memory": {index: plan["gpu"], "cpu": plan["cpu"]}}
-
-
-ESTIMATE_LOG = re.compile(r"memory estimate of (\w+): ([\d.]+) GiB")
-PEAK_LOG = re.compile(r"rule \w+: done \(peak memory ([\d.]+) MB\)")  # runtime.Job.run
-
-
-def logged_estimates(results: Path) -> list[dict]:
-    """Each model job of a finished run: its estimate (logged by `check`) against its
-    measured peak (logged by runtime.Job.run), from its log. Snakemake's benchmark max_rss
-    will not do: where a warm-start copy ran the stage, it measures only the job's script."""
-    rows = []
-    for log_path in sorted((Path(results) / "logs").rglob("*.log")):
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        estimates, peaks = ESTIMATE_LOG.findall(text), PEAK_LOG.findall(text)
-        if not estimates or not peaks:
-            continue
-        estimate_mb, peak_mb = float(estimates[-1][1]) * 1024, float(peaks[-1])
-        rows.append({"job": str(log_path.relative_to(Path(results) / "logs").with_suffix("")),
-                     "estimate_mb": round(estimate_mb), "measured_mb": round(peak_mb),
-                     "estimate_over_measured": round(estimate_mb / peak_mb, 2)})
-    return rows

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import (adapters, combinations, compression, exports, merges, quantization, scores,
-               sweeps, training)
+from . import (adapters, combinations, compression, exports, merges, quantization,
+               quantization_sweep, scores, sweeps, training)
 
 # name: (module, its CSV output or None, its plot output or None). Output names are the
 # report rule's (FILES gives their file names); the name is also its files' key in the rule.
@@ -29,6 +29,7 @@ SECTIONS = {
     "combinations": (combinations, "combinations", "overlap_plot"),
     "adapters": (adapters, None, "adapters_plot"),
     "quantization": (quantization, None, None),
+    "quantization_sweep": (quantization_sweep, "quantization_sweep", "quantization_sweep_plot"),
 }
 # Output name: (file name, category in `snakemake --report`).
 FILES = {"markdown": ("report.md", "Scores"), "scores": ("scores.csv", "Scores"),
@@ -36,7 +37,9 @@ FILES = {"markdown": ("report.md", "Scores"), "scores": ("scores.csv", "Scores")
          "adapters_plot": ("adapters.png", "Adapters"), "sweeps": ("sweeps.csv", "Sweeps"),
          "sweeps_plot": ("sweeps.png", "Sweeps"),
          "combinations": ("combinations.csv", "Combinations"),
-         "overlap_plot": ("overlap.png", "Combinations")}
+         "overlap_plot": ("overlap.png", "Combinations"),
+         "quantization_sweep": ("quantization_sweep.csv", "Quantization"),
+         "quantization_sweep_plot": ("quantization_sweep.png", "Quantization")}
 TITLE = "# Fine-tuning report\n"
 
 
