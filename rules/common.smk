@@ -248,9 +248,9 @@ def all_exports():
 
 def quantization_files():
     """The quantization report, and with a `quantization_sweep` its methods' measures."""
-    report = layout.quantization_report()
+    files = layout.quantization_report()
     points = [layout.quantization_sweep_point(label) for label in QUANT_SWEEP]
-    return [report["report"], report["markdown"]], [report["report"], *points] if points else []
+    return [files["report"], files["markdown"]], [files["report"], *points] if points else []
 
 
 def report_sections():
