@@ -128,6 +128,14 @@ def test_quantization_sweep_entry_runs_only_its_measure_and_the_tables(copy_run)
     assert rules(planned(workdir)) == {"quantization_sweep_point", "report"}
 
 
+def test_a_missing_report_file_reruns_the_report(copy_run):
+    """rule all asks for every file of the report, not report.md alone: Snakemake reruns a job
+    for a missing output only where it is requested."""
+    workdir = copy_run()
+    (workdir / "results/report/scores.png").unlink()
+    assert rules(planned(workdir)) == {"report"}
+
+
 def test_a_key_of_another_method_reruns_nothing_it_is_refused(copy_run):
     workdir = copy_run()
     edit(workdir / "config/config.yaml", lambda c: c["quantization"].update(group_size=32))
