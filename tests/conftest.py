@@ -142,13 +142,13 @@ def workdir(tmp_path, tiny_model_dir) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None,
-              repo: Path = REPO) -> subprocess.CompletedProcess:
+              repo: Path = REPO, slots: int = 1) -> subprocess.CompletedProcess:
     """Run the repository's Snakefile in `workdir` (no profile, so tests set every flag).
     `env`: variables added to this process's environment; `repo`: another copy of the
-    workflow and its library."""
+    workflow and its library; `slots`: --resources gpu=N, model jobs side by side."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(repo / "Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
-           "--cores", "2", "--resources", "gpu=1", "--workflow-profile", "none", *args]
+           "--cores", "2", "--resources", f"gpu={slots}", "--workflow-profile", "none", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir,
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:

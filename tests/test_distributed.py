@@ -78,6 +78,7 @@ def test_two_processes_train_what_one_process_trains(inputs):
     assert not list(two.parent.parent.glob("**/.rank*"))
 
 
+@pytest.mark.parametrize("inputs", ["llama"], indirect=True)  # the refusal is the machine's
 def test_fsdp_is_refused_on_the_cpu(inputs, monkeypatch):
     """On the CPU accelerate would run FSDP as plain DDP: the job refuses rather than claim a
     sharding it does not do, and leaves no output. (The ranks see no GPU here on any machine:

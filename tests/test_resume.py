@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, snakemake
 
 TARGET = "results/adapters/topic/qlora"
-TRAIN = {"max_steps": 60, "eval_steps": 4, "batch_size": 4, "logging_steps": 1}
+TRAIN = {"max_steps": 32, "eval_steps": 4, "batch_size": 4, "logging_steps": 1}
 
 
 def longer_training(workdir) -> None:
@@ -62,7 +62,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
         longer_training(workdir)
     snakemake(reference, TARGET)
 
-    step = random.Random().choice(range(8, 52, 4))  # a random checkpointed step
+    step = random.Random().choice(range(8, 28, 4))  # a random checkpointed step, not the last
     kill_at_checkpoint(interrupted, step)
     assert not (interrupted / TARGET).exists()  # a killed job leaves no adapter behind
     snakemake(interrupted, "--unlock")
