@@ -167,19 +167,6 @@ def own_adapters(task):
     return ["qlora", "recovered"] if recovery_enabled(task) else ["qlora"]
 
 
-def all_adapters():
-    return [layout.adapter(t, name) for t in TASKS for name in own_adapters(t)]
-
-
-def own_analyses():
-    """The analyses of every task's own adapters (a sweep's: its sweep_table)."""
-    return [layout.analysis(t, name) for t in TASKS for name in own_adapters(t)]
-
-
-def all_compressions():
-    return [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)]
-
-
 def sweep_cfg(task):
     return TASKS[task]["sweep"]
 
@@ -241,11 +228,6 @@ def combination_table():
             "results": results}
 
 
-def all_exports():
-    """The GGUF export of every task with `export.gguf` (rules/export.smk)."""
-    return [layout.gguf(t) for t in TASKS if TASKS[t]["export"]["gguf"]]
-
-
 def quantization_files():
     """The quantization report, and with a `quantization_sweep` its methods' measures."""
     files = layout.quantization_report()
@@ -262,13 +244,14 @@ def report_sections():
     return {
         "scores": list(dict.fromkeys(
             [layout.evaluation(v, t)["results"] for t in TASKS for v in variants(t)] + matrix)),
-        "training": all_adapters(),
+        "training": [layout.adapter(t, name) for t in TASKS for name in own_adapters(t)],
         "merges": [layout.merged(t) for t in TASKS],
-        "compression": all_compressions(),
-        "exports": all_exports(),
+        "compression": [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)],
+        "exports": [layout.gguf(t) for t in TASKS if TASKS[t]["export"]["gguf"]],
         "sweeps": list(dict.fromkeys(f for files in sweep_files for f in files)),
         "combinations": [layout.combination(n) for n in COMBINATIONS] + matrix,
-        "adapters": own_analyses(),
+        # the analyses of every task's own adapters (a sweep's: its sweep_table)
+        "adapters": [layout.analysis(t, name) for t in TASKS for name in own_adapters(t)],
         "quantization": quantization_files()[0],
         "quantization_sweep": quantization_files()[1],
     }

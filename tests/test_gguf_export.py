@@ -64,18 +64,34 @@ def run(folder: Path, merged: Path, spec: Path, export: dict) -> dict:
     return json.loads((folder / "gguf" / "export.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def f16_export(tmp_path_factory, smol_tokenizer):
+    """arch -> (folder, spec, export.json) of one f16 export per architecture, made once and
+    shared by the tests that only read it."""
+    made = {}
+
+    def export(arch: str) -> tuple[Path, Path, dict]:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"f16_{arch}")
+            merged, spec = make_merged(folder, smol_tokenizer, arch)
+            made[arch] = folder, spec, run(folder, merged, spec, settings(["f16"]))
+        return made[arch]
+
+    return export
+
+
 # Architectures whose converter reads SmolLM2's tokenizer as transformers saves it (the Llama
 # family's tokenizer.json route). For Qwen2, GPT-NeoX or Phi the converter identifies a BPE
 # tokenizer by a hash of its output, which a hub tokenizer has and this one, rebuilt from a
 # GGUF file, has not: the last tests show that refusal reaching the job.
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_f16_export_holds_the_merged_model(tmp_path, smol_tokenizer, arch):
+def test_f16_export_holds_the_merged_model(f16_export, arch):
     """f16: every tensor read back within f16 rounding of the merged one (and not equal: it
     was rounded), llama.cpp tokenizes the prompts as transformers does, and its logits and
     greedy answers are the merged model's. Llama ties its output head, Mistral does not."""
-    merged, spec = make_merged(tmp_path, smol_tokenizer, arch)
-    found = run(tmp_path, merged, spec, settings(["f16"]))["types"]["f16"]
-    assert (tmp_path / "gguf" / "t-f16.gguf").stat().st_size == found["bytes"]
+    folder, _, export = f16_export(arch)
+    found = export["types"]["f16"]
+    assert (folder / "gguf" / "t-f16.gguf").stat().st_size == found["bytes"]
     imported = found["importer"]
     assert imported["checked"] and imported["ok"]
     assert 0 < imported["max_weight_rel_error"] <= gguf_roundtrip.WEIGHT_BOUNDS["f16"]
@@ -197,7 +213,7 @@ def test_export_settings(tmp_path):
     assert layout.gguf("topic").endswith("models/gguf/topic")
 
 
-def test_qlora_chat_runs_an_exported_file_in_llama_cpp(tmp_path, smol_tokenizer):
+def test_qlora_chat_runs_an_exported_file_in_llama_cpp(f16_export, smol_tokenizer):
     """qlora-chat --gguf: the file answers in llama.cpp, streamed; greedy is llama.cpp's
     greedy completion of the same prompt text."""
     import io
@@ -205,9 +221,8 @@ def test_qlora_chat_runs_an_exported_file_in_llama_cpp(tmp_path, smol_tokenizer)
     from qlora_pipeline import chat
     from qlora_pipeline.models import generation
 
-    merged, spec = make_merged(tmp_path, smol_tokenizer, "llama")
-    run(tmp_path, merged, spec, settings(["f16"], llama_cpp=False))
-    model = generation.LlamaCppModel(str(tmp_path / "gguf" / "t-f16.gguf"), threads=2)
+    folder, spec, _ = f16_export("llama")
+    model = generation.LlamaCppModel(str(folder / "gguf" / "t-f16.gguf"), threads=2)
     prompt = gguf_roundtrip.test_prompts(spec, 1)[0]
     args = chat.parse_args(["--task", "t", "--max-new-tokens", "6"])
     out = io.StringIO()
