@@ -96,10 +96,9 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
                 f"docs/configuration.md)")
     if error.validator == "oneOf" and all(
             isinstance(alt, dict) and set(alt) == {"required"} for alt in value):
-        present = [k for alt in value for k in alt["required"] if k in error.instance]
         options = " | ".join(" + ".join(alt["required"]) for alt in value)
         keys = dict.fromkeys(k for alt in value for k in alt["required"])
-        found = ", ".join(dict.fromkeys(present)) or f"none of {', '.join(keys)}"
+        found = ", ".join(k for k in keys if k in error.instance) or f"none of {', '.join(keys)}"
         return (f"key '{key}': found {found}; expected exactly one of: "
                 f"{options}{_condition(error, schema)}")
     found = json.dumps(error.instance, default=str)

@@ -18,8 +18,7 @@ import re
 
 from ..core.errors import InputError
 from .schema import did_you_mean, validate
-
-BLOCKS = ("lora", "train", "recovery")
+from .trainings import BLOCKS
 TRAINED = ("lora", "train")  # the blocks a QLoRA training reads
 SHARED = "shared"  # the training id when no lora/train key is swept (and no seeds)
 # Short names for the keys users sweep most; any other key is named by its last part.

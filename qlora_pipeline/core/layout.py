@@ -184,16 +184,14 @@ def variant_inputs(variant: str, task: str) -> dict[str, str]:
     found = Variant.parse(variant)
     source = found.source or task
     inputs = {"spec": eval_spec(task), "base": base()}
-    if found.kind == "quantized":
-        inputs["quantized"] = quantized()
-    elif found.kind == COMBINED:
-        inputs.update(adapter=combination(source), quantized=quantized())
+    if found.kind == COMBINED:
+        inputs["adapter"] = combination(source)
     elif found.kind in ADAPTERS:
         inputs["adapter"] = adapter(source, found.adapter_name)
-        if ADAPTERS[found.kind] == "quantized":
-            inputs["quantized"] = quantized()
     elif found.kind == "merged":
         inputs["merged"] = merged(source)
+    if found.kind in ("quantized", COMBINED) or ADAPTERS.get(found.kind) == "quantized":
+        inputs["quantized"] = quantized()  # after the adapter: the inputs' order as declared
     return inputs
 
 

@@ -8,7 +8,8 @@ method. A method module declares everything about it, and nothing else lists met
     label(cfg), describe(cfg), THEORY         its name in a sweep, in reports, its bits in words
     available() -> bool                       its library imports
     layer_class()                             the class of its quantized linear layers
-    wrote(quantization_config) -> bool        config.json's quantization_config is its own
+    WROTE                                     what config.json's quantization_config holds
+                                              when it wrote the checkpoint
     quantize(base_dir, cfg, policy) -> model  the base quantized in memory
     save(model, out_dir)                      its checkpoint (config.json names the method)
     load(path, policy) -> model               that checkpoint, loaded as stored
@@ -21,7 +22,8 @@ method. A method module declares everything about it, and nothing else lists met
     is_stored_part(key, weight_map), weight_key(key)   its stored tensors vs the model's keys
     TOLERANCE                                 numerics.check's bound for the layer's math
 Each imports torch and its library only inside its functions: the config reads them when the
-workflow is parsed.
+workflow is parsed. What several methods share (available, save, load, weight_key for the
+checkpoints transformers saves itself) is defined once in common.py and re-exported.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def of(method: str):
 def of_checkpoint(path) -> object:
     """The method a saved quantized checkpoint was written by (its config.json)."""
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    stored = (config.get("quantization_config") or {}).items()
     for module in ALL:
-        if module.wrote(config.get("quantization_config") or {}):
+        if stored >= module.WROTE.items():  # every key of WROTE, with its value
             return module
     raise ValueError(f"{path}/config.json: no quantization_config of a known method "
                      f"(bitsandbytes 4-bit or 8-bit, hqq); expected a quantize stage's output")

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from ...core.errors import NumericsError
 from ...core.policy import Policy, torch_dtype
 from .common import ROUNDING, from_pretrained_quantized, nbytes
+from .common import available as available, save as save, weight_key as weight_key
+from .common import load as load_as_stored
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
     import torch
@@ -29,19 +31,14 @@ SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
 TOLERANCE = ROUNDING  # x @ deq(W)^T, summed in another order
 
 
-def available() -> bool:
-    return True
-
-
 def layer_class():
     import bitsandbytes as bnb
 
     return bnb.nn.Linear4bit
 
 
-def wrote(quantization_config: dict) -> bool:
-    return quantization_config.get("quant_method") == "bitsandbytes" and \
-        bool(quantization_config.get("load_in_4bit"))
+# What config.json's quantization_config holds when this method wrote it.
+WROTE = {"quant_method": "bitsandbytes", "load_in_4bit": True}
 
 
 def label(cfg: dict) -> str:
@@ -49,14 +46,15 @@ def label(cfg: dict) -> str:
     return cfg["method"] + ("" if cfg["double_quant"] else "-nodq")
 
 
-def hf_config(cfg: dict, policy: Policy):
+def quantize(base_dir, cfg: dict, policy: Policy):
+    """On the single numerics path (single_path); the caller runs numerics.check."""
     import torch
     from transformers import BitsAndBytesConfig
 
     compute = policy.compute_dtype(cfg["compute_dtype"])
     # uint8, or the compute dtype for FSDP (config.quant_storage settles 'auto')
     storage = torch.uint8 if cfg.get("quant_storage", "uint8") == "uint8" else compute
-    return BitsAndBytesConfig(
+    config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg["method"],
         bnb_4bit_use_double_quant=cfg["double_quant"],
@@ -64,21 +62,11 @@ def hf_config(cfg: dict, policy: Policy):
         llm_int8_skip_modules=cfg["skip_modules"] or None,
         bnb_4bit_quant_storage=storage,
     )
-
-
-def quantize(base_dir, cfg: dict, policy: Policy):
-    """On the single numerics path (single_path); the caller runs numerics.check."""
-    return single_path(from_pretrained_quantized(base_dir, hf_config(cfg, policy), policy))
-
-
-def save(model, out_dir) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
+    return single_path(from_pretrained_quantized(base_dir, config, policy))
 
 
 def load(path, policy: Policy):
-    from transformers import AutoModelForCausalLM
-
-    return single_path(AutoModelForCausalLM.from_pretrained(path, device_map=policy.device))
+    return single_path(load_as_stored(path, policy))
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -138,10 +126,6 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
 
 def is_stored_part(key: str, weight_map: dict) -> bool:
     return key.endswith(SUFFIXES)
-
-
-def weight_key(key: str) -> str | None:
-    return None  # the 4-bit weight keeps its model key
 
 
 def describe(cfg: dict) -> str:

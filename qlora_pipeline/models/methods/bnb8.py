@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ...core.policy import Policy
 from .common import from_pretrained_quantized, nbytes
+from .common import available as available, load as load, save as save, weight_key as weight_key
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
     import torch
@@ -28,39 +29,21 @@ SUFFIXES = (".SCB", ".weight_format")
 TOLERANCE = {"float32": 2e-2, "bfloat16": 3e-2, "float16": 2e-2}
 
 
-def available() -> bool:
-    return True
-
-
 def layer_class():
     import bitsandbytes as bnb
 
     return bnb.nn.Linear8bitLt
 
 
-def wrote(quantization_config: dict) -> bool:
-    return quantization_config.get("quant_method") == "bitsandbytes" and \
-        bool(quantization_config.get("load_in_8bit"))
-
-
-def hf_config(cfg: dict):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None)
+# What config.json's quantization_config holds when this method wrote it.
+WROTE = {"quant_method": "bitsandbytes", "load_in_8bit": True}
 
 
 def quantize(base_dir, cfg: dict, policy: Policy):
-    return from_pretrained_quantized(base_dir, hf_config(cfg), policy)
+    from transformers import BitsAndBytesConfig
 
-
-def save(model, out_dir) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
-
-
-def load(path, policy: Policy):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, device_map=policy.device)
+    return from_pretrained_quantized(base_dir, BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None), policy)
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -101,10 +84,6 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
 
 def is_stored_part(key: str, weight_map: dict) -> bool:
     return key.endswith(SUFFIXES)
-
-
-def weight_key(key: str) -> str | None:
-    return None
 
 
 def label(cfg: dict) -> str:

@@ -16,6 +16,27 @@ def from_pretrained_quantized(base_dir, quantization_config, policy: Policy):
         dtype="auto" if policy.cuda else torch.float32)
 
 
+# The interface's defaults for a method whose checkpoint transformers saves and loads itself
+# (bitsandbytes'): a module re-exports those it shares (`from .common import save as save`).
+def available() -> bool:
+    return True
+
+
+def save(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(path, policy: Policy):
+    """The checkpoint as stored: config.json's quantization_config quantizes it as it loads."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, device_map=policy.device)
+
+
+def weight_key(key: str) -> str | None:
+    return None  # a quantized weight keeps its model key
+
+
 def replace_module(model, name: str, layer) -> None:
     """Put `layer` where the submodule `name` is."""
     parent, _, leaf = name.rpartition(".")

@@ -52,8 +52,7 @@ def layer_class():
     return HQQLinear
 
 
-def wrote(quantization_config: dict) -> bool:
-    return quantization_config.get("quant_method") == "hqq"
+WROTE = {"quant_method": "hqq"}  # what config.json's quantization_config holds
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
