@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 SKIP_ENV = "QLORA_SKIP_MEMORY_CHECK"
 HEADROOM = 0.95  # of the free memory a stage may plan to use
 GIB = 2 ** 30
+# By a safetensors header's dtype name (the only names looked up here).
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-               "float32": 4, "bfloat16": 2, "float16": 2}
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Per trainable (adapter) parameter: fp32 weight and gradient, and the optimizer's state
 # (AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; SGD without momentum: none).
 TRAINABLE_BYTES = {"adamw_torch": 16, "paged_adamw_32bit": 16, "paged_adamw_8bit": 10,

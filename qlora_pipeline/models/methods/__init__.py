@@ -28,9 +28,7 @@ checkpoints transformers saves itself) is defined once in common.py and re-expor
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from ...core.files import read_json
 from . import bnb4, bnb8, hqq
 
 ALL = (bnb4, bnb8, hqq)
@@ -43,10 +41,9 @@ def of(method: str):
 
 def of_checkpoint(path) -> object:
     """The method a saved quantized checkpoint was written by (its config.json)."""
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    stored = (config.get("quantization_config") or {}).items()
+    stored = read_json(f"{path}/config.json").get("quantization_config") or {}
     for module in ALL:
-        if stored >= module.WROTE.items():  # every key of WROTE, with its value
+        if stored.items() >= module.WROTE.items():  # every key of WROTE, with its value
             return module
     raise ValueError(f"{path}/config.json: no quantization_config of a known method "
                      f"(bitsandbytes 4-bit or 8-bit, hqq); expected a quantize stage's output")
