@@ -316,11 +316,10 @@ def full_precision_placement(model_dir: str | Path, policy) -> dict:
         return {"device_map": policy.device}
     import torch
 
-    shapes = Shapes.from_checkpoint(model_dir)
-    weights = shapes.params * (2 if policy.bf16 else 4)  # full precision, from the headers alone
+    # full precision, from the headers alone
+    weights = Shapes.from_checkpoint(model_dir).params * (2 if policy.bf16 else 4)
     free, _ = available_bytes(policy.device)
-    cpu, _ = available_bytes("cpu")
-    plan = offload_plan(weights, free, cpu - resident_bytes())
+    plan = offload_plan(weights, free, available_bytes("cpu")[0] - resident_bytes())
     if plan is None:
         return {"device_map": policy.device}
     index = torch.device(policy.device).index or 0

@@ -109,11 +109,9 @@ def prompt_text(record: dict, fmt: str, tokenizer) -> str:
 
 
 def answer_text(record: dict, fmt: str) -> str:
-    if fmt == "alpaca":
-        return record["output"]
-    if fmt == "completion":
-        return record["completion"]
-    return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+    if fmt == "chat":
+        return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+    return record[REQUIRED[fmt][-1]]  # the format's last required field: output, completion
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
