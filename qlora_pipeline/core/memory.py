@@ -90,9 +90,9 @@ class Shapes:
                     linear += count
                 elif "quant" not in name and "absmax" not in name:
                     other += count
-        dims = dimensions(config)  # (a 4-bit checkpoint's packed weights count as bytes)
-        return cls(**dims, linear_params=linear, other_params=other, stored_bytes=stored,
-                   largest_tensor=largest)
+        # (a 4-bit checkpoint's packed weights count as bytes)
+        return cls(**dimensions(config), linear_params=linear, other_params=other,
+                   stored_bytes=stored, largest_tensor=largest)
 
     @property
     def params(self) -> int:
