@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import read_json
 from ..core.policy import Policy
 from . import methods, numerics, tokenizer_files
 from .methods.common import replace_module
@@ -121,10 +122,7 @@ def theoretical_bits(cfg: dict, rows: list[dict], compute_dtype: torch.dtype) ->
 
 def stored_bits(quantized_dir) -> float:
     """Bits per quantized weight the quantize stage measured (its quantization.json)."""
-    import json
-
-    path = Path(quantized_dir) / "quantization.json"
-    return json.loads(path.read_text(encoding="utf-8"))["summary"]["bits_per_param_measured"]
+    return read_json(f"{quantized_dir}/quantization.json")["summary"]["bits_per_param_measured"]
 
 
 def model_bytes(model) -> int:
