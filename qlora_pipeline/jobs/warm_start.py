@@ -28,7 +28,6 @@ import importlib
 import logging
 import os
 import pickle
-import selectors
 import signal
 import socket
 import struct
@@ -67,11 +66,13 @@ def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> 
     address = address or os.environ.get(SOCKET_VARIABLE)
     if not address:
         return None
-    try:
-        conn = _connect(address, connect_timeout)
-    except OSError:
-        return None
-    with conn:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(connect_timeout)
+        try:
+            conn.connect(_short(address))
+        except OSError:
+            return None
+        conn.settimeout(None)
         try:
             payload = pickle.dumps(_request(job))
             sys.stdout.flush()
@@ -100,22 +101,14 @@ def _request(job) -> dict:
             "job": pickle.dumps(job)}
 
 
-def _connect(address: str, timeout: float) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout)
-    try:
-        # sun_path holds ~107 bytes; a relative path reaches a socket in a deep working dir.
-        conn.connect(address if len(address) < 100 else os.path.relpath(address))
-    except OSError:
-        conn.close()
-        raise
-    conn.settimeout(None)
-    return conn
+def _short(address: str) -> str:
+    """sun_path holds ~107 bytes; a relative path reaches a socket in a deep working dir."""
+    return address if len(address) < 100 else os.path.relpath(address)
 
 
 def _read_reply(conn: socket.socket) -> tuple[bytes | None, int]:
-    data = _recv_exactly(conn, _REPLY.size)
-    return _REPLY.unpack(data) if data else (None, 0)
+    data = conn.recv(_REPLY.size, socket.MSG_WAITALL)  # all of it, or less at the end
+    return _REPLY.unpack(data) if len(data) == _REPLY.size else (None, 0)
 
 
 @contextlib.contextmanager
@@ -151,12 +144,11 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
              time.monotonic() - started, _thread_count())
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            while _alive(watch_pid) and _owns(address, bound):
-                if selector.select(timeout=0.5):
-                    _accept(listener, children)
-                _reap(children)
+        listener.settimeout(0.5)  # its connections block (socket.accept)
+        while _alive(watch_pid) and _owns(address, bound):
+            with contextlib.suppress(TimeoutError):  # no job within 0.5 s
+                _accept(listener, children)
+            _reap(children)
     finally:
         if _owns(address, bound):
             os.unlink(address)
@@ -169,7 +161,7 @@ def _listen(address: str) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     saved = os.umask(0o177)  # the socket is its owner's alone
     try:
-        listener.bind(address if len(address) < 100 else os.path.relpath(address))
+        listener.bind(_short(address))
     finally:
         os.umask(saved)
     listener.listen(16)
@@ -185,14 +177,14 @@ def _owns(address: str, bound: int) -> bool:
 
 
 def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
+    """Whether the watched process still runs (None: none is watched)."""
     try:
-        os.kill(pid, 0)
+        if pid is not None:
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: it runs
+        pass
     return True
 
 
@@ -231,7 +223,7 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     try:
         if len(header) != _HEADER.size or len(fds) != 3:
             raise ValueError("expected a length and three file descriptors")
-        request = pickle.loads(_recv_exactly(conn, _HEADER.unpack(header)[0]))
+        request = pickle.loads(conn.recv(_HEADER.unpack(header)[0], socket.MSG_WAITALL))
         mine = (os.path.realpath(sys.executable), sys.prefix)
         theirs = (request.get("executable"), request.get("prefix"))
         if theirs != mine:
@@ -244,17 +236,13 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def _reap(children: dict) -> None:
-    """Collect finished copies; one killed by a signal could not report, so report for it."""
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        conn = children.pop(pid, None)
-        if conn is None:
+    """Collect finished copies (they are this server's only children); one killed by a signal
+    could not report, so report for it."""
+    for pid in list(children):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
             continue
+        conn = children.pop(pid)
         if os.WIFSIGNALED(status):
             with contextlib.suppress(OSError):
                 conn.sendall(_REPLY.pack(b"X", 128 + os.WTERMSIG(status)))
@@ -297,17 +285,6 @@ def _stop_when_orphaned(conn: socket.socket) -> None:
         while conn.recv(1):
             pass
     os.killpg(0, signal.SIGTERM)
-
-
-def _recv_exactly(conn: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = conn.recv(left)
-        if not chunk:
-            return b""
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _thread_count() -> int:
