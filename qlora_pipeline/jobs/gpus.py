@@ -84,8 +84,9 @@ def skip_reason(env=None) -> str | None:
     return None
 
 
-class GpuClaim:
-    """An exclusive claim on one GPU index; released by `release()` or by process exit."""
+class GpuClaim(contextlib.AbstractContextManager):
+    """An exclusive claim on one GPU index; released by `release()` (or leaving its `with`
+    block: AbstractContextManager's __enter__ returns the claim) or by process exit."""
 
     def __init__(self, index: int, handle):
         self.index = index
@@ -96,9 +97,6 @@ class GpuClaim:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
-
-    def __enter__(self) -> GpuClaim:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.release()
