@@ -295,6 +295,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
     # Same data order and optimizer state: the same result as the uninterrupted run.
     assert summary["eval_loss_best"] == pytest.approx(trained["summary"]["eval_loss_best"],
                                                       rel=1e-5)
+    # The loss before training, from the log history the checkpoint brought back.
+    assert summary["eval_loss_initial"] == pytest.approx(
+        trained["summary"]["eval_loss_initial"], rel=1e-5)
     # Throughput counts only the tokens this (resumed) run processed.
     assert summary["tokens_seen"] == trained["summary"]["tokens_seen"]
     assert summary["tokens_per_second"] * summary["train_seconds"] == pytest.approx(

@@ -56,16 +56,6 @@ class GuardedTrainer(Trainer):
         return loss
 
 
-class FirstEvaluation(TrainerCallback):
-    """The first validation loss of the run: eval_on_start's, the adapter's starting point."""
-
-    loss = float("nan")
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if math.isnan(self.loss):
-            self.loss = metrics["eval_loss"]
-
-
 class MetricsLog(TrainerCallback):
     """Every log event as one JSON line: step, loss, learning rate, grad norm, eval loss."""
 
@@ -152,7 +142,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
-    resume = last_complete_checkpoint(checkpoint_dir)
+    resume, resumed = last_complete_checkpoint(checkpoint_dir)
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy,
                      packed=packing.is_packed(data["train"]), fresh=not resume)
     if args.optim != cfg["optimizer"]:
@@ -160,17 +150,23 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
                  cfg["optimizer"], args.optim)
     isolation = packed_isolation(model, data["train"], tokenizer)
     # Rank 0 keeps the record; every rank checks its own gradients.
-    first = FirstEvaluation()
     callbacks = [*((MetricsLog(metrics_path),) if distributed.is_main() else ()), GradientGuard(),
-                 first, *observers]
+                 *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
     if cfg.get("max_eval_examples"):
         validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
-    head = head_at_labels(model, validation, tokenizer, args)
+    head = proven_on_first_rows("output head only at labelled positions", label_positions.check,
+                                model, validation, packing.Collator(tokenizer),
+                                args.per_device_eval_batch_size, args)
     collator = packing.Collator(tokenizer, label_positions=head["used"])
-    prefix = prefix_once(model, data["train"], collator, args)
+    if distributed.active():  # the cached prefix is a second forward inside DDP's step
+        prefix = {"used": False, "reason": f"distributed over {distributed.world_size()} ranks"}
+    else:
+        prefix = proven_on_first_rows("rows' common prefix computed once", shared_prefix.check,
+                                      model, data["train"], collator,
+                                      args.per_device_train_batch_size, args)
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
         data_collator=collator, callbacks=callbacks,
@@ -178,17 +174,19 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     trainer.prefix_layouts = tuple(prefix.get("layouts", ()))
     if tensorboard and distributed.is_main():
         trainer.add_callback(tensorboard_writer(Path(tensorboard), fresh=not resume))
-    tokens_before = 0  # seen before the interruption: not part of this run's throughput
+    # seen before the interruption: not part of this run's throughput
+    tokens_before = (resumed.num_input_tokens_seen or 0) if resume else 0
     if resume:
         log.info("resuming from %s", resume)
         if distributed.is_main():
-            forget_metrics_after(metrics_path, int(resume.rsplit("-", 1)[-1]))
-        tokens_before = TrainerState.load_from_json(
-            str(Path(resume) / "trainer_state.json")).num_input_tokens_seen or 0
+            forget_metrics_after(metrics_path, resumed.global_step)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
-    initial = _logged_initial_loss(metrics_path) if resume else first.loss
+    # eval_on_start's loss, the adapter's starting point: in the log history, which a resumed
+    # run reloads from its checkpoint (trainer_state.json)
+    initial = next((record["eval_loss"] for record in trainer.state.log_history
+                    if record["step"] == 0 and "eval_loss" in record), float("nan"))
     log.info("validation loss before training (adapter = 0): %.4f", initial)
     if save_to is not None:
         distributed.save_adapter(trainer, model, Path(save_to))
@@ -227,28 +225,16 @@ def tensorboard_writer(folder: Path, fresh: bool):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
-def head_at_labels(model, validation, tokenizer, args) -> dict:
-    """Whether batches compute the output head only where a loss is taken, proven on the
-    first validation batch (label_positions.check)."""
-    if args.n_gpu > 1:  # nn.DataParallel would split the batch's one position index
+def proven_on_first_rows(what: str, check, model, rows, collator, batch_size: int,
+                         args) -> dict:
+    """Whether training batches may take a shortcut, proven by `check` on a batch of the first
+    rows: the output head only where a loss is taken on the first validation batch
+    (label_positions.check), the rows' common prefix computed once on the first training rows
+    (shared_prefix.check)."""
+    if args.n_gpu > 1:  # nn.DataParallel would split the batch from its one index or prefix
         return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
-    rows = [dict(validation[i]) for i in range(min(args.per_device_eval_batch_size,
-                                                   len(validation)))]
-    result = label_positions.check(model, packing.Collator(tokenizer)(rows))
-    log.info("output head only at labelled positions: %s", result)
-    return result
-
-
-def prefix_once(model, train, collator, args) -> dict:
-    """Whether batches compute their rows' common prefix once, proven on the first training
-    rows (shared_prefix.check)."""
-    if args.n_gpu > 1:  # nn.DataParallel would split the batch from its one prefix
-        return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
-    if distributed.active():  # the cached prefix is a second forward inside DDP's step
-        return {"used": False, "reason": f"distributed over {distributed.world_size()} ranks"}
-    rows = [dict(train[i]) for i in range(min(args.per_device_train_batch_size, len(train)))]
-    result = shared_prefix.check(model, collator(rows))
-    log.info("rows' common prefix computed once: %s", result)
+    result = check(model, collator([dict(rows[i]) for i in range(min(batch_size, len(rows)))]))
+    log.info("%s: %s", what, result)
     return result
 
 
@@ -264,11 +250,6 @@ def packed_isolation(model, train, tokenizer) -> dict | None:
     return result
 
 
-def _logged_initial_loss(metrics_path: Path) -> float:
-    return next((record["eval_loss"] for record in read_jsonl(metrics_path)
-                 if record["step"] == 0 and "eval_loss" in record), float("nan"))
-
-
 def forget_metrics_after(metrics_path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint we resume from: they will be redone."""
     if not metrics_path.exists():
@@ -277,19 +258,20 @@ def forget_metrics_after(metrics_path: Path, step: int) -> None:
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerState | None]:
     """The newest checkpoint that was written completely (a job killed while saving leaves a
-    partial one: Trainer writes trainer_state.json last). Partial ones are deleted."""
+    partial one: Trainer writes trainer_state.json last), with its state (global_step: the
+    step in its name); (None, None) if there is none. Partial ones are deleted."""
     found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
                    key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
     for candidate in found:
         try:
-            TrainerState.load_from_json(str(candidate / "trainer_state.json"))
-            return str(candidate)
+            state = TrainerState.load_from_json(str(candidate / "trainer_state.json"))
+            return str(candidate), state
         except (OSError, ValueError):  # missing or cut short
             log.info("discarding incomplete checkpoint %s", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
-    return None
+    return None, None
 
 
 def discard_stale_checkpoints(root: Path, keep: str) -> None:
