@@ -5,7 +5,7 @@ with two ways of preparing the model (training/lora.py)."""
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import shutil
 import tempfile
@@ -30,21 +30,19 @@ def train_qlora(*, quantized: Input, tokenized: Input, adapter: Output, lora: di
     return _train("train_qlora", adapter, tokenized, quantized, train, seed, checkpoints,
                   tensorboard, policy, weights="stored", lora=lora,
                   key={"lora": lora, "train": train, "seed": seed, "inputs": [quantized, tokenized]},
-                  prepare=lambda: prepare_qlora(quantized, lora, policy,
-                                                _checkpointing(train, policy)))
+                  prepare=functools.partial(prepare_qlora, quantized, lora, policy))
 
 
 def recover(*, base: Input, qlora: Input, tokenized: Input, adapter: Output, train: dict,
             seed: int, checkpoints, tensorboard=None, policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
-    from ..training.lora import prepare_recovery
+    from ..training.lora import prepare_recovery, saved_lora
 
     return _train("recover", adapter, tokenized, base, train, seed, checkpoints, tensorboard,
-                  policy, weights="full", lora=_adapter_lora(qlora),
+                  policy, weights="full", lora=saved_lora(qlora, "recovery"),
                   key={"train": train, "seed": seed, "inputs": [base, qlora, tokenized]},
-                  prepare=lambda: prepare_recovery(base, qlora, policy,
-                                                   _checkpointing(train, policy)))
+                  prepare=functools.partial(prepare_recovery, base, qlora, policy))
 
 
 def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, checkpoints,
@@ -53,7 +51,8 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
     with its metrics and summary. Checkpoints live outside the output, under a key of the
     settings and the inputs' provenance, so that an interrupted job resumes (the job removes
     them once the adapter is in place). `weights` (how `model_dir` loads) and `lora` (r,
-    target_modules): for the memory estimate (memory.py), which is logged."""
+    target_modules): for the memory estimate (memory.py), which is logged. `prepare(gradient
+    checkpointing)`: (the model, its expected trainable count)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -66,8 +65,9 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         seed_everything(seed)  # every rank alike: the same adapter initialisation
         resume_dir = _resume_dir(Path(checkpoints), key)
         data = load_from_disk(str(tokenized))
-        _check_memory(stage, model_dir, weights, data["train"], train, lora, policy)
-        model, expected = prepare()
+        checkpointing = policy.gradient_checkpointing(train["gradient_checkpointing"])
+        _check_memory(stage, model_dir, weights, data["train"], train, lora, policy, checkpointing)
+        model, expected = prepare(checkpointing)
         params = verify_frozen(model, expected)
         log.info("trainable: %s", params)
         metrics = resume_dir / "metrics.jsonl"
@@ -85,32 +85,17 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
 
 
 def _check_memory(stage: str, model_dir, weights: str, rows, train: dict, lora: dict,
-                  policy: Policy) -> dict:
+                  policy: Policy, checkpointing: bool) -> dict:
     """The training's peak estimated (memory.py) from its longest batch: batch_size rows of
     the longest training row; refused before loading if it cannot fit."""
     longest = max(len(ids) for ids in rows["input_ids"])
     return memory.check_stage(
         stage, model_dir, policy, weights=weights, batch=train["batch_size"], seq=longest,
-        lora=lora, training=True, checkpointing=_checkpointing(train, policy),
+        lora=lora, training=True, checkpointing=checkpointing,
         optimizer=policy.optimizer(train["optimizer"]),
         remedy="train.batch_size smaller (with gradient_accumulation larger), "
                "tokenize.max_length shorter, gradient_checkpointing on, or "
                "train.distributed")
-
-
-def _adapter_lora(adapter_dir) -> dict:
-    """r and target modules of a saved adapter (recovery continues it: its size)."""
-    from ..training.lora import check_adapter
-
-    check_adapter(adapter_dir, "recovery")
-    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    targets = saved["target_modules"]
-    return {"r": saved["r"], "target_modules": targets if isinstance(targets, str)
-            else sorted({t.rsplit(".", 1)[-1] for t in targets})}
-
-
-def _checkpointing(train: dict, policy: Policy) -> bool:
-    return policy.gradient_checkpointing(train["gradient_checkpointing"])
 
 
 def _resume_dir(root: Path, key: dict) -> Path:

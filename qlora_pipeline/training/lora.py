@@ -121,25 +121,6 @@ def expected_trainable(model, cfg: dict) -> int:
     return total
 
 
-def peft_config(cfg: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg["r"],
-        lora_alpha=cfg["alpha"],
-        lora_dropout=cfg["dropout"],
-        target_modules=cfg["target_modules"],
-        init_lora_weights=cfg["init"],
-        use_rslora=cfg["use_rslora"],
-        use_dora=cfg["use_dora"],
-        layers_to_transform=cfg.get("layers_to_transform"),
-        # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
-        rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
-        bias="none",
-    )
-
-
 def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool):
     """(model, expected trainable count): the saved quantized base (never quantized again
     here) with new LoRA layers (A random, B zero)."""
@@ -153,24 +134,34 @@ def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool
 def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool):
     """(model, expected trainable count): the full-precision base with a trained adapter,
     trainable again, to continue it on the weights it will be merged into."""
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
     from ..models.quantization import load_full_precision
 
-    check_adapter(adapter_dir, "recovery")
+    saved = saved_lora(adapter_dir, "recovery")
     base = load_full_precision(base_dir, policy)
     if gradient_checkpointing:
         base.gradient_checkpointing_enable()
         base.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
-    saved = LoraConfig.from_pretrained(adapter_dir)
-    targets = saved.target_modules
-    expected = expected_trainable(base, {
-        "r": saved.r, "use_dora": saved.use_dora, "layers_to_transform": saved.layers_to_transform,
-        "rank_pattern": saved.rank_pattern or {},
-        "target_modules": targets if isinstance(targets, str) else sorted(targets)})
+    expected = expected_trainable(base, saved)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     keep_adapters_fp32(model)
     return model, expected
+
+
+def saved_lora(adapter_dir, key: str) -> dict:
+    """A saved adapter's settings as a `lora` block (recovery continues it: its size, its
+    trainable count). Its targets are leaf names (q_proj, ...), as lora.check required them
+    of a QLoRA training; a module path saved by another tool is cut to its leaf."""
+    from peft import LoraConfig
+
+    check_adapter(adapter_dir, key)
+    saved = LoraConfig.from_pretrained(adapter_dir)
+    targets = saved.target_modules
+    return {"r": saved.r, "use_dora": saved.use_dora, "rank_pattern": saved.rank_pattern or {},
+            "layers_to_transform": saved.layers_to_transform,
+            "target_modules": targets if isinstance(targets, str)
+            else sorted({t.rsplit(".", 1)[-1] for t in targets})}
 
 
 def check_adapter(adapter_dir, key: str) -> None:
@@ -199,14 +190,28 @@ def verify_frozen(model, expected_trainable: int) -> dict:
 
 def inject(model, cfg: dict, gradient_checkpointing: bool):
     """Prepare the quantized model for k-bit training, then add LoRA: in that order."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     check(model, cfg)
-    if cfg["target_modules"] == "all-linear" and getattr(model, "hqq_quantized", False):
+    targets = cfg["target_modules"]
+    if targets == "all-linear" and getattr(model, "hqq_quantized", False):
         # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
-        cfg = {**cfg, "target_modules": linear_names(model)}
+        targets = linear_names(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(model, peft_config(cfg))
+    model = get_peft_model(model, LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg["r"],
+        lora_alpha=cfg["alpha"],
+        lora_dropout=cfg["dropout"],
+        target_modules=targets,
+        init_lora_weights=cfg["init"],
+        use_rslora=cfg["use_rslora"],
+        use_dora=cfg["use_dora"],
+        layers_to_transform=cfg.get("layers_to_transform"),
+        # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
+        rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
+        bias="none",
+    ))
     keep_adapters_fp32(model)
     return model
 
