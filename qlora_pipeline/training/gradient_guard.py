@@ -27,13 +27,12 @@ class GradientPathBroken(RuntimeError):
     """Some adapter weights get no gradient: training would not change them."""
 
 
-def adapter_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
-    """(name, A, B) for every trainable LoRA pair of the model."""
+def adapter_pairs(model) -> list[tuple[str, str, torch.nn.Parameter, torch.nn.Parameter]]:
+    """(A's name, B's name, A, B) for every trainable LoRA pair of the model."""
     params = dict(model.named_parameters())
-    pairs = [(name, a, params.get(name.replace(".lora_A.", ".lora_B.")))
-             for name, a in params.items() if ".lora_A." in name and a.requires_grad]
-    return [(name.replace(".lora_A.", ".lora_{A,B}."), a, b) for name, a, b in pairs
-            if b is not None]
+    return [(name, b_name, a, params[b_name]) for name, a in params.items()
+            if ".lora_A." in name and a.requires_grad
+            and (b_name := name.replace(".lora_A.", ".lora_B.")) in params]
 
 
 def _has_gradient(param) -> bool:
@@ -43,11 +42,11 @@ def _has_gradient(param) -> bool:
 def missing_gradients(model) -> list[str]:
     """The LoRA weights that should have a gradient now and have none."""
     missing = []
-    for name, a, b in adapter_pairs(model):
+    for a_name, b_name, a, b in adapter_pairs(model):
         if not _has_gradient(b):
-            missing.append(name.replace("lora_{A,B}", "lora_B"))
+            missing.append(b_name)
         if bool(torch.count_nonzero(b)) and not _has_gradient(a):
-            missing.append(name.replace("lora_{A,B}", "lora_A"))
+            missing.append(a_name)
     return missing
 
 
