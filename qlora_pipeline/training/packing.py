@@ -26,19 +26,18 @@ class Collator:
 
     def __init__(self, tokenizer, label_positions: bool = False):
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.left = tokenizer.padding_side == "left"
+        self.side = tokenizer.padding_side
         self.label_positions = label_positions
 
     def __call__(self, features: list[dict]) -> dict:
         positions = [feature.pop("position_ids", None) for feature in features]
         batch = self.pad(features)
         if positions[0] is not None:
-            width = batch["input_ids"].shape[1]
-            position_ids = torch.zeros(len(positions), width, dtype=torch.long)
-            for row, ids in enumerate(positions):  # padding: position 0, a sequence of its own
-                span = slice(width - len(ids), width) if self.left else slice(0, len(ids))
-                position_ids[row, span] = torch.as_tensor(ids)
-            batch["position_ids"] = position_ids
+            # Padded as input_ids are, to the longest row; padding: position 0, a sequence of
+            # its own
+            batch["position_ids"] = torch.nn.utils.rnn.pad_sequence(
+                [torch.as_tensor(ids) for ids in positions], batch_first=True,
+                padding_side=self.side)
             del batch["attention_mask"]  # with one, transformers would not separate examples
         return label_positions.keep(batch) if self.label_positions else batch
 
