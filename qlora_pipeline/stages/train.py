@@ -148,9 +148,7 @@ def merge(*, base: Input, quantized: Input, adapter: Input, tokenized: Input, me
     from ..training.lora import check_adapter
 
     check_adapter(adapter, "merge")
-    test = load_from_disk(str(tokenized))["test"]
-    prompts = [e["input_ids"] for e in test.select(range(min(merge["check_examples"],
-                                                             len(test))))]
+    prompts = load_from_disk(str(tokenized))["test"]["input_ids"][:merge["check_examples"]]
     # On the CPU the 4-bit model (trained logits), the merged one and the base it is
     # checked against load one after the other; the allocator keeps each one's memory.
     memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",

@@ -68,7 +68,7 @@ def optimizer(name: str, distributed: dict) -> str:
 
 def trainer_arguments(distributed: dict, cuda: bool) -> dict:
     """TrainingArguments for the strategy. Refused where it cannot run here."""
-    strategy = distributed["strategy"]
+    strategy = distributed.get("strategy", "none")
     if strategy == "none" or not active():
         return {}
     common = {"average_tokens_across_devices": True,

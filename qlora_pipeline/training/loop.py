@@ -80,6 +80,7 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
     save_steps = cfg.get("checkpoint_steps") or eval_steps
+    spread = cfg.get("distributed") or {}  # over several processes (distributed.py)
     if save_steps % eval_steps:
         raise InputError(f"train.checkpoint_steps: found {save_steps}, expected a multiple of "
                          f"train.eval_steps ({eval_steps}) so the best checkpoint can be kept")
@@ -94,8 +95,7 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         lr_scheduler_type=cfg["lr_scheduler"],
         weight_decay=cfg["weight_decay"],
         max_grad_norm=cfg["max_grad_norm"],
-        optim=distributed.optimizer(policy.optimizer(cfg["optimizer"]),
-                                    cfg.get("distributed") or {}),
+        optim=distributed.optimizer(policy.optimizer(cfg["optimizer"]), spread),
         gradient_checkpointing=False,  # enabled on the model by prepare_model_for_kbit_training
         bf16=policy.bf16,
         use_cpu=not policy.cuda,
@@ -123,8 +123,7 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        **distributed.trainer_arguments(cfg.get("distributed") or {"strategy": "none"},
-                                        policy.cuda),
+        **distributed.trainer_arguments(spread, policy.cuda),
     )
 
 

@@ -114,11 +114,10 @@ def expected_trainable(model, cfg: dict) -> int:
     """LoRA's parameter count: rank·(in + out) per adapted layer, rank from lora.rank_pattern
     where a key matches it, else r (+ out for DoRA's magnitude)."""
     patterns, dora = cfg.get("rank_pattern") or {}, cfg.get("use_dora")
-    total = 0
-    for name, m in targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform")):
-        rank = patterns.get(_pattern_key(patterns, name), cfg["r"])  # r where no key matches
-        total += rank * (m.in_features + m.out_features) + (m.out_features if dora else 0)
-    return total
+    layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
+    return sum(patterns.get(_pattern_key(patterns, name), cfg["r"])  # r where no key matches
+               * (m.in_features + m.out_features) + (m.out_features if dora else 0)
+               for name, m in layers)
 
 
 def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool):
