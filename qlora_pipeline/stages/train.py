@@ -66,7 +66,15 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         resume_dir = _resume_dir(Path(checkpoints), key)
         data = load_from_disk(str(tokenized))
         checkpointing = policy.gradient_checkpointing(train["gradient_checkpointing"])
-        _check_memory(stage, model_dir, weights, data["train"], train, lora, policy, checkpointing)
+        # The training's peak estimated (memory.py) from its longest batch: batch_size rows of
+        # the longest training row; refused before loading if it cannot fit.
+        memory.check_stage(
+            stage, model_dir, policy, weights=weights, batch=train["batch_size"],
+            seq=max(len(ids) for ids in data["train"]["input_ids"]), lora=lora, training=True,
+            checkpointing=checkpointing, optimizer=policy.optimizer(train["optimizer"]),
+            remedy="train.batch_size smaller (with gradient_accumulation larger), "
+                   "tokenize.max_length shorter, gradient_checkpointing on, or "
+                   "train.distributed")
         model, expected = prepare(checkpointing)
         params = verify_frozen(model, expected)
         log.info("trainable: %s", params)
@@ -82,20 +90,6 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         write_json(out / "summary.json", summary)
         tokenizer_files.copy(model_dir, out)  # chat template, EOS, generation settings
     return summary
-
-
-def _check_memory(stage: str, model_dir, weights: str, rows, train: dict, lora: dict,
-                  policy: Policy, checkpointing: bool) -> dict:
-    """The training's peak estimated (memory.py) from its longest batch: batch_size rows of
-    the longest training row; refused before loading if it cannot fit."""
-    longest = max(len(ids) for ids in rows["input_ids"])
-    return memory.check_stage(
-        stage, model_dir, policy, weights=weights, batch=train["batch_size"], seq=longest,
-        lora=lora, training=True, checkpointing=checkpointing,
-        optimizer=policy.optimizer(train["optimizer"]),
-        remedy="train.batch_size smaller (with gradient_accumulation larger), "
-               "tokenize.max_length shorter, gradient_checkpointing on, or "
-               "train.distributed")
 
 
 def _resume_dir(root: Path, key: dict) -> Path:
