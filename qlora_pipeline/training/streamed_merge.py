@@ -52,22 +52,23 @@ class ShardWriter:
         self.written.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> list[str]:
+    def close(self) -> int:
+        """The shards renamed as save_pretrained names them (with an index if several); their
+        count."""
         if self.pending or not self.written:
             self.flush()
         if len(self.written) == 1:
             (self.out / self.written[0][0]).rename(self.out / SINGLE)
-            return [SINGLE]
-        count, weight_map, names = len(self.written), {}, []
+            return 1
+        count, weight_map = len(self.written), {}
         for i, (name, keys) in enumerate(self.written, start=1):
             final = f"model-{i:05d}-of-{count:05d}.safetensors"
             (self.out / name).rename(self.out / final)
             weight_map.update(dict.fromkeys(keys, final))
-            names.append(final)
         (self.out / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2),
             encoding="utf-8")
-        return names
+        return count
 
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
@@ -92,8 +93,8 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
     shards = writer.close()
     write_config(Path(base_dir), out_dir, dtype)
     log.info("streamed merge: %d layers merged, %d dequantized, %d shard(s), %.1f MB",
-             merged, dequantized, len(shards), writer.total / 1e6)
-    return {"merged_layers": merged, "dequantized_layers": dequantized, "shards": len(shards),
+             merged, dequantized, shards, writer.total / 1e6)
+    return {"merged_layers": merged, "dequantized_layers": dequantized, "shards": shards,
             "bytes": writer.total, "max_shard_bytes": max_shard_bytes}
 
 
