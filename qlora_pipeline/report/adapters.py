@@ -11,26 +11,25 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import parse_layer
-from .plotting import figure
+from .common import each_json, figure
 
 PANELS = 4
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
-    rows = []
-    for directory in sorted(map(Path, files)):
-        summary = read_json(directory / "summary.json")
-        rows.append({"task": summary["task"], "adapter": summary["kind"], "r": summary["r"],
-                     "layers": summary["layers_analyzed"],
-                     "effective_rank": mean_effective_rank(summary["summary"]["by_module"]),
-                     "recommended_r": summary["recommendation"]["uniform"],
-                     "folder": str(directory)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"task": summary["task"], "adapter": summary["kind"], "r": summary["r"],
+                          "layers": summary["layers_analyzed"],
+                          "effective_rank": mean_effective_rank(summary),
+                          "recommended_r": summary["recommendation"]["uniform"],
+                          "folder": str(folder)}
+                         for folder, summary in each_json(sorted(map(Path, files)),
+                                                          "summary.json")])
 
 
-def mean_effective_rank(by_module: dict[str, dict]) -> float:
-    """An adapter's effective rank averaged over its adapted layers, from its analysis
-    summary's by_module (each module type's mean and layer count; every type has a layer)."""
+def mean_effective_rank(analysis: dict) -> float:
+    """An adapter's effective rank averaged over its adapted layers, from its analysis's
+    summary.json (by_module: each module type's mean and layer count; every type has a layer)."""
+    by_module = analysis["summary"]["by_module"]
     layers = sum(m["layers"] for m in by_module.values())
     return sum(m["effective_rank"] * m["layers"] for m in by_module.values()) / layers
 
@@ -45,13 +44,11 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
-    dirs = list(map(Path, frame["folder"]))
-    height = max(len(dirs), 1)
+    height = max(len(frame), 1)
     with figure(path, height, PANELS, dpi=90, figsize=(4.2 * PANELS, 3.4 * height),
                 squeeze=False) as (fig, axes):
-        for row, directory in zip(axes, dirs):
-            layers = read_json(directory / "layers.json")
-            summary = read_json(directory / "summary.json")
+        for row, (folder, summary) in zip(axes, each_json(frame["folder"], "summary.json")):
+            layers = read_json(folder / "layers.json")
             title = f"{summary['task']} {summary['kind']}"
             heatmap(fig, row[0], layers, "fro", f"{title}: ‖ΔW‖_F")
             heatmap(fig, row[1], layers, "effective_rank",

@@ -11,11 +11,12 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import COMBINED, Variant, parse_layer
-from .plotting import figure
+from .common import figure, paragraphs, pipe_table
 from .sweeps import own_score
 
 BASE = "quantized"  # the base every combined adapter was trained on, and is scored on
 BASE_LABEL = "quantized base"
+KINDS = {BASE: "base", COMBINED: "combined"}  # the others: "own" or "other task"
 
 
 def rows(files: list, table: dict, frames: dict | None = None) -> pd.DataFrame:
@@ -29,43 +30,28 @@ def rows(files: list, table: dict, frames: dict | None = None) -> pd.DataFrame:
         own = scores["qlora"][1]
         for variant, (_, value, stderr) in scores.items():
             found = Variant.parse(variant)
-            kind, source = found.kind, found.source
-            combined = kind == COMBINED
+            kind = KINDS.get(found.kind) or \
+                ("own" if found.source in (None, task) else "other task")
+            combined = kind == "combined"
             rows.append({
-                "task": task, "metric": metric, "adapter": label(kind, source, task),
-                "kind": kind_of(kind, source, task),
-                "method": table["combinations"][source]["method"] if combined else None,
+                "task": task, "metric": metric,
+                "adapter": BASE_LABEL if kind == "base" else found.source or task, "kind": kind,
+                "method": table["combinations"][found.source]["method"] if combined else None,
                 "score": value, "stderr": stderr,
                 "gain": None if variant == BASE else value - base,
                 "retention": (value - base) / (own - base) if combined and own > base else None})
     return pd.DataFrame(rows)
 
 
-def label(kind: str, source: str | None, task: str) -> str:
-    return BASE_LABEL if kind == BASE else source or task
-
-
-def kind_of(kind: str, source: str | None, task: str) -> str:
-    if kind in (BASE, COMBINED):
-        return "base" if kind == BASE else "combined"
-    return "own" if source in (None, task) else "other task"
-
-
-def columns(frame: pd.DataFrame, table: dict) -> list[str]:
-    """The base, the task adapters by name, then the combinations in config order."""
-    singles = sorted(set(frame.loc[frame["kind"].isin(["own", "other task"]), "adapter"]))
-    return [BASE_LABEL, *singles, *table["combinations"]]
-
-
 def matrix_markdown(frame: pd.DataFrame, table: dict) -> str:
-    """Tasks as rows, adapters as columns: score (gain over the quantized base; retention)."""
-    order = columns(frame, table)
-    lines = ["| task | metric | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
-    for task, group in frame.groupby("task"):
-        cells = {row.adapter: cell(row) for row in group.itertuples()}
-        lines.append(f"| {task} | {group['metric'].iloc[0]} | "
-                     + " | ".join(cells.get(a, "") for a in order) + " |")
-    return "\n".join(lines)
+    """Tasks as rows, adapters as columns: score (gain over the quantized base; retention).
+    Columns: the base, the task adapters by name, then the combinations in config order."""
+    singles = sorted(set(frame.loc[frame["kind"].isin(["own", "other task"]), "adapter"]))
+    order = [BASE_LABEL, *singles, *table["combinations"]]
+    cells = frame.assign(cell=[cell(row) for row in frame.itertuples()]).pivot_table(
+        index=["task", "metric"], columns="adapter", values="cell", aggfunc="first")
+    cells = cells.reindex(columns=order).fillna("")
+    return pipe_table(["task", "metric", *order], [[*key, *row] for key, row in cells.iterrows()])
 
 
 def cell(row) -> str:
@@ -155,23 +141,24 @@ def plot(frame: pd.DataFrame, files: list, table: dict, path: Path) -> None:
 
 def markdown(frame: pd.DataFrame, table: dict) -> str:
     overlap = overlaps(table)
-    return "\n".join(["## Combinations", "",
-        ("Each combination (results/adapters/combined/<name>/) scored on its tasks on the "
-         "quantized base, beside every task's own QLoRA adapter and the other tasks' "
-         "(interference). Cells: the task's own metric (gain over the quantized base; for a "
-         "combination, retention = (combined − base) / (own adapter − base)). "
-         "combinations.csv holds every row."), "",
-        matrix_markdown(frame, table), "", "### Best method per set of tasks", "",
+    return paragraphs(
+        "## Combinations",
+        "Each combination (results/adapters/combined/<name>/) scored on its tasks on the "
+        "quantized base, beside every task's own QLoRA adapter and the other tasks' "
+        "(interference). Cells: the task's own metric (gain over the quantized base; for a "
+        "combination, retention = (combined − base) / (own adapter − base)). "
+        "combinations.csv holds every row.",
+        matrix_markdown(frame, table), "### Best method per set of tasks",
         "Ranked by mean retention over the tasks (by mean gain where an own adapter gained "
         "nothing). Means closer than about twice `stderr` (the scores' mean standard error) "
-        "are not told apart by these test splits.", "",
-        best_methods(frame, table).to_markdown(index=False, floatfmt=".3f"), "",
-        "### Combined adapters", "",
-        ("Error against the method's own definition (0 for cat and sum, the Eckart–Young cut "
+        "are not told apart by these test splits.",
+        best_methods(frame, table).to_markdown(index=False, floatfmt=".3f"),
+        "### Combined adapters",
+        "Error against the method's own definition (0 for cat and sum, the Eckart–Young cut "
         "for the others) and distance from the plain weighted sum Σ wᵢΔWᵢ, relative, per "
-        "layer."), "", details(table).to_markdown(index=False, floatfmt=".3g"), "",
-        "### Subspace overlap between task adapters", "",
-        ("Mean squared cosine of the principal angles between the column spaces of two tasks' "
-        "ΔW, per layer both adapt; random subspaces of the same ranks give `random_level`."),
-        "", overlap_markdown(overlap) if not overlap.empty else "No layer is adapted by two "
-        "tasks.", "", "![overlap](overlap.png)", ""])
+        "layer.", details(table).to_markdown(index=False, floatfmt=".3g"),
+        "### Subspace overlap between task adapters",
+        "Mean squared cosine of the principal angles between the column spaces of two tasks' "
+        "ΔW, per layer both adapt; random subspaces of the same ranks give `random_level`.",
+        overlap_markdown(overlap) if not overlap.empty else "No layer is adapted by two tasks.",
+        "![overlap](overlap.png)")

@@ -3,19 +3,16 @@ energy kept, size, and the two adapters' scores on the task's own benchmark."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
-from ..core.files import read_json
 from ..core.layout import COMPRESSED_FROM
+from .common import each_json, paragraphs
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
     """`frames["scores"]`: the scores section's rows."""
     scores, rows = frames["scores"], []
-    for directory in map(Path, files):
-        info = read_json(directory / "compression.json")
+    for _, info in each_json(files, "compression.json"):
         task, after = info["task"], info["rank_after"]
         own = scores[(scores["task"] == task) & (scores["benchmark"] == task)]
         found = {variant: own.loc[own["variant"] == variant, "value"] for variant in
@@ -34,8 +31,7 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
 
 
 def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
-    return "\n".join(["## Compression", "",
+    return paragraphs("## Compression",
                       f"Each {COMPRESSED_FROM} adapter cut to lower ranks (task key `compress`), "
                       "scored as the `compressed` variant on the same quantized base; scores are "
-                      "the task's own metric.", "",
-                      frame.to_markdown(index=False, floatfmt=".4g"), ""])
+                      "the task's own metric.", frame.to_markdown(index=False, floatfmt=".4g"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.files import read_json
-from .plotting import figure
+from .common import figure
 
 
 def _row(label: str, summary: dict, perplexity: dict, full: dict, configured: bool) -> dict:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..core.layout import SCORED_KINDS, Variant, lm_eval_name
-from .plotting import figure
+from .common import figure, paragraphs, pipe_table
 
 COLUMNS = ["task", "variant", "benchmark", "metric", "value", "stderr"]
 
@@ -53,23 +53,23 @@ def task_table(frame: pd.DataFrame) -> str:
     """Variants as columns; each tuned variant's cell shows its gain over `base`."""
     wide = frame.pivot_table(index=["benchmark", "metric"], columns="variant", values="value")
     wide = wide[sorted(wide.columns, key=variant_order)]
-    lines = ["| benchmark | metric | " + " | ".join(wide.columns) + " |",
-             "|---|---|" + "---|" * len(wide.columns)]
-    for (benchmark, metric), row in wide.iterrows():
-        cells = []
-        for variant, value in row.items():
-            gain = "" if variant == "base" or "base" not in row else f" ({value - row['base']:+.3f})"
-            cells.append(f"{value:.3f}{gain}")
-        lines.append(f"| {benchmark} | {metric} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return pipe_table(["benchmark", "metric", *wide.columns], [
+        [*key, *(cell(value, row.get("base"), variant) for variant, value in row.items())]
+        for key, row in wide.iterrows()])
+
+
+def cell(value: float, base: float | None, variant: str) -> str:
+    """A score, and its gain over the base (`None`: no base scored) unless it is the base's."""
+    gain = "" if variant == "base" or base is None else f" ({value - base:+.3f})"
+    return f"{value:.3f}{gain}"
 
 
 def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
-    parts = ["Scores from lm-evaluation-harness on each task's test split; a tuned variant's "
-             "cell shows its gain over the full-precision base in parentheses.", ""]
-    for task, group in frame.groupby("task"):
-        parts += [f"## {task}", "", task_table(group), ""]
-    return "\n".join(parts + ["![scores](scores.png)", ""])
+    return paragraphs("Scores from lm-evaluation-harness on each task's test split; a tuned "
+                      "variant's cell shows its gain over the full-precision base in parentheses.",
+                      *(block for task, group in frame.groupby("task")
+                        for block in (f"## {task}", task_table(group))),
+                      "![scores](scores.png)")
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:

@@ -17,43 +17,41 @@ from pathlib import Path
 from . import (adapters, combinations, compression, exports, merges, quantization,
                quantization_sweep, scores, sweeps, training)
 
-# name: (module, its CSV output or None, its plot output or None). Output names are the
-# report rule's (FILES gives their file names); the name is also its files' key in the rule.
+# name: (module, its CSV output or None, its plot output or None, the category of its files in
+# `snakemake --report`). Output names are the report rule's (FILES gives their file names); the
+# name is also its files' key in the rule.
 SECTIONS = {
-    "scores": (scores, "scores", "scores_plot"),
-    "training": (training, None, "loss_plot"),
-    "merges": (merges, None, None),
-    "compression": (compression, None, None),
-    "exports": (exports, None, None),
-    "sweeps": (sweeps, "sweeps", "sweeps_plot"),
-    "combinations": (combinations, "combinations", "overlap_plot"),
-    "adapters": (adapters, None, "adapters_plot"),
-    "quantization": (quantization, None, None),
-    "quantization_sweep": (quantization_sweep, "quantization_sweep", "quantization_sweep_plot"),
+    "scores": (scores, "scores", "scores_plot", "Scores"),
+    "training": (training, None, "loss_plot", "Training"),
+    "merges": (merges, None, None, None),
+    "compression": (compression, None, None, None),
+    "exports": (exports, None, None, None),
+    "sweeps": (sweeps, "sweeps", "sweeps_plot", "Sweeps"),
+    "combinations": (combinations, "combinations", "overlap_plot", "Combinations"),
+    "adapters": (adapters, None, "adapters_plot", "Adapters"),
+    "quantization": (quantization, None, None, None),
+    "quantization_sweep": (quantization_sweep, "quantization_sweep", "quantization_sweep_plot",
+                           "Quantization"),
 }
-# Output name: (file name, category in `snakemake --report`).
-FILES = {"markdown": ("report.md", "Scores"), "scores": ("scores.csv", "Scores"),
-         "scores_plot": ("scores.png", "Scores"), "loss_plot": ("loss.png", "Training"),
-         "adapters_plot": ("adapters.png", "Adapters"), "sweeps": ("sweeps.csv", "Sweeps"),
-         "sweeps_plot": ("sweeps.png", "Sweeps"),
-         "combinations": ("combinations.csv", "Combinations"),
-         "overlap_plot": ("overlap.png", "Combinations"),
-         "quantization_sweep": ("quantization_sweep.csv", "Quantization"),
-         "quantization_sweep_plot": ("quantization_sweep.png", "Quantization")}
+# Output name: (file name, category in `snakemake --report`): a CSV output's file is <name>.csv,
+# a plot output's <name less _plot>.png.
+FILES = {"markdown": ("report.md", "Scores"), **{
+    name: (name.removesuffix("_plot") + (".png" if name.endswith("_plot") else ".csv"), category)
+    for _, csv, plot, category in SECTIONS.values() for name in (csv, plot) if name}}
 TITLE = "# Fine-tuning report\n"
 
 
 def outputs(sections: dict[str, list]) -> list[str]:
     """The output names of a report of these sections (those that have files)."""
-    return ["markdown", *[name for key, (_, *written) in SECTIONS.items() if sections.get(key)
-                          for name in written if name]]
+    return ["markdown", *[name for key, (_, csv, plot, _) in SECTIONS.items() if sections.get(key)
+                          for name in (csv, plot) if name]]
 
 
 def write(sections: dict[str, list], tables: dict, out: dict[str, Path]) -> str:
     """Every section with files, in order: its CSV and plot into `out` (by output name), its
     markdown into out["markdown"]; returns the markdown."""
     frames, parts = {}, [TITLE]
-    for key, (module, csv, plot) in SECTIONS.items():
+    for key, (module, csv, plot, _) in SECTIONS.items():
         files = sections.get(key)
         if not files:
             continue

@@ -15,7 +15,7 @@ import pandas as pd
 from ..core.files import read_json
 from ..core.layout import lm_eval_name
 from .adapters import mean_effective_rank
-from .plotting import figure
+from .common import figure
 from .scores import numeric_metrics
 
 RULE = ("the smallest adapter (trainable parameters) whose score is within one standard error "
@@ -44,14 +44,10 @@ def rows(files: list, tables: dict, frames: dict | None = None,
                          "metric": metric, "score": score, "stderr": stderr,
                          **{f"score_{v}": s[1] for v, s in scores.items() if v != compared},
                          **{key: summary.get(key) for key in SUMMARY_KEYS},
-                         **({"effective_rank": effective_rank(files["analysis"])}
+                         **({"effective_rank": mean_effective_rank(
+                             read_json(Path(files["analysis"]) / "summary.json"))}
                             if with_analysis else {})})
     return pd.DataFrame(rows)
-
-
-def effective_rank(analysis: str) -> float:
-    """A training's effective rank, averaged over its adapted layers."""
-    return mean_effective_rank(read_json(Path(analysis) / "summary.json")["summary"]["by_module"])
 
 
 def own_score(data: dict) -> tuple[str, float, float]:

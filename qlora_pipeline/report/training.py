@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.files import read_json, read_jsonl
-from .plotting import figure
+from ..core.files import read_jsonl
+from .common import each_json, figure, paragraphs
 
 KEYS = ("steps", "eval_loss_initial", "eval_loss_best", "train_seconds", "tokens_per_second",
         "peak_memory_mb", "trainable_params", "trainable_pct")
@@ -18,18 +18,15 @@ CURVES = (("loss", "-", "train"), ("eval_loss", "o--", "validation"))
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
-    rows = []
-    for directory in map(Path, files):
-        summary = read_json(directory / "summary.json")
-        rows.append({"task": directory.parent.name, "adapter": directory.name,
-                     **{k: summary.get(k) for k in KEYS}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"task": folder.parent.name, "adapter": folder.name,
+                          **{k: summary.get(k) for k in KEYS}}
+                         for folder, summary in each_json(files, "summary.json")])
 
 
 def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
-    return "\n".join(["## Training", "", frame.to_markdown(index=False, floatfmt=".4g"), "",
+    return paragraphs("## Training", frame.to_markdown(index=False, floatfmt=".4g"),
                       "Validation loss before training is the quantized base's (the adapter "
-                      "starts at zero).", "", "![losses](loss.png)", ""])
+                      "starts at zero).", "![losses](loss.png)")
 
 
 def metrics(adapter_dir: Path) -> pd.DataFrame:
