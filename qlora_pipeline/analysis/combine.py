@@ -35,7 +35,7 @@ from .combination_methods import LOW_RANK
 from ..core.errors import InputError, NumericsError
 from ..core.files import read_json
 from ..models.adapter_file import Update, read_adapter
-from .compress import save_adapter, split
+from .compress import save_adapter, split, spread
 from .overlap import numerical_rank, overlaps
 from .spectrum import low_rank_svd
 
@@ -221,14 +221,11 @@ def summary(spec: dict, layers: dict[str, list[Part]], records: dict, ranks: dic
             by_task: dict[str, dict[str, Update]]) -> dict:
     sources = {task: sum(u.A.numel() + u.B.numel() for u in updates.values())
                for task, updates in by_task.items()}
-    errors = [r["relative_error"] for r in records.values()]
-    from_sum = [r["from_sum"] for r in records.values()]
     combined = sum(k * (parts[0].update.A.shape[1] + parts[0].update.B.shape[0])
                    for k, parts in zip(ranks.values(), layers.values()))
     return {**spec, "layers": len(records),
-            "rank": {"max": max(ranks.values()), "min": min(ranks.values()),
-                     "mean": sum(ranks.values()) / len(ranks)},
+            "rank": spread(records, "rank", "max", "min", "mean"),
             "parameters": {"sources": sources, "combined": combined},
-            "relative_error": {"max": max(errors), "mean": sum(errors) / len(errors)},
-            "from_sum": {"max": max(from_sum), "mean": sum(from_sum) / len(from_sum)},
+            "relative_error": spread(records, "relative_error", "max", "mean"),
+            "from_sum": spread(records, "from_sum", "max", "mean"),
             "per_layer": records}

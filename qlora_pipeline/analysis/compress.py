@@ -28,6 +28,9 @@ from ..models.adapter_file import PREFIX, Update, read_adapter
 from .recommend import layer_rank
 from .spectrum import low_rank_svd
 
+# What a summary tells of its per-layer records (spread).
+STATS = {"max": max, "min": min, "mean": lambda values: sum(values) / len(values)}
+
 
 def scaling(alpha: float, rank: int, rslora: bool) -> float:
     """PEFT's LoRA scaling for a layer of this rank."""
@@ -123,20 +126,22 @@ def save_adapter(out_dir: Path, factors: dict[str, tuple[torch.Tensor, torch.Ten
     write_json(Path(out_dir) / "adapter_config.json", config)
 
 
+def spread(records: dict[str, dict], key: str, *stats: str) -> dict:
+    """The named statistics of the per-layer records' `key`, {stat: value} in the order named."""
+    values = [record[key] for record in records.values()]
+    return {stat: STATS[stat](values) for stat in stats}
+
+
 def summary(keep: dict, updates: dict[str, Update], factors: dict, layers: dict,
             adapter_dir: Path, out_dir: Path) -> dict:
-    energies = [record["energy_kept"] for record in layers.values()]
-    errors = [record["relative_error"] for record in layers.values()]
-    ranks = [record["compressed_rank"] for record in layers.values()]
     params = sum(u.A.numel() + u.B.numel() for u in updates.values())
     new_params = sum(A.numel() + B.numel() for A, B in factors.values())
     weights = "adapter_model.safetensors"
     return {"keep": keep, "layers": len(layers),
             "rank_before": max(record["rank"] for record in layers.values()),
-            "rank_after": {"max": max(ranks), "min": min(ranks),
-                           "mean": sum(ranks) / len(ranks)},
-            "energy_kept": {"min": min(energies), "mean": sum(energies) / len(energies)},
-            "relative_error": {"max": max(errors), "mean": sum(errors) / len(errors)},
+            "rank_after": spread(layers, "compressed_rank", "max", "min", "mean"),
+            "energy_kept": spread(layers, "energy_kept", "min", "mean"),
+            "relative_error": spread(layers, "relative_error", "max", "mean"),
             "parameters": {"before": params, "after": new_params, "ratio": new_params / params},
             "bytes": {"before": (adapter_dir / weights).stat().st_size,
                       "after": (out_dir / weights).stat().st_size},

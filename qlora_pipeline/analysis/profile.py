@@ -6,6 +6,8 @@ numbered (model.layers.<i>, gpt_neox.layers.<i>, transformer.h.<i>, ...) is prof
 
 from __future__ import annotations
 
+from itertools import zip_longest
+
 from ..core.layout import parse_layer
 
 BANDS = ("shallow", "middle", "deep")
@@ -39,20 +41,15 @@ def stats(records: list[dict]) -> dict:
 def mean_spectrum(records: list[dict]) -> list[float]:
     """Mean over layers of S_i / S_max for i < the layer's rank; a zero update has no shape and
     is skipped. Layers of different ranks (rank_pattern) average over those reaching i."""
-    sums: list[float] = []
-    counts: list[int] = []
+    spectra = []
     for rec in records:
         S = rec["singular_values"][:rec["rank"]]
         top = max(S, default=0.0)
-        if top <= 0:
-            continue
-        for i, s in enumerate(S):
-            if i == len(sums):
-                sums.append(0.0)
-                counts.append(0)
-            sums[i] += s / top
-            counts[i] += 1
-    return [total / n for total, n in zip(sums, counts, strict=True)]
+        if top > 0:
+            spectra.append([s / top for s in S])
+    # The i-th column: the layers reaching i (zip_longest fills the others with None).
+    columns = [[v for v in column if v is not None] for column in zip_longest(*spectra)]
+    return [sum(column) / len(column) for column in columns]
 
 
 def summarize(records: dict[str, dict], num_layers: int) -> dict:
