@@ -36,20 +36,14 @@ def recommend(records: dict[str, dict], r: int, energy: float = 0.9,
     pattern = {key: rank for key, rank in per_layer.items() if rank < uniform}
     snippet = yaml.safe_dump({"lora": {"r": uniform, "rank_pattern": pattern}},
                              sort_keys=False)
+    warning = (f"{len(saturated)} of {len(records)} layers are saturated (entropy effective rank "
+               f"at least {saturation:.0%} of their rank, r = {r}): the adapter uses nearly all "
+               f"of its directions there, so r is likely too small for this task; try a larger r"
+               ) if saturated else None
     return {"energy": energy, "r": r, "per_layer": per_layer, "uniform": uniform,
             "histogram": dict(sorted(Counter(per_layer.values()).items())),
-            "saturated": saturated, "warning": warning(len(saturated), len(records), r,
-                                                       saturation),
-            "snippet": snippet}
+            "saturated": saturated, "warning": warning, "snippet": snippet}
 
 
 def layer_rank(record: dict, energy: float) -> int:
     return energy_rank(torch.tensor(record["singular_values"], dtype=torch.float64), energy)
-
-
-def warning(saturated: int, layers: int, r: int, saturation: float) -> str | None:
-    if not saturated:
-        return None
-    return (f"{saturated} of {layers} layers are saturated (entropy effective rank at least "
-            f"{saturation:.0%} of their rank, r = {r}): the adapter uses nearly all of its "
-            f"directions there, so r is likely too small for this task; try a larger r")

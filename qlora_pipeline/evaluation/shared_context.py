@@ -54,27 +54,17 @@ class Row:
     context: tuple[int, ...]
     continuations: list[tuple[int, ...]]
 
-    @property
-    def tokens(self) -> list[int]:
-        return [*self.context, *(t for c in self.continuations for t in c[:-1])]
-
-    @property
-    def positions(self) -> list[int]:
+    def layout(self) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """(tokens, positions, segments, and per continuation the row indices whose logits
+        predict each of its tokens): the context, then each continuation but its last token."""
         n = len(self.context)
-        return [*range(n), *(n + i for c in self.continuations for i in range(len(c) - 1))]
-
-    @property
-    def segments(self) -> list[int]:
-        return [CONTEXT] * len(self.context) + [
-            k + 1 for k, c in enumerate(self.continuations) for _ in range(len(c) - 1)]
-
-    def predicting(self) -> list[list[int]]:
-        """Per continuation: the row indices whose logits predict each of its tokens."""
-        at, start = [], len(self.context)
-        for c in self.continuations:
-            at.append([len(self.context) - 1, *range(start, start + len(c) - 1)])
-            start += len(c) - 1
-        return at
+        tokens, positions, segments, predicting = [*self.context], [*range(n)], [CONTEXT] * n, []
+        for k, c in enumerate(self.continuations):
+            predicting.append([n - 1, *range(len(tokens), len(tokens) + len(c) - 1)])
+            tokens += c[:-1]
+            positions += range(n, n + len(c) - 1)
+            segments += [k + 1] * (len(c) - 1)
+        return tokens, positions, segments, predicting
 
     def __len__(self) -> int:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
@@ -108,11 +98,12 @@ def sequences(rows: list[Row]) -> list[dict]:
         seq = out[-1]
         start = len(seq["tokens"]) - shared  # where the row's own tokens go, less the prefix
         seq["rows"].append(row)
-        seq["tokens"] += row.tokens[shared:]
-        seq["positions"] += row.positions[shared:]
-        seq["segments"] += row.segments[shared:]
+        tokens, positions, segments, predicting = row.layout()
+        seq["tokens"] += tokens[shared:]
+        seq["positions"] += positions[shared:]
+        seq["segments"] += segments[shared:]
         seq["groups"] += [len(seq["rows"])] * (len(row) - shared)
-        seq["predicting"].append([[start + i for i in at] for at in row.predicting()])
+        seq["predicting"].append([[start + i for i in at] for at in predicting])
     return out
 
 

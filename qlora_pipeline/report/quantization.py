@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..models import methods
+from .common import pipe_table
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
@@ -27,50 +28,49 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _numerics_row(check: dict | None) -> list[str]:
+def _numerics_row(check: dict | None) -> list[list[str]]:
     """The run-time check that the quantized layers compute x @ deq(W)^T (numerics.py)."""
     if not check:
         return []
     worst = max(check["max_relative_gap"].values())
-    return [f"| quantized layers vs x @ deq(W)^T after an eval pass (output, input gradient), "
-            f"largest relative gap | {worst:.1e} over {check['layers_checked']} layers "
-            f"(tolerance {check['tolerance']:g}, {check['compute_dtype']}) |"]
+    return [["quantized layers vs x @ deq(W)^T after an eval pass (output, input gradient), "
+             "largest relative gap", f"{worst:.1e} over {check['layers_checked']} layers "
+             f"(tolerance {check['tolerance']:g}, {check['compute_dtype']})"]]
 
 
 def report_markdown(report: dict) -> str:
     s = report["summary"]
-    scheme = s["scheme"]
     lines = [
         "# Quantization report",
         "",
-        f"Scheme: **{scheme}**, compute dtype {s['compute_dtype']}.",
+        f"Scheme: **{s['scheme']}**, compute dtype {s['compute_dtype']}.",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| quantized layers | {s['quantized_layers']} ({s['quantized_params']:,} parameters) |",
-        f"| bits per quantized parameter (stored, all constants) | {s['bits_per_param_measured']:.4f} |",
-        f"| bits per quantized parameter (theory) | {s['bits_per_param_theoretical']:.4f} |",
-        f"| size on disk, full precision | {_mib(s['size_bytes_full_precision'])} |",
-        f"| size on disk, quantized | {_mib(s['size_bytes_quantized'])} |",
-        f"| relative weight error ‖W − deq(Q(W))‖/‖W‖, mean / max | "
-        f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f} |",
-        *_numerics_row(report.get("numerics_check")),
+        pipe_table(["measure", "value"], [
+            ["quantized layers", f"{s['quantized_layers']} ({s['quantized_params']:,} parameters)"],
+            ["bits per quantized parameter (stored, all constants)",
+             f"{s['bits_per_param_measured']:.4f}"],
+            ["bits per quantized parameter (theory)", f"{s['bits_per_param_theoretical']:.4f}"],
+            ["size on disk, full precision", _mib(s["size_bytes_full_precision"])],
+            ["size on disk, quantized", _mib(s["size_bytes_quantized"])],
+            ["relative weight error ‖W − deq(Q(W))‖/‖W‖, mean / max",
+             f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f}"],
+            *_numerics_row(report.get("numerics_check"))]),
         "",
-        f"Theory (docs/quantization.md): {methods.of(s['method']).THEORY}. Layers kept in full precision "
-        "(embeddings, norms, the output head) are not counted above but are in the size on "
-        "disk.",
+        f"Theory (docs/quantization.md): {methods.of(s['method']).THEORY}. Layers kept in full "
+        "precision (embeddings, norms, the output head) are not counted above but are in the "
+        "size on disk.",
         "",
     ]
     if "perplexity" in report:
-        lines += ["## Validation perplexity (answer tokens)", "",
-                  f"| task | full precision | {s['method']} | change |", "|---|---|---|---|"]
-        for task, r in report["perplexity"].items():
-            fp, q = r["full_precision"]["perplexity"], r["quantized"]["perplexity"]
-            lines.append(f"| {task} | {fp:.3f} | {q:.3f} | {100 * (q / fp - 1):+.1f}% |")
-        lines.append("")
+        perplexity = {task: (r["full_precision"]["perplexity"], r["quantized"]["perplexity"])
+                      for task, r in report["perplexity"].items()}
+        lines += ["## Validation perplexity (answer tokens)", "", pipe_table(
+            ["task", "full precision", s["method"], "change"],
+            [[task, f"{fp:.3f}", f"{q:.3f}", f"{100 * (q / fp - 1):+.1f}%"]
+             for task, (fp, q) in perplexity.items()]), ""]
     worst = sorted(report["layers"], key=lambda r: -r["relative_error"])[:10]
-    lines += ["## Layers with the largest relative error", "",
-              "| layer | shape | bits/param | relative error |", "|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {'×'.join(map(str, r['shape']))} | {r['bits_per_param']:.3f} | "
-              f"{r['relative_error']:.4f} |" for r in worst]
+    lines += ["## Layers with the largest relative error", "", pipe_table(
+        ["layer", "shape", "bits/param", "relative error"],
+        [[r["layer"], "×".join(map(str, r["shape"])), f"{r['bits_per_param']:.3f}",
+          f"{r['relative_error']:.4f}"] for r in worst])]
     return "\n".join(lines) + "\n"

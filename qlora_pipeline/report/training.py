@@ -29,11 +29,6 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
                       "starts at zero).", "![losses](loss.png)")
 
 
-def metrics(adapter_dir: Path) -> pd.DataFrame:
-    path = Path(adapter_dir) / "metrics.jsonl"
-    return pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()
-
-
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
     """Per task: the losses over the steps (recovery continues after QLoRA) and below them the
     adapter's mean effective rank per module type at each evaluation."""
@@ -43,7 +38,8 @@ def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> No
             offset = 0
             for directory in sorted((Path(d) for d in files if Path(d).parent.name == task),
                                     key=lambda d: d.name != "qlora"):
-                found = metrics(directory)
+                path = directory / "metrics.jsonl"
+                found = pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()
                 if found.empty:
                     continue
                 for column, style, kind in CURVES:
