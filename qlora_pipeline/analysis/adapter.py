@@ -26,7 +26,8 @@ def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
     """analyze_updates on a saved adapter and the base checkpoint it was trained on."""
     started = time.perf_counter()
     updates, checkpoint = read_against(adapter_dir, base_dir)
-    result = analyze_updates(updates, checkpoint.weight, adapter_rank(Path(adapter_dir)),
+    r = int(read_json(Path(adapter_dir) / "adapter_config.json")["r"])
+    result = analyze_updates(updates, checkpoint.weight, r,
                              lambda layers: num_layers(Path(base_dir), layers), settings, device)
     result["seconds"] = round(time.perf_counter() - started, 2)
     log.info("analysed %d layers of %s in %.1f s", len(updates), adapter_dir, result["seconds"])
@@ -58,10 +59,6 @@ def on(update: Update, device: str) -> Update:
     magnitude = update.magnitude.to(device) if update.magnitude is not None else None
     return dataclasses.replace(update, A=update.A.to(device), B=update.B.to(device),
                                magnitude=magnitude)
-
-
-def adapter_rank(adapter_dir: Path) -> int:
-    return int(read_json(adapter_dir / "adapter_config.json")["r"])
 
 
 def num_layers(base_dir: Path, layers: dict) -> int:

@@ -20,9 +20,8 @@ from .spectrum import low_rank_svd
 def numerical_rank(S: torch.Tensor, cutoff: float = 1e-6) -> int:
     """Singular values above `cutoff` of the largest, at least 1 (PEFT has no rank 0): below
     it they are the rounding of a sum or product, not directions."""
-    if S.numel() == 0 or float(S.max()) == 0:
-        return 1
-    return max(1, int((S > cutoff * S.max()).sum()))
+    # All zeros: none above the cutoff, so 1.
+    return max(1, int((S > cutoff * S.max()).sum())) if S.numel() else 1
 
 
 def column_space(update: Update) -> torch.Tensor:

@@ -84,7 +84,7 @@ def layer_metrics(update: Update, base: torch.Tensor | None = None,
     if base is None:
         return out
     base = base.float()
-    shape = delta_shape(update)
+    shape = (update.B.shape[0], update.A.shape[1])[::-1 if update.fan_in_fan_out else 1]
     if shape != tuple(base.shape):
         raise ValueError(f"the update's ΔW has shape {shape} but the base weight "
                          f"{tuple(base.shape)}; expected the weight this adapter layer changes")
@@ -94,11 +94,6 @@ def layer_metrics(update: Update, base: torch.Tensor | None = None,
         delta = update.delta() if delta is None else delta
         out["intruders"] = intruders.count(base, delta, **intruder_cfg)
     return out
-
-
-def delta_shape(update: Update) -> tuple[int, int]:
-    shape = (update.B.shape[0], update.A.shape[1])
-    return shape[::-1] if update.fan_in_fan_out else shape
 
 
 def frobenius(W: torch.Tensor) -> float:

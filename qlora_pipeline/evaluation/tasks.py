@@ -91,9 +91,8 @@ def write_task(task: str, records: list[dict], fmt: str, tokenizer, out_dir: Pat
                          f"choices and a label, so it is scored as multiple choice (accuracy); "
                          f"expected no scoring settings (they apply to generation tasks)")
     data_file = out_dir / "test.jsonl"
-    with open(data_file, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(doc(record, fmt, tokenizer), ensure_ascii=False) + "\n")
+    data_file.write_text("".join(json.dumps(doc(record, fmt, tokenizer), ensure_ascii=False) + "\n"
+                                 for record in records), encoding="utf-8")
     stop = STOP + ([tokenizer.eos_token] if tokenizer.eos_token else [])
     spec = task_yaml(lm_eval_name(task), data_file, kind, max_gen_tokens, stop, scoring)
     (out_dir / f"{lm_eval_name(task)}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False),

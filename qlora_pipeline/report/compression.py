@@ -15,8 +15,6 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
     for _, info in each_json(files, "compression.json"):
         task, after = info["task"], info["rank_after"]
         own = scores[(scores["task"] == task) & (scores["benchmark"] == task)]
-        found = {variant: own.loc[own["variant"] == variant, "value"] for variant in
-                 (COMPRESSED_FROM, "compressed")}
         rows.append({"task": task, "keep": ", ".join(f"{k} {v}" for k, v in info["keep"].items()),
                      "rank": f"{info['rank_before']} -> {after['min']}..{after['max']} "
                              f"(mean {after['mean']:.2f})",
@@ -25,8 +23,9 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
                                    f"{info['parameters']['after']:,}",
                      "bytes": f"{info['bytes']['before']:,} -> {info['bytes']['after']:,}",
                      "size_ratio": info["parameters"]["ratio"],
-                     **{f"score_{variant}": float(values.iloc[0]) if len(values) else None
-                        for variant, values in found.items()}})
+                     **{f"score_{variant}": next(map(float, own.loc[own["variant"] == variant,
+                                                                    "value"]), None)
+                        for variant in (COMPRESSED_FROM, "compressed")}})
     return pd.DataFrame(rows)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.files import read_json
-from .common import figure
+from .common import each_json, figure
 
 
 def _row(label: str, summary: dict, perplexity: dict, full: dict, configured: bool) -> dict:
@@ -30,13 +30,12 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
     """One row per method, sorted by bits per parameter: the configured method's from the
     quantization report (`files[0]`, whose full-precision perplexity every change is measured
     from), then each sweep point's (the folders after it)."""
-    report, points = read_json(files[0]), files[1:]
+    report = read_json(files[0])
     full = {task: r["full_precision"] for task, r in report["perplexity"].items()}
     rows = [_row(report["summary"]["method"], report["summary"],
-                 {task: r["quantized"] for task, r in report["perplexity"].items()}, full, True)]
-    for path in points:
-        point = read_json(Path(path) / "report.json")
-        rows.append(_row(point["label"], point["summary"], point["perplexity"], full, False))
+                 {task: r["quantized"] for task, r in report["perplexity"].items()}, full, True),
+            *(_row(point["label"], point["summary"], point["perplexity"], full, False)
+              for _, point in each_json(files[1:], "report.json"))]
     return pd.DataFrame(rows).sort_values("bits_per_param", kind="stable").reset_index(drop=True)
 
 

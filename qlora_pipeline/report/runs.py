@@ -27,12 +27,10 @@ KEYS = ["task", "benchmark", "metric", "variant"]
 
 def find_runs(results: Path) -> dict[str, Path]:
     """{run name: its folder} for every finished run under `results` (one with a report)."""
-    if not results.is_dir():
-        return {}
-    runs = {DEFAULT: results} if (results / "report/scores.csv").is_file() else {}
-    runs.update({p.name: p for p in sorted(results.iterdir())
-                 if p.is_dir() and (p / "report/scores.csv").is_file()})
-    return runs
+    folders = [results, *sorted(results.iterdir())] if results.is_dir() else []
+    # A file's report/scores.csv is no file either (is_file is False where a parent is a file).
+    return {DEFAULT if p == results else p.name: p for p in folders
+            if (p / "report/scores.csv").is_file()}
 
 
 def resolve(names: list[str], results: Path) -> dict[str, Path]:
