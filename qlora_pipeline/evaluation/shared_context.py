@@ -98,10 +98,9 @@ def sequences(rows: list[Row]) -> list[dict]:
         seq = out[-1]
         start = len(seq["tokens"]) - shared  # where the row's own tokens go, less the prefix
         seq["rows"].append(row)
-        tokens, positions, segments, predicting = row.layout()
-        seq["tokens"] += tokens[shared:]
-        seq["positions"] += positions[shared:]
-        seq["segments"] += segments[shared:]
+        *laid, predicting = row.layout()
+        for name, values in zip(("tokens", "positions", "segments"), laid, strict=True):
+            seq[name] += values[shared:]
         seq["groups"] += [len(seq["rows"])] * (len(row) - shared)
         seq["predicting"].append([[start + i for i in at] for at in predicting])
     return out
