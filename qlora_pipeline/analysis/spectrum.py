@@ -84,7 +84,8 @@ def layer_metrics(update: Update, base: torch.Tensor | None = None,
     if base is None:
         return out
     base = base.float()
-    shape = (update.B.shape[0], update.A.shape[1])[::-1 if update.fan_in_fan_out else 1]
+    shape = (update.B.shape[0], update.A.shape[1])  # ΔW's, transposed with fan_in_fan_out
+    shape = shape[::-1] if update.fan_in_fan_out else shape
     if shape != tuple(base.shape):
         raise ValueError(f"the update's ΔW has shape {shape} but the base weight "
                          f"{tuple(base.shape)}; expected the weight this adapter layer changes")
