@@ -75,7 +75,7 @@ def completion(prompt_len: int, answer_len: int) -> dict:
 @pytest.mark.parametrize("record, fmt", [(ALPACA, "alpaca"), (ALPACA_INPUT, "alpaca"),
                                          (COMPLETION, "completion")])
 def test_prompt_is_masked_and_answer_plus_eos_is_labelled(tiny_tokenizer, record, fmt):
-    example, truncated = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
+    example, truncated, _ = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
     assert not truncated
     prompt = formats.prompt_text(record, fmt, tiny_tokenizer)
     answer = formats.answer_text(record, fmt)
@@ -99,7 +99,7 @@ def test_alpaca_prompt_is_the_stanford_template(tiny_tokenizer):
 
 
 def test_chat_labels_the_assistant_turn_and_its_end_marker(tiny_tokenizer):
-    example, _ = tokenize_record(CHAT, "chat", tiny_tokenizer, 256, False)
+    example, *_ = tokenize_record(CHAT, "chat", tiny_tokenizer, 256, False)
     rendered = tiny_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
     assert tiny_tokenizer.decode(example["input_ids"]) == rendered
     assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n"]
@@ -108,7 +108,7 @@ def test_chat_labels_the_assistant_turn_and_its_end_marker(tiny_tokenizer):
 
 
 def test_multi_turn_chat_every_assistant_turn_carries_loss(tiny_tokenizer):
-    example, _ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
+    example, *_ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
     assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == [
         "46<|im_end|>\n", "34<|im_end|>\n"]
     masked = masked_text(example, tiny_tokenizer)
@@ -120,7 +120,7 @@ def test_multi_turn_chat_every_assistant_turn_carries_loss(tiny_tokenizer):
 
 def test_chat_turns_after_the_last_answer_are_masked(tiny_tokenizer):
     record = {"messages": CHAT["messages"] + [{"role": "user", "content": "Thanks"}]}
-    example, _ = tokenize_record(record, "chat", tiny_tokenizer, 256, False)
+    example, *_ = tokenize_record(record, "chat", tiny_tokenizer, 256, False)
     assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n"]
     assert masked_text(example, tiny_tokenizer).endswith("<|im_start|>user\nThanks<|im_end|>\n")
 
@@ -134,7 +134,7 @@ def test_chat_template_with_a_default_system_prompt(tiny_tokenizer, tiny_model_d
         "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
         "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    example, _ = tokenize_record(MULTI_TURN | {"messages": MULTI_TURN["messages"][1:]}, "chat",
+    example, *_ = tokenize_record(MULTI_TURN | {"messages": MULTI_TURN["messages"][1:]}, "chat",
                                  tokenizer, 256, False)
     assert [tokenizer.decode(s) for s in loss_spans(example)] == ["46<|im_end|>\n",
                                                                   "34<|im_end|>\n"]
@@ -153,8 +153,8 @@ def test_template_that_is_not_prefix_consistent_is_refused(tiny_model_dir):
 @pytest.mark.parametrize("record, fmt", [(ALPACA_INPUT, "alpaca"), (COMPLETION, "completion"),
                                          (MULTI_TURN, "chat")])
 def test_train_on_prompt_labels_everything(tiny_tokenizer, record, fmt):
-    masked, _ = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
-    full, _ = tokenize_record(record, fmt, tiny_tokenizer, 256, True)
+    masked, *_ = tokenize_record(record, fmt, tiny_tokenizer, 256, False)
+    full, *_ = tokenize_record(record, fmt, tiny_tokenizer, 256, True)
     assert full["input_ids"] == masked["input_ids"]
     assert full["labels"] == full["input_ids"]
     assert IGNORE in masked["labels"]
@@ -163,13 +163,13 @@ def test_train_on_prompt_labels_everything(tiny_tokenizer, record, fmt):
 # ---- truncation, dropping, packing -------------------------------------------------------------
 
 def test_truncation_keeps_max_length_tokens(tiny_tokenizer):
-    whole, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
+    whole, truncated, _ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, 256, False)
     assert not truncated
     n = len(whole["input_ids"])
-    cut, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n - 3, False)
+    cut, truncated, _ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n - 3, False)
     assert truncated
     assert cut == {"input_ids": whole["input_ids"][:n - 3], "labels": whole["labels"][:n - 3]}
-    exact, truncated = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n, False)
+    exact, truncated, _ = tokenize_record(MULTI_TURN, "chat", tiny_tokenizer, n, False)
     assert not truncated and exact == whole
 
 

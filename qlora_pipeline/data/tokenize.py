@@ -12,9 +12,10 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # the label value transformers' loss skips
 
 
-def _tokenize(record: dict, fmt: str, tokenizer, max_length: int,
-              train_on_prompt: bool) -> tuple[dict, bool, bool]:
-    """tokenize_record, plus whether any answer token survives truncation."""
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
+                    train_on_prompt: bool) -> tuple[dict, bool, bool]:
+    """One example as {input_ids, labels}; also whether it had to be truncated, and whether
+    any answer token survives the truncation."""
     ids, labels, answer = [], [], []
     for segment, carries_loss in formats.segments(record, fmt, tokenizer):
         ids += segment
@@ -23,13 +24,6 @@ def _tokenize(record: dict, fmt: str, tokenizer, max_length: int,
     truncated = len(ids) > max_length
     example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
     return example, truncated, any(answer[:max_length])
-
-
-def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
-                    train_on_prompt: bool) -> tuple[dict, bool]:
-    """One example as {input_ids, labels}; also whether it had to be truncated."""
-    example, truncated, _ = _tokenize(record, fmt, tokenizer, max_length, train_on_prompt)
-    return example, truncated
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
@@ -56,8 +50,8 @@ def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict,
     example per row, as the perplexity report and the merge check read them)."""
     examples, truncated, dropped = [], 0, 0
     for record in records:
-        example, was_truncated, answer_left = _tokenize(record, fmt, tokenizer,
-                                                        cfg["max_length"], cfg["train_on_prompt"])
+        example, was_truncated, answer_left = tokenize_record(
+            record, fmt, tokenizer, cfg["max_length"], cfg["train_on_prompt"])
         truncated += was_truncated
         if not answer_left:
             # Truncation cut the whole answer: nothing left to learn from (with train_on_prompt
