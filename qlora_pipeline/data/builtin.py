@@ -18,18 +18,15 @@ def arithmetic(num_examples: int, seed: int, min_operand: int = 10, max_operand:
                operations: str = "+-") -> list[dict]:
     check_arithmetic(num_examples, min_operand, max_operand, operations)
     rng = random.Random(seed)
-    seen: set[tuple[int, str, int]] = set()
-    records = []
+    # By problem: every problem once, so no test problem is also a training problem.
+    records: dict[tuple[int, str, int], dict] = {}
     while len(records) < num_examples:
         a, b = rng.randint(min_operand, max_operand), rng.randint(min_operand, max_operand)
         op = rng.choice(operations)
-        if (a, op, b) in seen:
-            continue  # every problem once, so no test problem is also a training problem
-        seen.add((a, op, b))
-        answer = a + b if op == "+" else a - b
-        records.append({"prompt": f"What is {a} {op} {b}? Answer with the number only.",
-                        "completion": str(answer)})
-    return records
+        problem = {"prompt": f"What is {a} {op} {b}? Answer with the number only.",
+                   "completion": str(a + b if op == "+" else a - b)}
+        records.setdefault((a, op, b), problem)  # a problem drawn again is skipped
+    return list(records.values())
 
 
 def check_arithmetic(num_examples: int, min_operand: int = 10, max_operand: int = 99,
@@ -95,17 +92,15 @@ def topic(num_examples: int, seed: int) -> list[dict]:
     return records
 
 
-# Sums of number lists whose length is log-uniform between min_items and max_items: with
-# SmolLM2's tokenizer (digits split) and a short system prompt, chat examples run from ~25 to
-# ~430 tokens, most of them short: padded batches waste much of their width (benchmarks/packing.py).
-def list_sum(num_examples: int, seed: int, min_items: int = 1, max_items: int = 100) -> list[dict]:
-    if not 1 <= min_items <= max_items:
-        raise InputError(f"dataset.options: found min_items {min_items}, max_items {max_items}; "
-                         f"expected 1 <= min_items <= max_items")
+# Sums of number lists whose length is log-uniform between 1 and 100: with SmolLM2's
+# tokenizer (digits split) and a short system prompt, chat examples run from ~25 to ~430
+# tokens, most of them short: padded batches waste much of their width (benchmarks/packing.py).
+# No options: the task schema allows dataset.options for arithmetic only.
+def list_sum(num_examples: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for _ in range(num_examples):
-        count = round(math.exp(rng.uniform(math.log(min_items), math.log(max_items))))
+        count = round(math.exp(rng.uniform(math.log(1), math.log(100))))
         numbers = [rng.randint(1, 99) for _ in range(count)]
         records.append({"prompt": f"Add up these numbers: {', '.join(map(str, numbers))}. "
                                   f"Answer with the number only.",
