@@ -171,14 +171,12 @@ def read_hub(cfg: dict) -> dict[str, list[tuple[str, dict]]]:
 
 def _map_columns(record: dict, columns: dict[str, str], where: str) -> dict:
     if not columns:
-        return record
-    mapped = dict(record)
+        return record  # as it is: check_record refuses a record that is not an object
     for field, column in columns.items():
         if column not in record:
             raise InputError(f"{where}: dataset.columns maps '{field}' to column '{column}', "
                              f"which is missing (found columns: {sorted(record)})")
-        mapped[field] = record[column]
-    return mapped
+    return {**record, **{field: record[column] for field, column in columns.items()}}
 
 
 def _prepare(rows: list[tuple[str, dict]], cfg: dict, fmt: str) -> list[dict]:
