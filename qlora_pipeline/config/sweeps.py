@@ -45,14 +45,11 @@ def expand(task: dict, schema: dict, where: str, seed: int) -> dict[str, dict]:
         check_key(key, schema, where)
     check_options(task, keys, where)
     values = [sweep[key] for key in keys]
-    if sweep["mode"] == "zip":
-        lengths = {key: len(v) for key, v in zip(keys, values)}
-        if len(set(lengths.values())) > 1:
-            raise InputError(f"{where}: key 'sweep': mode zip pairs the i-th values of every "
-                             f"key, found lists of lengths {lengths}; expected equal lengths")
-        combos = list(zip(*values))
-    else:
-        combos = list(itertools.product(*values))
+    lengths = {key: len(v) for key, v in zip(keys, values)}
+    if sweep["mode"] == "zip" and len(set(lengths.values())) > 1:
+        raise InputError(f"{where}: key 'sweep': mode zip pairs the i-th values of every "
+                         f"key, found lists of lengths {lengths}; expected equal lengths")
+    combos = zip(*values) if sweep["mode"] == "zip" else itertools.product(*values)
     seeds = sweep.get("seeds")
     points: dict[str, dict] = {}
     for combo in combos:
