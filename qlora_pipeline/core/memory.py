@@ -172,12 +172,6 @@ def activation_bytes(shapes: Shapes, batch: int, seq: int, act_bytes: int, *,
     return shapes.layers * layer
 
 
-def logits_bytes(shapes: Shapes, batch: int, seq: int, training: bool) -> int:
-    """float32 logits over the batch; training: also their log-softmax and its gradient.
-    (Scoring takes the log-softmax at continuation positions only: evaluation/shared_context.)"""
-    return batch * seq * shapes.vocab * 4 * (3 if training else 1)
-
-
 def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
              fp_bytes: int, batch: int = 1, seq: int = 1, lora: dict | None = None,
              checkpointing: bool = False, efficient_attention: bool = False,
@@ -214,7 +208,9 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
                                             checkpointing=checkpointing,
                                             efficient_attention=efficient_attention,
                                             training=training)
-    parts["logits"] = logits_bytes(shapes, batch, seq, training)
+    # float32 logits over the batch; training: also their log-softmax and its gradient.
+    # (Scoring takes the log-softmax at continuation positions only: evaluation/shared_context.)
+    parts["logits"] = batch * seq * shapes.vocab * 4 * (3 if training else 1)
     return Estimate(stage, parts)
 
 
