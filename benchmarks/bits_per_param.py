@@ -2,7 +2,7 @@
 theoretical limit (4 bits + block constants: 4.127 with double quantization, 4.5 without).
 
 The saved checkpoint is loaded as every job loads it (quantization.load_quantized) and each
-4-bit layer's stored bytes are counted by methods/bnb4.storage_bits, the quantize stage's own
+4-bit layer's stored bytes are counted by methods/bnb4.stored_bytes, the quantize stage's own
 measure: codes, absmax, code tables, the second-level constants of double quantization. The
 figure is the parameter-weighted mean over the 4-bit layers divided by the limit; the
 difference is the per-layer constants (code tables, offsets) the limit leaves out.
@@ -10,7 +10,6 @@ difference is the per-layer constants (code tables, offsets) the limit leaves ou
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from benchmarks import support
@@ -41,12 +40,12 @@ def stored_bits(path: Path) -> tuple[list[tuple[float, int]], bool]:
     """(bits/param, params) of each 4-bit layer of the saved checkpoint; its double-quant flag."""
     import bitsandbytes as bnb
 
-    from qlora_pipeline.models.methods.bnb4 import storage_bits
+    from qlora_pipeline.models.methods.bnb4 import params, stored_bytes
     from qlora_pipeline.models.quantization import load_quantized
     from qlora_pipeline.core.policy import Policy
 
     model = load_quantized(path, Policy.detect())
-    layers = [(storage_bits(m.weight), math.prod(m.weight.quant_state.shape))
+    layers = [(8 * stored_bytes(m) / params(m), params(m))
               for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not layers:
         raise RuntimeError(f"{path}: no 4-bit layer in the saved checkpoint")

@@ -195,15 +195,12 @@ def latencies(model, tokenizer, new_tokens: int, passes: int,
 
 def model_bytes(model) -> tuple[int, int]:
     """Bytes of the model's parameters and buffers (a 4-bit weight with its quantization
-    constants: models/methods/bnb4.storage_bits), and of its LoRA weights among them."""
-    import math
-
-    from qlora_pipeline.models.methods.bnb4 import storage_bits
+    constants: models/methods/bnb4.weight_bytes), and of its LoRA weights among them."""
+    from qlora_pipeline.models.methods.bnb4 import weight_bytes
 
     total = adapter = 0.0
     for name, tensor in model.named_parameters():
-        state = getattr(tensor, "quant_state", None)
-        size = (storage_bits(tensor) * math.prod(state.shape) / 8 if state is not None
+        size = (weight_bytes(tensor) if getattr(tensor, "quant_state", None) is not None
                 else tensor.numel() * tensor.element_size())
         total += size
         adapter += size if ".lora_" in name else 0

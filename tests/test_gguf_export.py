@@ -199,8 +199,9 @@ def test_export_settings(tmp_path):
     naming the key; the schema offers exactly the types the stage can write."""
     schema = load_schema("task.schema.yaml")["properties"]["export"]
     offered = schema["properties"]["type"]["items"]["enum"]
-    assert offered == list(gguf_export.TYPES)
-    assert set(gguf_roundtrip.WEIGHT_BOUNDS) == set(gguf_export.TYPES)
+    types = gguf_export.CONVERTER_TYPES + gguf_export.QUANTIZER_TYPES
+    assert offered == list(types)
+    assert set(gguf_roundtrip.WEIGHT_BOUNDS) == set(types)
     def with_export(export):
         config = load_yaml(REPO / "config" / "config.yaml")
         config["task_overrides"] = {"arithmetic": {"export": export}}

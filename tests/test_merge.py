@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,8 +186,6 @@ def reshard(model_dir, out_dir, max_shard_size: str) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from qlora_pipeline.models.quantization import state_dict
-
     state = state_dict(model_dir)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     out_dir.mkdir(parents=True)
@@ -195,6 +194,14 @@ def reshard(model_dir, out_dir, max_shard_size: str) -> None:
     (out_dir / checkpoint.INDEX).write_text(json.dumps(
         {"metadata": split.metadata, "weight_map": split.tensor_to_filename}))
     shutil.copy2(model_dir / "config.json", out_dir / "config.json")
+
+
+def state_dict(model_dir: Path) -> dict:
+    """Every tensor of a safetensors checkpoint (all shards)."""
+    from safetensors.torch import load_file
+
+    return {key: tensor for shard in sorted(Path(model_dir).glob("*.safetensors"))
+            for key, tensor in load_file(shard).items()}
 
 
 def peft_merged_state(prepared, kind: str, adapter) -> dict:
@@ -206,8 +213,6 @@ def peft_merged_state(prepared, kind: str, adapter) -> dict:
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_merge_equals_peft_merge(prepared, sharded, tmp_path, kind, variant):
     from transformers import AutoModelForCausalLM
-
-    from qlora_pipeline.models.quantization import state_dict
 
     source = sharded["dirs"][kind]
     assert len(list(source.glob("*.safetensors"))) > 5  # really many shards
@@ -243,8 +248,6 @@ def test_streamed_merge_shard_size_bounds_every_output_shard(prepared, sharded, 
 
 
 def merge_state(prepared) -> dict:
-    from qlora_pipeline.models.quantization import state_dict
-
     return state_dict(prepared["merged"]["full"])
 
 

@@ -53,10 +53,5 @@ class Checkpoint:
 
     def weight(self, key: str) -> torch.Tensor:
         """`key`'s full-precision value: dequantized if stored quantized, else as stored."""
-        value = dequantize(key, self.get, self.weight_map)
+        value = stored_weight(key, self.get, self.weight_map)
         return self.get(key) if value is None else value
-
-
-# dequantize(key, get, weight_map): the full-precision value of a quantized weight `key`, or
-# None when it is stored unquantized. Each method reads its own storage (methods/*.stored_weight).
-dequantize = stored_weight

@@ -28,7 +28,6 @@ CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py --outt
 # llama.cpp's quantizer, from the f16 file (LLAMA_FTYPE_MOSTLY_<NAME>): its usual choices.
 QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m",
                    "q5_k_s", "q5_k_m", "q6_k")
-TYPES = CONVERTER_TYPES + QUANTIZER_TYPES
 FLOAT_TYPES = ("f32", "f16", "bf16")  # rounding only: greedy answers must agree (stages/export)
 ENV = "QLORA_LLAMA_CPP"  # a llama.cpp checkout (or unpacked sdist) to take the converter from
 

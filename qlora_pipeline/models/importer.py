@@ -79,29 +79,28 @@ def load(cfg: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = cfg.get("trust_remote_code", False)
+    dtype = cfg.get("dtype", "auto")
     if cfg["source"] == "gguf":
         path = gguf_location(cfg)
         log.info("dequantizing GGUF %s (once; later stages read the safetensors)", path)
-        directory, from_gguf = path.parent, {"gguf_file": path.name}
-        kwargs = from_gguf
+        with parse_gguf_once():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=trust,
+                                                      gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        # The weights are now plain float tensors; drop the GGUF marker so they save as such.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        dtype = gguf_dtype(path) if dtype == "auto" else dtype
     elif cfg["source"] in ("hub", "local"):
         hub = cfg["source"] == "hub"
         directory = hub_snapshot(cfg) if hub else Path(cfg["path"])
         check_safetensors(directory, "base_model.id" if hub else "base_model.path")
-        from_gguf, kwargs = {}, {"use_safetensors": True, "trust_remote_code": trust}
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True,
+                                                     trust_remote_code=trust)
     else:
         raise InputError(f"base_model.source: unknown source '{cfg['source']}'; "
                          f"expected gguf, hub or local")
-    with parse_gguf_once() if cfg["source"] == "gguf" else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust, **from_gguf)
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    if cfg["source"] == "gguf":
-        # The weights are now plain float tensors; drop the GGUF marker so they save as such.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-    dtype = cfg.get("dtype", "auto")
-    if dtype == "auto" and cfg["source"] == "gguf":
-        dtype = gguf_dtype(path)
     if dtype != "auto":  # hub and local: as stored (a bf16 model stays bf16)
         model = model.to(torch_dtype(dtype))
     log.info("base stored in %s (base_model.dtype: %s)", model.dtype, cfg.get("dtype", "auto"))

@@ -39,14 +39,6 @@ def save(model, base_dir: Path, out_dir: Path) -> None:
     tokenizer_files.copy(base_dir, out_dir)
 
 
-def state_dict(model_dir: Path) -> dict:
-    """Every tensor of a safetensors checkpoint (all shards)."""
-    from safetensors.torch import load_file
-
-    return {key: tensor for shard in sorted(Path(model_dir).glob("*.safetensors"))
-            for key, tensor in load_file(shard).items()}
-
-
 def saved_compute_dtype(model) -> torch.dtype:
     """The compute dtype a loaded quantized model computes its quantized layers in."""
     return method_of(model).compute_dtype(model)
@@ -111,15 +103,6 @@ def layer_errors(model, base_state) -> list[dict]:
     return rows
 
 
-def theoretical_bits(cfg: dict, rows: list[dict], compute_dtype: torch.dtype) -> float:
-    """The method's formula (docs/quantization.md), averaged over the layers by parameters."""
-    method = methods.of(cfg["method"])
-    params = sum(r["params"] for r in rows)
-    meta_bits = torch.finfo(compute_dtype).bits  # HQQ's per-group scales: the compute dtype
-    return sum(method.theoretical_bits(cfg, in_features=r["shape"][1], meta_bits=meta_bits)
-               * r["params"] for r in rows) / max(params, 1)
-
-
 def stored_bits(quantized_dir) -> float:
     """Bits per quantized weight the quantize stage measured (its quantization.json)."""
     return read_json(f"{quantized_dir}/quantization.json")["summary"]["bits_per_param_measured"]
@@ -141,18 +124,23 @@ def checkpoint_bytes(model_dir) -> int:
 
 def summarize(rows: list[dict], cfg: dict, compute_dtype: torch.dtype, quantized_bytes: int,
               full_precision_bytes: int) -> dict:
+    method = methods.of(cfg["method"])
     params = sum(r["params"] for r in rows)
     errors = [r["relative_error"] for r in rows]
+    # The method's formula (docs/quantization.md), averaged over the layers by parameters.
+    meta_bits = torch.finfo(compute_dtype).bits  # HQQ's per-group scales: the compute dtype
+    theory = sum(method.theoretical_bits(cfg, in_features=r["shape"][1], meta_bits=meta_bits)
+                 * r["params"] for r in rows)
     return {
         "method": cfg["method"],
-        "scheme": methods.of(cfg["method"]).describe(cfg),
+        "scheme": method.describe(cfg),
         **{k: cfg[k] for k in ("double_quant", "bits", "group_size") if k in cfg},
         "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "quantized_layers": len(rows),
         "quantized_params": params,
         "bits_per_param_measured": round(sum(r["bits_per_param"] * r["params"] for r in rows)
                                          / max(params, 1), 4),
-        "bits_per_param_theoretical": round(theoretical_bits(cfg, rows, compute_dtype), 4),
+        "bits_per_param_theoretical": round(theory / max(params, 1), 4),
         "size_bytes_full_precision": full_precision_bytes,
         "size_bytes_quantized": quantized_bytes,
         "relative_error_mean": float(sum(errors) / max(len(errors), 1)),

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import INDEX, SINGLE, dequantize
 from ..models.adapter_file import read_against
+from ..models.checkpoint import INDEX, SINGLE
+from ..models.methods import stored_weight
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
     out_dir.mkdir(parents=True, exist_ok=True)
     writer, merged, dequantized = ShardWriter(out_dir, max_shard_bytes), 0, 0
     for key in checkpoint.ordered_keys():
-        tensor = dequantize(key, checkpoint.get, checkpoint.weight_map)
+        # Each method reads its own storage (methods/*.stored_weight); None: stored unquantized.
+        tensor = stored_weight(key, checkpoint.get, checkpoint.weight_map)
         dequantized += tensor is not None
         tensor = checkpoint.get(key) if tensor is None else tensor
         if key in updates:

@@ -96,11 +96,6 @@ def weight_bytes(weight) -> int:
     return total
 
 
-def storage_bits(weight) -> float:
-    """Bits per parameter stored for one 4-bit weight, every constant counted."""
-    return 8 * weight_bytes(weight) / math.prod(weight.quant_state.shape)
-
-
 def params(module) -> int:
     return math.prod(module.weight.quant_state.shape)
 
