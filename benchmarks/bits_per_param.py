@@ -10,6 +10,7 @@ difference is the per-layer constants (code tables, offsets) the limit leaves ou
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from benchmarks import support
@@ -40,12 +41,13 @@ def stored_bits(path: Path) -> tuple[list[tuple[float, int]], bool]:
     """(bits/param, params) of each 4-bit layer of the saved checkpoint; its double-quant flag."""
     import bitsandbytes as bnb
 
-    from qlora_pipeline.models.methods.bnb4 import params, stored_bytes
+    from qlora_pipeline.models.methods.bnb4 import stored_bytes
     from qlora_pipeline.models.quantization import load_quantized
     from qlora_pipeline.core.policy import Policy
 
     model = load_quantized(path, Policy.detect())
-    layers = [(8 * stored_bytes(m) / params(m), params(m))
+    layers = [(8 * stored_bytes(m) / math.prod(m.weight.quant_state.shape),
+               math.prod(m.weight.quant_state.shape))
               for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     if not layers:
         raise RuntimeError(f"{path}: no 4-bit layer in the saved checkpoint")

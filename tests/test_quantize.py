@@ -39,7 +39,7 @@ def test_storage_bits_counts_every_constant(double_quant):
         expected = (n / 2 + blocks + 4 * (blocks // 256) + 4 * 16 + 4 * 256 + 4) * 8 / n
     else:
         expected = (n / 2 + 4 * blocks + 4 * 16) * 8 / n
-    bits = 8 * quantize.stored_bytes(layer) / quantize.params(layer)
+    bits = 8 * quantize.stored_bytes(layer) / n
     assert bits == pytest.approx(expected, rel=1e-6)
     assert bits == pytest.approx(
         quantize.theoretical_bits({"double_quant": double_quant}), abs=0.02)

@@ -57,9 +57,8 @@ def read_adapter(adapter_dir: Path) -> dict[str, Update]:
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     check_supported(config, adapter_dir)
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
     layers: dict[str, dict] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
         module, part = split_adapter_key(key, adapter_dir)
         layers.setdefault(module, {})[part] = tensor
     return {f"{module}.weight": update(module, parts, config, adapter_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InputError
+from ..core.memory import safetensors_header
 from .methods import logical_keys, stored_weight
 
 INDEX = "model.safetensors.index.json"
@@ -27,10 +28,8 @@ class Checkpoint:
         if index.exists():
             self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         elif (self.dir / SINGLE).exists():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / SINGLE, "pt") as handle:
-                self.weight_map = dict.fromkeys(handle.keys(), SINGLE)
+            # Its keys sorted, as safetensors' safe_open(...).keys() gives them.
+            self.weight_map = dict.fromkeys(sorted(safetensors_header(self.dir / SINGLE)), SINGLE)
         else:
             raise InputError(f"{self.dir}: no {SINGLE} or {INDEX}; expected a safetensors "
                              f"checkpoint (save_pretrained with safe_serialization)")

@@ -50,8 +50,8 @@ def file_name(task: str, gguf_type: str) -> str:
     return f"{task}-{gguf_type}.gguf"
 
 
-def convert(model_dir: Path, out_file: Path, gguf_type: str) -> float:
-    """Run llama.cpp's converter on a Hugging Face model folder; the seconds it took."""
+def convert(model_dir: Path, out_file: Path, gguf_type: str) -> None:
+    """Run llama.cpp's converter on a Hugging Face model folder."""
     folder = converter_dir()
     # The converter runs against its own gguf-py (the PyPI gguf the importer uses may be
     # older or newer): first on its path, in its own process.
@@ -59,28 +59,24 @@ def convert(model_dir: Path, out_file: Path, gguf_type: str) -> float:
         [str(folder / "gguf-py"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir),
                "--outtype", gguf_type, "--outfile", str(out_file)]
-    started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out_file.is_file():
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir} "
                            f"(--outtype {gguf_type}, exit {done.returncode}):\n{tail}")
-    return time.perf_counter() - started
 
 
-def quantize(f16_file: Path, out_file: Path, gguf_type: str, threads: int) -> float:
-    """llama.cpp's quantizer (what the llama-quantize tool calls) on an f16 GGUF; seconds."""
+def quantize(f16_file: Path, out_file: Path, gguf_type: str, threads: int) -> None:
+    """llama.cpp's quantizer (what the llama-quantize tool calls) on an f16 GGUF."""
     llama_cpp = require_llama_cpp(f"export.type {gguf_type}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type.upper()}")
     params.nthread = threads
-    started = time.perf_counter()
     status = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(),
                                             ctypes.byref(params))
     if status != 0 or not out_file.is_file():
         raise RuntimeError(f"llama.cpp's quantizer failed on {f16_file} (type {gguf_type}, "
                            f"status {status})")
-    return time.perf_counter() - started
 
 
 def require_llama_cpp(what: str):
@@ -102,11 +98,14 @@ def export(model_dir: Path, folder: Path, task: str, types: list[str], threads: 
     f16 = folder / file_name(task, "f16")
     for gguf_type in sorted(types, key=lambda t: t not in CONVERTER_TYPES):  # f16 first
         out = folder / file_name(task, gguf_type)
+        started = time.perf_counter()
         if gguf_type in CONVERTER_TYPES:
-            seconds = convert(model_dir, out, gguf_type)
+            convert(model_dir, out, gguf_type)
         else:
-            seconds = 0.0 if f16.exists() else convert(model_dir, f16, "f16")
-            seconds += quantize(f16, out, gguf_type, threads)
+            if not f16.exists():
+                convert(model_dir, f16, "f16")
+            quantize(f16, out, gguf_type, threads)
+        seconds = time.perf_counter() - started
         written[gguf_type] = {"file": out.name, "bytes": out.stat().st_size,
                               "seconds": round(seconds, 2)}
         log.info("GGUF %s: %s, %.1f MiB, %.1f s", gguf_type, out.name,

@@ -21,12 +21,11 @@ def gguf_location(cfg: dict) -> Path:
     if cfg.get("path"):
         path = Path(cfg["path"])
     else:
-        try:
-            # find_spec raises, rather than returning None, for a dotted name whose parent
-            # package is missing and for a relative name.
+        spec = None
+        # find_spec raises, rather than returning None, for a dotted name whose parent
+        # package is missing and for a relative name.
+        with contextlib.suppress(ImportError):
             spec = importlib.util.find_spec(cfg["package"])
-        except ImportError:
-            spec = None
         # A namespace package has no origin file; its folder is its search location.
         locations = list(spec.submodule_search_locations or []) if spec else []
         if spec is None or (spec.origin is None and not locations):

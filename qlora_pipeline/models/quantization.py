@@ -97,7 +97,8 @@ def layer_errors(model, base_state) -> list[dict]:
             "layer": name,
             "shape": list(original.shape),
             "params": original.numel(),
-            "bits_per_param": round(8 * method.stored_bytes(module) / method.params(module), 4),
+            # the layer encodes the base weight's parameters (the subtraction below needs it)
+            "bits_per_param": round(8 * method.stored_bytes(module) / original.numel(), 4),
             "relative_error": float((original - restored).norm() / original.norm()),
         })
     return rows

@@ -18,7 +18,12 @@ import json
 import re
 from pathlib import Path
 
+from ..core.memory import safetensors_header
+
 REQUIRED = ("r", "lora_alpha", "target_modules")
+# Settings vLLM refuses when they are set, and its reason.
+REFUSED = {"use_dora": "vLLM does not support DoRA",
+           "modules_to_save": "vLLM only supports it being None"}
 KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
@@ -33,10 +38,7 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     problems = [f"adapter_config.json has no {key!r}" for key in REQUIRED if key not in config]
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r}: vLLM serves LoRA only")
-    if config.get("use_dora"):
-        problems.append("use_dora: vLLM does not support DoRA")
-    if config.get("modules_to_save"):
-        problems.append("modules_to_save: vLLM only supports it being None")
+    problems += [f"{key}: {why}" for key, why in REFUSED.items() if config.get(key)]
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         problems.append("bias: vLLM serves bias 'none' only (without --enable-lora-bias)")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -48,10 +50,7 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
 
 
 def _tensor_problems(weights: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(weights, "pt") as handle:
-        keys = list(handle.keys())
+    keys = sorted(safetensors_header(weights))  # as safetensors' safe_open(...).keys()
     matches = [KEY.fullmatch(k) for k in keys]
     odd = [k for k, match in zip(keys, matches) if not match]
     modules = {}
@@ -64,8 +63,6 @@ def _tensor_problems(weights: Path) -> list[str]:
 
 def max_rank(adapter_dir: str | Path) -> int:
     """The largest rank among the adapter's modules (vLLM's --max-lora-rank must reach it)."""
-    from safetensors import safe_open
-
-    with safe_open(Path(adapter_dir) / "adapter_model.safetensors", "pt") as handle:
-        return max((handle.get_slice(k).get_shape()[0] for k in handle.keys()
-                    if k.endswith("lora_A.weight")), default=0)
+    header = safetensors_header(Path(adapter_dir) / "adapter_model.safetensors")
+    return max((info["shape"][0] for key, info in header.items()
+                if key.endswith("lora_A.weight")), default=0)

@@ -6,8 +6,8 @@ method. A method module declares everything about it, and nothing else lists met
     NAMES, KEYS                               its quantization.method names; its own config
                                               keys with their defaults (config/quantization.py)
     label(cfg), describe(cfg), THEORY         its name in a sweep, in reports, its bits in words
-    available() -> bool                       its library imports
-    layer_class()                             the class of its quantized linear layers
+    layer_class()                             the class of its quantized linear layers (None
+                                              where its library is not installed)
     WROTE                                     what config.json's quantization_config holds
                                               when it wrote the checkpoint
     quantize(base_dir, cfg, policy) -> model  the base quantized in memory
@@ -15,14 +15,14 @@ method. A method module declares everything about it, and nothing else lists met
     load(path, policy) -> model               that checkpoint, loaded as stored
     compute_dtype(model)                      the dtype its layers take and give
     dequantized(module) -> Tensor             deq(Q(W)) of one layer
-    stored_bytes(module), params(module)      what one layer stores (every constant), and encodes
+    stored_bytes(module)                      what one layer stores (every constant)
     theoretical_bits(cfg, in_features=, meta_bits=)   the formula of docs/quantization.md (with
                                               its defaults: the bits a memory estimate counts)
     stored_weight(key, get, weight_map)       deq(Q(W)) read from a checkpoint's tensors, or None
     is_stored_part(key, weight_map), weight_key(key)   its stored tensors vs the model's keys
     TOLERANCE                                 numerics.check's bound for the layer's math
 Each imports torch and its library only inside its functions: the config reads them when the
-workflow is parsed. What several methods share (available, save, load, weight_key for the
+workflow is parsed. What several methods share (save, load, weight_key for the
 checkpoints transformers saves itself) is defined once in common.py and re-exported.
 """
 
@@ -51,7 +51,7 @@ def of_checkpoint(path) -> object:
 
 def layers_types() -> tuple[type, ...]:
     """The classes of quantized linear layers, every method's."""
-    return tuple(m.layer_class() for m in ALL if m.available())
+    return tuple(filter(None, (m.layer_class() for m in ALL)))
 
 
 def layers(model) -> list[tuple[str, object]]:
@@ -61,7 +61,7 @@ def layers(model) -> list[tuple[str, object]]:
 
 
 def of_layer(module):
-    return next(m for m in ALL if m.available() and isinstance(module, m.layer_class()))
+    return next(m for m in ALL if isinstance(module, m.layer_class() or ()))  # () matches none
 
 
 def stored_weight(key: str, get, weight_map: dict):
@@ -71,17 +71,13 @@ def stored_weight(key: str, get, weight_map: dict):
     return next((value for value in values if value is not None), None)
 
 
-def is_stored_part(key: str, weight_map: dict) -> bool:
-    """A tensor a method stores beside (or instead of) a layer's weight: not a model key."""
-    return any(m.is_stored_part(key, weight_map) for m in ALL)
-
-
 def logical_keys(keys: list[str], weight_map: dict) -> list[str]:
     """The model's own keys in a quantized checkpoint, in order: each method's stored parts
     replaced by the `<layer>.weight` they encode."""
     out = []
     for key in keys:
         renamed = next(filter(None, (module.weight_key(key) for module in ALL)), None)
-        if renamed or not is_stored_part(key, weight_map):
+        # A tensor a method stores beside (or instead of) a layer's weight is not a model key.
+        if renamed or not any(m.is_stored_part(key, weight_map) for m in ALL):
             out.append(renamed or key)
     return out

@@ -6,13 +6,12 @@ quantization one 8-bit absmax per 64 and one fp32 scale (and offset) per 256 blo
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from ...core.errors import NumericsError
 from ...core.policy import Policy, torch_dtype
-from .common import ROUNDING, from_pretrained_quantized, nbytes
-from .common import available as available, save as save, weight_key as weight_key
+from .common import ROUNDING, from_pretrained, nbytes
+from .common import save as save, weight_key as weight_key
 from .common import load as load_as_stored
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
@@ -62,7 +61,7 @@ def quantize(base_dir, cfg: dict, policy: Policy):
         llm_int8_skip_modules=cfg["skip_modules"] or None,
         bnb_4bit_quant_storage=storage,
     )
-    return single_path(from_pretrained_quantized(base_dir, config, policy))
+    return single_path(from_pretrained(base_dir, policy, quantization_config=config))
 
 
 def load(path, policy: Policy):
@@ -70,8 +69,8 @@ def load(path, policy: Policy):
 
 
 def compute_dtype(model) -> torch.dtype:
-    value = model.config.quantization_config.bnb_4bit_compute_dtype
-    return torch_dtype(value) if isinstance(value, str) else value
+    # A dtype while the model is loaded, its name in a saved config: torch_dtype reads both.
+    return torch_dtype(str(model.config.quantization_config.bnb_4bit_compute_dtype))
 
 
 def dequantized(module) -> torch.Tensor:
@@ -94,10 +93,6 @@ def weight_bytes(weight) -> int:
         total += nbytes(state.state2.absmax) + nbytes(state.state2.code)
         total += nbytes(state.offset) if torch.is_tensor(state.offset) else 4
     return total
-
-
-def params(module) -> int:
-    return math.prod(module.weight.quant_state.shape)
 
 
 def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:

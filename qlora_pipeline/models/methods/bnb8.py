@@ -8,12 +8,11 @@ rounding: TOLERANCE is looser than 4-bit's.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from ...core.policy import Policy
-from .common import from_pretrained_quantized, nbytes
-from .common import available as available, load as load, save as save, weight_key as weight_key
+from .common import from_pretrained, nbytes
+from .common import load as load, save as save, weight_key as weight_key
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
     import torch
@@ -42,8 +41,8 @@ WROTE = {"quant_method": "bitsandbytes", "load_in_8bit": True}
 def quantize(base_dir, cfg: dict, policy: Policy):
     from transformers import BitsAndBytesConfig
 
-    return from_pretrained_quantized(base_dir, BitsAndBytesConfig(
-        load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None), policy)
+    return from_pretrained(base_dir, policy, quantization_config=BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None))
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -64,10 +63,6 @@ def dequantized(module) -> torch.Tensor:
 
 def stored_bytes(module) -> int:
     return nbytes(module.weight.data) + nbytes(_scales(module)) + 1  # + weight_format byte
-
-
-def params(module) -> int:
-    return math.prod(module.weight.shape)
 
 
 def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:

@@ -1,27 +1,26 @@
-"""What the methods share: transformers' quantize-at-load, tensor sizes, and the rounding of
-the same math in a dtype (each method's numerics.check bound starts from it)."""
+"""What the methods share: loading the base (transformers' quantize-at-load), tensor sizes,
+and the rounding of the same math in a dtype (each method's numerics.check bound starts
+from it)."""
 
 from __future__ import annotations
 
 from ...core.policy import Policy
 
 
-def from_pretrained_quantized(base_dir, quantization_config, policy: Policy):
-    """The base quantized while transformers loads it (bitsandbytes' methods)."""
+def from_pretrained(base_dir, policy: Policy, device_map=None, quantization_config=None):
+    """The base as a method starts from: as stored on a GPU, in float32 on a CPU, on the policy's
+    device unless `device_map` says; with a quantization_config, quantized while transformers
+    loads it (bitsandbytes' methods)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=quantization_config, device_map=policy.device,
+        base_dir, quantization_config=quantization_config, device_map=device_map or policy.device,
         dtype="auto" if policy.cuda else torch.float32)
 
 
 # The interface's defaults for a method whose checkpoint transformers saves and loads itself
 # (bitsandbytes'): a module re-exports those it shares (`from .common import save as save`).
-def available() -> bool:
-    return True
-
-
 def save(model, out_dir) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...core.errors import InputError
 from ...core.policy import Policy, torch_dtype
-from .common import ROUNDING, nbytes, replace_module
+from .common import ROUNDING, from_pretrained, nbytes, replace_module
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
     import torch
@@ -38,17 +37,12 @@ PACKED = {8: 8.0, 4: 4.0, 3: 32 / 10, 2: 2.0, 1: 1.0}
 TOLERANCE = ROUNDING  # x @ deq(W)^T: dequantize, then matmul
 
 
-def available() -> bool:
-    try:
-        import hqq.core.quantize  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def layer_class():
-    from hqq.core.quantize import HQQLinear
-
+    """HQQLinear, or None where hqq is not installed."""
+    try:
+        from hqq.core.quantize import HQQLinear
+    except ImportError:
+        return None
     return HQQLinear
 
 
@@ -65,28 +59,20 @@ def label(cfg: dict) -> str:
     return f"hqq{cfg['bits']}-g{cfg['group_size']}"
 
 
-def _settings(cfg: dict, dtype: torch.dtype) -> dict:
-    """What config.json records: HqqConfig's dictionary (quant_method, quant_config,
-    skip_modules) and the compute dtype the layers were built for."""
-    from hqq.core.quantize import BaseQuantizeConfig
-
-    return {"quant_method": "hqq", "skip_modules": list(cfg["skip_modules"]),
-            "quant_config": BaseQuantizeConfig(nbits=cfg["bits"], group_size=cfg["group_size"],
-                                               axis=1),
-            "compute_dtype": str(dtype).removeprefix("torch.")}
-
-
 def quantize(base_dir, cfg: dict, policy: Policy):
     """Every nn.Linear but skip_modules (and a tied output head) replaced by an HQQLinear built
     from its weight, one layer at a time, on the job's device."""
     import torch
-    from hqq.core.quantize import HQQLinear
-    from transformers import AutoModelForCausalLM
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     dtype = policy.compute_dtype(cfg["compute_dtype"])
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto" if policy.cuda
-                                                 else torch.float32, device_map="cpu")
-    settings = _settings(cfg, dtype)
+    model = from_pretrained(base_dir, policy, device_map="cpu")
+    # What config.json records: HqqConfig's dictionary (quant_method, quant_config,
+    # skip_modules) and the compute dtype the layers were built for.
+    settings = {"quant_method": "hqq", "skip_modules": list(cfg["skip_modules"]),
+                "quant_config": BaseQuantizeConfig(nbits=cfg["bits"],
+                                                   group_size=cfg["group_size"], axis=1),
+                "compute_dtype": str(dtype).removeprefix("torch.")}
     head = model.get_output_embeddings()
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and module is not head
@@ -175,10 +161,6 @@ def stored_bytes(module) -> int:
     return nbytes(module.W_q) + sum(nbytes(v) for v in module.meta.values() if torch.is_tensor(v))
 
 
-def params(module) -> int:
-    return math.prod(module.meta["shape"])
-
-
 def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int = 32) -> float:
     """PACKED[bits] + 2·b/group_size: a scale and a zero of b bits (the compute dtype's) each."""
     return PACKED[cfg["bits"]] + 2 * meta_bits / cfg["group_size"]
@@ -204,7 +186,7 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
 
 def is_stored_part(key: str, weight_map: dict) -> bool:
     prefix, _, leaf = key.rpartition(".")
-    return f"{prefix}.W_q" in weight_map and leaf in _state_keys() if available() else False
+    return f"{prefix}.W_q" in weight_map and leaf in _state_keys() if layer_class() else False
 
 
 def weight_key(key: str) -> str | None:
