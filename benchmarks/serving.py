@@ -195,13 +195,14 @@ def latencies(model, tokenizer, new_tokens: int, passes: int,
 
 def model_bytes(model) -> tuple[int, int]:
     """Bytes of the model's parameters and buffers (a 4-bit weight with its quantization
-    constants: models/methods/bnb4.weight_bytes), and of its LoRA weights among them."""
-    from qlora_pipeline.models.methods.bnb4 import weight_bytes
+    constants: models/methods/bnb4.stored_bytes), and of its LoRA weights among them."""
+    from qlora_pipeline.models.methods import bnb4
 
+    quantized = {id(m.weight): bnb4.stored_bytes(m) for m in model.modules()
+                 if isinstance(m, bnb4.layer_class())}
     total = adapter = 0.0
     for name, tensor in model.named_parameters():
-        size = (weight_bytes(tensor) if getattr(tensor, "quant_state", None) is not None
-                else tensor.numel() * tensor.element_size())
+        size = quantized.get(id(tensor), tensor.numel() * tensor.element_size())
         total += size
         adapter += size if ".lora_" in name else 0
     total += sum(b.numel() * b.element_size() for b in model.buffers())

@@ -80,15 +80,11 @@ def dequantized(module) -> torch.Tensor:
 
 
 def stored_bytes(module) -> int:
-    return weight_bytes(module.weight)
-
-
-def weight_bytes(weight) -> int:
-    """A 4-bit weight (Params4bit) with every constant of its quantization state."""
+    """The layer's 4-bit weight (Params4bit) with every constant of its quantization state."""
     import torch
 
-    state = weight.quant_state
-    total = nbytes(weight.data) + nbytes(state.absmax) + nbytes(state.code)
+    state = module.weight.quant_state
+    total = nbytes(module.weight.data) + nbytes(state.absmax) + nbytes(state.code)
     if state.nested:
         total += nbytes(state.state2.absmax) + nbytes(state.state2.code)
         total += nbytes(state.offset) if torch.is_tensor(state.offset) else 4
