@@ -42,12 +42,16 @@ def with_adapter(model, adapter_dir):
     return PeftModel.from_pretrained(model, adapter_dir)
 
 
-@torch.no_grad()
 def logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The model's logits on each prompt, the model freed before the next one loads."""
     model.eval()
     dev = next(model.parameters()).device
-    return [model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu()
-            for ids in prompts]
+    with torch.no_grad():
+        out = [model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu()
+               for ids in prompts]
+    del model
+    gc.collect()
+    return out
 
 
 def gaps(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
@@ -70,25 +74,17 @@ def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, out_dir, prompt
     source = base_dir if kind == "full" else quant_dir
     streamed = streamed_merge.merge(source, adapter_dir, out_dir, policy.full_precision_dtype,
                                     max_shard_bytes)
-    merged_logits = logits_released(load_full_precision(out_dir, policy, offload=True), prompts)
-    unmerged = logits_released(with_adapter(load_base(kind, base_dir, quant_dir, policy),
-                                            adapter_dir), prompts)
+    merged_logits = logits(load_full_precision(out_dir, policy, offload=True), prompts)
+    unmerged = logits(with_adapter(load_base(kind, base_dir, quant_dir, policy), adapter_dir),
+                      prompts)
     check = {"vs_unmerged": gaps(merged_logits, unmerged),
              "vs_trained": gaps(merged_logits, trained_logits), "streamed": streamed}
     log.info("merge check (%s): %s", kind, check)
     return check
 
 
-def logits_released(model, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """The model's logits, the model freed before the next one loads."""
-    out = logits(model, prompts)
-    del model
-    gc.collect()
-    return out
-
-
 def trained_model_logits(quant_dir, adapter_dir, prompts, policy) -> list[torch.Tensor]:
     """Logits of the model as trained: the quantized base with the adapter on top."""
     from ..models.quantization import load_quantized
 
-    return logits_released(with_adapter(load_quantized(quant_dir, policy), adapter_dir), prompts)
+    return logits(with_adapter(load_quantized(quant_dir, policy), adapter_dir), prompts)
