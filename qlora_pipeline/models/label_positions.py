@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from .numerics import LOSS_TOLERANCE
+from .numerics import LOSS_TOLERANCE, in_mode
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,12 @@ def check(model, batch: dict) -> dict:
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     kept = keep(batch)
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model, training=False):
         full = model(**batch)
         try:
             fast = model(**kept)
         except (RuntimeError, ValueError, TypeError) as err:  # e.g. all logits, fewer targets
             return {"used": False, "reason": f"the model failed on kept positions: {err}"}
-    finally:
-        model.train(was_training)
     wanted = kept["logits_to_keep"].numel() if "logits_to_keep" in kept else batch["input_ids"].shape[1]
     gap = abs(float(full.loss) - float(fast.loss))
     tolerance = LOSS_TOLERANCE.get(full.logits.dtype, 1e-2) * max(1.0, abs(float(full.loss)))

@@ -19,6 +19,7 @@ x @ deq(W)^T up to the method's rounding, with a gradient for the input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -79,6 +80,17 @@ def _relative(a: torch.Tensor | None, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+@contextlib.contextmanager
+def in_mode(module, training: bool):
+    """`module` in training (or eval) mode inside the block, back in its own mode after it."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, float]:
     """Relative gaps of one layer: eval output, then train output and input gradient."""
     weight = of_layer(module).dequantized(module).to(dtype)
@@ -89,9 +101,7 @@ def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, 
     reference = torch.nn.functional.linear(x, weight, bias)
     reference_grad = upstream @ weight
 
-    was_training = module.training
-    try:
-        module.eval()
+    with in_mode(module, training=False):
         with torch.no_grad():  # the pass that would repack the weight
             eval_out = module(x)
         module.train()
@@ -99,7 +109,5 @@ def _probe(module, dtype: torch.dtype, generator: torch.Generator) -> dict[str, 
         train_out = module(x_grad)
         if train_out.requires_grad:
             train_out.backward(upstream)
-    finally:
-        module.train(was_training)
     return {"eval": _relative(eval_out, reference), "train": _relative(train_out, reference),
             "input_grad": _relative(x_grad.grad, reference_grad)}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..models import label_positions, segments
-from ..models.numerics import LOSS_TOLERANCE
+from ..models.numerics import LOSS_TOLERANCE, in_mode
 
 MIN_PREFIX = 4  # shorter common prefixes save less than the extra forward call costs
 CHECK_ROWS = 2
@@ -157,9 +157,7 @@ def check(model, batch: dict) -> dict:
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype
     result = {"prefix_tokens": length, "positions": int(small["input_ids"].shape[1]),
               "tolerance": LOSS_TOLERANCE.get(dtype, 1e-2), "layouts": [], "refused": {}}
-    was_training = model.training
-    model.train()
-    try:
+    with in_mode(model, training=True):
         whole = _loss_and_grads(model, small)
         for layout, build in ((ONE_ROW, one_row), (CACHE, cached)):
             gaps = _gaps(model, whole, lambda b=build: b(model, small, length))
@@ -170,8 +168,6 @@ def check(model, batch: dict) -> dict:
                 result["layouts"].append(layout)
             else:  # NaN included
                 result["refused"][layout] = "loss or gradients differ from the whole batch's"
-    finally:
-        model.train(was_training)
     if not result["layouts"]:
         return {"used": False, "reason": "; ".join(f"{k}: {v}" for k, v in result["refused"].items()),
                 **result}
