@@ -189,7 +189,7 @@ def add_lora(model):
 
     expected = lora.expected_trainable(model, LORA)
     model = lora.inject(model, LORA, gradient_checkpointing=True)
-    packing.without_cache(model)  # with a KV cache, transformers ignores packed positions
+    model.config.use_cache = False  # with a KV cache, transformers ignores packed positions
     return model, lora.verify_frozen(model, expected)
 
 
@@ -354,7 +354,7 @@ def run(name: str, model, warm: list, timed: list, policy) -> dict:
 
 
 
-def isolation(model, row: dict, tokenizer, policy) -> dict:
+def isolation(model, row: dict, policy) -> dict:
     """The pipeline's check that packed examples do not attend to each other, on this
     machine's attention path: each example's loss in the packed row against its loss alone,
     under the training steps' autocast (so a bf16 tolerance where they compute in bf16).
@@ -365,7 +365,7 @@ def isolation(model, row: dict, tokenizer, policy) -> dict:
 
     try:
         with torch.autocast(policy.device, dtype=torch.bfloat16, enabled=policy.bf16):
-            return {"ok": True, **check_isolation(model, row, tokenizer)}
+            return {"ok": True, **check_isolation(model, row)}
     except InputError as err:
         return {"ok": False, "message": str(err)}
 
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{policy.device_name}", flush=True)
     tokenizer = tokenizer_for_padding()
     work, probe = workloads(scale, tokenizer, torch.device(policy.device))
-    checked = isolation(model, probe, tokenizer, policy)
+    checked = isolation(model, probe, policy)
     rows = []
     for name, (warm, timed) in work.items():
         rows.append(run(name, model, warm, timed, policy))

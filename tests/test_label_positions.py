@@ -51,7 +51,7 @@ def test_same_loss_and_gradients_as_every_logit(tiny_tokenizer, arch, packed):
     model = lora(build_model(len(tiny_tokenizer), 0, arch))
     rows = examples([7, 12, 5, 9, 3], seed=1)
     if packed:
-        packing.without_cache(model)
+        model.config.use_cache = False
         rows = pack(rows, max_length=24)
     batch = packing.Collator(tiny_tokenizer)([dict(r) for r in rows])
     kept = packing.Collator(tiny_tokenizer, label_positions=True)([dict(r) for r in rows])

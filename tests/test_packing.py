@@ -55,7 +55,7 @@ def test_collator_gives_positions_and_no_mask_for_packed_rows(tiny_tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_packed_example_scores_as_if_alone(tiny_tokenizer, arch):
     model = build_model(len(tiny_tokenizer), 0, arch).eval()
-    packing.without_cache(model)
+    model.config.use_cache = False
     singles = examples([7, 12, 5, 9, 3])
     rows = pack(singles, max_length=24)
     assert len(rows) == 2 and len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
@@ -71,7 +71,7 @@ def test_each_packed_example_scores_as_if_alone(tiny_tokenizer, arch):
             gaps.append(abs(loss(logits[row, start:start + len(ids)], ids) - loss(alone, ids)))
             start += len(ids)
     assert max(gaps) < 1e-4, gaps
-    assert packing.check_isolation(model, rows[0], tiny_tokenizer)["max_loss_gap"] < 1e-4
+    assert packing.check_isolation(model, rows[0])["max_loss_gap"] < 1e-4
 
 
 def test_a_model_that_leaks_is_refused(tiny_tokenizer):
@@ -81,7 +81,7 @@ def test_a_model_that_leaks_is_refused(tiny_tokenizer):
     model.config.use_cache = True
     row = pack(examples([7, 12, 5]), max_length=24)[0]
     with pytest.raises(InputError, match=r"tokenize.packing: examples packed .* attend to each"):
-        packing.check_isolation(model, row, tiny_tokenizer)
+        packing.check_isolation(model, row)
 
 
 def test_qlora_trains_on_packed_rows(tmp_path, tiny_model_dir):

@@ -147,7 +147,7 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     if args.optim != cfg["optimizer"]:
         log.info("optimizer: %s unavailable here (CUDA; FSDP); using %s instead",
                  cfg["optimizer"], args.optim)
-    isolation = packed_isolation(model, data["train"], tokenizer)
+    isolation = packed_isolation(model, data["train"])
     # Rank 0 keeps the record; every rank checks its own gradients.
     callbacks = [*((MetricsLog(metrics_path),) if distributed.is_main() else ()), GradientGuard(),
                  *observers]
@@ -237,14 +237,15 @@ def proven_on_first_rows(what: str, check, model, rows, collator, batch_size: in
     return result
 
 
-def packed_isolation(model, train, tokenizer) -> dict | None:
+def packed_isolation(model, train) -> dict | None:
     """For packed data: no KV cache, and proof on the row holding the most examples (among
     the first 16) that none attends to another (packing.check_isolation)."""
     if not packing.is_packed(train):
         return None
-    packing.without_cache(model)
+    # Training never reads a KV cache, and with one transformers ignores packed positions.
+    model.config.use_cache = False
     best = max(range(min(len(train), 16)), key=lambda i: train[i]["position_ids"].count(0))
-    result = packing.check_isolation(model, train[best], tokenizer)
+    result = packing.check_isolation(model, train[best])
     log.info("packing: examples isolated in packed rows: %s", result)
     return result
 
@@ -275,9 +276,7 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerS
 
 def discard_stale_checkpoints(root: Path, keep: str) -> None:
     """Checkpoints are keyed by config hash; those of another config are never resumed."""
-    if not root.is_dir():
-        return
-    for other in root.iterdir():
+    for other in root.glob("*"):  # none if no folder; hidden names included, as iterdir
         if other.name != keep:
             log.info("discarding checkpoints %s: made under another configuration", other)
             shutil.rmtree(other, ignore_errors=True)

@@ -18,7 +18,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from ..core.errors import InputError
 from ..models import label_positions
-from ..models.numerics import LOSS_TOLERANCE
+from ..models.numerics import LOSS_TOLERANCE, in_mode
 
 class Collator:
     """Right-padded batches; for packed rows, position ids instead of an attention mask.
@@ -46,36 +46,26 @@ def is_packed(dataset) -> bool:
     return "position_ids" in dataset.column_names
 
 
-def without_cache(model) -> None:
-    """Training never reads a KV cache, and with one transformers ignores packed positions."""
-    model.config.use_cache = False
-
-
 def _loss(logits, ids) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]))
 
 
 @torch.no_grad()
-def check_isolation(model, row: dict, tokenizer) -> dict:
+def check_isolation(model, row: dict) -> dict:
     """Each example's loss inside a packed row against its loss alone; raises when a gap is
     above the tolerance of the model's dtype (its examples would see each other)."""
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        packed = Collator(tokenizer)([{k: list(row[k]) for k in ("input_ids", "labels",
-                                                                  "position_ids")}])
-        logits = model(input_ids=packed["input_ids"].to(device),
-                       position_ids=packed["position_ids"].to(device)).logits[0]
+    with in_mode(model, training=False):
+        # the one row as the collator gives it: nothing to pad, and no attention mask
+        logits = model(input_ids=torch.tensor([row["input_ids"]], device=device),
+                       position_ids=torch.tensor([row["position_ids"]], device=device)).logits[0]
         dtype = logits.dtype
         gap = 0.0
         for start, end in zip(starts[:-1], starts[1:]):
             ids = torch.tensor(row["input_ids"][start:end], device=device)
             alone = model(input_ids=ids[None]).logits[0]
             gap = max(gap, abs(_loss(logits[start:end], ids) - _loss(alone, ids)))
-    finally:
-        model.train(was_training)
     tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
     if gap > tolerance:
         config = model.config
