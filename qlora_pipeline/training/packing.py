@@ -26,7 +26,6 @@ class Collator:
 
     def __init__(self, tokenizer, label_positions: bool = False):
         self.pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.side = tokenizer.padding_side
         self.label_positions = label_positions
 
     def __call__(self, features: list[dict]) -> dict:
@@ -37,7 +36,7 @@ class Collator:
             # its own
             batch["position_ids"] = torch.nn.utils.rnn.pad_sequence(
                 [torch.as_tensor(ids) for ids in positions], batch_first=True,
-                padding_side=self.side)
+                padding_side=self.pad.tokenizer.padding_side)
             del batch["attention_mask"]  # with one, transformers would not separate examples
         return label_positions.keep(batch) if self.label_positions else batch
 

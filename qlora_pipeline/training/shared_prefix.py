@@ -169,9 +169,8 @@ def check(model, batch: dict) -> dict:
             else:  # NaN included
                 result["refused"][layout] = "loss or gradients differ from the whole batch's"
     if not result["layouts"]:
-        return {"used": False, "reason": "; ".join(f"{k}: {v}" for k, v in result["refused"].items()),
-                **result}
-    return {"used": True, **result}
+        result["reason"] = "; ".join(f"{k}: {v}" for k, v in result["refused"].items())
+    return {"used": bool(result["layouts"]), **result}
 
 
 def _gaps(model, whole, build) -> dict:
