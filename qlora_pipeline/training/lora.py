@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -222,14 +223,21 @@ def keep_adapters_fp32(model) -> None:
 
 
 def trainable_summary(model) -> dict:
-    from ..models.methods import layers, of_layer
+    from ..models.methods import layers
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # A quantized layer stores its weight packed (4-bit: two per byte; HQQ's codes W_q, its
-    # bias a plain tensor): count the parameters its method says it represents, and its bias.
-    quantized = [m for _, m in layers(model)]
-    stored = {id(p) for m in quantized for p in m.parameters(recurse=False)}
-    total = sum(p.numel() for p in model.parameters() if id(p) not in stored) + sum(
-        of_layer(m).params(m) + (m.bias.numel() if m.bias is not None else 0) for m in quantized)
+    # HQQ's packed codes (W_q) are a parameter of another size, and its bias a plain tensor:
+    # count the weight they encode, and the bias.
+    hqq = [m for _, m in layers(model) if hasattr(m, "W_q")]
+    packed = {id(m.W_q): math.prod(m.meta["shape"]) for m in hqq}
+    total = sum(packed.get(id(p)) or _stored_numel(p) for p in model.parameters()) + \
+        sum(m.bias.numel() for m in hqq if m.bias is not None
+            and not isinstance(m.bias, torch.nn.Parameter))
     return {"trainable_params": trainable, "total_params": total,
             "trainable_pct": round(100 * trainable / total, 4)}
+
+
+def _stored_numel(param) -> int:
+    # A 4-bit weight is stored packed two per byte; count the parameters it represents.
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
