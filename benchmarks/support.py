@@ -150,6 +150,16 @@ def bench_train_cfg(train: dict, steps: int) -> dict:
 
 # ---- tiny inputs for --smoke -----------------------------------------------------------------
 
+def run_stage(rule: str, *, policy=None, **kwargs):
+    """A stage called by its rule's names outside Snakemake (tests, benchmarks), as its job
+    runs it: outputs complete or absent, with provenance. Returns what the stage returns."""
+    from qlora_pipeline.jobs.runner import Job
+
+    job = Job.from_call(rule, kwargs, threads=policy.threads if policy else 1,
+                        wants_gpu=policy is None or policy.cuda)
+    return job.run() if policy is None else job.execute(policy)
+
+
 @functools.cache
 def scratch() -> Path:
     """One temporary folder per driver process for the tiny inputs, removed at exit."""
@@ -170,7 +180,6 @@ def tiny_base() -> Path:
 def tiny_quantized() -> Path:
     """The tiny base quantized by the pipeline's own quantize stage (NF4, double quant)."""
     from qlora_pipeline.core.policy import Policy
-    from qlora_pipeline.jobs.runner import run_stage
 
     path = scratch() / "quantized"
     run_stage("quantize", base=tiny_base(), quantized=path, seed=0, policy=Policy.detect(),
@@ -190,7 +199,6 @@ def tokenized(root: Path, base: Path, dataset: dict, tokenize: dict) -> Path:
     import datasets
 
     from qlora_pipeline.core.policy import Policy
-    from qlora_pipeline.jobs.runner import run_stage
 
     datasets.disable_progress_bars()  # the driver's output is the benchmarks' progress
     policy = Policy.detect()

@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .core import layout
 from .core.errors import InputError
 from .models.generation import LlamaCppModel, answer
 
@@ -50,7 +51,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_settings(config_path: str) -> tuple[dict, dict]:
     """(config, tasks) of the run, its results folder selected (config key `run`)."""
-    from .core import layout
     from .config import load_config
     from .config.schema import load_yaml
 
@@ -61,8 +61,6 @@ def run_settings(config_path: str) -> tuple[dict, dict]:
 
 def variant_paths(variant: str, task: str) -> dict[str, str]:
     """What the variant loads, each checked to exist (the run must have produced it)."""
-    from .core import layout
-
     try:
         inputs = layout.variant_inputs(variant, task)
     except ValueError as err:
@@ -156,7 +154,6 @@ def load(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
-    from .core import layout
     from .evaluation.harness import load_model
     from .core.policy import Policy
 

@@ -27,11 +27,11 @@ def _value(text: str):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    from .jobs.runner import rules
+    from .jobs.code_digest import stage_functions  # every stage's name, read without importing
 
     parser = argparse.ArgumentParser(
         prog="qlora-stage", description="Run one pipeline stage outside Snakemake.",
-        epilog=f"stages: {', '.join(rules())}")
+        epilog=f"stages: {', '.join(stage_functions())}")
     parser.add_argument("rule", help="the stage, named like its rule")
     parser.add_argument("arguments", nargs="*", metavar="name=value",
                         help="the rule's inputs, outputs and params (JSON or text)")

@@ -64,7 +64,7 @@ def job_policy():
 def stage(rule: str):
     """The stage of `rule` called by its rule's names, as its job runs it (outputs complete or
     absent, with provenance), with this machine's policy unless one is given."""
-    from qlora_pipeline.jobs.runner import run_stage
+    from benchmarks.support import run_stage
 
     def call(**kwargs):
         return run_stage(rule, **{"policy": job_policy(), **kwargs})

@@ -45,6 +45,11 @@ with open(out, "w") as f:
 """
 
 
+def claim_one(num_gpus: int, **waiting) -> gpus.GpuClaim:
+    """A free GPU among `num_gpus`, as a job that is not distributed claims it."""
+    return gpus.claim_many(num_gpus, 1, **waiting)[0]
+
+
 @pytest.fixture
 def sim(tmp_path, monkeypatch):
     """N simulated GPUs with a private lock directory; no Slurm, no preset device list."""
@@ -136,7 +141,7 @@ def test_pinning_sets_and_restores_cuda_visible_devices(sim):
     with gpus.pinned_gpu() as first:
         assert first == 0 and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
         # A second claim in the same process is another holder: it gets the other GPU.
-        with gpus.claim(2) as second:
+        with claim_one(2) as second:
             assert second.index == 1
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     with gpus.pinned_gpu() as again:  # released: GPU 0 is free again
@@ -147,7 +152,7 @@ def test_a_distributed_job_claims_one_gpu_per_process(sim):
     """train.distributed.processes = 2: the job sees two GPUs, takes them only when both are
     free (a partial claim is given back while it waits), and asks for no more than there are."""
     sim.env(3)
-    with gpus.claim(3) as held:  # another job holds GPU 0
+    with claim_one(3) as held:  # another job holds GPU 0
         assert held.index == 0
         with gpus.pinned_gpu(2) as first:
             assert first == 1 and os.environ["CUDA_VISIBLE_DEVICES"] == "1,2"
@@ -199,13 +204,13 @@ def test_a_claim_waits_until_a_gpu_is_released(sim):
         assert sorted(info["index"] for _, info in holders) == [0, 1]
         assert [info["cvd"] for _, info in holders] == [str(i["index"]) for _, i in holders]
         with pytest.raises(TimeoutError):
-            gpus.claim(2, poll_s=0.05, timeout_s=0.5)
+            claim_one(2, poll_s=0.05, timeout_s=0.5)
 
         got = {}
 
         def wait_for_gpu():
             started = time.monotonic()
-            with gpus.claim(2, poll_s=0.05) as claim:
+            with claim_one(2, poll_s=0.05) as claim:
                 got.update(index=claim.index, waited=time.monotonic() - started)
 
         waiter = threading.Thread(target=wait_for_gpu)
@@ -229,10 +234,10 @@ def test_a_killed_holder_releases_its_gpu(sim):
     try:
         assert info["index"] == 0
         with pytest.raises(TimeoutError):
-            gpus.claim(1, poll_s=0.05, timeout_s=0.3)
+            claim_one(1, poll_s=0.05, timeout_s=0.3)
         os.kill(proc.pid, signal.SIGKILL)  # a crash: no cleanup code runs
         assert proc.wait(timeout=30) == -signal.SIGKILL
-        with gpus.claim(1, poll_s=0.05, timeout_s=10) as claim:
+        with claim_one(1, poll_s=0.05, timeout_s=10) as claim:
             assert claim.index == 0
     finally:
         if proc.poll() is None:

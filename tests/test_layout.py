@@ -13,7 +13,8 @@ import yaml
 
 from conftest import REPO
 from qlora_pipeline.core import layout
-from qlora_pipeline.jobs.runner import rules, stage_function
+from qlora_pipeline.jobs.code_digest import stage_functions
+from qlora_pipeline.jobs.runner import stage_function
 
 RULE_FILES = {path.stem: path.read_text() for path in (REPO / "rules").glob("*.smk")}
 DECLARED = {name: module for module, text in RULE_FILES.items()
@@ -21,7 +22,7 @@ DECLARED = {name: module for module, text in RULE_FILES.items()
 
 
 def test_every_rule_runs_the_one_script_and_its_stage_function():
-    assert set(DECLARED) == set(rules())
+    assert set(DECLARED) == set(stage_functions())
     for rule, module in DECLARED.items():
         block = RULE_FILES[module].split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
         assert "script:\n        STAGE" in block, rule
@@ -45,7 +46,7 @@ def test_each_stage_names_its_rules_inputs_and_outputs():
     input functions (unpack, **) are checked by the tiny run's provenance."""
     from qlora_pipeline.jobs.runner import argument_kinds
 
-    for rule in rules():
+    for rule in stage_functions():
         kinds = argument_kinds(stage_function(rule))
         for group, kind in (("input", "Input"), ("output", "Output")):
             names = declared(rule, group) - {"provenance"}
@@ -54,7 +55,7 @@ def test_each_stage_names_its_rules_inputs_and_outputs():
 
 
 def test_stage_functions_take_keywords_and_a_policy():
-    for rule in rules():
+    for rule in stage_functions():
         params = inspect.signature(stage_function(rule)).parameters
         assert "policy" in params, rule
         assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params.values()), rule

@@ -109,10 +109,18 @@ def stage_functions(root: Path = PACKAGE_DIR) -> dict[str, tuple[str, ast.Module
     found = {}
     for name in STAGE_MODULES:
         module = f"{PACKAGE}.stages.{name}"
-        tree = _parse_at(*_stamp(_module_file(module, Path(root))))
+        tree = _parse_at(*_stamp(_module_file(module, root)))
         found.update({node.name: (module, tree, node) for node in tree.body
                       if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")})
     return found
+
+
+def stage_source(rule: str, root: Path = PACKAGE_DIR) -> tuple[str, ast.Module, ast.FunctionDef]:
+    """The stage function named like `rule`: (its module, the module's tree, its definition)."""
+    found = stage_functions(root)
+    if rule not in found:
+        raise KeyError(f"no stage named {rule!r}; expected one of: {', '.join(found)}")
+    return found[rule]
 
 
 def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[list, set[str]]:
@@ -140,12 +148,7 @@ def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[lis
 
 def for_rule(rule: str, root: Path = PACKAGE_DIR) -> str:
     """sha256 (16 hex digits) of the code the stage function named like `rule` runs."""
-    root = Path(root)
-    functions = stage_functions(root)
-    if rule not in functions:
-        raise KeyError(f"no stage function named {rule!r} in {PACKAGE}.stages "
-                       f"({', '.join(STAGE_MODULES)})")
-    module, tree, function = functions[rule]
+    module, tree, function = stage_source(rule, root)
     reached, modules = _used(function, tree, module)
     digest = hashlib.sha256()
     for node in sorted(reached, key=lambda n: n.lineno):

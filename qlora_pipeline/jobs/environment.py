@@ -67,7 +67,7 @@ def job_environment(threads: int):
     threads = max(1, int(threads))
     wanted = {**{k: os.environ.get(k, v) for k, v in ALLOCATOR_VARIABLES.items()},
               **{name: str(threads) for name in THREAD_VARIABLES}}
-    saved = {name: os.environ.get(name) for name in wanted}
+    saved = {name: os.environ[name] for name in wanted if name in os.environ}
     torch = sys.modules.get("torch")
     saved_torch = torch.get_num_threads() if torch else None
     os.environ.update(wanted)
@@ -76,10 +76,8 @@ def job_environment(threads: int):
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in wanted:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
         if saved_torch is not None:
             torch.set_num_threads(saved_torch)

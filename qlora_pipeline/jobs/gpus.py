@@ -73,9 +73,8 @@ def model_slots() -> int:
     return gpu_count() or CPU_MODEL_SLOTS
 
 
-def skip_reason(env=None) -> str | None:
+def skip_reason(env=os.environ) -> str | None:
     """Why this process must not pin a GPU, or None when it should."""
-    env = os.environ if env is None else env
     if env.get("SLURM_JOB_ID"):
         return (f"Slurm job {env['SLURM_JOB_ID']}: the scheduler's GPU assignment stands "
                 f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
@@ -93,10 +92,9 @@ class GpuClaim(contextlib.AbstractContextManager):
         self._handle = handle
 
     def release(self) -> None:
-        if self._handle is not None:
+        if not self._handle.closed:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
-            self._handle = None
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -120,24 +118,17 @@ def _try_lock(path: Path):
     return handle
 
 
-def claim(num_gpus: int, *, poll_s: float = 0.5, timeout_s: float | None = None,
-          directory: Path | None = None) -> GpuClaim:
-    """Claim a free GPU among `num_gpus`, waiting until one is released if all are taken."""
-    return claim_many(num_gpus, 1, poll_s=poll_s, timeout_s=timeout_s, directory=directory)[0]
-
-
 def claim_many(num_gpus: int, count: int, *, poll_s: float = 0.5,
-               timeout_s: float | None = None, directory: Path | None = None
-               ) -> list[GpuClaim]:
+               timeout_s: float | None = None) -> list[GpuClaim]:
     """Claim `count` free GPUs among `num_gpus` at once (a distributed training's), waiting
     until that many are free. A partial claim is released before waiting, so two jobs that
     each hold some GPUs never wait for each other."""
     if num_gpus < 1:
-        raise ValueError("claim() needs at least one GPU")
+        raise ValueError("claim_many() needs at least one GPU")
     if count > num_gpus:
         raise ValueError(f"a job asks for {count} GPUs; this machine has {num_gpus} "
                          f"(train.distributed.processes must not exceed it)")
-    directory = directory or lock_dir()
+    directory = lock_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waiting_logged = False

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..core.policy import Policy
 from . import gpus, launch, warm_start
-from .code_digest import stage_functions
+from .code_digest import stage_source
 from .environment import job_environment, logged_to
 from .outputs import stage_outputs
 
@@ -152,14 +152,6 @@ def run_script(smk) -> None:
         sys.exit(status)  # the job's error is in its log and on this job's stderr already
 
 
-def run_stage(rule: str, *, policy: Policy | None = None, **kwargs):
-    """A stage called by its rule's names outside Snakemake (tests, benchmarks), as its job
-    runs it: outputs complete or absent, with provenance. Returns what the stage returns."""
-    job = Job.from_call(rule, kwargs, threads=policy.threads if policy else 1,
-                        wants_gpu=policy is None or policy.cuda)
-    return job.run() if policy is None else job.execute(policy)
-
-
 def argument_kinds(stage) -> dict[str, str]:
     """{parameter: "Input", "Output" or "" (a param)} from a stage's annotations
     (stages/__init__.py); "**": the kind of any other name, where the stage takes them
@@ -178,12 +170,4 @@ def kind_of(kinds: dict[str, str], name: str) -> str:
 
 def stage_function(rule: str):
     """The stage function of a rule; imports only the stage module that defines it."""
-    found = stage_functions()
-    if rule not in found:
-        raise KeyError(f"no stage named {rule!r}; expected one of: {', '.join(found)}")
-    return getattr(importlib.import_module(found[rule][0]), rule)
-
-
-def rules() -> list[str]:
-    """Every stage's name (= its rule's name), read from the source without importing it."""
-    return list(stage_functions())
+    return getattr(importlib.import_module(stage_source(rule)[0]), rule)
