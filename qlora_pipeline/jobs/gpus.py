@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import subprocess
@@ -131,8 +132,7 @@ def claim_many(num_gpus: int, count: int, *, poll_s: float = 0.5,
     directory = lock_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    waiting_logged = False
-    while True:
+    for attempt in itertools.count():
         held = []
         for index in range(num_gpus):
             handle = _try_lock(directory / f"gpu-{index}.lock")
@@ -145,10 +145,9 @@ def claim_many(num_gpus: int, count: int, *, poll_s: float = 0.5,
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no {count} GPU(s) of {num_gpus} free after {timeout_s}s "
                                f"(locks in {directory})")
-        if not waiting_logged:
+        if attempt == 0:
             log.info("fewer than %d of %d GPUs are free (locks in %s); waiting", count,
                      num_gpus, directory)
-            waiting_logged = True
         time.sleep(poll_s)
 
 

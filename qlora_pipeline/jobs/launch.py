@@ -30,21 +30,20 @@ def world_size(distributed: dict) -> int:
     return distributed["processes"] * distributed["nodes"]
 
 
-def is_worker(env=None) -> bool:
+def is_worker(env=os.environ) -> bool:
     """Whether this process is one that torchrun started (it must not launch again)."""
-    return "LOCAL_RANK" in (os.environ if env is None else env)
+    return "LOCAL_RANK" in env
 
 
-def needs_launch(kwargs: dict, env=None) -> bool:
+def needs_launch(kwargs: dict, env=os.environ) -> bool:
     distributed = settings(kwargs)
     return distributed["strategy"] != "none" and world_size(distributed) > 1 \
         and not is_worker(env)
 
 
-def rendezvous(distributed: dict, env=None) -> list[str]:
+def rendezvous(distributed: dict, env=os.environ) -> list[str]:
     """One node: torchrun's standalone mode (a free local port). Several: every node's torchrun
     meets at the first node of the Slurm allocation, the job id naming the rendezvous."""
-    env = os.environ if env is None else env
     if distributed["nodes"] == 1:
         return ["--standalone"]
     if "SLURM_JOB_ID" not in env:
@@ -61,12 +60,11 @@ def first_node(env) -> str:
 
     if env.get("MASTER_ADDR"):
         return env["MASTER_ADDR"]
-    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
-    return hosts[0]
+    return subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                          capture_output=True, text=True, check=True).stdout.split()[0]
 
 
-def command(rule: str, kwargs: dict, threads: int, env=None) -> list[str]:
+def command(rule: str, kwargs: dict, threads: int, env=os.environ) -> list[str]:
     """torchrun (as `python -m torch.distributed.run`, the same interpreter) running the
     stage CLI on each process with the job's threads shared out; on several nodes, one
     torchrun per node through `srun` inside the job's allocation. Every value is passed as

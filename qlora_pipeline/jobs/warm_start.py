@@ -74,7 +74,12 @@ def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> 
             return None
         conn.settimeout(None)
         try:
-            payload = pickle.dumps(_request(job))
+            # The job itself is unpickled only in the copy, under the job's sys.path: the server
+            # imports no project code (an edit must reach the next job).
+            payload = pickle.dumps({
+                "executable": os.path.realpath(sys.executable), "prefix": sys.prefix,
+                "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path),
+                "job": pickle.dumps(job)})
             sys.stdout.flush()
             sys.stderr.flush()
             socket.send_fds(conn, [_HEADER.pack(len(payload))], [0, 1, 2])
@@ -91,14 +96,6 @@ def submit(job, *, address: str | None = None, connect_timeout: float = 2.0) -> 
             except OSError:
                 kind = None
         return value if kind == b"X" else 1  # without a word, the copy was killed from outside
-
-
-def _request(job) -> dict:
-    # The job itself is unpickled only in the copy, under the job's sys.path: the server
-    # imports no project code (an edit must reach the next job).
-    return {"executable": os.path.realpath(sys.executable), "prefix": sys.prefix,
-            "cwd": os.getcwd(), "env": dict(os.environ), "path": list(sys.path),
-            "job": pickle.dumps(job)}
 
 
 def _short(address: str) -> str:
@@ -140,10 +137,11 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
     listener = _listen(address)
     bound = os.stat(address).st_ino
     children: dict[int, socket.socket] = {}
-    log.info("warm start: serving %s (imports took %.1f s, %d threads)", address,
-             time.monotonic() - started, _thread_count())
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        # Native threads (torch's too), from /proc: the server is Linux's alone (see _alive).
+        log.info("warm start: serving %s (imports took %.1f s, %d threads)", address,
+                 time.monotonic() - started, len(os.listdir("/proc/self/task")))
         listener.settimeout(0.5)  # its connections block (socket.accept)
         while _alive(watch_pid) and _owns(address, bound):
             with contextlib.suppress(TimeoutError):  # no job within 0.5 s
@@ -280,13 +278,6 @@ def _stop_when_orphaned(conn: socket.socket) -> None:
         while conn.recv(1):
             pass
     os.killpg(0, signal.SIGTERM)
-
-
-def _thread_count() -> int:
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
 
 
 # ---- started and stopped by the Snakefile ---------------------------------------------------
