@@ -58,39 +58,37 @@ def combine(adapter_dirs: dict[str, Path], out_dir: Path, spec: dict, seed: int 
     (task -> folder, in the order of spec's weights) into out_dir as a PEFT adapter; return its
     summary with a record per layer. `device`: where the pruning methods' dense updates and
     SVDs are computed (the factors' r×r work stays on the CPU)."""
-    configs, layers = read_sources(adapter_dirs, spec["weights"])
+    configs, by_task, layers = read_sources(adapter_dirs, spec["weights"])
     torch.manual_seed(seed)  # DARE's random drops, layer by layer in a fixed order
-    factors, records, ranks = {}, {}, {}
+    factors, records = {}, {}
     for module, parts in layers.items():
         A, B, records[module] = combine_layer(parts, spec, device)
-        ranks[module] = A.shape[0]
         factors[module] = A, B
-    save_adapter(out_dir, factors, adapter_config(next(iter(configs.values())), ranks))
-    by_task: dict[str, dict[str, Update]] = {}
-    for module, parts in layers.items():
-        for part in parts:
-            by_task.setdefault(part.task, {})[module] = part.update
-    return {**summary(spec, layers, records, ranks, by_task), "overlap": overlaps(by_task)}
+    save_adapter(out_dir, factors, adapter_config(next(iter(configs.values())), records))
+    return {**summary(spec, records, factors, by_task), "overlap": overlaps(by_task)}
 
 
-def read_sources(adapter_dirs: dict[str, Path],
-                 weights: list[float]) -> tuple[dict[str, dict], dict[str, list[Part]]]:
-    """Every source's adapter_config and, per adapted module (sorted), the parts of the tasks
-    that adapt it; refuses what cannot be combined exactly."""
-    configs, layers = {}, {}
+def read_sources(adapter_dirs: dict[str, Path], weights: list[float]) -> tuple[
+        dict[str, dict], dict[str, dict[str, Update]], dict[str, list[Part]]]:
+    """Every source's adapter_config and updates ({task: {module path: Update}}) and, per
+    adapted module (sorted), the parts of the tasks that adapt it; refuses what cannot be
+    combined exactly."""
+    configs, by_task, layers = {}, {}, {}
     for (task, folder), weight in zip(adapter_dirs.items(), weights):
         folder = Path(folder)
         configs[task] = read_json(folder / "adapter_config.json")
-        for key, update in read_adapter(folder).items():
+        by_task[task] = {key.removesuffix(".weight"): update
+                         for key, update in read_adapter(folder).items()}
+        for module, update in by_task[task].items():
             if update.magnitude is not None:
                 raise InputError(f"{folder} (task {task}): a DoRA adapter (use_dora) cannot be "
                                  f"combined: its update depends on the base weight and its "
                                  f"magnitudes have no sum (PEFT #3761); expected plain LoRA")
-            layers.setdefault(key.removesuffix(".weight"), []).append(Part(task, weight, update))
+            layers.setdefault(module, []).append(Part(task, weight, update))
     check_same_base(configs, adapter_dirs)
     for module, parts in layers.items():
         check_same_layer(module, parts, adapter_dirs)
-    return configs, dict(sorted(layers.items()))
+    return configs, by_task, dict(sorted(layers.items()))
 
 
 def check_same_base(configs: dict[str, dict], adapter_dirs: dict[str, Path]) -> None:
@@ -207,22 +205,22 @@ def check(error: float, expected: float, parts: list[Part]) -> None:
                             f"(tolerance {TOLERANCE})")
 
 
-def adapter_config(first: dict, ranks: dict[str, int]) -> dict:
-    """The first source's settings, with the combination's ranks and targets; lora_alpha 1,
-    so that each layer's scaling is 1 / its rank, as its factors were written for."""
-    r = max(ranks.values())
+def adapter_config(first: dict, records: dict[str, dict]) -> dict:
+    """The first source's settings, with the combination's ranks (its layers' records) and
+    targets; lora_alpha 1, so that each layer's scaling is 1 / its rank, as its factors were
+    written for."""
+    r = max(record["rank"] for record in records.values())
     return {**first, "r": r, "lora_alpha": 1, "use_rslora": False, "use_dora": False,
-            "rank_pattern": {m: k for m, k in ranks.items() if k != r}, "alpha_pattern": {},
-            "target_modules": sorted(ranks), "layers_to_transform": None,
+            "rank_pattern": {m: rec["rank"] for m, rec in records.items() if rec["rank"] != r},
+            "alpha_pattern": {}, "target_modules": sorted(records), "layers_to_transform": None,
             "layers_pattern": None, "exclude_modules": None}
 
 
-def summary(spec: dict, layers: dict[str, list[Part]], records: dict, ranks: dict,
+def summary(spec: dict, records: dict, factors: dict,
             by_task: dict[str, dict[str, Update]]) -> dict:
     sources = {task: sum(u.A.numel() + u.B.numel() for u in updates.values())
                for task, updates in by_task.items()}
-    combined = sum(k * (parts[0].update.A.shape[1] + parts[0].update.B.shape[0])
-                   for k, parts in zip(ranks.values(), layers.values()))
+    combined = sum(A.numel() + B.numel() for A, B in factors.values())
     return {**spec, "layers": len(records),
             "rank": spread(records, "rank", "max", "min", "mean"),
             "parameters": {"sources": sources, "combined": combined},
