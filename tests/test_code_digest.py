@@ -66,8 +66,10 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
     ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
                             "merge", "evaluate", "compress_adapter", "combine_adapters",
                             "quantization_sweep_point", "export_gguf"}),
-    # combine_adapters: through compress.split (compress.py imports recommend)
-    ("analysis/recommend.py", {"analyze_adapter", "compress_adapter", "combine_adapters"}),
+    # the rank recommendation: the analysis alone (compress.py takes energy_rank from spectrum)
+    ("analysis/recommend.py", {"analyze_adapter"}),
+    # combine_adapters: through compress.split and compress.save_adapter
+    ("analysis/compress.py", {"compress_adapter", "combine_adapters"}),
     ("analysis/overlap.py", {"combine_adapters"}),
     ("report/combinations.py", {"report"}),
     # the score of a results.json: the report shows it, the promotion compares it

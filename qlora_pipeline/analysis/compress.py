@@ -25,8 +25,7 @@ from ..core.errors import InputError, NumericsError
 from ..core.files import read_json, write_json
 from ..models.numerics import TOLERANCE
 from ..models.adapter_file import PREFIX, Update, read_adapter
-from .recommend import layer_rank
-from .spectrum import low_rank_svd
+from .spectrum import energy_rank, low_rank_svd
 
 # What a summary tells of its per-layer records (spread).
 STATS = {"max": max, "min": min, "mean": lambda values: sum(values) / len(values)}
@@ -43,7 +42,7 @@ def target_rank(S: torch.Tensor, r: int, keep: dict) -> int:
     zero update stays zero at rank 1)."""
     if keep.get("rank") is not None:
         return max(1, min(int(keep["rank"]), r))
-    return max(1, layer_rank({"singular_values": S.tolist()}, keep["energy"]))
+    return max(1, energy_rank(S, keep["energy"]))
 
 
 def truncate(update: Update, keep: dict, alpha: float,

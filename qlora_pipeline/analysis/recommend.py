@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import yaml
 
 from .spectrum import energy_rank
@@ -25,7 +24,7 @@ def recommend(records: dict[str, dict], r: int, energy: float = 0.9,
     saturation × its own rank (r unless a rank_pattern gave it another)."""
     if not records:
         raise ValueError("no adapted layers to recommend a rank from")
-    per_layer = {key.removesuffix(".weight"): max(1, layer_rank(rec, energy))
+    per_layer = {key.removesuffix(".weight"): max(1, energy_rank(rec["singular_values"], energy))
                  for key, rec in records.items()}
     uniform = max(per_layer.values())
     saturated = [key.removesuffix(".weight") for key, rec in records.items()
@@ -43,7 +42,3 @@ def recommend(records: dict[str, dict], r: int, energy: float = 0.9,
     return {"energy": energy, "r": r, "per_layer": per_layer, "uniform": uniform,
             "histogram": dict(sorted(Counter(per_layer.values()).items())),
             "saturated": saturated, "warning": warning, "snippet": snippet}
-
-
-def layer_rank(record: dict, energy: float) -> int:
-    return energy_rank(torch.tensor(record["singular_values"], dtype=torch.float64), energy)

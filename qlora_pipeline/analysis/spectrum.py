@@ -29,9 +29,11 @@ def low_rank_svd(A: torch.Tensor, B: torch.Tensor,
     return (q_b @ core_u).float(), S.float(), (q_a @ core_vh.T).float()
 
 
-def energy_rank(S: torch.Tensor, share: float) -> int:
-    """The smallest k with Σ_{i<k} S_i² ≥ share·ΣS² (largest S first); 0 when S is all zeros."""
-    energy = torch.sort(S.double().flatten() ** 2, descending=True).values
+def energy_rank(S: torch.Tensor | list[float], share: float) -> int:
+    """The smallest k with Σ_{i<k} S_i² ≥ share·ΣS² (largest S first); 0 when S is all zeros.
+    S: a tensor, or a list (an analysis's singular_values), in float64 either way."""
+    S = torch.as_tensor(S, dtype=torch.float64)
+    energy = torch.sort(S.flatten() ** 2, descending=True).values
     total = float(energy.sum())
     if total == 0:
         return 0
