@@ -63,8 +63,8 @@ def summarize(records: dict[str, dict], num_layers: int) -> dict:
         modules.setdefault(module, []).append(rec)
         if index is not None:
             bands.setdefault(depth_band(index, num_layers), []).append(rec)
-    spectra = {module: mean_spectrum(modules[module]) for module in sorted(modules)}
     return {"by_module": {module: stats(modules[module]) for module in sorted(modules)},
             "by_depth": {band: stats(bands[band]) for band in BANDS if band in bands},
-            "spectra": {module: spectrum for module, spectrum in spectra.items() if spectrum},
+            # A module type whose every layer is a zero update has no mean spectrum.
+            "spectra": {m: s for m in sorted(modules) if (s := mean_spectrum(modules[m]))},
             "layers": len(records)}

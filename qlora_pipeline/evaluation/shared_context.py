@@ -72,12 +72,10 @@ class Row:
 
 def rows_of(requests) -> dict[tuple[int, ...], Row]:
     """lm-eval's tokenized requests ((strings), context, continuation) grouped by context."""
-    rows: dict[tuple[int, ...], Row] = {}
+    continuations: dict[tuple[int, ...], dict] = {}  # a dict as an ordered set
     for _, context, continuation in requests:
-        row = rows.setdefault(tuple(context), Row(tuple(context), []))
-        if tuple(continuation) not in row.continuations:
-            row.continuations.append(tuple(continuation))
-    return rows
+        continuations.setdefault(tuple(context), {})[tuple(continuation)] = None
+    return {context: Row(context, list(found)) for context, found in continuations.items()}
 
 
 def sequences(rows: list[Row]) -> list[dict]:
@@ -85,12 +83,11 @@ def sequences(rows: list[Row]) -> list[dict]:
     begin alike, several rows after one copy of that beginning. Each sequence: tokens,
     positions, segments, groups, and per row the `predicting` indices of its continuations."""
     shared = _common_length([r.context for r in rows])
-    alone = len(rows) < 2 or shared < SHARED_MIN  # each row a sequence of its own
-    if alone:
+    if len(rows) < 2 or shared < SHARED_MIN:  # no beginning shared: each row a sequence alone
         shared = 0
     out: list[dict] = []
     for row in rows:
-        if not out or alone or (len(out[-1]["tokens"]) + len(row) - shared > PACKED_TOKENS
+        if not out or not shared or (len(out[-1]["tokens"]) + len(row) - shared > PACKED_TOKENS
                                 and out[-1]["rows"]):
             out.append({"tokens": list(row.context[:shared]), "positions": list(range(shared)),
                         "segments": [CONTEXT] * shared, "groups": [SHARED] * shared,
