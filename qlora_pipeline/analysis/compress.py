@@ -24,16 +24,11 @@ import torch
 from ..core.errors import InputError, NumericsError
 from ..core.files import read_json, write_json
 from ..models.numerics import TOLERANCE
-from ..models.adapter_file import PREFIX, Update, read_adapter
+from ..models.adapter_file import PREFIX, Update, read_adapter, scaling
 from .spectrum import energy_rank, low_rank_svd
 
 # What a summary tells of its per-layer records (spread).
 STATS = {"max": max, "min": min, "mean": lambda values: sum(values) / len(values)}
-
-
-def scaling(alpha: float, rank: int, rslora: bool) -> float:
-    """PEFT's LoRA scaling for a layer of this rank."""
-    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def target_rank(S: torch.Tensor, r: int, keep: dict) -> int:
@@ -45,25 +40,25 @@ def target_rank(S: torch.Tensor, r: int, keep: dict) -> int:
     return max(1, energy_rank(S, keep["energy"]))
 
 
-def truncate(update: Update, keep: dict, alpha: float,
-             rslora: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(A' [k×in], B' [out×k], record) with scaling(α, k)·B'·A' the best rank-k approximation
-    of the update's ΔW, k from `keep` (target_rank) and the one SVD of the update (in the orientation B·A is stored in; fan_in_fan_out is unchanged). The
-    record gives the layer's rank before and after, the energy share kept and the relative
-    Frobenius error ‖ΔW − ΔW_k‖/‖ΔW‖ (0 for a zero update)."""
+def truncate(update: Update, keep: dict, config: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(A' [k×in], B' [out×k], record) with scaling(config, k)·B'·A' the best rank-k
+    approximation of the update's ΔW, k from `keep` (target_rank) and the one SVD of the update
+    (in the orientation B·A is stored in; fan_in_fan_out is unchanged). The record gives the
+    layer's rank before and after, the energy share kept and the relative Frobenius error
+    ‖ΔW − ΔW_k‖/‖ΔW‖ (0 for a zero update)."""
     if update.magnitude is not None:
         raise InputError("a DoRA adapter (lora_magnitude_vector) cannot be compressed: its "
                          "update m·(W0+BA)/‖W0+BA‖ − W0 is not low-rank; expected a plain "
                          "LoRA adapter")
     U, S, V = low_rank_svd(update.A, update.B, update.scaling)
     k = target_rank(S, update.A.shape[0], keep)
-    A, B = split(U, S, V, k, scaling(alpha, k, rslora), update.A.dtype)
+    A, B = split(U, S, V, k, scaling(config, k), update.A.dtype)
     energy = S.double() ** 2
     total = float(energy.sum())
     kept = float(energy[:k].sum()) / total if total > 0 else 1.0
     record = {"rank": update.A.shape[0], "compressed_rank": k, "energy_kept": kept,
               "relative_error": math.sqrt(max(0.0, 1 - kept)) if total > 0 else 0.0}
-    check_factors(A, B, scaling(alpha, k, rslora), S[:k], record)
+    check_factors(A, B, scaling(config, k), S[:k], record)
     return A, B, record
 
 
@@ -99,11 +94,10 @@ def compress(adapter_dir: Path, out_dir: Path, keep: dict) -> dict:
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     config = read_json(adapter_dir / "adapter_config.json")
     updates = read_adapter(adapter_dir)
-    alpha, rslora = config["lora_alpha"], bool(config.get("use_rslora"))
     factors, layers = {}, {}
     for key, update in updates.items():
         module = key.removesuffix(".weight")
-        A, B, layers[module] = truncate(update, keep, alpha, rslora)
+        A, B, layers[module] = truncate(update, keep, config)
         factors[module] = A, B
     ranks = {module: record["compressed_rank"] for module, record in layers.items()}
     r = max(ranks.values())

@@ -98,11 +98,14 @@ def split_adapter_key(key: str, adapter_dir: Path) -> tuple[str, str]:
                      f"A, B or DoRA magnitude of a linear layer; expected one")
 
 
+def scaling(config: dict, rank: int) -> float:
+    """PEFT's LoRA scaling of a layer of this rank: lora_alpha / rank, / √rank with rsLoRA."""
+    return config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
 def update(module: str, parts: dict, config: dict, adapter_dir: Path) -> Update:
     if "A" not in parts or "B" not in parts:
         raise InputError(f"{adapter_dir}: layer {module} lacks lora_A or lora_B")
     rank = parts["A"].shape[0]  # rank_pattern may give each layer its own r
-    alpha = config["lora_alpha"]
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return Update(parts["A"], parts["B"], scaling, bool(config.get("fan_in_fan_out")),
-                  parts.get("magnitude"))
+    return Update(parts["A"], parts["B"], scaling(config, rank),
+                  bool(config.get("fan_in_fan_out")), parts.get("magnitude"))
