@@ -108,20 +108,15 @@ def check_same_layer(module: str, parts: list[Part], adapter_dirs: dict[str, Pat
                          f"one model, {', '.join(map(str, adapter_dirs.values()))})")
 
 
-def stacked(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [Σr×in], B [out×Σr]) with B·A = Σ wᵢsᵢBᵢAᵢ, in float64: cat's factors at scale 1."""
-    A = torch.cat([p.weight * p.update.scaling * p.update.A.double() for p in parts])
-    B = torch.cat([p.update.B.double() for p in parts], dim=1)
-    return A, B
-
-
 def combine_layer(parts: list[Part], spec: dict,
                   device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One layer's combined factors (float32, the orientation B·A is stored in) and its
     record: rank, relative_error against the method's own definition (0 for cat and sum, the
     discarded singular values' share for a cut) and from_sum, against Σ wᵢΔWᵢ."""
     method = spec["method"]
-    A_sum, B_sum = stacked(parts)
+    # cat's factors at scale 1, in float64: A_sum [Σr×in], B_sum [out×Σr], B_sum·A_sum = Σ wᵢsᵢBᵢAᵢ
+    A_sum = torch.cat([p.weight * p.update.scaling * p.update.A.double() for p in parts])
+    B_sum = torch.cat([p.update.B.double() for p in parts], dim=1)
     k_cut = spec.get("svd_rank") or max(p.update.A.shape[0] for p in parts)
     if method not in LOW_RANK:
         return dense_layer(parts, spec, k_cut, A_sum.to(device), B_sum.to(device))
