@@ -71,9 +71,8 @@ def generation_scoring(scoring: dict) -> tuple[list, list]:
     filters = [{"name": "extract" if scoring["extract"] else "strip", "filter": steps}]
     if scoring["metric"] == "exact_match":
         metrics = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                    "ignore_case": scoring["ignore_case"], "regexes_to_ignore": [r"\s+$"]}]
-        if scoring["ignore_punctuation"]:
-            metrics[0]["ignore_punctuation"] = True
+                    "ignore_case": scoring["ignore_case"], "regexes_to_ignore": [r"\s+$"],
+                    **({"ignore_punctuation": True} if scoring["ignore_punctuation"] else {})}]
     else:  # chrf, bleu: corpus-level, lm-eval's aggregation of the same name
         metrics = [{"metric": scoring["metric"], "aggregation": scoring["metric"],
                     "higher_is_better": True}]
