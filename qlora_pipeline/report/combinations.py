@@ -82,26 +82,28 @@ def best_methods(frame: pd.DataFrame, table: dict) -> pd.DataFrame:
     return best.drop(columns="_key")
 
 
+def infos(table: dict) -> dict[str, dict]:
+    """Each combination's combination.json, by the combination's name."""
+    return {name: read_json(Path(combination["adapter"]) / "combination.json")
+            for name, combination in table["combinations"].items()}
+
+
 def details(table: dict) -> pd.DataFrame:
-    """Each combination's size and exactness (its combination.json)."""
-    rows = []
-    for name, combination in table["combinations"].items():
-        info = read_json(Path(combination["adapter"]) / "combination.json")
-        rows.append({"combination": name, "method": info["method"],
-                     "rank": f"{info['rank']['min']}..{info['rank']['max']}",
-                     "parameters": f"{sum(info['parameters']['sources'].values()):,} -> "
-                                   f"{info['parameters']['combined']:,}",
-                     "error_vs_definition_max": info["relative_error"]["max"],
-                     "distance_from_sum_mean": info["from_sum"]["mean"]})
-    return pd.DataFrame(rows)
+    """Each combination's size and exactness."""
+    return pd.DataFrame([{"combination": name, "method": info["method"],
+                          "rank": f"{info['rank']['min']}..{info['rank']['max']}",
+                          "parameters": f"{sum(info['parameters']['sources'].values()):,} -> "
+                                        f"{info['parameters']['combined']:,}",
+                          "error_vs_definition_max": info["relative_error"]["max"],
+                          "distance_from_sum_mean": info["from_sum"]["mean"]}
+                         for name, info in infos(table).items()])
 
 
 def overlaps(table: dict) -> pd.DataFrame:
-    """Every task pair's per-layer overlap (combination.json), once per pair and layer."""
+    """Every task pair's per-layer overlap, once per pair and layer."""
     rows = [{**record, "depth": parse_layer(record["layer"])[0] or 0,
              "module": record["layer"].rsplit(".", 1)[-1]}
-            for combination in table["combinations"].values()
-            for record in read_json(Path(combination["adapter"]) / "combination.json")["overlap"]]
+            for info in infos(table).values() for record in info["overlap"]]
     frame = pd.DataFrame(rows, columns=["pair", "layer", "overlap", "max_cosine", "random",
                                         "depth", "module"])
     return frame.drop_duplicates(["pair", "layer"], ignore_index=True)
