@@ -29,23 +29,21 @@ def check_benchmarks(names: list[str]) -> None:
 
 def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
     """(model, tokenizer) from what an evaluation was given (layout.variant_inputs): a merged
-    model; else the quantized or the full-precision base, with the adapter on top if there is
-    one. The base always gives the tokenizer."""
+    model (given alone: variant_inputs names no quantized base or adapter beside it); else the
+    quantized or the full-precision base, with the adapter on top if there is one. The base
+    always gives the tokenizer."""
     from transformers import AutoTokenizer
 
     from ..models.quantization import load_full_precision, load_quantized
 
-    if merged:
-        model = load_full_precision(merged, policy, offload=True)
-    else:
-        model = load_quantized(quantized, policy) if quantized \
-            else load_full_precision(base, policy, offload=True)
-        if adapter:
-            # Only here: peft, with the bitsandbytes it imports, takes 1.5-2 s to import on a
-            # 2-core CPU that scoring a base, quantized or merged model would spend for nothing.
-            from peft import PeftModel
+    model = load_quantized(quantized, policy) if quantized \
+        else load_full_precision(merged or base, policy, offload=True)
+    if adapter:
+        # Only here: peft, with the bitsandbytes it imports, takes 1.5-2 s to import on a
+        # 2-core CPU that scoring a base, quantized or merged model would spend for nothing.
+        from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, AutoTokenizer.from_pretrained(base)
 
