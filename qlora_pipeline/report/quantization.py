@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..core.files import read_json
 from ..models import methods
-from .common import pipe_table
+from .common import paragraphs, pipe_table
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
@@ -40,11 +40,9 @@ def _numerics_row(check: dict | None) -> list[list[str]]:
 
 def report_markdown(report: dict) -> str:
     s = report["summary"]
-    lines = [
+    blocks = [
         "# Quantization report",
-        "",
         f"Scheme: **{s['scheme']}**, compute dtype {s['compute_dtype']}.",
-        "",
         pipe_table(["measure", "value"], [
             ["quantized layers", f"{s['quantized_layers']} ({s['quantized_params']:,} parameters)"],
             ["bits per quantized parameter (stored, all constants)",
@@ -55,22 +53,20 @@ def report_markdown(report: dict) -> str:
             ["relative weight error ‖W − deq(Q(W))‖/‖W‖, mean / max",
              f"{s['relative_error_mean']:.4f} / {s['relative_error_max']:.4f}"],
             *_numerics_row(report.get("numerics_check"))]),
-        "",
         f"Theory (docs/quantization.md): {methods.of(s['method']).THEORY}. Layers kept in full "
         "precision (embeddings, norms, the output head) are not counted above but are in the "
         "size on disk.",
-        "",
     ]
     if "perplexity" in report:
         perplexity = {task: (r["full_precision"]["perplexity"], r["quantized"]["perplexity"])
                       for task, r in report["perplexity"].items()}
-        lines += ["## Validation perplexity (answer tokens)", "", pipe_table(
+        blocks += ["## Validation perplexity (answer tokens)", pipe_table(
             ["task", "full precision", s["method"], "change"],
             [[task, f"{fp:.3f}", f"{q:.3f}", f"{100 * (q / fp - 1):+.1f}%"]
-             for task, (fp, q) in perplexity.items()]), ""]
+             for task, (fp, q) in perplexity.items()])]
     worst = sorted(report["layers"], key=lambda r: -r["relative_error"])[:10]
-    lines += ["## Layers with the largest relative error", "", pipe_table(
+    blocks += ["## Layers with the largest relative error", pipe_table(
         ["layer", "shape", "bits/param", "relative error"],
         [[r["layer"], "×".join(map(str, r["shape"])), f"{r['bits_per_param']:.3f}",
           f"{r['relative_error']:.4f}"] for r in worst])]
-    return "\n".join(lines) + "\n"
+    return paragraphs(*blocks)
