@@ -70,7 +70,6 @@ def layer_metrics(update: Update, base: torch.Tensor | None = None,
     from W0 and every one of its min(out, in) singular values is kept, so that the metrics, the
     spectra and a rank recommendation all read one exact list (a truncated list would hide the
     energy of its tail); the list's size is small beside the dense SVD it comes from."""
-    r = update.A.shape[0]
     delta = None
     if update.magnitude is not None:
         if base is None:
@@ -81,7 +80,7 @@ def layer_metrics(update: Update, base: torch.Tensor | None = None,
     else:
         # fan_in_fan_out transposes ΔW, which leaves its singular values unchanged.
         S = low_rank_svd(update.A, update.B, update.scaling)[1]
-    out = {"rank": r, "singular_values": S.tolist(), **metrics(S),
+    out = {"rank": update.A.shape[0], "singular_values": S.tolist(), **metrics(S),
            "relative_norm": None, "intruders": None}
     if base is None:
         return out
