@@ -19,11 +19,6 @@ DEFAULT_SCORING = {"metric": "exact_match", "ignore_case": True, "ignore_punctua
                    "extract": None}
 
 
-def benchmark_kind(records: list[dict]) -> str:
-    """Classification tasks (records with choices + label) are scored as multiple choice."""
-    return "multiple_choice" if all("choices" in r and "label" in r for r in records) else "generate_until"
-
-
 def doc(record: dict, fmt: str, tokenizer) -> dict:
     out = {"prompt": formats.prompt_text(record, fmt, tokenizer),
            "answer": formats.answer_text(record, fmt).strip()}
@@ -84,7 +79,9 @@ def write_task(task: str, records: list[dict], fmt: str, tokenizer, out_dir: Pat
     if not records:
         raise InputError(f"task '{task}': the test split is empty; expected at least one "
                          f"example to evaluate on")
-    kind = benchmark_kind(records)
+    # Classification tasks (records with choices + label) are scored as multiple choice.
+    kind = "multiple_choice" if all("choices" in r and "label" in r for r in records) \
+        else "generate_until"
     if kind == "multiple_choice" and {**DEFAULT_SCORING, **(scoring or {})} != DEFAULT_SCORING:
         raise InputError(f"task '{task}': key 'scoring': found {scoring}, but its records have "
                          f"choices and a label, so it is scored as multiple choice (accuracy); "
