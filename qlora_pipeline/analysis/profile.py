@@ -23,17 +23,13 @@ def depth_band(index: int, num_layers: int) -> str:
     return BANDS[index * 3 // num_layers]
 
 
-def value(record: dict, metric: str) -> float | None:
-    """A record's metric as a number: the intruder count for 'intruders', None when absent."""
-    found = record.get(metric)
-    return found["count"] if isinstance(found, dict) else found
-
-
 def stats(records: list[dict]) -> dict:
     """Layer count and the mean of each of MEANS over the layers that have it (None if none)."""
     out: dict = {"layers": len(records)}
     for metric in MEANS:
-        values = [v for v in (value(rec, metric) for rec in records) if v is not None]
+        # Each record's metric as a number (for 'intruders' its count), where it has one.
+        found = [rec[metric] for rec in records if rec.get(metric) is not None]
+        values = [v["count"] if isinstance(v, dict) else v for v in found]
         out[metric] = sum(values) / len(values) if values else None
     return out
 
