@@ -47,13 +47,10 @@ def gpu_count() -> int:
     """GPUs on this machine: $QLORA_NUM_GPUS, else the lines of `nvidia-smi -L`, else 0."""
     override = os.environ.get(NUM_GPUS_ENV)
     if override:
-        try:
-            count = int(override)
-        except ValueError:
-            raise ValueError(f"{NUM_GPUS_ENV}={override!r}: expected a whole number") from None
-        if count < 0:
-            raise ValueError(f"{NUM_GPUS_ENV}={override!r}: expected 0 or more")
-        return count
+        # Decimal digits alone (int() takes them all): a sign, a fraction or a word is refused.
+        if not override.strip().isdecimal():
+            raise ValueError(f"{NUM_GPUS_ENV}={override!r}: expected a whole number, 0 or more")
+        return int(override)
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
                              timeout=30, check=True).stdout
@@ -111,9 +108,9 @@ def _try_lock(path: Path):
     except BaseException:
         handle.close()
         raise
-    # Who holds it, for a person looking at the lock directory (not read by the code).
-    handle.seek(0)
-    handle.truncate()
+    # Who holds it, for a person looking at the lock directory (not read by the code); in
+    # append mode the write lands at the end, which truncate(0) has moved to the start.
+    handle.truncate(0)
     handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     handle.flush()
     return handle
@@ -123,9 +120,8 @@ def claim_many(num_gpus: int, count: int, *, poll_s: float = 0.5,
                timeout_s: float | None = None) -> list[GpuClaim]:
     """Claim `count` free GPUs among `num_gpus` at once (a distributed training's), waiting
     until that many are free. A partial claim is released before waiting, so two jobs that
-    each hold some GPUs never wait for each other."""
-    if num_gpus < 1:
-        raise ValueError("claim_many() needs at least one GPU")
+    each hold some GPUs never wait for each other. `count` is 1 or more (Job.run), so this
+    refuses a machine without GPUs too."""
     if count > num_gpus:
         raise ValueError(f"a job asks for {count} GPUs; this machine has {num_gpus} "
                          f"(train.distributed.processes must not exceed it)")
