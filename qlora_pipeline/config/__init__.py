@@ -73,10 +73,9 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
         raise InputError(f"{path}: expected a mapping of task settings, found {type(raw).__name__}")
     override = config.get("task_overrides", {}).get(name, {})
     task = deep_merge(config["defaults"], deep_merge(raw, override))
-    for key in CHOICES:  # the most specific setting wins whole: the override's, else the file's
-        for layer in (raw, override):
-            if key in layer:
-                task[key] = copy.deepcopy(layer[key])
+    # The most specific setting wins whole: the override's (the later layer), else the file's.
+    task.update({key: copy.deepcopy(layer[key]) for layer in (raw, override) for key in CHOICES
+                 if key in layer})
     # The global seed is the seed of everything a task does not seed itself (config schema).
     seed = config.get("seed", 0)
     if isinstance(task.get("dataset"), dict) and "seed" not in task["dataset"]:
