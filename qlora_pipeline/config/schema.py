@@ -75,7 +75,8 @@ def _condition(error: jsonschema.ValidationError, schema: dict) -> str:
 EXPECTED = {"type": "a value of type {}", "minimum": "a number >= {}",
             "maximum": "a number <= {}", "exclusiveMinimum": "a number > {}",
             "exclusiveMaximum": "a number < {}", "minItems": "at least {} item(s)",
-            "uniqueItems": "no repeated items", "pattern": "a string matching {}"}
+            "uniqueItems": "no repeated items", "pattern": "a string matching {}",
+            "enum": "one of {}", "const": "one of {}"}  # enum: its values joined by commas
 
 
 def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
@@ -104,10 +105,8 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     found = json.dumps(error.instance, default=str)
     if len(found) > 80:
         found = found[:77] + "..."
-    if error.validator in ("enum", "const"):
-        expected = "one of " + ", ".join(map(str, value if error.validator == "enum" else [value]))
-    else:
-        expected = EXPECTED.get(error.validator, f"{error.validator} {{}}").format(value)
+    shown = ", ".join(map(str, value)) if error.validator == "enum" else value
+    expected = EXPECTED.get(error.validator, f"{error.validator} {{}}").format(shown)
     return f"key '{key}': found {found}, expected {expected}{_condition(error, schema)}"
 
 
