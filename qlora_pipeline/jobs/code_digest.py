@@ -67,11 +67,12 @@ def _module_file(module: str, root: Path) -> Path | None:
     return next((path for path in candidates if parts and path.is_file()), None)
 
 
-def _imports(node: ast.AST, module: str, is_package: bool) -> dict[str, str]:
-    """Library modules imported anywhere under `node`: bound name -> module name."""
+def _imports(node: ast.AST, module: str, is_package: bool, walk=ast.walk) -> dict[str, str]:
+    """Library modules imported anywhere under `node` (walk: ast.iter_child_nodes for its own
+    statements alone): bound name -> module name."""
     here = module.split(".") if is_package else module.split(".")[:-1]
     found = {}
-    for item in ast.walk(node):
+    for item in walk(node):
         if isinstance(item, ast.Import):
             found.update({(a.asname or a.name).split(".")[0]: a.name for a in item.names
                           if a.name.split(".")[0] == PACKAGE})
@@ -128,9 +129,8 @@ def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[lis
     modules those name."""
     top = {node.name: node for node in tree.body
            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    imported = _imports(ast.Module(body=[n for n in tree.body
-                                         if isinstance(n, (ast.Import, ast.ImportFrom))],
-                                   type_ignores=[]), module, False)
+    # The module's own imports: its top-level statements (not those inside its functions).
+    imported = _imports(tree, module, False, ast.iter_child_nodes)
     reached, modules, todo = [], set(), [function]
     while todo:
         node = todo.pop()
