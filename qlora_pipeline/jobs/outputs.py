@@ -28,9 +28,6 @@ def stage_outputs(job, policy) -> Iterator[dict[str, Path]]:
     _remove_leftovers(targets, job.rule)
     made = _missing_folders(targets.values())
 
-    def record(path: Path) -> None:
-        write_json(path, provenance.build(job, policy, started))
-
     try:
         if not targets:  # a job that declares no output (a test's probe)
             yield {}
@@ -41,11 +38,11 @@ def stage_outputs(job, policy) -> Iterator[dict[str, Path]]:
             (name, target), = targets.items()
             with atomic_dir(target) as tmp:
                 yield {name: tmp}
-                record(tmp / "provenance.json")
+                write_json(tmp / "provenance.json", provenance.build(job, policy, started))
         else:
             with _files(targets, job.rule) as paths:
                 yield paths
-                record(paths["provenance"])
+                write_json(paths["provenance"], provenance.build(job, policy, started))
     except BaseException:
         for folder in made:  # deepest first; only those left empty
             with contextlib.suppress(OSError):
@@ -59,15 +56,13 @@ def _files(targets: dict[str, Path], rule: str) -> Iterator[dict[str, Path]]:
     the block (provenance last)."""
     staging = targets["provenance"].parent
     staging.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{rule}.tmp-", dir=staging))
-    try:
-        paths = {name: tmp / f"{name}-{target.name}" for name, target in targets.items()}
+    with tempfile.TemporaryDirectory(prefix=f".{rule}.tmp-", dir=staging,
+                                     ignore_cleanup_errors=True) as tmp:
+        paths = {name: Path(tmp, f"{name}-{target.name}") for name, target in targets.items()}
         yield paths
         for name in sorted(targets, key=lambda n: n == "provenance"):
             targets[name].parent.mkdir(parents=True, exist_ok=True)
             os.replace(paths[name], targets[name])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _missing_folders(targets) -> list[Path]:
