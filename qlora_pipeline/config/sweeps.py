@@ -2,7 +2,7 @@
 settings with some keys replaced, and a seed, under a readable id that stays the same as long
 as its settings do (`r16-lr3e-4`, `r16-lr3e-4-s1`).
 
-A point's QLoRA training is named by its lora/train keys and seed alone (its `training`), so
+A point's QLoRA training is named by its lora/train keys and seed alone (its `qlora`), so
 points that differ only in recovery keys share one training and each recover it their own way.
 
 Expanded when the config is loaded, so a bad value fails before any job runs: every point's
@@ -30,8 +30,8 @@ OPTIONS = ("mode", "seeds", "variants", "promote")
 
 
 def expand(task: dict, schema: dict, where: str, seed: int) -> dict[str, dict]:
-    """{point id: {"settings": {dotted key: value}, "seed", "lora", "train", "recovery",
-    "training": the id of its QLoRA training}} for a task with a sweep block, {} without one.
+    """{point id: {"id", "settings": {dotted key: value}, "seed", "lora", "train", "recovery",
+    "qlora": the id of its QLoRA training}} for a task with a sweep block, {} without one.
     `schema`: the task schema, which checks every point's blocks; `seed`: the run's seed, used
     when the sweep lists no seeds."""
     sweep = task.get("sweep")
@@ -62,7 +62,7 @@ def expand(task: dict, schema: dict, where: str, seed: int) -> dict[str, dict]:
                                  f"distinct values")
             points[name] = point(task, settings, point_seed, schema, where, name)
             trained = {k: v for k, v in settings.items() if k.split(".")[0] in TRAINED}
-            points[name]["training"] = point_id(trained, point_seed if seeds else None) or SHARED
+            points[name]["qlora"] = point_id(trained, point_seed if seeds else None) or SHARED
     return points
 
 
@@ -111,7 +111,7 @@ def point(task: dict, settings: dict, seed: int, schema: dict, where: str, name:
         blocks[block][leaf] = copy.deepcopy(value)
     sub = {"type": "object", "properties": {b: schema["properties"][b] for b in BLOCKS}}
     validate(blocks, sub, f"{where} (sweep point {name})")
-    return {"settings": settings, "seed": seed, **blocks}
+    return {"id": name, "settings": settings, "seed": seed, **blocks}
 
 
 def point_id(settings: dict, seed: int | None) -> str:

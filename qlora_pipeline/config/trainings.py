@@ -22,12 +22,9 @@ def rows(task: dict, points: dict[str, dict], seed: int) -> dict[str, dict]:
     `seed`: the run's, its own training's."""
     own = {"id": "", **{block: task[block] for block in BLOCKS}, "seed": seed, "settings": {},
            "qlora": "", "recovered": task["recovery"]["enabled"], "scored": []}
-    points = {name: {"id": name, **{block: point[block] for block in BLOCKS},
-                     "seed": point["seed"], "settings": point["settings"],
-                     "qlora": point["training"],
-                     "recovered": "recovered" in task["sweep"]["variants"],
-                     "scored": list(task["sweep"]["variants"])}
-              for name, point in points.items()}
+    # A point (sweeps.expand) has its row's id, blocks, seed, settings and qlora already.
+    points = {name: {**point, "recovered": "recovered" in task["sweep"]["variants"],
+                     "scored": list(task["sweep"]["variants"])} for name, point in points.items()}
     return {"": own, **points}
 
 
