@@ -291,8 +291,9 @@ def wanted(enabled: bool, *, local: bool) -> bool:
     return bool(enabled) and local and gpus.gpu_count() == 0
 
 
-def start(log_path: str | Path) -> str:
-    """Start the server beside this process (Snakemake) and point its jobs at it."""
+def start(log_path: str | Path) -> None:
+    """Start the server beside this process (Snakemake) and point its jobs at it (through
+    SOCKET_VARIABLE, which they inherit)."""
     global _server
     address = str(Path(SOCKET_NAME).resolve())
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +305,6 @@ def start(log_path: str | Path) -> str:
             stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)  # a Ctrl-C meant for Snakemake's jobs is not for it
     os.environ[SOCKET_VARIABLE] = address
-    return address
 
 
 def stop() -> None:
