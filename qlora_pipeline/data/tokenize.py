@@ -21,9 +21,8 @@ def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int,
         ids += segment
         labels += segment if (carries_loss or train_on_prompt) else [IGNORE] * len(segment)
         answer += [carries_loss] * len(segment)
-    truncated = len(ids) > max_length
     example = {"input_ids": ids[:max_length], "labels": labels[:max_length]}
-    return example, truncated, any(answer[:max_length])
+    return example, len(ids) > max_length, any(answer[:max_length])
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
@@ -48,24 +47,22 @@ def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict,
     """Tokenize one split; returns the examples and that split's statistics. `packable`:
     whether tokenize.packing applies (the train split only: validation and test stay one
     example per row, as the perplexity report and the merge check read them)."""
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated = [], 0
     for record in records:
         example, was_truncated, answer_left = tokenize_record(
             record, fmt, tokenizer, cfg["max_length"], cfg["train_on_prompt"])
         truncated += was_truncated
-        if not answer_left:
-            # Truncation cut the whole answer: nothing left to learn from (with train_on_prompt
-            # too, where the labels alone would not show it).
-            dropped += 1
-            continue
-        examples.append(example)
+        # Dropped when truncation cut the whole answer: nothing left to learn from (with
+        # train_on_prompt too, where the labels alone would not show it).
+        if answer_left:
+            examples.append(example)
     lengths = np.array([len(e["input_ids"]) for e in examples] or [0])
     loss_tokens = sum(sum(label != IGNORE for label in e["labels"]) for e in examples)
     stats = {
         "examples": len(examples),
         "truncated": truncated,
         "truncated_pct": round(100 * truncated / max(len(records), 1), 2),
-        "dropped_no_answer_left": dropped,
+        "dropped_no_answer_left": len(records) - len(examples),  # the rest are kept
         # The smallest observed length that covers q% of the examples (int() of the
         # interpolated value could name a length no example has, and cover fewer than q%).
         "length_percentiles": {f"p{q}": int(np.percentile(lengths, q, method="inverted_cdf"))
