@@ -42,8 +42,7 @@ def from_prompt_completion(record: dict, fmt: str) -> dict:
                             {"role": "assistant", "content": answer}]}
     else:
         out = {"prompt": prompt + "\n", "completion": answer}
-    out.update({k: record[k] for k in PASSTHROUGH if k in record})
-    return out
+    return out | {k: record[k] for k in PASSTHROUGH if k in record}
 
 
 def check_record(record: Any, fmt: str, where: str) -> dict:
@@ -86,8 +85,7 @@ def _check_messages(messages: Any, where: str) -> None:
 
 def clean(record: dict, fmt: str) -> dict:
     """Keep only the fields the format and evaluation use, with optional text fields filled."""
-    keep = REQUIRED[fmt] + OPTIONAL[fmt] + PASSTHROUGH
-    out = {k: record[k] for k in keep if k in record}
+    out = {k: record[k] for k in REQUIRED[fmt] + OPTIONAL[fmt] + PASSTHROUGH if k in record}
     if fmt == "chat":
         out["messages"] = [{"role": m["role"], "content": m["content"]} for m in out["messages"]]
     for field in OPTIONAL[fmt]:
@@ -153,6 +151,5 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], boo
                              "prefix-consistently; use the 'completion' or 'alpaca' format")
         out += [(full[done:start], False), (full[start:end], True)]
         done = end
-    if done < len(full):
-        out.append((full[done:], False))
+    out.append((full[done:], False))  # what follows the last answer (empty: dropped below)
     return [(ids, loss) for ids, loss in out if ids]
