@@ -11,8 +11,7 @@ def _streamer(tokenizer, out):
 
     class Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
+            print(text, end="\n" if stream_end else "", file=out, flush=True)
 
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
@@ -37,8 +36,7 @@ class LlamaCppModel:
                                                 **sampled):
             pieces.append(chunk["choices"][0]["text"])
             if out is not None:
-                out.write(pieces[-1])
-                out.flush()
+                print(pieces[-1], end="", file=out, flush=True)
         if out is not None:
             out.write("\n")
         return "".join(pieces)
@@ -54,7 +52,7 @@ def answer(model, tokenizer, prompt: str, settings: dict, out=None) -> str:
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = ids.to(next(model.parameters()).device)
     streamer = _streamer(tokenizer, out) if out is not None else None
-    with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                streamer=streamer, **settings)
+    # transformers' generate runs without gradients itself (@torch.no_grad(), through PEFT too)
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                            streamer=streamer, **settings)
     return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
