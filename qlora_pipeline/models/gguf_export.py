@@ -25,9 +25,6 @@ from ..core.errors import InputError
 log = logging.getLogger(__name__)
 
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # convert_hf_to_gguf.py --outtype
-# llama.cpp's quantizer, from the f16 file (LLAMA_FTYPE_MOSTLY_<NAME>): its usual choices.
-QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m",
-                   "q5_k_s", "q5_k_m", "q6_k")
 FLOAT_TYPES = ("f32", "f16", "bf16")  # rounding only: greedy answers must agree (stages/export)
 ENV = "QLORA_LLAMA_CPP"  # a llama.cpp checkout (or unpacked sdist) to take the converter from
 
@@ -44,10 +41,6 @@ def converter_dir() -> Path:
                          f"there (`make setup` unpacks them; or set {ENV} to a llama.cpp "
                          f"checkout)")
     return folder
-
-
-def file_name(task: str, gguf_type: str) -> str:
-    return f"{task}-{gguf_type}.gguf"
 
 
 def convert(model_dir: Path, out_file: Path, gguf_type: str) -> None:
@@ -95,9 +88,9 @@ def export(model_dir: Path, folder: Path, task: str, types: list[str], threads: 
     """Every requested type written into `folder`: {type: {file, bytes, seconds}}. The f16
     file a quantizer type starts from is made once, and kept only when asked for."""
     written = {}
-    f16 = folder / file_name(task, "f16")
+    f16 = folder / f"{task}-f16.gguf"
     for gguf_type in sorted(types, key=lambda t: t not in CONVERTER_TYPES):  # f16 first
-        out = folder / file_name(task, gguf_type)
+        out = folder / f"{task}-{gguf_type}.gguf"  # layout.gguf: <task>-<type>.gguf
         started = time.perf_counter()
         if gguf_type in CONVERTER_TYPES:
             convert(model_dir, out, gguf_type)
