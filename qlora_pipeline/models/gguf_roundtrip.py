@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InputError
+from ..core.files import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,11 @@ class Reference:
 
 def test_prompts(spec_dir: Path, examples: int) -> list[str]:
     """The first `examples` rendered prompts of the task's lm-eval test file."""
-    import json
-
     path = Path(spec_dir) / "test.jsonl"
     if not path.is_file():
         raise InputError(f"export: {path} not found; expected the task's lm-eval test file "
                          f"(rule eval_task_spec)")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line)["prompt"] for line, _ in zip(handle, range(examples))]
+    return [record["prompt"] for record in read_jsonl(path)[:examples]]
 
 
 def reference(model, tokenizer, prompts: list[str], max_new_tokens: int) -> Reference:
