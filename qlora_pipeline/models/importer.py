@@ -127,13 +127,13 @@ def parse_gguf_once():
     import gguf
 
     originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")}
-    for name, function in originals.items():  # transformers imports both from gguf on each call
-        setattr(gguf, name, functools.lru_cache(maxsize=None)(function))
+    # The module's attributes replaced (transformers imports both from gguf on each call), and
+    # put back after loading.
+    vars(gguf).update({name: functools.cache(function) for name, function in originals.items()})
     try:
         yield
     finally:
-        for name, function in originals.items():
-            setattr(gguf, name, function)
+        vars(gguf).update(originals)
 
 
 def save(model, tokenizer, out_dir: Path) -> None:
