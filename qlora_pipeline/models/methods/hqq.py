@@ -49,11 +49,6 @@ def layer_class():
 WROTE = {"quant_method": "hqq"}  # what config.json's quantization_config holds
 
 
-def _skipped(name: str, skip: list[str]) -> bool:
-    """bitsandbytes' rule (llm_int8_skip_modules): a module whose name has an entry as a part."""
-    return name in skip or any(part in skip for part in name.split("."))
-
-
 def label(cfg: dict) -> str:
     """hqq3-g64: bits and group size."""
     return f"hqq{cfg['bits']}-g{cfg['group_size']}"
@@ -74,9 +69,11 @@ def quantize(base_dir, cfg: dict, policy: Policy):
                                                    group_size=cfg["group_size"], axis=1),
                 "compute_dtype": str(dtype).removeprefix("torch.")}
     head = model.get_output_embeddings()
+    # skip_modules by bitsandbytes' rule (llm_int8_skip_modules): a module is skipped whose
+    # name, or a part of its name, is an entry.
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is torch.nn.Linear and module is not head
-               and not _skipped(name, cfg["skip_modules"])]
+               and not any(part in cfg["skip_modules"] for part in [name, *name.split(".")])]
     uneven = [name for name, module in targets if module.weight.numel() % cfg["group_size"]]
     if uneven:
         raise InputError(f"quantization.group_size: found {cfg['group_size']}, which does not "
@@ -120,7 +117,6 @@ def load(path, policy: Policy):
     """The saved checkpoint: the architecture built without weights, each quantized layer an
     HQQLinear filled from its stored state, every other tensor assigned as stored."""
     from accelerate import init_empty_weights
-    from hqq.core.quantize import HQQLinear
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -133,9 +129,7 @@ def load(path, policy: Policy):
         model = AutoModelForCausalLM.from_config(config)
     for key in state:
         if key.endswith(".W_q"):
-            replace_module(model, key.removesuffix(".W_q"),
-                           HQQLinear(None, None, compute_dtype=dtype, device=policy.device,
-                                     initialize=False))
+            replace_module(model, key.removesuffix(".W_q"), _unfilled(dtype, policy.device))
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     model.tie_weights()
     missing = [k for k in missing if k.endswith(".weight") and
@@ -166,6 +160,13 @@ def theoretical_bits(cfg: dict, in_features: int | None = None, meta_bits: int =
     return PACKED[cfg["bits"]] + 2 * meta_bits / cfg["group_size"]
 
 
+def _unfilled(dtype, device):
+    """An HQQLinear without weights, to be filled from a stored state."""
+    from hqq.core.quantize import HQQLinear
+
+    return HQQLinear(None, None, compute_dtype=dtype, device=device, initialize=False)
+
+
 @functools.cache
 def _state_keys() -> frozenset[str]:
     return frozenset(layer_class().state_dict_keys(None) - {"bias"})
@@ -177,8 +178,7 @@ def stored_weight(key: str, get, weight_map: dict) -> torch.Tensor | None:
         return None
     import torch
 
-    layer = layer_class()(None, None, compute_dtype=torch.float32, device="cpu",
-                          initialize=False)
+    layer = _unfilled(torch.float32, "cpu")
     layer.load_state_dict({k: get(f"{prefix}.{k}") for k in _state_keys()
                            if f"{prefix}.{k}" in weight_map})
     return layer.dequantize().float()
