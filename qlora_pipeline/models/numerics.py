@@ -56,8 +56,7 @@ def check(model, compute_dtype: torch.dtype) -> dict:
     generator = torch.Generator().manual_seed(0)
     for name, module in layers:
         gaps = _probe(module, compute_dtype, generator)
-        for kind, gap in gaps.items():
-            worst[kind] = max(worst[kind], gap)
+        worst = {kind: max(gap, gaps[kind]) for kind, gap in worst.items()}
         if is_packed(module) or any(gap > tolerance for gap in gaps.values()):
             bad.append(f"{name} ({', '.join(f'{k} {v:.2e}' for k, v in gaps.items())}"
                        f"{', packed' if is_packed(module) else ''})")

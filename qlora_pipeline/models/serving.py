@@ -41,10 +41,9 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     problems += [f"{key}: {why}" for key, why in REFUSED.items() if config.get(key)]
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         problems.append("bias: vLLM serves bias 'none' only (without --enable-lora-bias)")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            problems.append(f"{key}: vLLM scales every module by lora_alpha/r; the "
-                            f"{len(config[key])} modules it names would get the wrong scale")
+    problems += [f"{key}: vLLM scales every module by lora_alpha/r; the {len(config[key])} "
+                 f"modules it names would get the wrong scale"
+                 for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
     problems += _tensor_problems(weights)
     return problems
 
