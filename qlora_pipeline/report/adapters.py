@@ -45,8 +45,7 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
     height = max(len(frame), 1)
-    with figure(path, height, PANELS, dpi=90, figsize=(4.2 * PANELS, 3.4 * height),
-                squeeze=False) as (fig, axes):
+    with figure(path, height, PANELS, dpi=90, figsize=(4.2 * PANELS, 3.4 * height)) as (fig, axes):
         for row, (folder, summary) in zip(axes, each_json(frame["folder"], "summary.json")):
             layers = read_json(folder / "layers.json")
             title = f"{summary['task']} {summary['kind']}"

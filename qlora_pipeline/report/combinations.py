@@ -124,8 +124,7 @@ def plot(frame: pd.DataFrame, files: list, table: dict, path: Path) -> None:
     # One colour scale for every pair, up to the largest overlap: trained adapters overlap by
     # a few tenths at most, which a 0-1 scale would leave all dark.
     top = max(0.05, float(frame["overlap"].max()) if len(frame) else 0.0)
-    with figure(path, len(pairs), 1, figsize=(10, 2.6 * len(pairs)),
-                squeeze=False) as (fig, axes):
+    with figure(path, len(pairs), 1, figsize=(10, 2.6 * len(pairs))) as (fig, axes):
         for ax, pair in zip(axes[:, 0], pairs):
             group = frame[frame["pair"] == pair]
             if group.empty:

@@ -18,15 +18,16 @@ def each_json(folders: Iterable, name: str) -> list[tuple[Path, dict]]:
 
 @contextmanager
 def figure(path, *grid: int, dpi: int = 100, **options) -> Iterator[tuple]:
-    """(fig, axes) of plt.subplots(*grid, **options) for the block to draw on; then laid out,
-    saved to `path` at `dpi` and closed. matplotlib.pyplot is imported here, on the Agg backend
-    (a report job that draws nothing never pays for it)."""
+    """(fig, axes) of plt.subplots(*grid, squeeze=False, **options) for the block to draw on
+    (axes always a 2-D array, however many panels); then laid out, saved to `path` at `dpi` and
+    closed. matplotlib.pyplot is imported here, on the Agg backend (a report job that draws
+    nothing never pays for it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(*grid, **options)
+    fig, axes = plt.subplots(*grid, squeeze=False, **options)
     yield fig, axes
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)

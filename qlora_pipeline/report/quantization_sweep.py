@@ -40,7 +40,7 @@ def rows(files: list, table: dict | None = None, frames: dict | None = None) -> 
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
-    with figure(path, dpi=120, figsize=(6.5, 4)) as (_, ax):
+    with figure(path, dpi=120, figsize=(6.5, 4)) as (_, [[ax]]):  # one panel
         for column in [c for c in frame.columns if c.endswith("_change_pct")]:
             ax.plot(frame["bits_per_param"], frame[column], marker="o",
                     label=column.removesuffix("_change_pct"))

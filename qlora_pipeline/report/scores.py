@@ -75,7 +75,7 @@ def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
     groups = list(frame.groupby(["task", "benchmark", "metric"]))
     width = max(len(groups), 1)
-    with figure(path, 1, width, figsize=(4 * width, 3.5), squeeze=False) as (_, axes):
+    with figure(path, 1, width, figsize=(4 * width, 3.5)) as (_, axes):
         for ax, ((task, benchmark, metric), group) in zip(axes[0], groups):
             ax.bar(group["variant"], group["value"],
                    yerr=group["stderr"].fillna(0).astype(float), capsize=3)

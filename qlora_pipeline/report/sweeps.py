@@ -103,8 +103,7 @@ def plot(frame: pd.DataFrame, files: list, tables: dict, path: Path) -> None:
     score's standard error); log axes for rank, alpha and learning rate."""
     panels = [(task, key) for task, points in frame.groupby("task")
               for key in swept(points.dropna(axis=1, how="all"))]
-    with figure(path, 1, len(panels), figsize=(4.5 * len(panels), 3.5),
-                squeeze=False) as (_, axes):
+    with figure(path, 1, len(panels), figsize=(4.5 * len(panels), 3.5)) as (_, axes):
         for ax, (task, key) in zip(axes[0], panels):
             points = frame[frame["task"] == task]
             chosen = points[points["point"] == choose(points.dropna(axis=1, how="all"))["point"]]

@@ -33,7 +33,7 @@ def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> No
     """Per task: the losses over the steps (recovery continues after QLoRA) and below them the
     adapter's mean effective rank per module type at each evaluation."""
     tasks = sorted({Path(d).parent.name for d in files})
-    with figure(path, 2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False) as (_, axes):
+    with figure(path, 2, len(tasks), figsize=(5 * len(tasks), 7)) as (_, axes):
         for ax, rank_ax, task in zip(axes[0], axes[1], tasks):
             offset = 0
             for directory in sorted((Path(d) for d in files if Path(d).parent.name == task),
