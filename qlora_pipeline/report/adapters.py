@@ -103,9 +103,6 @@ def grid(records: dict[str, dict],
                 cell.append(found)
     layers = sorted({index for index, _ in cells})
     modules = sorted({module for _, module in cells})
-    matrix = [[mean(cells.get((index, module))) for module in modules] for index in layers]
+    means = {cell: sum(values) / len(values) for cell, values in cells.items() if values}
+    matrix = [[means.get((index, module)) for module in modules] for index in layers]
     return layers, modules, matrix
-
-
-def mean(values: list[float] | None) -> float | None:
-    return sum(values) / len(values) if values else None
