@@ -26,7 +26,7 @@ per-layer ranks in rank_pattern and its exact module paths as target_modules.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -43,13 +43,8 @@ from .spectrum import low_rank_svd
 TOLERANCE = 1e-4
 
 
-@dataclass
-class Part:
-    """One task's update of one layer, and its weight in the combination."""
-
-    task: str
-    weight: float
-    update: Update
+# One task's update of one layer (an Update), and its weight in the combination.
+Part = namedtuple("Part", ["task", "weight", "update"])
 
 
 def combine(adapter_dirs: dict[str, Path], out_dir: Path, spec: dict, seed: int = 0,
