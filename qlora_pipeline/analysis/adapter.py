@@ -68,5 +68,5 @@ def num_layers(base_dir: Path, layers: dict) -> int:
     depth = config.get("num_hidden_layers") or config.get("n_layer")
     if depth:
         return int(depth)
-    indices = [profile.parse_layer(key)[0] for key in layers]
-    return max((i for i in indices if i is not None), default=0) + 1
+    # A weight outside the numbered blocks (index None) counts as index 0: no deeper.
+    return max((profile.parse_layer(key)[0] or 0 for key in layers), default=0) + 1

@@ -20,8 +20,7 @@ def top_left_singular_vectors(W: torch.Tensor, k: int) -> torch.Tensor:
     randomized (svd_lowrank) for a large one, with a fixed seed so that two runs agree, on a
     forked RNG so that the caller's random state is untouched. The CPU because svd_lowrank
     takes no generator and only the CPU's is forked here (the base is read there anyway)."""
-    W = W.detach().float().cpu()
-    k = min(k, *W.shape)
+    W = W.detach().float().cpu()  # k beyond W's smallest dimension: the slices below clip it
     if min(W.shape) <= EXACT_LIMIT:
         return torch.linalg.svd(W, full_matrices=False).U[:, :k]
     with torch.random.fork_rng(devices=[]):

@@ -21,6 +21,7 @@ def stats_table(title: str, groups: dict[str, dict]) -> list[str]:
 
 def markdown(task: str, kind: str, result: dict) -> str:
     summary, rec = result["summary"], result["recommendation"]
+    warning = [f"> **Warning:** {rec['warning']}", ""] if rec["warning"] else []
     lines = [f"### {task}: {kind} adapter", "",
              f"r = {result['r']}, {result['layers_analyzed']} adapted layers (means per group; "
              f"effective rank = exp(entropy of the singular values); stable rank = "
@@ -30,8 +31,5 @@ def markdown(task: str, kind: str, result: dict) -> str:
              f"**Rank recommendation** (keeps {100 * rec['energy']:.0f} % of ‖ΔW‖_F² in every "
              f"layer): uniform r = {rec['uniform']}; per-layer ranks "
              + ", ".join(f"{rank}: {count} layers" for rank, count in rec["histogram"].items())
-             + ".", ""]
-    if rec["warning"]:
-        lines += [f"> **Warning:** {rec['warning']}", ""]
-    lines += ["```yaml", rec["snippet"].rstrip(), "```", ""]
+             + ".", "", *warning, "```yaml", rec["snippet"].rstrip(), "```", ""]
     return "\n".join(lines)
