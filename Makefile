@@ -30,18 +30,14 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml envs/install-l
 	touch $@
 
 # Model jobs side by side: one per GPU, or two on a CPU-only machine (gpus.model_slots).
+# Then one screen: the score and training tables, and where the rest is (report/screen.py).
 # RUN: the folder of config/config.yaml's run (results/, or results/<run>/ with a `run` name).
 RUN = $$(python -c 'import yaml; print(("results/" + (yaml.safe_load(open("config/config.yaml")).get("run") or "")).rstrip("/"))')
 
 demo: setup
 	source $(VENV)/bin/activate && snakemake --cores all --resources \
 		gpu=$$(python -c 'from qlora_pipeline.jobs.gpus import model_slots; print(model_slots())')
-	@source $(VENV)/bin/activate && run=$(RUN) && echo && \
-		sed -n '/^## /,/^## Training/p' $$run/report/report.md | sed '$$d' && \
-		sed -n '/^## GGUF exports/,/^## /p' $$run/report/report.md | sed '$$d' && \
-		sed -n '/^## Combinations/,/^### Best method/p' $$run/report/report.md | sed '$$d' && \
-		echo "Full report: $$run/report/report.md (scores: $$run/report/scores.csv;" && \
-		echo "browsable: snakemake --report report.html)"
+	@source $(VENV)/bin/activate && echo && python -m qlora_pipeline.report.screen $(RUN)
 
 # Talk to a variant of the finished run (README; qlora-chat --help for every option), or with
 # GGUF=<file> to an exported file in llama.cpp.

@@ -428,3 +428,43 @@ def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
     for name in ("scores.csv", "report.md", "scores.png", "loss.png", "combinations.csv",
                  "overlap.png"):
         assert name in text, name
+
+
+def test_make_demo_ends_in_one_screen(tiny_run):
+    """What `make demo` prints after Snakemake (report/screen.py): every task's score table and
+    the training table, then where the report, HTML, plots, GGUF files and chat are; at most
+    60 lines, the rest left in report.md."""
+    from conftest import TINY_TASKS
+
+    from qlora_pipeline.report import screen
+
+    run = tiny_run / "results"
+    lines = screen.screen(run).splitlines()
+    assert len(lines) <= screen.SCREEN_LINES
+    headings = [line for line in lines if line.startswith("## ")]
+    assert sorted(headings[:-1]) == [f"## {task}" for task in sorted(TINY_TASKS)]
+    assert headings[-1] == "## Training"
+    trained = pd.read_csv(run / "report/scores.csv").task.unique()
+    assert {line.split("|")[1].strip() for line in lines if line.startswith("| ")} >= \
+        {"benchmark", "task", *trained}  # score tables' and the training table's rows
+    labels = [line.split(":")[0] for line in lines if not line.startswith(("|", "#")) and line]
+    assert labels[:3] == ["Report", "HTML", "Plots"] and labels[-1] == "Chat"
+    assert str(run / "report/report.md") in lines[-len(labels)]
+    assert "scores.png" in lines[-len(labels) + 2]
+    assert not any(line.startswith("![") for line in lines)
+
+
+def test_a_long_report_is_cut_to_one_screen(tmp_path):
+    from qlora_pipeline.report import screen
+
+    report = tmp_path / "report"
+    report.mkdir()
+    table = "| benchmark | metric | base |\n|---|---|---|\n| t | acc | 0.5 |\n"
+    tasks = "".join(f"## task{i}\n\n{table}\n" for i in range(30))
+    (report / "report.md").write_text(f"# Fine-tuning report\n\nIntro.\n\n{tasks}"
+                                      f"## Training\n\n{table}\n## Adapters\n\n{table}")
+    lines = screen.screen(tmp_path).splitlines()
+    assert len(lines) == screen.SCREEN_LINES
+    assert lines[0] == "## task0" and f"... (more in {report / 'report.md'})" in lines
+    assert lines[-1].startswith("Chat:") and "## Adapters" not in lines
+    assert screen.main([str(tmp_path / "nowhere")]) == 2
