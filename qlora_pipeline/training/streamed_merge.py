@@ -58,17 +58,15 @@ class ShardWriter:
         count."""
         if self.pending or not self.written:
             self.flush()
-        if len(self.written) == 1:
-            (self.out / self.written[0][0]).rename(self.out / SINGLE)
-            return 1
         count, weight_map = len(self.written), {}
         for i, (name, keys) in enumerate(self.written, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            final = SINGLE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
             (self.out / name).rename(self.out / final)
             weight_map.update(dict.fromkeys(keys, final))
-        (self.out / INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2),
-            encoding="utf-8")
+        if count > 1:  # a single file needs no index
+            (self.out / INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2),
+                encoding="utf-8")
         return count
 
 
