@@ -59,19 +59,17 @@ def check_isolation(model, row: dict) -> dict:
         # the one row as the collator gives it: nothing to pad, and no attention mask
         logits = model(input_ids=torch.tensor([row["input_ids"]], device=device),
                        position_ids=torch.tensor([row["position_ids"]], device=device)).logits[0]
-        dtype = logits.dtype
         gap = 0.0
         for start, end in zip(starts[:-1], starts[1:]):
             ids = torch.tensor(row["input_ids"][start:end], device=device)
             alone = model(input_ids=ids[None]).logits[0]
             gap = max(gap, abs(_loss(logits[start:end], ids) - _loss(alone, ids)))
-    tolerance = LOSS_TOLERANCE.get(dtype, 1e-2)
+    tolerance = LOSS_TOLERANCE.get(logits.dtype, 1e-2)
     if gap > tolerance:
-        config = model.config
         raise InputError(f"tokenize.packing: examples packed into one sequence attend to each "
-                         f"other in this model ({config.model_type}, attention "
-                         f"{config._attn_implementation}): a loss differs from the example's "
-                         f"loss alone by {gap:.2e} (tolerance {tolerance:g}); expected a model "
-                         f"whose attention honours packed position ids, or tokenize.packing: "
-                         f"false")
+                         f"other in this model ({model.config.model_type}, attention "
+                         f"{model.config._attn_implementation}): a loss differs from the "
+                         f"example's loss alone by {gap:.2e} (tolerance {tolerance:g}); expected "
+                         f"a model whose attention honours packed position ids, or "
+                         f"tokenize.packing: false")
     return {"examples": len(starts) - 1, "max_loss_gap": gap, "tolerance": tolerance}
