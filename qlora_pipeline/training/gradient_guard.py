@@ -70,15 +70,13 @@ class GradientGuard(TrainerCallback):
         if self.checks_left == 0:
             return
         self.checks_left -= 1
-        missing = missing_gradients(model)
-        if missing:
-            total = 2 * len(adapter_pairs(model))
+        if missing := missing_gradients(model):
             raise GradientPathBroken(
                 f"optimizer step {state.global_step + 1} ({self.reason}): {len(missing)} of "
-                f"{total} LoRA weights got no gradient: {', '.join(missing[:SHOWN])}"
-                f"{' …' if len(missing) > SHOWN else ''}. The base model's layers do not pass "
-                f"gradients back (a non-differentiable kernel, or a detached or frozen path); "
-                f"training would leave these adapters unchanged")
+                f"{2 * len(adapter_pairs(model))} LoRA weights got no gradient: "
+                f"{', '.join(missing[:SHOWN])}{' …' if len(missing) > SHOWN else ''}. The base "
+                f"model's layers do not pass gradients back (a non-differentiable kernel, or a "
+                f"detached or frozen path); training would leave these adapters unchanged")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if (logs or {}).get("grad_norm") == 0:
