@@ -308,7 +308,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
 def test_checkpoints_of_another_configuration_are_discarded(tmp_path):
     for key in ("aaaa", "bbbb"):
         (tmp_path / key / "checkpoint-5").mkdir(parents=True)
-    loop.discard_stale_checkpoints(tmp_path, keep="bbbb")
+    assert loop.resume_folder(tmp_path, "bbbb") == tmp_path / "bbbb"
     assert [p.name for p in tmp_path.iterdir()] == ["bbbb"]
     assert (tmp_path / "bbbb" / "checkpoint-5").is_dir()
 

@@ -63,7 +63,10 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
 
     with distributed.rank_folder(adapter) as out:  # rank 0's lands
         seed_everything(seed)  # every rank alike: the same adapter initialisation
-        resume_dir = _resume_dir(Path(checkpoints), key)
+        # Keyed by the settings and the inputs' own provenance: resume only a run that would
+        # have produced the same adapter; discard the others.
+        stamps = [checksum(Path(p) / "provenance.json") for p in key["inputs"]]
+        resume_dir = loop.resume_folder(Path(checkpoints), config_hash({**key, "inputs": stamps}))
         data = load_from_disk(str(tokenized))
         checkpointing = policy.gradient_checkpointing(train["gradient_checkpointing"])
         # The training's peak estimated (memory.py) from its longest batch: batch_size rows of
@@ -90,19 +93,6 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         write_json(out / "summary.json", summary)
         tokenizer_files.copy(model_dir, out)  # chat template, EOS, generation settings
     return summary
-
-
-def _resume_dir(root: Path, key: dict) -> Path:
-    """Keyed by the settings and the inputs' own provenance: resume only a run that would have
-    produced the same adapter; discard the others."""
-    from ..training import distributed, loop
-
-    stamps = [checksum(Path(p) / "provenance.json") for p in key["inputs"]]
-    name = config_hash({**key, "inputs": stamps})
-    if distributed.is_main():
-        loop.discard_stale_checkpoints(root, keep=name)
-    (root / name).mkdir(parents=True, exist_ok=True)
-    return root / name
 
 
 def promote_sweep_point(*, results: Inputs, adapters: Inputs, trainings: Inputs,

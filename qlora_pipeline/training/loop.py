@@ -157,15 +157,13 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     if cfg.get("max_eval_examples"):
         validation = validation.select(range(min(cfg["max_eval_examples"], len(validation))))
     head = proven_on_first_rows("output head only at labelled positions", label_positions.check,
-                                model, validation, packing.Collator(tokenizer),
-                                args.per_device_eval_batch_size, args)
+                                model, validation, packing.Collator(tokenizer), args)
     collator = packing.Collator(tokenizer, label_positions=head["used"])
     if distributed.active():  # the cached prefix is a second forward inside DDP's step
         prefix = {"used": False, "reason": f"distributed over {distributed.world_size()} ranks"}
     else:
         prefix = proven_on_first_rows("rows' common prefix computed once", shared_prefix.check,
-                                      model, data["train"], collator,
-                                      args.per_device_train_batch_size, args)
+                                      model, data["train"], collator, args)
     trainer = GuardedTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
         data_collator=collator, callbacks=callbacks,
@@ -224,15 +222,16 @@ def tensorboard_writer(folder: Path, fresh: bool):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder)))
 
 
-def proven_on_first_rows(what: str, check, model, rows, collator, batch_size: int,
-                         args) -> dict:
+def proven_on_first_rows(what: str, check, model, rows, collator, args) -> dict:
     """Whether training batches may take a shortcut, proven by `check` on a batch of the first
     rows: the output head only where a loss is taken on the first validation batch
     (label_positions.check), the rows' common prefix computed once on the first training rows
     (shared_prefix.check)."""
     if args.n_gpu > 1:  # nn.DataParallel would split the batch from its one index or prefix
         return {"used": False, "reason": f"{args.n_gpu} GPUs in one process"}
-    result = check(model, collator([dict(rows[i]) for i in range(min(batch_size, len(rows)))]))
+    # a training batch's size: an evaluation batch's too (arguments)
+    first = range(min(args.per_device_train_batch_size, len(rows)))
+    result = check(model, collator([dict(rows[i]) for i in first]))
     log.info("%s: %s", what, result)
     return result
 
@@ -252,31 +251,32 @@ def packed_isolation(model, train) -> dict | None:
 
 def forget_metrics_after(metrics_path: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint we resume from: they will be redone."""
-    if not metrics_path.exists():
-        return
-    kept = [record for record in read_jsonl(metrics_path) if record["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    if metrics_path.exists():
+        kept = [record for record in read_jsonl(metrics_path) if record["step"] <= step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerState | None]:
     """The newest checkpoint that was written completely (a job killed while saving leaves a
     partial one: Trainer writes trainer_state.json last), with its state (global_step: the
     step in its name); (None, None) if there is none. Partial ones are deleted."""
-    found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
-                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
-    for candidate in found:
+    for candidate in sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
+                            key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
         try:
-            state = TrainerState.load_from_json(str(candidate / "trainer_state.json"))
-            return str(candidate), state
+            return str(candidate), TrainerState.load_from_json(f"{candidate}/trainer_state.json")
         except (OSError, ValueError):  # missing or cut short
             log.info("discarding incomplete checkpoint %s", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
     return None, None
 
 
-def discard_stale_checkpoints(root: Path, keep: str) -> None:
-    """Checkpoints are keyed by config hash; those of another config are never resumed."""
-    for other in root.glob("*"):  # none if no folder; hidden names included, as iterdir
-        if other.name != keep:
-            log.info("discarding checkpoints %s: made under another configuration", other)
-            shutil.rmtree(other, ignore_errors=True)
+def resume_folder(root: Path, key: str) -> Path:
+    """root/key, made: the folder of a training's checkpoints, keyed by config hash. Those of
+    another config are never resumed: rank 0 discards them."""
+    if distributed.is_main():
+        for other in root.glob("*"):  # none if no folder; hidden names included, as iterdir
+            if other.name != key:
+                log.info("discarding checkpoints %s: made under another configuration", other)
+                shutil.rmtree(other, ignore_errors=True)
+    (root / key).mkdir(parents=True, exist_ok=True)
+    return root / key
