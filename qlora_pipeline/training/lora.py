@@ -44,11 +44,9 @@ def check(model, cfg: dict) -> None:
     if targets == "all-linear" and cfg.get("layers_to_transform") is not None:
         raise InputError("lora.layers_to_transform needs explicit lora.target_modules (PEFT "
                          f"cannot combine it with 'all-linear'); expected names among {available}")
-    if targets != "all-linear":
-        missing = [t for t in targets if t not in available]
-        if missing:
-            raise InputError(f"lora.target_modules: {missing} match no linear layer of the "
-                             f"model; expected names among {available} or 'all-linear'")
+    if targets != "all-linear" and (missing := [t for t in targets if t not in available]):
+        raise InputError(f"lora.target_modules: {missing} match no linear layer of the "
+                         f"model; expected names among {available} or 'all-linear'")
     layers = targeted_layers(model, targets, cfg.get("layers_to_transform"))
     if not layers:
         raise InputError(f"lora.layers_to_transform {cfg.get('layers_to_transform')}: no "
@@ -164,8 +162,7 @@ def saved_lora(adapter_dir, key: str) -> dict:
 
 
 def check_adapter(adapter_dir, key: str) -> None:
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise InputError(f"{key}: no QLoRA adapter at {adapter_dir} (expected "
                          f"adapter_config.json and adapter_model.safetensors); run the "
                          f"train_qlora stage for this task first")
