@@ -71,9 +71,8 @@ def merge_and_check(kind: str, base_dir, quant_dir, adapter_dir, out_dir, prompt
     at a time."""
     from ..models.quantization import load_full_precision
 
-    source = base_dir if kind == "full" else quant_dir
-    streamed = streamed_merge.merge(source, adapter_dir, out_dir, policy.full_precision_dtype,
-                                    max_shard_bytes)
+    streamed = streamed_merge.merge(base_dir if kind == "full" else quant_dir, adapter_dir,
+                                    out_dir, policy.full_precision_dtype, max_shard_bytes)
     merged_logits = logits(load_full_precision(out_dir, policy, offload=True), prompts)
     unmerged = logits(with_adapter(load_base(kind, base_dir, quant_dir, policy), adapter_dir),
                       prompts)

@@ -50,9 +50,7 @@ def prefix_length(batch: dict) -> int:
         same &= batch["attention_mask"].bool().all(dim=0)
     common = int(same.long().cumprod(dim=0).sum())
     labelled = (labels != label_positions.IGNORE).any(dim=0).nonzero()
-    if labelled.numel() == 0:
-        return 0
-    length = min(common, int(labelled[0]) - 1)
+    length = min(common, int(labelled[0]) - 1) if labelled.numel() else 0  # no label: no loss
     return length if length >= MIN_PREFIX else 0
 
 
