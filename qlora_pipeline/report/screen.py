@@ -42,11 +42,11 @@ def where(run: Path) -> list[str]:
 
 
 def screen(run: Path) -> str:
-    lines = [*tables((run / "report" / "report.md").read_text(encoding="utf-8")), *where(run)]
-    if len(lines) > SCREEN_LINES:  # many tasks: their tables stay in report.md
-        lines = [*lines[:SCREEN_LINES - len(where(run)) - 1],
-                 f"... (more in {run / 'report' / 'report.md'})", *where(run)]
-    return "\n".join(lines)
+    found, paths = tables((run / "report" / "report.md").read_text(encoding="utf-8")), where(run)
+    if len(found) + len(paths) > SCREEN_LINES:  # many tasks: their tables stay in report.md
+        found = [*found[:SCREEN_LINES - len(paths) - 1],
+                 f"... (more in {run / 'report' / 'report.md'})"]
+    return "\n".join([*found, *paths])
 
 
 def main(argv: list[str] | None = None) -> int:
