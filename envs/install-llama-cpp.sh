@@ -5,8 +5,9 @@
 # and, from the same archive, llama.cpp's converter convert_hf_to_gguf.py with the gguf-py it
 # is written against, unpacked into <prefix>/share/llama.cpp (models/gguf_export.py).
 #
-# PyPI has no wheel of it: the C++ build takes ~6.5 min on 2 cores. The wheel is kept in
-# ~/.cache/qlora-pipeline, keyed by the CPU's instruction set, because it is built for this
+# PyPI has no wheel of it: the C++ build takes ~2.5 min on 2 cores (6.5 with llama.cpp's
+# `common` library, which the package builds by default and this script leaves out). The
+# wheel is kept in ~/.cache/qlora-pipeline, keyed by the CPU's instruction set, because it is built for this
 # CPU (-march=native: AVX-512 code must never run on a CPU without it); a new venv on the
 # same machine, or CI with that folder cached, installs it in seconds.
 #
@@ -31,12 +32,24 @@ if [[ ! -f $sdist ]]; then
         "llama-cpp-python==$VERSION" -d "$cache"
 fi
 if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
-    echo "building llama-cpp-python $VERSION for this CPU (once; ~6.5 min on 2 cores)"
-    # The library only: no llava, tests, examples, tools or server.
+    echo "building llama-cpp-python $VERSION for this CPU (once; ~2.5 min on 2 cores)"
+    src=$(mktemp -d)
+    trap 'rm -rf "$src" "$wheels.tmp"' EXIT
+    tar -xzf "$sdist" -C "$src"
+    # Only the libraries the bindings load (llama, ggml): the package forces llama.cpp's
+    # `common` library on (34k lines of JSON and chat-template C++, about half the build),
+    # which nothing here loads; no llava, tests, examples, tools or server either.
+    sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE/set(LLAMA_BUILD_COMMON OFF CACHE/' \
+        "$src/llama_cpp_python-$VERSION/CMakeLists.txt"
+    grep -q 'LLAMA_BUILD_COMMON OFF CACHE BOOL "Build llama.cpp common library" FORCE)$' \
+        "$src/llama_cpp_python-$VERSION/CMakeLists.txt" \
+        || { echo "install-llama-cpp.sh: llama-cpp-python $VERSION's CMakeLists.txt no" \
+                  "longer forces LLAMA_BUILD_COMMON; expected the line this script edits" >&2
+             exit 1; }
     CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-        "$python" -m pip wheel --quiet --no-deps "$sdist" -w "$wheels.tmp"
+        "$python" -m pip wheel --quiet --no-deps "$src/llama_cpp_python-$VERSION" -w "$wheels.tmp"
     mv "$wheels.tmp"/llama_cpp_python-*.whl "$wheels"/ && rmdir "$wheels.tmp"
 fi
 # Its dependencies (numpy, jinja2, diskcache, typing-extensions) are pinned in requirements.txt.
