@@ -4,6 +4,7 @@ runs (code_digest.INFRASTRUCTURE) is none."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -32,6 +33,22 @@ def changed(before: dict, after: dict) -> set[str]:
 
 def test_the_copy_digests_like_the_library(package):
     assert digests(package) == digests(REPO / "qlora_pipeline")
+
+
+def test_digests_are_read_back_until_a_library_file_changes(package, tmp_path, monkeypatch):
+    """A no-op parse reads the digests from disk; any edit, or a torn cache, recomputes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = code_digest.for_rule("merge", package)
+    cache = next((tmp_path / "cache" / "qlora-pipeline").glob("code-digests-*.json"))
+    record = json.loads(cache.read_text())
+    assert record["digests"] == {"merge": first}
+    cache.write_text(json.dumps({**record, "digests": {"merge": "read back"}}))
+    assert code_digest.for_rule("merge", package) == "read back"
+    errors = package / "core/errors.py"
+    errors.write_text(errors.read_text() + "\n")  # a new stamp; the same code
+    assert code_digest.for_rule("merge", package) == first
+    cache.write_text("{torn")
+    assert code_digest.for_rule("merge", package) == first
 
 
 def test_editing_the_training_loop_changes_training_only(package):

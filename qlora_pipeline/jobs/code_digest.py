@@ -24,6 +24,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 PACKAGE = "qlora_pipeline"
@@ -147,7 +150,49 @@ def _used(function: ast.FunctionDef, tree: ast.Module, module: str) -> tuple[lis
 
 
 def for_rule(rule: str, root: Path = PACKAGE_DIR) -> str:
-    """sha256 (16 hex digits) of the code the stage function named like `rule` runs."""
+    """sha256 (16 hex digits) of the code the stage function named like `rule` runs.
+
+    Parsing and dumping the library takes about a second, at every parse of the workflow;
+    so the digests are kept on disk, valid while no library file (path, mtime, size) and not
+    the Python version (ast.dump's output) changed: a no-op dry run reads them back."""
+    key = _library_stamp(root)
+    cache = _cache_file(root)
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    digests = cached.get("digests", {}) if cached.get("stamp") == key else {}
+    if rule not in digests:
+        digests[rule] = _digest(rule, root)
+        _write_quietly(cache, {"stamp": key, "digests": digests})
+    return digests[rule]
+
+
+def _library_stamp(root: Path) -> str:
+    stamps = hashlib.sha256(sys.version.encode())
+    for path in sorted(root.rglob("*.py")):
+        stat = path.stat()
+        stamps.update(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}\n".encode())
+    return stamps.hexdigest()
+
+
+def _cache_file(root: Path) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipeline"
+    return cache / f"code-digests-{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+
+
+def _write_quietly(path: Path, record: dict) -> None:
+    """Written whole (rename) or not at all: a cache that cannot be written is recomputed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _digest(rule: str, root: Path) -> str:
     module, tree, function = stage_source(rule, root)
     reached, modules = _used(function, tree, module)
     digest = hashlib.sha256()
