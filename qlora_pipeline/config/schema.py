@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 
 from ..core.errors import InputError
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SCHEMA_DIR = Path(__file__).resolve().parent.parent.parent / "config" / "schemas"
 
 
@@ -26,13 +28,19 @@ def load_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:  # libyaml's parser where PyYAML has it: the same documents, ten times faster
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML: {err}") from None
 
 
 def load_schema(name: str) -> dict:
+    return copy.deepcopy(_schema(name))  # a copy: callers may change theirs
+
+
+@functools.cache
+def _schema(name: str) -> dict:
+    """Read once per process (the task schema serves every task and sweep point)."""
     return load_yaml(SCHEMA_DIR / name)
 
 
