@@ -6,6 +6,7 @@ value fails here, in one line naming the file and key, before any job runs."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,15 @@ from typing import Any
 from ..core.errors import InputError
 from ..data.builtin import check_arithmetic
 from . import combinations, quantization, sweeps, trainings
-from .schema import load_schema, load_yaml, validate
+from .schema import coerce, load_schema, load_yaml, validate
 
 log = logging.getLogger(__name__)
 # Task keys whose mapping is a choice between keys ({energy} or {rank}), not settings: a
 # task's value replaces the defaults' instead of merging with it.
 CHOICES = ("compress",)
+# Blocks whose keys depend on one of them: a later layer that switches it gives the block whole
+# (the earlier method's or source's keys would otherwise stay, and be refused or used).
+SWITCHES = {"quantization": "method", "base_model": "source"}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -30,6 +34,48 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+@functools.cache
+def _typed_schema() -> dict:
+    """The config schema with the task schema where it holds task settings: what --config
+    values are coerced by (never modified, so cached)."""
+    config, task = load_schema("config.schema.yaml"), load_schema("task.schema.yaml")
+    config["properties"]["defaults"] = task
+    config["properties"]["task_overrides"]["additionalProperties"] = task
+    return config
+
+
+def _switched(before: Any, block: Any, key: str) -> bool:
+    """Whether `block` switches the SWITCHES key of the `before` merged so far."""
+    switch = SWITCHES[key]
+    if not (isinstance(before, dict) and isinstance(block, dict) and switch in block):
+        return False
+    if switch in before:
+        return block[switch] != before[switch]
+    return block[switch] != _typed_schema()["properties"][key]["properties"][switch].get("default")
+
+
+def _merge_layer(config: dict, layer: dict) -> dict:
+    merged = deep_merge(config, layer)
+    for key in SWITCHES:
+        if _switched(config.get(key), layer.get(key), key):
+            merged[key] = copy.deepcopy(layer[key])
+    return merged
+
+
+def read_configfiles(paths: list[str | Path], overrides: dict | None = None) -> dict:
+    """The raw config of `snakemake --configfile A --configfile B --config k=v`: the files
+    merged in order (deep_merge; a SWITCHES block that switches is taken whole), then
+    `overrides` (--config) merged alike, its text values typed as the schema asks."""
+    config: dict = {}
+    for path in paths:
+        layer = load_yaml(path) or {}
+        if not isinstance(layer, dict):
+            raise InputError(f"{path}: found {type(layer).__name__}; expected a mapping of "
+                             f"config keys")
+        config = _merge_layer(config, layer)
+    return _merge_layer(config, coerce(overrides, _typed_schema())) if overrides else config
 
 
 def _check_dataset(dataset: dict, fmt: str, where: str) -> None:

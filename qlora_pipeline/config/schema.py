@@ -44,6 +44,41 @@ def _schema(name: str) -> dict:
     return load_yaml(SCHEMA_DIR / name)
 
 
+def _read(text: str) -> Any:
+    """What a --config text stands for: JSON first (3e-4 is a number there, a string in
+    YAML 1.1), else YAML (unquoted words, flow mappings); text that is neither stays text."""
+    for load in (json.loads, yaml.safe_load):
+        try:
+            return load(text)
+        except (ValueError, yaml.YAMLError):
+            pass
+    return text
+
+
+def _key_schema(schema: dict, key: str) -> dict:
+    """What a mapping's key takes: its property's schema, else the additional keys' one."""
+    sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+    return sub if isinstance(sub, dict) else {}
+
+
+def coerce(value: Any, schema: dict) -> Any:
+    """`value` with its text leaves read as the types `schema` takes (Snakemake reads nested
+    --config values with YAML's BaseLoader: every leaf a string). A leaf becomes what its text
+    reads as where the schema takes that; else it stays text, so validation names the key.
+    Hand-written: jsonschema checks types but converts nothing."""
+    if isinstance(value, dict):
+        return {key: coerce(item, _key_schema(schema, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [coerce(item, items if isinstance(items, dict) else {}) for item in value]
+    if not isinstance(value, str):
+        return value
+    read = _read(value)
+    if isinstance(read, (dict, list)):  # a mapping or list given as text
+        return coerce(read, schema)
+    return read if jsonschema.Draft202012Validator(schema).is_valid(read) else value
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """" (did you mean '<the closest choice>'?)", or "" when none is close."""
     close = difflib.get_close_matches(name, choices, n=1)
