@@ -6,7 +6,7 @@
 import os
 import re
 
-from qlora_pipeline.config import load_config, recovery_train, sweeps, trainings
+from qlora_pipeline.config import load_config, read_configfiles, recovery_train, sweeps, trainings
 from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.core import layout
 from qlora_pipeline.core.errors import InputError
@@ -16,7 +16,22 @@ from qlora_pipeline.report.sections import outputs as report_outputs
 
 os.environ.setdefault("QLORA_PIPELINE_ROOT", workflow.basedir)
 
+
+def _config_layers():
+    """The config files in the order they merge, and the --config values: the Snakefile's
+    configfile: (unless --replace-workflow-config), then each --configfile in order."""
+    settings = workflow.config_settings
+    own = workflow.configfiles[len(settings.configfiles):]  # listed after the command line's
+    if settings.replace_workflow_config:
+        own = []
+    return [*own, *settings.configfiles], dict(settings.config)
+
+
 try:
+    # Merged again by our rules (a switched quantization method or model source is taken
+    # whole, --config values typed), where the command line adds to config.yaml's own.
+    if workflow.config_settings.configfiles or workflow.config_settings.config:
+        config = read_configfiles(*_config_layers())
     config, TASKS = load_config(config, root=".")
     layout.use_run(config["run"])  # results/<run>/ for every path below
 except InputError as err:
