@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_yaml
+import yaml
+from conftest import REPO, snakemake, write_yaml
 
-from qlora_pipeline.config import deep_merge, load_config
+from qlora_pipeline.config import deep_merge, load_config, read_configfiles
+from qlora_pipeline.config.schema import load_yaml
 from qlora_pipeline.core.errors import InputError
 
 ARITHMETIC = {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
@@ -110,8 +113,6 @@ def test_deep_merge_does_not_mutate_its_inputs():
 
 
 def test_repository_config_and_tasks_are_valid():
-    from qlora_pipeline.config.schema import load_yaml
-
     config, tasks = load_config(load_yaml(REPO / "config/config.yaml"), root=REPO)
     assert set(tasks) == set(config["tasks"]) == {"arithmetic", "topic"}
     for task in tasks.values():
@@ -329,3 +330,85 @@ def test_sweep_points_are_settled_named_and_unique(root):
     assert config["quantization_sweep"][0]["skip_modules"] == ["lm_head"]  # quantization's
     message = error_of(root, quantization_sweep=[{"method": "int8"}, {"method": "int8"}])
     assert "config key 'quantization_sweep[1]'" in message and "int8" in message
+
+
+# ---- config files and --config, merged as snakemake passes them (read_configfiles) -----------
+
+MAIN = REPO / "config/config.yaml"
+HQQ = {"method": "hqq", "bits": 3, "group_size": 64}
+HUB = {"source": "hub", "id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}
+# docs/cluster.md's DDP command's --config value
+DDP = ('task_overrides={"topic": {"train": {"batch_size": 4, "distributed": '
+       '{"strategy": "ddp", "processes": 2}}}}')
+
+
+def with_overlay(tmp_path: Path, **layer) -> list[Path]:
+    return [MAIN, write_yaml(tmp_path / "overlay.yaml", layer)]
+
+
+def command_line(*entries: str) -> dict:
+    """--config key=value entries as Snakemake's parse_config hands them over: a mapping read
+    with YAML's BaseLoader, every leaf text (importing snakemake.cli takes seconds)."""
+    return {key: yaml.load(value, Loader=yaml.BaseLoader)
+            for key, value in (entry.split("=", 1) for entry in entries)}
+
+
+def test_an_overlay_switching_method_or_source_gives_the_block_whole(tmp_path):
+    config = read_configfiles(with_overlay(tmp_path, quantization=HQQ, base_model=HUB))
+    assert config["quantization"] == HQQ  # config.yaml's double_quant gone
+    assert config["base_model"] == HUB  # and its package and file
+    config, _ = load_config(config, root=REPO)
+    assert config["quantization"]["bits"] == 3 and "double_quant" not in config["quantization"]
+
+
+def test_an_overlay_keeping_method_or_source_merges_key_by_key(tmp_path):
+    main = load_yaml(MAIN)
+    config = read_configfiles(with_overlay(
+        tmp_path, quantization={"method": "nf4", "double_quant": False},
+        base_model={"source": "gguf", "dtype": "float32"}))
+    assert config["quantization"] == {**main["quantization"], "double_quant": False}
+    assert config["base_model"] == {**main["base_model"], "dtype": "float32"}
+    # An earlier block without a method has the schema's default (nf4): no switch.
+    first = write_yaml(tmp_path / "first.yaml", {"quantization": {"double_quant": False}})
+    second = write_yaml(tmp_path / "second.yaml", {"quantization": {"method": "nf4"}})
+    assert read_configfiles([first, second]) == {
+        "quantization": {"double_quant": False, "method": "nf4"}}
+
+
+def test_config_values_are_typed_by_the_schema():
+    config = read_configfiles([MAIN], command_line(
+        DDP, "run=null", "evaluation={limit: null, batch_size: 4}",
+        "defaults={train: {learning_rate: 3e-4}}", "base_model={revision: 1234, id: x}",
+        "quantization={method: hqq, bits: 3}"))
+    assert config["run"] is None
+    assert (config["evaluation"]["limit"], config["evaluation"]["batch_size"]) == (None, 4)
+    assert config["defaults"]["train"]["learning_rate"] == 3e-4  # a string to YAML 1.1
+    assert config["base_model"]["revision"] == "1234"  # text where the schema asks for text
+    assert config["quantization"] == {"method": "hqq", "bits": 3}  # switched here too
+    config = read_configfiles([MAIN], command_line(DDP))
+    _, tasks = load_config(config, root=REPO)
+    assert tasks["topic"]["train"]["batch_size"] == 4
+    assert tasks["topic"]["train"]["distributed"] == {"strategy": "ddp", "processes": 2,
+                                                      "nodes": 1}
+
+
+@pytest.mark.parametrize("value", ["four", "4.5"])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_the_key(value):
+    """Text that reads as nothing the key takes stays text: refused as without coercion."""
+    config = read_configfiles([MAIN], command_line(DDP.replace("4", value)))
+    with pytest.raises(InputError) as info:
+        load_config(config, root=REPO)
+    assert "topic.yaml (with config task_overrides.topic merged)" in str(info.value)
+    assert (f"key 'train.batch_size': found \"{value}\", expected a value of type integer"
+            in str(info.value))
+
+
+def test_snakemake_merges_config_yaml_then_each_configfile_then_config(tmp_path):
+    """The workflow's own layers, in order: run from the overlay (config.yaml's is first,
+    under it), hqq switched in whole, and the DDP values typed."""
+    shutil.copytree(REPO / "config/tasks", tmp_path / "config/tasks")
+    write_yaml(tmp_path / "config/config.yaml", {**load_yaml(MAIN), "run": "main-run"})
+    overlay = write_yaml(tmp_path / "overlay.yaml", {"run": "overlay-run", "quantization": HQQ})
+    result = snakemake(tmp_path, "-n", "--configfile", str(overlay), "--config", DDP, slots=2)
+    assert "results/overlay-run/models/quantized" in result.stdout
+    assert "main-run" not in result.stdout
