@@ -28,8 +28,9 @@ def _config_layers():
 
 
 try:
-    # Merged again by our rules (a switched quantization method or model source is taken
-    # whole, --config values typed), where the command line adds to config.yaml's own.
+    # Where the command line adds layers, they are merged again by our rules (a switched
+    # quantization method or model source taken whole, --config values typed); config.yaml
+    # alone is Snakemake's config as it read it.
     if workflow.config_settings.configfiles or workflow.config_settings.config:
         config = read_configfiles(*_config_layers())
     config, TASKS = load_config(config, root=".")
