@@ -25,6 +25,7 @@ A block that has no dry form opts out with a marker in the line(s) just above it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -144,32 +145,41 @@ def snakemake_dry(args: list[str], tmp: Path) -> list[str]:
     return dry
 
 
-def help_text(argv: list[str]) -> str:
-    """`<command> --help` (a `python -m module` keeps its module)."""
-    head = argv[:3] if argv[:2] == ["python", "-m"] else argv[:1]
+@functools.cache
+def help_text(head: tuple[str, ...]) -> str:
+    """`<command> --help` (a `python -m module` keeps its module); '' where it fails."""
     exe = [sys.executable, *head[1:]] if head[0] == "python" else [str(BIN / program(head))]
     result = subprocess.run([*exe, "--help"], capture_output=True, text=True, cwd=REPO,
                             timeout=120)
-    assert result.returncode == 0, f"{' '.join(head)} --help: {result.stderr[-2000:]}"
-    return result.stdout
+    return result.stdout if result.returncode == 0 else ""
 
 
-def check_make(argv: list[str]) -> None:
+def check_help(argv: list[str]) -> str | None:
+    """The command's --help works and names every option the command uses."""
+    text = help_text(tuple(argv[:3] if argv[:2] == ["python", "-m"] else argv[:1]))
+    unknown = [w.split("=")[0] for w in argv if w.startswith("--")
+               and w.split("=")[0] not in text]
+    return f"{' '.join(argv)}: not options of its --help: {unknown}" if unknown or not text \
+        else None
+
+
+def check_make(argv: list[str]) -> str | None:
+    """make -n runs the targets, and the Makefile reads each VAR= given."""
     makefile = (REPO / "Makefile").read_text()
-    for word in argv[1:]:
-        if "=" in word:
-            name = word.split("=", 1)[0]
-            assert f"$({name})" in makefile, f"make {name}=: the Makefile never reads {name}"
+    unread = [w.split("=")[0] for w in argv if "=" in w and f"$({w.split('=')[0]})" not in makefile]
     targets = [w for w in argv[1:] if "=" not in w]
     result = subprocess.run(["make", "-n", *targets], capture_output=True, text=True, cwd=REPO,
                             timeout=60)
-    assert result.returncode == 0, f"make -n {' '.join(targets)}: {result.stderr[-1000:]}"
+    if unread or result.returncode != 0:
+        return f"{' '.join(argv)}: the Makefile never reads {unread}; make -n: " \
+               f"{result.stderr[-500:]}"
+    return None
 
 
-def dry_uses(tmp: Path) -> tuple[list[dict], list[tuple]]:
+def dry_uses(tmp: Path) -> tuple[list[dict], list[str]]:
     """Every snakemake and qlora-chat command, and every YAML profile, as a use for the child
-    process (the others are checked here); and the commands with no dry form and no marker."""
-    uses, refused = [], []
+    process; the problems of the other commands (checked here, or with no dry form)."""
+    uses, problems = [], []
     for block in blocks():
         for argv, expected in commands(block):
             name = program(argv)
@@ -178,17 +188,14 @@ def dry_uses(tmp: Path) -> tuple[list[dict], list[tuple]]:
                 uses.append({**use, "kind": "snakemake", "argv": snakemake_dry(argv[1:], tmp)})
             elif name == "qlora-chat":
                 uses.append({**use, "kind": "chat", "argv": argv[1:]})
-            elif name == "make":
-                check_make(argv)
             elif argv == ["source", ".venv/bin/activate"]:
                 continue  # the test runs in the project's environment already
-            elif (BIN / name).is_file() or argv[:2] == ["python", "-m"]:
-                text = help_text(argv)
-                for option in (w.split("=")[0] for w in argv if w.startswith("--")):
-                    assert option in text, f"{use['where']}: {use['command']}: " \
-                                           f"{option} is not an option of {name}"
+            elif name == "make" or (BIN / name).is_file() or argv[:2] == ["python", "-m"]:
+                problem = (check_make if name == "make" else check_help)(argv)
+                problems += [f"{use['where']}: {problem}"] if problem else []
             else:
-                refused.append((block["where"], " ".join(argv)))
+                problems.append(f"{use['where']}: {use['command']}: no dry form, and no "
+                                f"`<!-- docs-test: skip {name}: <why> -->` above its block")
         if block["info"] == "yaml" and not block["skips"] and \
                 yaml_kind(block["text"], yaml.safe_load(block["text"]))[0] == "profile":
             folder = tmp / f"profile{len(uses)}"
@@ -197,7 +204,7 @@ def dry_uses(tmp: Path) -> tuple[list[dict], list[tuple]]:
             uses.append({"where": block["where"], "command": "a profile of this block",
                          "expected": None, "kind": "snakemake",
                          "argv": ["-n", "--profile", str(folder), "--workflow-profile", "none"]})
-    return uses, refused
+    return uses, problems
 
 
 def run_child(uses: list[dict]) -> list[dict]:
@@ -210,10 +217,7 @@ def run_child(uses: list[dict]) -> list[dict]:
 
 
 def test_every_shell_block_runs_dry(tmp_path):
-    uses, refused = dry_uses(tmp_path)
-    assert not refused, "commands with no dry form and no `<!-- docs-test: skip ...: why -->` " \
-                        f"marker above their block: {refused}"
-    failures = []
+    uses, failures = dry_uses(tmp_path)
     for use, result in zip(uses, run_child(uses)):
         output, expected = " ".join(result["output"].split()), use["expected"]
         if expected is None and result["rc"] != 0:
@@ -378,13 +382,24 @@ def captured(function, *args) -> tuple[int, str, object]:
         return rc or 0, out.read(), value
 
 
+def dry_run(main, options: list[str], uses: dict[int, list[str]], results: dict) -> None:
+    """snakemake -n for the uses' targets together; if it fails, for each use alone, to name
+    the one that fails."""
+    targets = dict.fromkeys(t for found in uses.values() for t in found)
+    rc, output, _ = captured(main, ["-n", *targets, *options])
+    results.update({i: {"rc": rc, "output": output} for i in uses})
+    if rc and len(uses) > 1:
+        for i, found in uses.items():
+            dry_run(main, options, {i: found}, results)
+
+
 def child() -> None:
     """One snakemake -n per distinct set of options (config, profile), asking for the targets
     of every use that shares them; each use gets its run's result."""
     from snakemake.cli import main
 
     uses = json.loads(sys.stdin.read())
-    results, groups = [None] * len(uses), {}
+    results, groups = {}, {}
     for i, use in enumerate(uses):
         if use["kind"] == "chat":
             rc, output, found = captured(chat_job, use["argv"])
@@ -394,14 +409,10 @@ def child() -> None:
             options, targets = found
         else:
             options, targets = use["argv"][1:], ["all"]
-        group = groups.setdefault(json.dumps(options), {"targets": {}, "uses": []})
-        group["targets"].update(dict.fromkeys(targets))
-        group["uses"].append(i)
+        groups.setdefault(json.dumps(options), {})[i] = targets
     for options, group in groups.items():
-        rc, output, _ = captured(main, ["-n", *group["targets"], *json.loads(options)])
-        for i in group["uses"]:
-            results[i] = {"rc": rc, "output": output}
-    print(json.dumps(results))
+        dry_run(main, json.loads(options), group, results)
+    print(json.dumps([results[i] for i in range(len(uses))]))
 
 
 if __name__ == "__main__":
