@@ -120,8 +120,9 @@ def configfile(path: str, tmp: Path) -> str:
         return path
     name = path.rsplit("/", 1)[-1]
     text = named_yaml().get(name)
-    assert text is not None, f"--configfile {path}: not in the repository, and no YAML block " \
-                             f"headed '# {name}' in the docs"
+    if text is None:
+        raise LookupError(f"--configfile {path}: not in the repository, and no YAML block "
+                          f"headed '# {name}' in the docs")
     (tmp / name).write_text(text)
     return str(tmp / name)
 
@@ -185,7 +186,10 @@ def dry_uses(tmp: Path) -> tuple[list[dict], list[str]]:
             name = program(argv)
             use = {"where": block["where"], "command": " ".join(argv), "expected": expected}
             if name == "snakemake":
-                uses.append({**use, "kind": "snakemake", "argv": snakemake_dry(argv[1:], tmp)})
+                try:
+                    uses.append({**use, "kind": "snakemake", "argv": snakemake_dry(argv[1:], tmp)})
+                except LookupError as err:
+                    problems.append(f"{use['where']}: {err}")
             elif name == "qlora-chat":
                 uses.append({**use, "kind": "chat", "argv": argv[1:]})
             elif argv == ["source", ".venv/bin/activate"]:
@@ -336,6 +340,17 @@ def test_figure_rule():
     assert uncommitted_figures("Peak 1242 MiB, 2442240 params.\n")  # a number is no commit
     assert not uncommitted_figures("Times at 16c7092:\n| a | b |\n|---|---|\n| 1 | 98.7 s |\n")
     assert not uncommitted_figures("```\n3 s\n```\nuse -n, 3.11 and gpu=2\n")
+
+
+def test_gpu_table_says_whether_each_behaviour_ran_on_a_gpu():
+    """docs/gpu.md: each row ends in 'not yet', or the date, the card and the command."""
+    rows = [line for line in (REPO / "docs/gpu.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| behaviour")]
+    assert len(rows) >= 10
+    for row in rows:
+        status = row.rstrip(" |").rsplit("|", 1)[1].strip()
+        ran = re.fullmatch(r"\d{4}-\d{2}-\d{2}, [^,]+, `[^`]+`", status)
+        assert status == "not yet" or ran, row
 
 
 # --- the child process: every dry job through snakemake's own entry point ------------------

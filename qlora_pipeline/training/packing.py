@@ -3,7 +3,7 @@
 A packed row holds several whole examples, each with position ids restarting at 0
 (data/tokenize.pack). Given position ids and *no* attention mask, transformers builds a
 block-diagonal causal mask from where the positions restart, for every attention
-implementation it has (sdpa, eager, flex; flash-attention's varlen path on a GPU): that is
+implementation it has (sdpa, eager, flex; this project installs no flash-attention): that is
 its own packed-sequence support, used here rather than a mask of ours. Two conditions, both
 easy to miss: no 2D attention mask in the batch, and no KV cache in the forward (with either,
 transformers falls back to plain causal attention and examples attend to each other; measured
