@@ -283,7 +283,7 @@ def check_yaml(text: str, tmp: Path) -> str:
                                                      .get(name, {}), data)
                                     for name in ([task] if task else config["tasks"])}
     else:
-        return kind  # run by snakemake (test_profile_blocks_run_dry)
+        return kind  # a profile: run by snakemake (test_every_shell_block_runs_dry)
     load_config(config, root=REPO)
     return kind
 
