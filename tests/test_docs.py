@@ -260,31 +260,22 @@ def yaml_kind(text: str, data: dict) -> tuple[str, str | None]:
     return "profile", None
 
 
-def default_config() -> dict:
-    from qlora_pipeline.config.schema import load_yaml
-
-    return load_yaml(REPO / "config/config.yaml")
-
-
 def check_yaml(text: str, tmp: Path) -> str:
-    """Validate one YAML block as what it is; returns its kind."""
-    from qlora_pipeline.config import deep_merge, load_config
+    """Validate one YAML block as what it is, over config/config.yaml; returns its kind."""
+    from qlora_pipeline.config import load_config, read_configfiles
 
     data = yaml.safe_load(text)
     kind, task = yaml_kind(text, data)
-    config = default_config()
-    if kind == "config":
-        config = deep_merge(config, data)
-    elif kind == "task file":
+    if kind == "profile":
+        return kind  # run by snakemake (test_every_shell_block_runs_dry)
+    tasks = yaml.safe_load((REPO / "config/config.yaml").read_text())["tasks"]
+    overlay = {"config": data, "task overlay": {"task_overrides": {
+        name: data for name in ([task] if task else tasks)}},
+        "task file": {"tasks": [task], "task_dir": str(tmp), "combinations": []}}[kind]
+    if kind == "task file":
         (tmp / f"{task}.yaml").write_text(text)
-        config.update(tasks=[task], task_dir=str(tmp), task_overrides={}, combinations=[])
-    elif kind == "task overlay":
-        config["task_overrides"] = {name: deep_merge(config.get("task_overrides", {})
-                                                     .get(name, {}), data)
-                                    for name in ([task] if task else config["tasks"])}
-    else:
-        return kind  # a profile: run by snakemake (test_every_shell_block_runs_dry)
-    load_config(config, root=REPO)
+    (tmp / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    load_config(read_configfiles([REPO / "config/config.yaml", tmp / "overlay.yaml"]), root=REPO)
     return kind
 
 
