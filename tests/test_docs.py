@@ -5,19 +5,20 @@ HTML comments are read as a Markdown renderer reads them. The tools on PyPI for 
 (pytest-examples, phmdoctest, mktestdocs) run Python blocks or run shell blocks as written;
 none turns `snakemake ...` into `snakemake -n` or validates YAML as a config overlay, so the
 dry forms below are our own:
-- snakemake: `-n`, once per distinct command (its cores and resources aside), all in one
-  Python process (snakemake's own entry point; a cold start is seconds, a dry run after it
-  under one);
+- snakemake: `-n`, once per distinct set of options (config, profile; cores and resources
+  aside) for the targets of every command sharing them, all in one Python process (snakemake's
+  own entry point; a cold start is seconds, a dry run after it under one);
 - qlora-chat: its own argument parser and config reading, the task checked, then `snakemake -n`
   for the files the variant loads (or the GGUF file), with the same config: the run can make
   what the command opens;
 - make: `make -n` (the target exists), each VAR= read by the Makefile;
 - other commands (qlora-stage, python -m ...): `--help`, which must name every option used;
 - `$ command` lines followed by output (a transcript): the output's last line must be printed;
-- YAML: validated with the default config (qlora_pipeline.config.load_config) as what it is: a
-  config overlay, a whole task file (`# config/tasks/<name>.yaml` with format and dataset), a
-  task overlay (every task, or the task its first comment names), or a Snakemake profile
-  (its keys snakemake's options, run as `--profile` with `-n`).
+- YAML: validated over config/config.yaml as snakemake reads an overlay file
+  (config.read_configfiles, then load_config), as what it is: a config overlay, a whole task
+  file (`# config/tasks/<name>.yaml` with format and dataset), a task overlay (every task, or
+  the task its first comment names), or a Snakemake profile (its keys snakemake's options, run
+  as `--profile` with `-n`).
 A block that has no dry form opts out with a marker in the line(s) just above it:
 `<!-- docs-test: skip: <why> -->` (the whole block) or `<!-- docs-test: skip <command>: <why> -->`
 (the block's lines that run <command>). A block with neither fails.
