@@ -7,6 +7,7 @@ import os
 import re
 
 from qlora_pipeline.config import load_config, read_configfiles, recovery_train, sweeps, trainings
+from qlora_pipeline.config import variants as task_variants
 from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.core import layout
 from qlora_pipeline.core.errors import InputError
@@ -162,10 +163,9 @@ def final_adapter(wildcards):
 
 
 def variants(task):
-    """The configured variants that exist for a task (`recovered` and `compressed` only where
-    the task enables them)."""
-    optional = {"recovered": recovery_enabled(task), "compressed": compress_enabled(task)}
-    return [v for v in config["evaluation"]["variants"] if optional.get(v, True)]
+    """The configured variants that exist for a task (config/variants.py: `recovered` and
+    `compressed` only where the task enables them)."""
+    return [v for v in config["evaluation"]["variants"] if v in task_variants.kinds(TASKS[task])]
 
 
 def variant_inputs(wildcards):
