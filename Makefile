@@ -29,23 +29,30 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml envs/install-l
 	PYTHON=$(PY) bash envs/install-llama-cpp.sh
 	touch $@
 
+# CONFIG="a.yaml b.yaml": config files merged over config/config.yaml, in order, as snakemake's
+# --configfile does (one --configfile, several files: snakemake keeps only the last option).
+CONFIG ?=
+CONFIGFILES = $(if $(strip $(CONFIG)),--configfile $(CONFIG))
 # Model jobs side by side: one per GPU, or two on a CPU-only machine (gpus.model_slots).
 # Then one screen: the score and training tables, and where the rest is (report/screen.py).
-# RUN: the folder of config/config.yaml's run (results/, or results/<run>/ with a `run` name).
-RUN = $$(python -c 'import yaml; print(("results/" + (yaml.safe_load(open("config/config.yaml")).get("run") or "")).rstrip("/"))')
+# RUN: the folder of the run those files name (results/, or results/<run>/ with a `run` name).
+RUN = $$(python -c 'import sys; from qlora_pipeline.config import read_configfiles; \
+	from qlora_pipeline.core import layout; \
+	layout.use_run(read_configfiles(sys.argv[1:]).get("run")); print(layout.results())' \
+	config/config.yaml $(CONFIG))
 
 demo: setup
-	source $(VENV)/bin/activate && snakemake --cores all --resources \
+	source $(VENV)/bin/activate && snakemake --cores all $(CONFIGFILES) --resources \
 		gpu=$$(python -c 'from qlora_pipeline.jobs.gpus import model_slots; print(model_slots())')
 	@source $(VENV)/bin/activate && echo && python -m qlora_pipeline.report.screen $(RUN)
 
-# Talk to a variant of the finished run (README; qlora-chat --help for every option), or with
-# GGUF=<file> to an exported file in llama.cpp.
+# Talk to a variant of the finished run of CONFIG (README; qlora-chat --help for every option),
+# or with GGUF=<file> to an exported file in llama.cpp.
 TASK ?= topic
 VARIANT ?= merged
 GGUF ?=
 chat: setup
-	source $(VENV)/bin/activate && qlora-chat --task $(TASK) \
+	source $(VENV)/bin/activate && qlora-chat --task $(TASK) $(CONFIGFILES) \
 		$(if $(GGUF),--gguf $(GGUF),--variant $(VARIANT))
 
 test: setup

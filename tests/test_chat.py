@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 
-from conftest import job_policy
+from conftest import job_policy, write_yaml
 from qlora_pipeline import chat
+from qlora_pipeline.config import variants
+from qlora_pipeline.core import layout
+from qlora_pipeline.core.files import read_jsonl
 from qlora_pipeline.models import generation
 from qlora_pipeline.models import serving
 
@@ -27,8 +31,10 @@ def in_run(tiny_run, monkeypatch):
 def loaded(variant: str, task: str):
     from qlora_pipeline.evaluation.harness import load_model
 
-    _, tasks = chat.run_settings("config/config.yaml")
-    model, tokenizer = load_model(job_policy(), **chat.variant_paths(variant, task))
+    _, tasks = chat.run_settings([])
+    inputs = chat.finished(layout.variant_inputs(variant, task))
+    inputs.pop("spec")
+    model, tokenizer = load_model(job_policy(), **inputs)
     return model, tokenizer, tasks[task]
 
 
@@ -79,14 +85,93 @@ def test_sampling_is_seeded(in_run, capsys):
     assert answers[0] == answers[1]
 
 
+def test_the_run_is_the_one_its_config_files_make(tiny_run, tmp_path, monkeypatch, capsys):
+    """--configfile as snakemake's: files merged over config/config.yaml in order, so the last
+    one's `run` opens results/<run>/ (here a link to the tiny run's results)."""
+    shutil.copytree(tiny_run / "config", tmp_path / "config")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/overlay").symlink_to(tiny_run / "results")
+    write_yaml(tmp_path / "elsewhere.yaml", {"run": "elsewhere"})
+    write_yaml(tmp_path / "overlay.yaml", {"run": "overlay"})
+    monkeypatch.chdir(tmp_path)
+    ask = ["--task", "topic", "--variant", "qlora", "--prompt", "x"]
+    try:
+        assert chat.main(["--configfile", "elsewhere.yaml", "overlay.yaml", *ask]) == 0
+        assert chat.main(["--configfile", "overlay.yaml", "--configfile", "elsewhere.yaml",
+                          *ask]) == 2
+    finally:
+        layout.use_run(None)
+    assert "qlora-chat: results/elsewhere/eval/tasks/topic not found" in capsys.readouterr().err
+
+
+def test_a_variant_the_task_lacks_is_refused_naming_its_own(in_run, capsys):
+    """topic has no recovery; its own variants (config/variants.py, which the rules' scores
+    use too) and other tasks' models (<kind>+<task>) are what it has."""
+    assert chat.main(["--task", "topic", "--variant", "recovered", "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (
+        "qlora-chat --variant: found 'recovered'; expected one of topic's variants base, "
+        "quantized, qlora, compressed, merged, qlora@r1, qlora@r2, combined+both, or another "
+        "task's as <kind>+<task>[@<training>]\n")
+    config, tasks = chat.run_settings([])
+    asked = ["recovered+arithmetic", "merged+arithmetic", "qlora@r2", "combined+both",
+             "recovered@r1", "compressed+arithmetic", "qlora+sentiment", "combined+none"]
+    assert [v for v in asked if variants.made(v, "topic", tasks, config["combinations"])] \
+        == asked[:4]
+
+
+def test_an_example_is_sent_as_scored_and_its_answer_shown(in_run, capsys, monkeypatch):
+    sent = []
+    monkeypatch.setattr(chat, "answer", lambda model, tok, prompt, settings, out:
+                        sent.append((prompt, settings["max_new_tokens"])))
+    assert chat.main(["--task", "topic", "--variant", "qlora", "--example", "4"]) == 0
+    example = read_jsonl(in_run / "results/eval/tasks/topic/test.jsonl")[4]
+    assert sent == [(example["prompt"], 4)]  # the run's evaluation.max_gen_tokens
+    assert capsys.readouterr().err.endswith(f"expected: {example['answer']}\n")
+
+
+def test_generation_stops_at_the_runs_max_gen_tokens(in_run, capsys):
+    """The tiny model answers a newline per token, never EOS: 4 tokens, then the stream's end."""
+    assert chat.main(["--task", "arithmetic", "--variant", "base", "--prompt", QUESTION]) == 0
+    model, tokenizer, task = loaded("base", "arithmetic")
+    prompt = chat.Conversation(task, tokenizer).prompt(QUESTION)
+    streamed = {}
+    for limit in (4, 16):
+        args = chat.parse_args(["--task", "arithmetic", "--max-new-tokens", str(limit)])
+        generation.answer(model, tokenizer, prompt, chat.generation_settings(args, tokenizer),
+                          out=streamed.setdefault(limit, io.StringIO()))
+    assert capsys.readouterr().out == streamed[4].getvalue() != streamed[16].getvalue()
+
+
+def test_a_prompt_off_the_tasks_form_gets_a_one_line_hint(in_run, capsys, monkeypatch):
+    """At start a test prompt is shown; a turn that does not begin and end as every test prompt
+    does gets one line naming the form and --example, then its (bounded) answer."""
+    examples = read_jsonl(in_run / "results/eval/tasks/arithmetic/test.jsonl")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2 + 3? Answer with the number only."
+                                                 "\nThe striker scored twice.\n"))
+    assert chat.main(["--task", "arithmetic", "--variant", "qlora"]) == 0
+    err = capsys.readouterr().err
+    hints = [line for line in err.splitlines() if line.startswith("qlora-chat:")]
+    assert examples[0]["prompt"] in err and hints == [
+        "qlora-chat: this prompt is not in the form of the task's test prompts, 'What is …? "
+        "Answer with the number only.' (… varies); --example N sends test example N as scored"]
+    sentence = "The striker scored twice in the second half."
+    assert chat.main(["--task", "topic", "--variant", "qlora", "--prompt", sentence]) == 0
+    assert "'Classify the topic of the sentence as one of: sports, food, weather, technology." \
+           "\\nSentence: The ….\\nAnswer with the topic only.' (… varies)" in \
+           capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "sentiment"], "qlora-chat --task: found 'sentiment'"),
-    (["--task", "topic", "--variant", "finetuned"], "qlora-chat --variant: variant 'finetuned'"),
-    (["--task", "topic", "--variant", "recovered"], "results/adapters/topic/recovered not found"),
+    (["--task", "topic", "--variant", "finetuned"], "qlora-chat --variant: found 'finetuned'"),
     (["--task", "topic", "--gguf", "topic.gguf"], "qlora-chat --gguf: topic.gguf not found"),
+    (["--task", "topic", "--example", "6"], "qlora-chat --example: found 6; expected 0 to 5 "
+                                            "(topic's test examples)"),
+    (["--task", "topic", "--config", "config/config.yaml"],
+     "qlora-chat --config: found config/config.yaml; expected --configfile FILE"),
 ])
 def test_bad_requests_are_refused_in_one_line(in_run, capsys, argv, message):
-    assert chat.main(argv + ["--prompt", "x"]) == 2
+    assert chat.main(argv + ([] if "--example" in argv else ["--prompt", "x"])) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
