@@ -1,6 +1,8 @@
 """qlora-chat on the finished tiny run: the variant loads as its scoring job loads it, the
-prompt is the task's format, the streamed answer is the model's greedy answer, a chat keeps
-its history, and bad requests are refused with a one-line message. Adapter folders carry the
+prompt is the task's format, the streamed answer is the model's greedy answer, bounded by the
+run's max_gen_tokens, a chat keeps its history, the run is the one its config files make, test
+examples are shown and sent as scored, a prompt off the task's form gets a hint, and bad
+requests are refused with a one-line message. Adapter folders carry the
 base's tokenizer and generation files, and are checked against what vLLM's loader reads."""
 
 from __future__ import annotations
