@@ -354,13 +354,12 @@ def chat_job(argv: list[str]) -> tuple[list[str], list[str]]:
     from qlora_pipeline.core import layout
 
     args = chat.parse_args(argv)
-    _, tasks = chat.run_settings(args.config)
-    if args.task not in tasks:
-        raise SystemExit(f"qlora-chat --task: {args.task!r} not in {sorted(tasks)}")
+    config, tasks = chat.run_settings(args.configfile)
+    chat.check_request(args, config, tasks)
     # export_gguf's output is the folder of a task's GGUF files
     targets = [str(Path(args.gguf).parent)] if args.gguf else \
         list(layout.variant_inputs(args.variant, args.task).values())
-    return ([] if args.config == "config/config.yaml" else ["--configfile", args.config]), targets
+    return (["--configfile", *args.configfile] if args.configfile else []), targets
 
 
 def captured(function, *args) -> tuple[int, str, object]:
