@@ -456,6 +456,8 @@ def test_non_utf8_after_byte_order_mark(tmp_path):
     ([{"role": "user", "content": "u"}, {"role": "bot", "content": "b"}], "messages[1]"),
     ([{"role": "user", "content": "u"}, {"role": "assistant", "content": None}], "messages[1]"),
     ("hello", "expected a non-empty list"),
+    ([{"role": "user", "content": "u", "tool_calls": [{"name": "f", "arguments": {}}]},
+      {"role": "assistant", "content": "a"}], "messages[0]: found {'role': 'user'"),
 ])
 def test_bad_chat_records(tmp_path, messages, wording):
     good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
@@ -553,3 +555,62 @@ def test_fetch_dataset_failure_keeps_an_older_output(tmp_path):
         fetch_dataset(local(bad), "completion", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "raw"]
+
+
+# ---- ShareGPT conversations --------------------------------------------------------------------
+
+SHAREGPT = {"messages": "conversations"}  # dataset.columns for ShareGPT's column
+
+
+def sharegpt_rows(n: int) -> list[dict]:
+    """ShareGPT records, every role: a system turn, a tool call, its result, the answer."""
+    return [{"conversations": [
+        {"from": "system", "value": "Use the tools."}, {"from": "human", "value": f"{i} + 1?"},
+        {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": i}})},
+        {"from": "tool" if i % 2 else "observation", "value": str(i + 1)},
+        {"from": "gpt", "value": f"It is {i + 1}."}], "tools": "[]"} for i in range(n)]
+
+
+def as_chat(row: dict) -> dict:
+    system, human, call, result, gpt = (turn["value"] for turn in row["conversations"])
+    call = json.loads(call)
+    return {"messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": human},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": call["name"], "arguments": call["arguments"]}}]},
+        {"role": "tool", "content": result}, {"role": "assistant", "content": gpt}]}
+
+
+def test_sharegpt_from_a_local_file_and_the_hub(tmp_path, hub_cache):
+    rows = sharegpt_rows(20)
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    write_jsonl(tmp_path / "hub-sharegpt" / "train.jsonl", rows)
+    (tmp_path / "hub-sharegpt" / "README.md").write_text("# ShareGPT\n", encoding="utf-8")
+    hub = {"source": "hub", "name": str(tmp_path / "hub-sharegpt"), "revision": "main",
+           "seed": 0, "columns": SHAREGPT, "validation_fraction": 0.1, "test_fraction": 0.1}
+    for cfg in (local(path, columns=SHAREGPT), hub):
+        splits = sources.fetch(cfg, "chat")
+        assert sorted(map(key, all_records(splits))) == sorted(key(as_chat(r)) for r in rows)
+
+
+@pytest.mark.parametrize("turn, wording", [
+    ({"from": "human"}, "messages[1]: found {'from': 'human'}, expected {role: assistant|"
+                        "system|tool|user, content: text} or ShareGPT's {from: human|gpt|"),
+    ({"value": "hi"}, "messages[1]: found {'value': 'hi'}, expected {role: "),
+    ({"from": "bot", "value": "hi"}, "messages[1]: found {'from': 'bot', 'value': 'hi'}"),
+    ({"from": "observation", "value": "4"}, "messages[1]: a tool result (role 'tool') with no "
+                                            "tool call before it"),
+    ({"from": "function_call", "value": "add(2, 2)"}, "messages[1]: tool call 'add(2, 2)' is "
+                                                      "not JSON"),
+    ({"from": "function_call", "value": '{"arguments": {}}'}, "messages[1]: tool call "
+                                                               "{'arguments': {}}: expected"),
+])
+def test_bad_sharegpt_records(tmp_path, turn, wording):
+    bad = {"conversations": [{"from": "human", "value": "2 + 2?"}, turn,
+                             {"from": "gpt", "value": "4"}]}
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(sharegpt_rows(1) + [bad]), encoding="utf-8")
+    message = input_error(sources.fetch, local(path, columns=SHAREGPT), "chat")
+    assert message.startswith(f"{path}: record 1: {wording}")
+    assert "expected" in message and "\n" not in message

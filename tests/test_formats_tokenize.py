@@ -333,3 +333,137 @@ def test_max_length_that_cuts_every_answer(raw_dir, tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match=r"train\.jsonl: no example left.*max_length 8"):
         tokenize_dataset(raw_dir, tiny_model_dir, "chat", CFG | {"max_length": 8}, out)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- ShareGPT and tool calls -------------------------------------------------------------------
+
+# ChatML with each tool call written in tags after the content, as Qwen2.5's template does.
+# CHAT_TEMPLATE (SmolLM2's) writes only each message's content: it drops a call.
+TOOL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message.role + '\n' + message.content }}"
+    "{% for call in message.tool_calls or [] %}{{ '<tool_call>' + call.function.name + ' ' + "
+    "call.function.arguments | tojson + '</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SHAREGPT = [{"from": "system", "value": "Answer with the number only."},  # MULTI_TURN
+            {"from": "human", "value": "What is 12 + 34?"}, {"from": "gpt", "value": "46"},
+            {"from": "human", "value": "And 46 - 12?"}, {"from": "gpt", "value": "34"}]
+
+
+def tool_conversation(city: str, weather: str) -> list[dict]:
+    """A ShareGPT conversation with a call and its result, in LLaMA-Factory's names."""
+    call = {"name": "get_weather", "arguments": {"city": city}}
+    return [{"from": "human", "value": f"Weather in {city}?"},
+            {"from": "function_call", "value": json.dumps(call)},
+            {"from": "observation", "value": weather}, {"from": "gpt", "value": f"{weather}."}]
+
+
+def read_chat(conversation: list[dict]) -> dict:
+    """The record fetch_dataset stores for a conversation (dataset.columns maps the column)."""
+    return formats.clean(formats.check_record({"messages": conversation}, "chat", "t"), "chat")
+
+
+@pytest.fixture(scope="module")
+def tool_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    return tokenizer
+
+
+def test_sharegpt_is_read_as_chat_and_its_gpt_turns_carry_loss(tiny_tokenizer):
+    record = read_chat(SHAREGPT)
+    assert record == MULTI_TURN
+    example, *_ = tokenize_record(record, "chat", tiny_tokenizer, 256, False)
+    assert [tiny_tokenizer.decode(s) for s in loss_spans(example)] == [
+        "46<|im_end|>\n", "34<|im_end|>\n"]
+
+
+def test_tool_calls_carry_loss_and_tool_results_do_not(tool_tokenizer):
+    record = read_chat(tool_conversation("Oslo", "rain, 4 C"))
+    assert record["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    assert record["messages"][2] == {"role": "tool", "content": "rain, 4 C"}
+    openai = [{"role": "user", "content": "Weather in Oslo?"},  # the same in OpenAI's spelling
+              {"role": "assistant", "content": None, "tool_calls": [{"type": "function",
+               "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+              {"role": "tool", "content": "rain, 4 C"},
+              {"role": "assistant", "content": "rain, 4 C."}]
+    assert read_chat(openai) == record
+    example, *_ = tokenize_record(record, "chat", tool_tokenizer, 256, False)
+    assert [tool_tokenizer.decode(s) for s in loss_spans(example)] == [
+        '<tool_call>get_weather {"city": "Oslo"}</tool_call><|im_end|>\n',
+        "rain, 4 C.<|im_end|>\n"]
+    assert masked_text(example, tool_tokenizer) == (
+        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>tool\nrain, 4 C<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("template, refused", [
+    (CHAT_TEMPLATE, "messages[1] (role 'assistant', a tool call): the tokenizer's chat "
+                    "template leaves out 'get_weather'"),
+    (TOOL_TEMPLATE.replace("{{ '<|im_start|>'", "{% if message.role != 'tool' %}"
+                           "{{ '<|im_start|>'").replace("{{ '<|im_end|>\n' }}",
+                                                        "{{ '<|im_end|>\n' }}{% endif %}"),
+     "messages[2] (role 'tool', a tool result): the tokenizer's chat template leaves out "
+     "'rain'"),
+    ("{% for message in messages %}{% if message.role == 'tool' %}"
+     "{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
+     "{% endfor %}" + TOOL_TEMPLATE,
+     "the tokenizer's chat template refused roles ['user', 'assistant', 'tool']: Only user"),
+])
+def test_template_without_tool_messages_is_refused(tool_tokenizer, template, refused):
+    from copy import deepcopy
+
+    tokenizer = deepcopy(tool_tokenizer)
+    tokenizer.chat_template = template
+    records = [read_chat(SHAREGPT), read_chat(tool_conversation("Oslo", "rain"))]
+    with pytest.raises(InputError) as info:
+        tokenize_split(records, "chat", tokenizer, CFG, where="raw/train.jsonl")
+    assert str(info.value).startswith(f"raw/train.jsonl: line 2: {refused}")
+    assert "expected" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sharegpt_and_tool_calls_through_the_tiny_pipeline(tmp_path, tiny_model_dir,
+                                                           tool_tokenizer, run_snakemake):
+    """A ShareGPT file and a file of tool-call conversations, a task each, fetched and
+    tokenized by snakemake on a base whose template renders tools: every example's loss."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    from conftest import tiny_config, write_yaml
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    tool_tokenizer.save_pretrained(base)
+    chats = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"},
+                                {"from": "gpt", "value": str(i + 1)}]} for i in range(10)]
+    (tmp_path / "chats.json").write_text(json.dumps(chats), encoding="utf-8")
+    tools = [{"conversations": tool_conversation(f"City {i}", f"{i} C")} for i in range(10)]
+    (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tools),
+                                          encoding="utf-8")
+    write_yaml(tmp_path / "config/config.yaml", tiny_config(base, tasks=("chats", "tools")))
+    for task, path in (("chats", "chats.json"), ("tools", "tools.jsonl")):
+        write_yaml(tmp_path / f"config/tasks/{task}.yaml", {"format": "chat", "dataset": {
+            "source": "local", "path": path, "columns": {"messages": "conversations"}}})
+    run_snakemake(tmp_path, *(f"results/data/{task}/tokenized" for task in ("chats", "tools")))
+
+    def loss(messages: list[dict]) -> list[str]:  # what TOOL_TEMPLATE writes for each answer
+        return [m["content"] + "".join(f"<tool_call>{c['function']['name']} "
+                                       f"{json.dumps(c['function']['arguments'])}</tool_call>"
+                                       for c in m.get("tool_calls", [])) + "<|im_end|>\n"
+                for m in messages if m["role"] == "assistant"]
+
+    for task, answers in (("chats", 1), ("tools", 2)):
+        data = load_from_disk(str(tmp_path / f"results/data/{task}/tokenized"))
+        records = [r for split in data for r in read_split(tmp_path / f"results/data/{task}/raw",
+                                                           split)]
+        examples = [e for split in data for e in data[split]]
+        assert len(examples) == len(records) == 10
+        for record, example in zip(records, examples):
+            spans = [tool_tokenizer.decode(s) for s in loss_spans(example)]
+            assert spans == loss(record["messages"]) and len(spans) == answers
+            for message in record["messages"]:
+                if message["role"] in ("user", "tool"):
+                    assert (f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+                            in masked_text(example, tool_tokenizer))

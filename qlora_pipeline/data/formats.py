@@ -2,11 +2,20 @@
 
 A record is rendered as segments of token ids, each flagged with whether it carries loss;
 the prompt segments are masked from the loss unless `train_on_prompt` is set.
+
+A chat conversation is written either as transformers' messages ({role, content}, with
+`tool_calls` on an assistant message and role `tool` for a result) or as ShareGPT's turns
+({from, value}), which are read into messages here: ShareGPT is a spelling of chat, not a
+format of its own, so everything after reading (templates, loss, evaluation, qlora-chat) is
+chat's.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from jinja2.exceptions import TemplateError
 
 from ..core.errors import InputError
 
@@ -18,7 +27,12 @@ REQUIRED = {
 OPTIONAL = {"alpaca": ("input",), "chat": (), "completion": ()}
 # Kept through every stage so that evaluation can score classification as multiple choice.
 PASSTHROUGH = ("choices", "label")
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
+# ShareGPT's speakers (LLaMA-Factory's function_call/observation included) as chat roles.
+SHAREGPT = {"human": "user", "gpt": "assistant", "system": "system",
+            "function_call": "assistant", "observation": "tool", "tool": "tool"}
+EXPECTED_MESSAGE = (f"{{role: {'|'.join(sorted(ROLES))}, content: text}} or ShareGPT's "
+                    f"{{from: {'|'.join(SHAREGPT)}, value: text}}")
 
 # The Stanford Alpaca prompt, verbatim, so adapters match what users expect of "alpaca".
 ALPACA_INPUT = (
@@ -58,36 +72,78 @@ def check_record(record: Any, fmt: str, where: str) -> dict:
             f"or map yours to them with dataset.columns"
         )
     if fmt == "chat":
-        _check_messages(record["messages"], where)
-    else:
-        for field in REQUIRED[fmt] + OPTIONAL[fmt]:
-            value = record.get(field, "")
-            if value is not None and not isinstance(value, str):
-                raise InputError(f"{where}: column '{field}': found {type(value).__name__} "
-                                 f"{value!r:.80}, expected text")
+        return {**record, "messages": _messages(record["messages"], where)}
+    for field in REQUIRED[fmt] + OPTIONAL[fmt]:
+        value = record.get(field, "")
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{where}: column '{field}': found {type(value).__name__} "
+                             f"{value!r:.80}, expected text")
     return record
 
 
-def _check_messages(messages: Any, where: str) -> None:
+def _messages(messages: Any, where: str) -> list[dict]:
+    """The conversation as checked chat messages (ShareGPT turns read as messages)."""
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: column 'messages': found {messages!r:.80}, expected a "
-                         f"non-empty list of {{role, content}}")
-    for i, message in enumerate(messages):
-        if (not isinstance(message, dict) or message.get("role") not in ROLES
-                or not isinstance(message.get("content"), str)):
-            raise InputError(f"{where}: messages[{i}]: found {message!r:.80}, expected "
-                             f"{{role: system|user|assistant, content: text}}")
-    if not any(m["role"] == "assistant" for m in messages):
-        roles = [m["role"] for m in messages]
+                         f"non-empty list of {EXPECTED_MESSAGE}")
+    out = [_message(message, f"{where}: messages[{i}]") for i, message in enumerate(messages)]
+    for i, message in enumerate(out):
+        # Templates render a result as the answer to the call before it (some look it up).
+        if message["role"] == "tool" and (i == 0 or not ("tool_calls" in out[i - 1]
+                                                         or out[i - 1]["role"] == "tool")):
+            raise InputError(f"{where}: messages[{i}]: a tool result (role 'tool') with no "
+                             f"tool call before it; expected it right after an assistant's "
+                             f"tool call (ShareGPT: function_call) or another result")
+    if not any(m["role"] == "assistant" for m in out):
+        roles = [m["role"] for m in out]
         raise InputError(f"{where}: 'messages' has no assistant turn to learn from (found "
                          f"roles {roles}); expected at least one message with role 'assistant'")
+    return out
+
+
+def _message(message: Any, where: str) -> dict:
+    """One message as {role, content} (+ tool_calls); a ShareGPT turn is translated."""
+    if (isinstance(message, dict) and message.get("from") in SHAREGPT
+            and isinstance(message.get("value"), str)):
+        key = "tool_calls" if message["from"] == "function_call" else "content"
+        message = {"role": SHAREGPT[message["from"]], "content": "", key: message["value"]}
+    valid = isinstance(message, dict) and message.get("role") in ROLES
+    calls = message.get("tool_calls") if valid else None  # None or [] where there is none
+    if calls not in (None, []):
+        valid, calls = message["role"] == "assistant", _calls(calls, where)
+    content = message.get("content") if valid else None
+    if valid and calls and content is None:  # OpenAI writes a call's content as null
+        content = ""
+    if not isinstance(content, str):
+        raise InputError(f"{where}: found {message!r:.80}, expected {EXPECTED_MESSAGE}")
+    # Rebuilt: only what templates read (a hub dataset's rows carry None for absent keys).
+    return {"role": message["role"], "content": content} | (
+        {"tool_calls": calls} if calls else {})
+
+
+def _calls(calls: Any, where: str) -> list[dict]:
+    """Tool calls as chat templates read them, [{type: function, function: {name, arguments}}],
+    from that form or ShareGPT's ({name, arguments}, one or a list, as JSON text)."""
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: tool call {calls!r:.60} is not JSON ({err.msg}); "
+                             f"expected {{\"name\": ..., \"arguments\": {{...}}}}") from None
+    out = [call.get("function", call) if isinstance(call, dict) else call
+           for call in (calls if isinstance(calls, list) else [calls])]
+    if not out or not all(isinstance(call, dict) and isinstance(call.get("name"), str)
+                          and "arguments" in call for call in out):
+        raise InputError(f"{where}: tool call {calls!r:.80}: expected {{name: text, "
+                         f"arguments: ...}} (or a list of them, or OpenAI's "
+                         f"{{type: function, function: {{name, arguments}}}})")
+    return [{"type": "function", "function": {"name": call["name"],
+                                              "arguments": call["arguments"]}} for call in out]
 
 
 def clean(record: dict, fmt: str) -> dict:
     """Keep only the fields the format and evaluation use, with optional text fields filled."""
     out = {k: record[k] for k in REQUIRED[fmt] + OPTIONAL[fmt] + PASSTHROUGH if k in record}
-    if fmt == "chat":
-        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in out["messages"]]
     for field in OPTIONAL[fmt]:
         out[field] = out.get(field) or ""
     return out
@@ -126,8 +182,37 @@ def segments(record: dict, fmt: str, tokenizer) -> list[tuple[list[int], bool]]:
             (answer + [tokenizer.eos_token_id], True)]
 
 
+def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except TemplateError as err:  # the template's raise_exception (a role it does not take)
+        roles = [m["role"] for m in messages]
+        raise InputError(f"the tokenizer's chat template refused roles {roles}: {err}; "
+                         f"expected a base whose chat template renders them") from None
+
+
+def _check_tools_rendered(messages: list[dict], tokenizer) -> None:
+    """Refuse a tool call or result that the template leaves out (many render only system,
+    user and assistant text): what the message adds to the rendered conversation must hold
+    the result's text, or the name of each function called."""
+    for i, message in enumerate(messages):
+        wanted = [call["function"]["name"] for call in message.get("tool_calls", ())]
+        wanted += [message["content"]] if message["role"] == "tool" else []
+        before = _render(messages[:i], tokenizer) if i else ""
+        added = _render(messages[: i + 1], tokenizer).removeprefix(before)
+        missing = [text for text in wanted if text not in added]
+        if missing:
+            kind = "tool call" if message["role"] == "assistant" else "tool result"
+            raise InputError(f"messages[{i}] (role '{message['role']}', a {kind}): the "
+                             f"tokenizer's chat template leaves out {missing[0]!r:.60}; expected "
+                             f"a base whose chat template renders tool calls and results, or "
+                             f"conversations without them")
+
+
 def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], bool]]:
-    """Every assistant turn carries loss; everything else (system, user, headers) does not.
+    """Every assistant turn (tool calls included) carries loss; everything else (system, user,
+    tool results, headers) does not.
 
     The template is rendered for growing prefixes of the conversation; each assistant turn's
     tokens are the difference between the render that ends before it and the one that ends
@@ -135,10 +220,11 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], boo
     check instead of assuming.
     """
     def render(upto: int, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-        return _ids(tokenizer, text, special=False)
+        return _ids(tokenizer, _render(messages[:upto], tokenizer, generation_prompt),
+                    special=False)
 
+    if any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        _check_tools_rendered(messages, tokenizer)
     full = render(len(messages), False)
     out, done = [], 0
     for i, message in enumerate(messages):

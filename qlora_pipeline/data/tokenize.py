@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from ..core.errors import InputError
 from . import formats
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,18 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
 
 
 def tokenize_split(records: list[dict], fmt: str, tokenizer, cfg: dict,
-                   packable: bool = True) -> tuple[list[dict], dict]:
+                   packable: bool = True, where: str = "records") -> tuple[list[dict], dict]:
     """Tokenize one split; returns the examples and that split's statistics. `packable`:
     whether tokenize.packing applies (the train split only: validation and test stay one
-    example per row, as the perplexity report and the merge check read them)."""
+    example per row, as the perplexity report and the merge check read them). `where`: the
+    split's file, named with the line of a record the tokenizer cannot render."""
     examples, truncated = [], 0
-    for record in records:
-        example, was_truncated, answer_left = tokenize_record(
-            record, fmt, tokenizer, cfg["max_length"], cfg["train_on_prompt"])
+    for line, record in enumerate(records, start=1):
+        try:
+            example, was_truncated, answer_left = tokenize_record(
+                record, fmt, tokenizer, cfg["max_length"], cfg["train_on_prompt"])
+        except InputError as err:
+            raise InputError(f"{where}: line {line}: {err}") from None
         truncated += was_truncated
         # Dropped when truncation cut the whole answer: nothing left to learn from (with
         # train_on_prompt too, where the labels alone would not show it).

@@ -37,7 +37,8 @@ def tokenize(*, raw: Input, base: Input, tokenized: Output, format: str, tokeniz
     splits, stats = {}, {"format": format, **tokenize, "splits": {}}
     for split in sources.SPLITS:
         examples, split_stats = tokenize_split(sources.read_split(raw, split), format,
-                                               tokenizer, tokenize, packable=split == "train")
+                                               tokenizer, tokenize, packable=split == "train",
+                                               where=f"{raw}/{split}.jsonl")
         if not examples:
             raise InputError(f"{raw}/{split}.jsonl: no example left after tokenization "
                              f"(max_length {tokenize['max_length']} cuts every answer); "
