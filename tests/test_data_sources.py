@@ -560,15 +560,18 @@ def test_fetch_dataset_failure_keeps_an_older_output(tmp_path):
 # ---- ShareGPT conversations --------------------------------------------------------------------
 
 SHAREGPT = {"messages": "conversations"}  # dataset.columns for ShareGPT's column
+TOOLS = [{"name": "add", "parameters": {"a": {"type": "integer"}}}]
 
 
 def sharegpt_rows(n: int) -> list[dict]:
-    """ShareGPT records, every role: a system turn, a tool call, its result, the answer."""
+    """ShareGPT records, every role: a system turn, a tool call, its result, the answer; the
+    function definitions as LLaMA-Factory writes them (JSON text; every other record none)."""
     return [{"conversations": [
         {"from": "system", "value": "Use the tools."}, {"from": "human", "value": f"{i} + 1?"},
         {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": i}})},
         {"from": "tool" if i % 2 else "observation", "value": str(i + 1)},
-        {"from": "gpt", "value": f"It is {i + 1}."}], "tools": "[]"} for i in range(n)]
+        {"from": "gpt", "value": f"It is {i + 1}."}],
+        "tools": json.dumps(TOOLS) if i % 2 else "[]"} for i in range(n)]
 
 
 def as_chat(row: dict) -> dict:
@@ -578,7 +581,8 @@ def as_chat(row: dict) -> dict:
         {"role": "system", "content": system}, {"role": "user", "content": human},
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
             "name": call["name"], "arguments": call["arguments"]}}]},
-        {"role": "tool", "content": result}, {"role": "assistant", "content": gpt}]}
+        {"role": "tool", "content": result}, {"role": "assistant", "content": gpt}]} | (
+        {"tools": TOOLS} if row["tools"] != "[]" else {})
 
 
 def test_sharegpt_from_a_local_file_and_the_hub(tmp_path, hub_cache):
@@ -614,3 +618,14 @@ def test_bad_sharegpt_records(tmp_path, turn, wording):
     message = input_error(sources.fetch, local(path, columns=SHAREGPT), "chat")
     assert message.startswith(f"{path}: record 1: {wording}")
     assert "expected" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("tools, wording", [
+    ("add(a)", "column 'tools': 'add(a)' is not JSON"),
+    ({"name": "add"}, "column 'tools': found {'name': 'add'}, expected a list"),
+])
+def test_bad_function_definitions(tmp_path, tools, wording):
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt_rows(2) + [sharegpt_rows(1)[0]
+                                                                       | {"tools": tools}])
+    message = input_error(sources.fetch, local(path, columns=SHAREGPT), "chat")
+    assert message.startswith(f"{path}: line 3: {wording}") and "\n" not in message

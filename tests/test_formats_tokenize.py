@@ -337,13 +337,17 @@ def test_max_length_that_cuts_every_answer(raw_dir, tiny_model_dir, tmp_path):
 
 # ---- ShareGPT and tool calls -------------------------------------------------------------------
 
-# ChatML with each tool call written in tags after the content, as Qwen2.5's template does.
-# CHAT_TEMPLATE (SmolLM2's) writes only each message's content: it drops a call.
-TOOL_TEMPLATE = (
+# ChatML with each tool call written in tags after the content, as Qwen2.5's template does,
+# and the function definitions (`tools`) in a system turn of their own. CHAT_TEMPLATE
+# (SmolLM2's) writes only each message's content: it drops a call and the definitions.
+CALLS_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message.role + '\n' + message.content }}"
     "{% for call in message.tool_calls or [] %}{{ '<tool_call>' + call.function.name + ' ' + "
     "call.function.arguments | tojson + '</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TOOL_TEMPLATE = ("{% if tools %}{{ '<|im_start|>system\n' + tools | tojson + '<|im_end|>\n' }}"
+                 "{% endif %}" + CALLS_TEMPLATE)
+TOOLS = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
 SHAREGPT = [{"from": "system", "value": "Answer with the number only."},  # MULTI_TURN
             {"from": "human", "value": "What is 12 + 34?"}, {"from": "gpt", "value": "46"},
             {"from": "human", "value": "And 46 - 12?"}, {"from": "gpt", "value": "34"}]
@@ -390,13 +394,20 @@ def test_tool_calls_carry_loss_and_tool_results_do_not(tool_tokenizer):
               {"role": "tool", "content": "rain, 4 C"},
               {"role": "assistant", "content": "rain, 4 C."}]
     assert read_chat(openai) == record
-    example, *_ = tokenize_record(record, "chat", tool_tokenizer, 256, False)
-    assert [tool_tokenizer.decode(s) for s in loss_spans(example)] == [
-        '<tool_call>get_weather {"city": "Oslo"}</tool_call><|im_end|>\n',
-        "rain, 4 C.<|im_end|>\n"]
-    assert masked_text(example, tool_tokenizer) == (
-        "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
-        "<|im_start|>tool\nrain, 4 C<|im_end|>\n<|im_start|>assistant\n")
+    # The function definitions, as LLaMA-Factory writes them (JSON text), go to the template.
+    defined = formats.clean(formats.check_record({"messages": openai, "tools": json.dumps(TOOLS)},
+                                                 "chat", "t"), "chat")
+    assert defined == record | {"tools": TOOLS}
+    for tools in ("", json.dumps(TOOLS)):
+        example, *_ = tokenize_record(defined if tools else record, "chat", tool_tokenizer, 256,
+                                      False)
+        assert [tool_tokenizer.decode(s) for s in loss_spans(example)] == [
+            '<tool_call>get_weather {"city": "Oslo"}</tool_call><|im_end|>\n',
+            "rain, 4 C.<|im_end|>\n"]
+        assert masked_text(example, tool_tokenizer) == (
+            (f"<|im_start|>system\n{tools}<|im_end|>\n" if tools else "")
+            + "<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"
+            "<|im_start|>tool\nrain, 4 C<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("template, refused", [
@@ -424,6 +435,19 @@ def test_template_without_tool_messages_is_refused(tool_tokenizer, template, ref
     assert "expected" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_template_without_function_definitions_is_refused(tool_tokenizer):
+    from copy import deepcopy
+
+    tokenizer = deepcopy(tool_tokenizer)
+    tokenizer.chat_template = CALLS_TEMPLATE
+    record = read_chat(tool_conversation("Oslo", "rain")) | {"tools": TOOLS}
+    tokenize_split([record | {"tools": []}], "chat", tokenizer, CFG)  # no definitions: kept
+    with pytest.raises(InputError, match=r"^raw/train\.jsonl: line 1: column 'tools': the "
+                                         r"tokenizer's chat template leaves the function "
+                                         r"definitions out; expected"):
+        tokenize_split([record], "chat", tokenizer, CFG, where="raw/train.jsonl")
+
+
 def test_sharegpt_and_tool_calls_through_the_tiny_pipeline(tmp_path, tiny_model_dir,
                                                            tool_tokenizer, run_snakemake):
     """A ShareGPT file and a file of tool-call conversations, a task each, fetched and
@@ -439,13 +463,15 @@ def test_sharegpt_and_tool_calls_through_the_tiny_pipeline(tmp_path, tiny_model_
     chats = [{"conversations": [{"from": "human", "value": f"What is {i} + 1?"},
                                 {"from": "gpt", "value": str(i + 1)}]} for i in range(10)]
     (tmp_path / "chats.json").write_text(json.dumps(chats), encoding="utf-8")
-    tools = [{"conversations": tool_conversation(f"City {i}", f"{i} C")} for i in range(10)]
+    tools = [{"conversations": tool_conversation(f"City {i}", f"{i} C"),
+              "tools": json.dumps(TOOLS)} for i in range(10)]
     (tmp_path / "tools.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tools),
                                           encoding="utf-8")
     write_yaml(tmp_path / "config/config.yaml", tiny_config(base, tasks=("chats", "tools")))
     for task, path in (("chats", "chats.json"), ("tools", "tools.jsonl")):
         write_yaml(tmp_path / f"config/tasks/{task}.yaml", {"format": "chat", "dataset": {
-            "source": "local", "path": path, "columns": {"messages": "conversations"}}})
+            "source": "local", "path": path, "columns": {"messages": "conversations"}},
+            "tokenize": {"max_length": 256}})
     run_snakemake(tmp_path, *(f"results/data/{task}/tokenized" for task in ("chats", "tools")))
 
     def loss(messages: list[dict]) -> list[str]:  # what TOOL_TEMPLATE writes for each answer
@@ -463,6 +489,10 @@ def test_sharegpt_and_tool_calls_through_the_tiny_pipeline(tmp_path, tiny_model_
         for record, example in zip(records, examples):
             spans = [tool_tokenizer.decode(s) for s in loss_spans(example)]
             assert spans == loss(record["messages"]) and len(spans) == answers
+            assert record.get("tools") == (TOOLS if task == "tools" else None)
+            assert masked_text(example, tool_tokenizer).startswith(
+                f"<|im_start|>system\n{json.dumps(TOOLS)}<|im_end|>\n" if task == "tools"
+                else "<|im_start|>user\n")
             for message in record["messages"]:
                 if message["role"] in ("user", "tool"):
                     assert (f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"

@@ -24,7 +24,7 @@ REQUIRED = {
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
 }
-OPTIONAL = {"alpaca": ("input",), "chat": (), "completion": ()}
+OPTIONAL = {"alpaca": ("input",), "chat": ("tools",), "completion": ()}
 # Kept through every stage so that evaluation can score classification as multiple choice.
 PASSTHROUGH = ("choices", "label")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -71,8 +71,11 @@ def check_record(record: Any, fmt: str, where: str) -> dict:
             f"(found columns: {sorted(record)}); expected columns {list(REQUIRED[fmt])}, "
             f"or map yours to them with dataset.columns"
         )
-    if fmt == "chat":
-        return {**record, "messages": _messages(record["messages"], where)}
+    if fmt == "chat":  # `tools` kept only where there are some: other records stay as they were
+        tools = _tools(record.get("tools"), where)
+        rest = {k: v for k, v in record.items() if k != "tools"}
+        return rest | {"messages": _messages(record["messages"], where)} | (
+            {"tools": tools} if tools else {})
     for field in REQUIRED[fmt] + OPTIONAL[fmt]:
         value = record.get(field, "")
         if value is not None and not isinstance(value, str):
@@ -99,6 +102,21 @@ def _messages(messages: Any, where: str) -> list[dict]:
         raise InputError(f"{where}: 'messages' has no assistant turn to learn from (found "
                          f"roles {roles}); expected at least one message with role 'assistant'")
     return out
+
+
+def _tools(tools: Any, where: str) -> list[dict]:
+    """A conversation's function definitions, for the template (LLaMA-Factory writes JSON)."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: column 'tools': {tools!r:.60} is not JSON ({err.msg}); "
+                             f"expected a list of function definitions") from None
+    if tools is not None and not (isinstance(tools, list)
+                                  and all(isinstance(tool, dict) for tool in tools)):
+        raise InputError(f"{where}: column 'tools': found {tools!r:.80}, expected a list of "
+                         f"function definitions ({{name, description, parameters}})")
+    return tools or []
 
 
 def _message(message: Any, where: str) -> dict:
@@ -144,8 +162,8 @@ def _calls(calls: Any, where: str) -> list[dict]:
 def clean(record: dict, fmt: str) -> dict:
     """Keep only the fields the format and evaluation use, with optional text fields filled."""
     out = {k: record[k] for k in REQUIRED[fmt] + OPTIONAL[fmt] + PASSTHROUGH if k in record}
-    for field in OPTIONAL[fmt]:
-        out[field] = out.get(field) or ""
+    if fmt == "alpaca":
+        out["input"] = out.get("input") or ""
     return out
 
 
@@ -158,8 +176,7 @@ def prompt_text(record: dict, fmt: str, tokenizer) -> str:
         return record["prompt"]
     history = record["messages"]
     last = max(i for i, m in enumerate(history) if m["role"] == "assistant")
-    return tokenizer.apply_chat_template(history[:last], tokenize=False,
-                                         add_generation_prompt=True)
+    return _render(history[:last], tokenizer, True, record.get("tools"))
 
 
 def answer_text(record: dict, fmt: str) -> str:
@@ -175,16 +192,17 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 def segments(record: dict, fmt: str, tokenizer) -> list[tuple[list[int], bool]]:
     """Token-id segments of one record, each flagged True when it carries loss."""
     if fmt == "chat":
-        return _chat_segments(record["messages"], tokenizer)
+        return _chat_segments(record["messages"], tokenizer, record.get("tools"))
     prompt = prompt_text(record, fmt, tokenizer)
     answer = _ids(tokenizer, answer_text(record, fmt), special=False)
     return [(_ids(tokenizer, prompt, special=True), False),
             (answer + [tokenizer.eos_token_id], True)]
 
 
-def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) -> str:
+def _render(messages: list[dict], tokenizer, generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except TemplateError as err:  # the template's raise_exception (a role it does not take)
         roles = [m["role"] for m in messages]
@@ -192,15 +210,19 @@ def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) ->
                          f"expected a base whose chat template renders them") from None
 
 
-def _check_tools_rendered(messages: list[dict], tokenizer) -> None:
-    """Refuse a tool call or result that the template leaves out (many render only system,
-    user and assistant text): what the message adds to the rendered conversation must hold
-    the result's text, or the name of each function called."""
+def _check_tools_rendered(messages: list[dict], tokenizer, tools: list[dict] | None) -> None:
+    """Refuse function definitions, a tool call or a result that the template leaves out (many
+    render only system, user and assistant text): the definitions must change the rendered
+    conversation, and what a message adds to it must hold the result's text, or the name of
+    each function called."""
+    if tools and _render(messages, tokenizer, tools=tools) == _render(messages, tokenizer):
+        raise InputError("column 'tools': the tokenizer's chat template leaves the function "
+                         "definitions out; expected a base whose chat template renders tools")
     for i, message in enumerate(messages):
         wanted = [call["function"]["name"] for call in message.get("tool_calls", ())]
         wanted += [message["content"]] if message["role"] == "tool" else []
-        before = _render(messages[:i], tokenizer) if i else ""
-        added = _render(messages[: i + 1], tokenizer).removeprefix(before)
+        before = _render(messages[:i], tokenizer, tools=tools) if i else ""
+        added = _render(messages[: i + 1], tokenizer, tools=tools).removeprefix(before)
         missing = [text for text in wanted if text not in added]
         if missing:
             kind = "tool call" if message["role"] == "assistant" else "tool result"
@@ -210,7 +232,8 @@ def _check_tools_rendered(messages: list[dict], tokenizer) -> None:
                              f"conversations without them")
 
 
-def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], bool]]:
+def _chat_segments(messages: list[dict], tokenizer,
+                   tools: list[dict] | None) -> list[tuple[list[int], bool]]:
     """Every assistant turn (tool calls included) carries loss; everything else (system, user,
     tool results, headers) does not.
 
@@ -220,11 +243,11 @@ def _chat_segments(messages: list[dict], tokenizer) -> list[tuple[list[int], boo
     check instead of assuming.
     """
     def render(upto: int, generation_prompt: bool) -> list[int]:
-        return _ids(tokenizer, _render(messages[:upto], tokenizer, generation_prompt),
+        return _ids(tokenizer, _render(messages[:upto], tokenizer, generation_prompt, tools),
                     special=False)
 
-    if any(m["role"] == "tool" or "tool_calls" in m for m in messages):
-        _check_tools_rendered(messages, tokenizer)
+    if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        _check_tools_rendered(messages, tokenizer, tools)
     full = render(len(messages), False)
     out, done = [], 0
     for i, message in enumerate(messages):
