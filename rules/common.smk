@@ -124,6 +124,14 @@ def training_nodes(wildcards):
     return _distributed(wildcards)["nodes"]
 
 
+def trackers(wildcards, output):
+    """Where a training's curves go (train.report_to; layout.trackers). A param function that
+    takes the output is one Snakemake calls derived and keeps out of its params trigger, so
+    changing the tracker retrains nothing (tests/test_incremental.py)."""
+    del output
+    return layout.trackers(wildcards.task, wildcards.name, training(wildcards)["report_to"])
+
+
 def trained_from(wildcards):
     """The QLoRA adapter a recovery continues: its row's QLoRA training's."""
     return layout.adapter(wildcards.task, trainings.adapter_name(training(wildcards), "qlora"))

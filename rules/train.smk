@@ -15,7 +15,7 @@ rule train_qlora:
         train=lambda wc: training(wc)["train"],
         seed=lambda wc: training(wc)["seed"],
         checkpoints=layout.checkpoints("{task}", "{name}"),
-        tensorboard=layout.tensorboard("{task}", "{name}"),
+        trackers=trackers,
         code=code("train_qlora"),
     wildcard_constraints:
         name=one_of(adapter_names(["qlora"])),
@@ -46,7 +46,7 @@ rule recover:
         train=lambda wc: recovery_train(training(wc)),
         seed=lambda wc: training(wc)["seed"],
         checkpoints=layout.checkpoints("{task}", "{name}"),
-        tensorboard=layout.tensorboard("{task}", "{name}"),
+        trackers=trackers,
         code=code("recover"),
     wildcard_constraints:
         name=one_of(adapter_names(["recovered"])),

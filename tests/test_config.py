@@ -297,6 +297,26 @@ def test_distributed_training_settings(root):
     assert config["quantization"]["quant_storage"] == "uint8"  # the user's choice stands
 
 
+def test_trackers_leave_the_train_block_and_a_missing_package_is_refused(root, monkeypatch):
+    """train.report_to: tensorboard by default; every row of the trainings table holds it
+    beside its train block, which the rules pass and the checkpoint key hashes, so a tracker
+    changes neither. A tracker whose package is missing is refused, naming the pip command."""
+    import importlib.util
+
+    _, tasks = load(root)
+    assert tasks["arithmetic"]["train"]["report_to"] == ["tensorboard"]
+    _, chosen = load(root, defaults={"train": {"report_to": ["mlflow", "tensorboard"]}})
+    row, default_row = chosen["arithmetic"]["trainings"][""], tasks["arithmetic"]["trainings"][""]
+    assert row["report_to"] == ["mlflow", "tensorboard"] and "report_to" not in row["train"]
+    assert row["train"] == default_row["train"]
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else found(name, *a))
+    message = error_of(root, defaults={"train": {"report_to": ["mlflow"]}})
+    assert "key 'train.report_to': found mlflow, whose package is not installed" in message \
+        and "pip install mlflow-skinny" in message
+
+
 # ---- quantization methods (qlora_pipeline/config/quantization.py) ---------------------------
 
 def test_each_method_keeps_only_its_own_keys(root):

@@ -47,7 +47,7 @@ def train(inputs, name: str, processes: int, strategy: str | None = None) -> Pat
     Job.from_call("train_qlora", {
         "quantized": str(quantized), "tokenized": str(tokenized), "adapter": str(adapter),
         "lora": blocks["lora"], "train": settings, "seed": 0,
-        "checkpoints": str(root / "checkpoints" / name), "tensorboard": None},
+        "checkpoints": str(root / "checkpoints" / name), "trackers": None},
         log_path=str(root / f"{name}.log"), threads=2).run()
     return adapter
 

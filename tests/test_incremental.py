@@ -58,6 +58,15 @@ def test_no_change_nothing_to_do_and_fast(copy_run):
     assert time.time() - started < 5
 
 
+def test_a_tracker_retrains_nothing(copy_run):
+    """train.report_to is in no rule's train param and is itself a derived param, which
+    Snakemake's params trigger skips (rules/common.smk's trackers)."""
+    workdir = copy_run()
+    edit(workdir / "config/config.yaml",
+         lambda c: c["defaults"]["train"].update(report_to=["mlflow", "tensorboard"]))
+    assert planned(workdir) == set()
+
+
 def test_evaluation_settings_rerun_only_scoring_and_report(copy_run):
     workdir = copy_run()
     edit(workdir / "config/config.yaml", lambda c: c["evaluation"].update(limit=5, num_fewshot=1))

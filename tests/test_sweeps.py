@@ -64,6 +64,8 @@ def test_ids_are_readable_and_stable():
     ({"lora.rr": [2]}, "key 'sweep.lora.rr': not a setting a sweep can vary (did you mean "
                        "'lora.r'?)"),
     ({"recovery.enabled": [True]}, "list recovered in sweep.variants instead"),
+    ({"train.report_to": [["mlflow"]]}, "key 'sweep.train.report_to': not a setting a sweep "
+                                        "can vary"),  # trains nothing else
     ({"recovery.steps": [2, 4]}, "key 'sweep.recovery.steps': found the points scored as "
                                  "['qlora'] only, so a recovery setting changes no score"),
     ({"lora.r": [2], "variants": ["recovered"]}, "found recovered, but the task's "

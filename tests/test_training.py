@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +234,46 @@ def test_train_qlora_outputs(trained):
     assert prov["stage"] == "train_qlora"
     assert set(prov["inputs"]) == {"quantized", "tokenized"}
     assert prov["params"]["lora"]["r"] == 8
+
+
+def test_mlflow_run_holds_the_losses_of_metrics_jsonl(prepared, tmp_path, monkeypatch):
+    """train.report_to mlflow, through transformers' callback, into a local file store (plain
+    text: metrics/<name> holds "timestamp value step" lines): the run, named by the trackers,
+    holds every loss and validation loss of metrics.jsonl at its step; no TensorBoard files."""
+    from qlora_pipeline.core.files import read_jsonl
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlflow"
+    stage("train_qlora")(quantized=prepared["quant"], tokenized=prepared["tokenized"],
+                         adapter=tmp_path / "qlora", lora=lora_cfg(), seed=0,
+                         train=fast_train(max_steps=3, eval_steps=3, logging_steps=1),
+                         checkpoints=tmp_path / "checkpoints",
+                         trackers={"run": "arithmetic/qlora", "mlflow": str(store)})
+    [run] = [p for p in (store / "0").iterdir() if (p / "metrics").is_dir()]  # default experiment
+    assert (run / "tags/mlflow.runName").read_text() == "arithmetic/qlora"
+    records = read_jsonl(tmp_path / "qlora/metrics.jsonl")
+    for metric in ("loss", "eval_loss"):
+        lines = (run / "metrics" / metric).read_text().split("\n")
+        logged = [(int(step), float(value)) for _, value, step in map(str.split, filter(None, lines))]
+        assert logged == [(r["step"], r[metric]) for r in records if metric in r], metric
+    assert len(logged) == 2  # before training and at step 3
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # set for the training only
+    assert not list(tmp_path.glob("**/events.out.tfevents.*"))
+
+
+def test_wandb_runs_offline_into_the_results_unless_the_user_says_otherwise(tmp_path,
+                                                                            monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT",
+                 "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    trackers = {"run": "arithmetic/qlora", "wandb": str(tmp_path), "mlflow": "mlflow"}
+    assert loop.tracker_environment(trackers) == {
+        "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "qlora-pipeline", "WANDB_MODE": "offline",
+        "MLFLOW_TRACKING_URI": (Path.cwd() / "mlflow").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
+    monkeypatch.setenv("WANDB_API_KEY", "from-the-user")
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
+    assert loop.tracker_environment(trackers) == {"WANDB_DIR": str(tmp_path)}
 
 
 def test_saved_adapter_is_float32_and_trained(trained):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,21 @@ def _check_distributed(distributed: dict, where: str) -> None:
                          f"(or processes 1, nodes 1)")
 
 
+# Each tracker's module and the package that brings it (mlflow-skinny is in requirements.txt).
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
+            "wandb": ("wandb", "wandb")}
+
+
+def _check_trackers(report_to: list[str], where: str) -> None:
+    """A tracker whose package is missing would fail the training job after its model loads."""
+    for tracker in report_to:
+        module, package = TRACKERS[tracker]
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"{where}: key 'train.report_to': found {tracker}, whose package is "
+                             f"not installed; expected it installed (pip install {package}, in "
+                             f"the jobs' environment too) or another tracker")
+
+
 def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     """The effective config of one task: global defaults, then its file, then inline overrides."""
     task_dir = Path(root) / config["task_dir"]
@@ -131,6 +147,7 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     validate(task, schema, where)
     _check_dataset(task["dataset"], task["format"], where)
     _check_distributed(task["train"]["distributed"], where)
+    _check_trackers(task["train"]["report_to"], where)
     task["name"] = name
     if isinstance(task["export"]["type"], str):  # one type or a list: a list from here on
         task["export"]["type"] = [task["export"]["type"]]

@@ -73,7 +73,7 @@ def selection_variant(sweep: dict) -> str:
 
 def check_key(key: str, schema: dict, where: str) -> None:
     candidates = [f"{b}.{k}" for b in BLOCKS for k in schema["properties"][b]["properties"]
-                  if f"{b}.{k}" != "recovery.enabled"]
+                  if f"{b}.{k}" not in ("recovery.enabled", "train.report_to")]
     if key not in candidates:
         raise InputError(f"{where}: key 'sweep.{key}': not a setting a sweep can vary"
                          f"{did_you_mean(key, candidates)}; "

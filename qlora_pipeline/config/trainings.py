@@ -7,7 +7,8 @@ row, never a copy of the rules.
 
 A row: {"id", "lora", "train", "recovery", "seed", "settings" (its swept values), "qlora" (the
 id of its QLoRA training, which rows that differ only in recovery keys share), "recovered"
-(whether it is recovered), "scored" (the adapter kinds it is scored as)}.
+(whether it is recovered), "scored" (the adapter kinds it is scored as), "report_to" (its
+trackers, outside its train block)}.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ def rows(task: dict, points: dict[str, dict], seed: int) -> dict[str, dict]:
     # A point (sweeps.expand) has its row's id, blocks, seed, settings and qlora already.
     points = {name: {**point, "recovered": "recovered" in task["sweep"]["variants"],
                      "scored": list(task["sweep"]["variants"])} for name, point in points.items()}
-    return {"": own, **points}
+    return {id: untracked(row) for id, row in {"": own, **points}.items()}
+
+
+def untracked(row: dict) -> dict:
+    """The row with train.report_to moved out of its train block to a key of its own: the
+    tracker changes no adapter, so it is in no rule's train param (Snakemake's params trigger)
+    and in no checkpoint key (stages/train.py). Changing it retrains nothing."""
+    train = {key: value for key, value in row["train"].items() if key != "report_to"}
+    return {**row, "train": train, "report_to": row["train"]["report_to"]}
 
 
 def adapter_name(row: dict, kind: str) -> str:

@@ -35,8 +35,8 @@ SCORED_KINDS = (*VARIANT_KINDS, COMBINED)  # every kind, in the report's order
 NAME = r"[A-Za-z0-9_-]+"  # a task's or a combination's name
 TRAINING = r"[A-Za-z0-9_.+-]+"  # a training's id (a sweep point's: r16-lr3e-4, q_proj+v_proj)
 # A run's top folders: an unnamed run's are in results/ itself, so no run may take their names.
-FOLDERS = ("adapters", "analysis", "benchmarks", "checkpoints", "data", "eval", "logs", "models",
-           "quantization", "report", "tensorboard")
+FOLDERS = ("adapters", "analysis", "benchmarks", "checkpoints", "data", "eval", "logs", "mlflow",
+           "models", "quantization", "report", "tensorboard", "wandb")
 _GRAMMAR = re.compile(rf"(?P<kind>[a-z]+)(?:\+(?P<source>{NAME}))?(?:@(?P<training>{TRAINING}))?")
 
 
@@ -139,6 +139,15 @@ def tensorboard(task: str, name: str) -> str:
     """A training's curves as TensorBoard event files (`tensorboard --logdir results/`), outside
     every declared output: they grow while the job runs."""
     return f"{results()}/tensorboard/{task}/{name}"
+
+
+def trackers(task: str, name: str, report_to: list[str]) -> dict:
+    """Where a training's curves go, by tracker (train.report_to), under the run name
+    `<task>/<name>`: TensorBoard's event files per training; one MLflow file store and one W&B
+    folder per run, so that their UIs show every training of the run side by side."""
+    places = {"tensorboard": tensorboard(task, name), "mlflow": f"{results()}/mlflow",
+              "wandb": results()}  # W&B writes into a wandb/ folder of its own
+    return {"run": f"{task}/{name}", **{tracker: places[tracker] for tracker in report_to}}
 
 
 def merged(task: str) -> str:

@@ -23,30 +23,31 @@ log = logging.getLogger(__name__)
 
 
 def train_qlora(*, quantized: Input, tokenized: Input, adapter: Output, lora: dict,
-                train: dict, seed: int, checkpoints, tensorboard=None, policy: Policy) -> dict:
-    """LoRA injected into the saved quantized base (quantize first, then inject), trained."""
+                train: dict, seed: int, checkpoints, trackers=None, policy: Policy) -> dict:
+    """LoRA injected into the saved quantized base (quantize first, then inject), trained.
+    `trackers`: where the curves go (layout.trackers; no rerun trigger, in no checkpoint key)."""
     from ..training.lora import prepare_qlora
 
     return _train("train_qlora", adapter, tokenized, quantized, train, seed, checkpoints,
-                  tensorboard, policy, weights="stored", lora=lora,
+                  trackers, policy, weights="stored", lora=lora,
                   key={"lora": lora, "train": train, "seed": seed, "inputs": [quantized, tokenized]},
                   prepare=functools.partial(prepare_qlora, quantized, lora, policy))
 
 
 def recover(*, base: Input, qlora: Input, tokenized: Input, adapter: Output, train: dict,
-            seed: int, checkpoints, tensorboard=None, policy: Policy) -> dict:
+            seed: int, checkpoints, trackers=None, policy: Policy) -> dict:
     """The QLoRA adapter continued briefly on the full-precision base it will be merged into.
     `train`: recovery's effective training settings (config.recovery_train)."""
     from ..training.lora import prepare_recovery, saved_lora
 
-    return _train("recover", adapter, tokenized, base, train, seed, checkpoints, tensorboard,
+    return _train("recover", adapter, tokenized, base, train, seed, checkpoints, trackers,
                   policy, weights="full", lora=saved_lora(qlora, "recovery"),
                   key={"train": train, "seed": seed, "inputs": [base, qlora, tokenized]},
                   prepare=functools.partial(prepare_recovery, base, qlora, policy))
 
 
 def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, checkpoints,
-           tensorboard, policy: Policy, *, weights: str, lora: dict, key: dict, prepare) -> dict:
+           trackers, policy: Policy, *, weights: str, lora: dict, key: dict, prepare) -> dict:
     """Prepare the model, check that exactly the adapter trains, train it, save the adapter
     with its metrics and summary. Checkpoints live outside the output, under a key of the
     settings and the inputs' provenance, so that an interrupted job resumes (the job removes
@@ -83,7 +84,7 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         log.info("trainable: %s", params)
         metrics = resume_dir / "metrics.jsonl"
         summary = loop.train(model, AutoTokenizer.from_pretrained(model_dir), data, train,
-                             resume_dir, metrics, seed, policy, tensorboard=tensorboard,
+                             resume_dir, metrics, seed, policy, trackers=trackers,
                              save_to=out, observers=(AdapterMonitor(metrics),)
                              if distributed.is_main() else ())
         summary.update(params)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import (
@@ -33,6 +35,9 @@ from . import distributed, packing, shared_prefix
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
+
+
+INTEGRATIONS = ("mlflow", "wandb")  # trackers whose callbacks transformers adds (report_to)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -75,8 +80,9 @@ def total_steps(cfg: dict, train_examples: int) -> int:
     return math.ceil(per_epoch * cfg["epochs"])  # a fractional epoch count rounds up
 
 
-def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
-              policy: Policy, packed: bool = False, fresh: bool = True) -> TrainingArguments:
+def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int, policy: Policy,
+              packed: bool = False, fresh: bool = True, trackers: dict | None = None
+              ) -> TrainingArguments:
     steps = total_steps(cfg, train_examples)
     eval_steps = min(cfg["eval_steps"], steps)
     save_steps = cfg.get("checkpoint_steps") or eval_steps
@@ -119,7 +125,9 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
         # Real tokens: a padded batch's attention mask says which; a packed row (no mask) is
         # padded only at its end, so all of its tokens count.
         include_num_input_tokens_seen="all" if packed else "non_padding",
-        report_to="none",
+        # transformers' own callbacks; TensorBoard's is ours (tensorboard_writer)
+        report_to=[t for t in INTEGRATIONS if t in (trackers or {})] or "none",
+        run_name=(trackers or {}).get("run"),
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -128,22 +136,24 @@ def arguments(cfg: dict, out_dir: Path, train_examples: int, seed: int,
 
 
 def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path: Path,
-          seed: int, policy: Policy, observers: tuple = (), tensorboard: Path | None = None,
+          seed: int, policy: Policy, observers: tuple = (), trackers: dict | None = None,
           save_to: Path | None = None) -> dict:
     """Train `model` (its trainable parameters) on data['train']; return the run summary.
 
     Checkpoints go to `checkpoint_dir` (outside the rule's outputs, so an interrupted job
     resumes from them); the best checkpoint by validation loss is restored at the end.
     `observers`: extra callbacks that only watch (the adapter's spectrum, the step-time
-    benchmark); `tensorboard`: a
-    folder for the curves as TensorBoard event files (emptied unless the job resumes);
+    benchmark); `trackers`: where the curves go, by tracker, under the run name "run"
+    (layout.trackers; TensorBoard's folder is emptied unless the job resumes);
     `save_to`: where the trained adapter is saved (distributed.save_adapter).
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
     resume, resumed = last_complete_checkpoint(checkpoint_dir)
+    trackers = trackers or {}
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy,
-                     packed=packing.is_packed(data["train"]), fresh=not resume)
+                     packed=packing.is_packed(data["train"]), fresh=not resume,
+                     trackers=trackers)
     if args.optim != cfg["optimizer"]:
         log.info("optimizer: %s unavailable here (CUDA; FSDP); using %s instead",
                  cfg["optimizer"], args.optim)
@@ -169,8 +179,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         data_collator=collator, callbacks=callbacks,
     )
     trainer.prefix_layouts = tuple(prefix.get("layouts", ()))
-    if tensorboard and distributed.is_main():
-        trainer.add_callback(tensorboard_writer(Path(tensorboard), fresh=not resume))
+    if "tensorboard" in trackers and distributed.is_main():
+        trainer.add_callback(tensorboard_writer(Path(trackers["tensorboard"]), fresh=not resume))
     # seen before the interruption: not part of this run's throughput
     tokens_before = (resumed.num_input_tokens_seen or 0) if resume else 0
     if resume:
@@ -178,7 +188,9 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         if distributed.is_main():
             forget_metrics_after(metrics_path, resumed.global_step)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    # patch.dict: the trackers' settings for this training only (a test process trains many)
+    with mock.patch.dict(os.environ, tracker_environment(trackers)):
+        result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
     # eval_on_start's loss, the adapter's starting point: in the log history, which a resumed
     # run reloads from its checkpoint (trainer_state.json)
@@ -208,6 +220,23 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "shared_prefix": prefix,
         **({"packing_check": isolation} if isolation else {}),
     }
+
+
+def tracker_environment(trackers: dict) -> dict:
+    """What transformers' MLflow and W&B callbacks read from the environment, where the user
+    set nothing: MLflow's plain-text file store at trackers["mlflow"] (a backend MLflow keeps
+    in maintenance mode and asks to be allowed: many jobs write to it at once, where SQLite
+    would race on creating its tables); W&B writing under trackers["wandb"], offline unless
+    an API key is set (a job is not assumed to reach the network)."""
+    settings = {}
+    if "mlflow" in trackers and "MLFLOW_TRACKING_URI" not in os.environ:
+        settings = {"MLFLOW_TRACKING_URI": Path(trackers["mlflow"]).resolve().as_uri(),
+                    "MLFLOW_ALLOW_FILE_STORE": "true"}
+    if "wandb" in trackers:
+        settings |= {"WANDB_DIR": str(Path(trackers["wandb"]).resolve()),
+                     "WANDB_PROJECT": "qlora-pipeline",
+                     **({} if "WANDB_API_KEY" in os.environ else {"WANDB_MODE": "offline"})}
+    return {name: value for name, value in settings.items() if name not in os.environ}
 
 
 def tensorboard_writer(folder: Path, fresh: bool):
