@@ -3,6 +3,7 @@ stage that would not fit, and the placement that offloads a full-precision model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -12,6 +13,7 @@ from conftest import build_inputs, job_policy, stage, task_blocks
 from benchmarks.memory_model import planned_shapes
 from qlora_pipeline.core import memory
 from qlora_pipeline.models import methods
+from qlora_pipeline.stages.train import fsdp_ranks
 from benchmarks.tiny_models import build_model, save_model
 
 # Published parameter counts of the Llama 3.1 family, and their configs' dimensions.
@@ -72,6 +74,47 @@ def test_estimate_parts_follow_the_settings():
                                 fp_bytes=2, batch=1, seq=2048)
     assert inference.parts["weights"] == shapes.params * 2
     assert inference.parts["logits"] < plain.parts["logits"]  # no gradient
+
+
+def test_fsdp_counts_every_ranks_load_of_the_whole_model(monkeypatch):
+    """FSDP shards training's memory, but each rank first loads the whole 4-bit model and
+    injects the adapter (float32) on its GPU: Llama-3.1-70B on 8 GPUs of 24 GiB would train in
+    11.4 GiB each but cannot load (37.6 GiB); refused naming the load, not the batch."""
+    gib = 2**30
+    nf4 = methods.of("nf4").theoretical_bits({"double_quant": True})
+    shapes = planned_shapes(LLAMA_31["70B"][0])
+    shapes = dataclasses.replace(shapes, stored_bytes=memory.quantized_bytes(shapes, 2, nf4))
+    lora = {"r": 16, "target_modules": "all-linear"}
+    settings = dict(weights="stored", compute_bytes=2, fp_bytes=2, batch=1, seq=2048,
+                    lora=lora, training=True, checkpointing=True, efficient_attention=True,
+                    optimizer="paged_adamw_8bit")
+    training = memory.estimate("train_qlora", shapes, shards=8, **settings)
+    peak = memory.rank_peak("train_qlora", shapes, shards=8, **settings)
+    assert peak.parts == {"baseline": 0, "weights": shapes.stored_bytes,
+                          "adapter": memory.lora_params(shapes, lora) * 4}
+    assert round(training.total / gib, 1) == 11.4 and round(peak.total / gib, 1) == 37.6
+    assert memory.rank_peak("train_qlora", shapes, shards=2, **settings) == peak  # same load
+    # One GPU (or DDP): training's own peak; FSDP with long batches: training's sharded peak.
+    assert memory.rank_peak("train_qlora", shapes, **settings) == \
+        memory.estimate("train_qlora", shapes, **settings)
+    big = {**settings, "batch": 8, "checkpointing": False}
+    assert memory.rank_peak("train_qlora", shapes, shards=2, **big) == \
+        memory.estimate("train_qlora", shapes, shards=2, **big)
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (24 * gib, "free on cuda:0"))
+    memory.check(training, "cuda:0", "train.batch_size smaller")  # the sharded training fits
+    with pytest.raises(memory.MemoryRefused) as info:
+        memory.check(peak, "cuda:0", "train.batch_size smaller")
+    message = str(info.value)
+    assert message.startswith("train_qlora at load (every rank holds the whole model before "
+                              "FSDP shards it): estimated peak memory 37.64 GiB (weights "
+                              "36.80, adapter 0.84) exceeds 95% of the 24.00 GiB free on "
+                              "cuda:0; expected it to fit: GPUs that each hold the whole "
+                              "model: more GPUs do not lower this peak"), message
+    assert "\n" not in message and "batch_size" not in message
+    # The training stages pass FSDP's ranks (processes x nodes), and none without FSDP.
+    assert fsdp_ranks({"strategy": "fsdp", "processes": 4, "nodes": 2}) == 8
+    assert fsdp_ranks({"strategy": "ddp", "processes": 4, "nodes": 2}) == 1
 
 
 def test_a_stage_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path, tiny_model_dir):

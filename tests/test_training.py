@@ -253,8 +253,8 @@ def test_mlflow_run_holds_the_losses_of_metrics_jsonl(prepared, tmp_path, monkey
     assert (run / "tags/mlflow.runName").read_text() == "arithmetic/qlora"
     records = read_jsonl(tmp_path / "qlora/metrics.jsonl")
     for metric in ("loss", "eval_loss"):
-        lines = (run / "metrics" / metric).read_text().split("\n")
-        logged = [(int(step), float(value)) for _, value, step in map(str.split, filter(None, lines))]
+        lines = (run / "metrics" / metric).read_text().splitlines()
+        logged = [(int(step), float(value)) for _, value, step in map(str.split, lines)]
         assert logged == [(r["step"], r[metric]) for r in records if metric in r], metric
     assert len(logged) == 2  # before training and at step 3
     assert "MLFLOW_TRACKING_URI" not in os.environ  # set for the training only

@@ -138,6 +138,7 @@ def lora_params(shapes: Shapes, lora: dict) -> int:
 class Estimate:
     stage: str
     parts: dict[str, int] = field(default_factory=dict)  # bytes by what holds them
+    remedy: str = ""  # what to change where this peak is refused, when not the stage's own
 
     @property
     def total(self) -> int:
@@ -214,6 +215,23 @@ def estimate(stage: str, shapes: Shapes, *, weights: str, compute_bytes: int,
     return Estimate(stage, parts)
 
 
+def rank_peak(stage: str, shapes: Shapes, *, shards: int = 1, **settings) -> Estimate:
+    """The peak on one GPU (estimate's settings). Under FSDP (`shards` > 1) the larger of two:
+    training's, sharded; and the load's, before it: each rank loads the whole model on its GPU
+    and injects the adapter (float32) before FSDP shards them (docs/cluster.md)."""
+    training = estimate(stage, shapes, shards=shards, **settings)
+    if shards == 1:
+        return training
+    whole, lora = estimate(stage, shapes, **settings), settings.get("lora")
+    loading = Estimate(f"{stage} at load (every rank holds the whole model before FSDP shards "
+                       f"it)", {"baseline": whole.parts["baseline"],
+                                "weights": whole.parts["weights"],
+                                "adapter": lora_params(shapes, lora) * 4 if lora else 0},
+                       remedy="GPUs that each hold the whole model: more GPUs do not lower "
+                              "this peak")
+    return max(training, loading, key=lambda peak: peak.total)
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc; 0 elsewhere)."""
     try:
@@ -256,7 +274,8 @@ def check(estimate: Estimate, device: str, remedy: str, offload: bool = False) -
     if free and estimate.total > HEADROOM * free:
         message = (f"{estimate.stage}: estimated peak memory {estimate.describe()} exceeds "
                    f"{HEADROOM:.0%} of the {free / GIB:.2f} GiB {what}; expected it to fit: "
-                   f"{remedy} (docs/cluster.md, memory model; {SKIP_ENV}=1 runs it anyway)")
+                   f"{estimate.remedy or remedy} (docs/cluster.md, memory model; {SKIP_ENV}=1 "
+                   f"runs it anyway)")
         if os.environ.get(SKIP_ENV) == "1":
             log.warning("%s", message)
         else:
@@ -273,9 +292,10 @@ def cpu_baseline() -> int:
 def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batch: int = 1,
                 seq: int = 1, lora: dict | None = None, training: bool = False,
                 checkpointing: bool = False, offload: bool = False, optimizer: str = "",
-                remedy: str = "", bits: float | None = None) -> dict:
+                remedy: str = "", bits: float | None = None, shards: int = 1) -> dict:
     """The estimate of a stage that loads the checkpoint in `model_dir` on the job's device,
-    with the job's dtypes (policy.py), checked (`check`). Returns what provenance records."""
+    with the job's dtypes (policy.py), checked (`check`). Returns what provenance records.
+    `shards`: a training's FSDP ranks (rank_peak)."""
     shapes = Shapes.from_checkpoint(model_dir)
     unknown = [k for k in ("hidden", "layers", "vocab", "heads") if not getattr(shapes, k)]
     if unknown:  # an architecture whose config names them otherwise: no estimate, no refusal
@@ -283,7 +303,7 @@ def check_stage(stage: str, model_dir: str | Path, policy, *, weights: str, batc
                     ", ".join(unknown))
         return {"stage": stage, "skipped": f"config.json gives no {', '.join(unknown)}"}
     compute = 2 if policy.bf16 else 4  # policy.compute_dtype("auto"): bf16 on CUDA
-    result = estimate(stage, shapes, weights=weights, compute_bytes=compute,
+    result = rank_peak(stage, shapes, shards=shards, weights=weights, compute_bytes=compute,
                       fp_bytes=compute, batch=batch, seq=seq, lora=lora, training=training,
                       checkpointing=checkpointing, efficient_attention=policy.cuda,
                       optimizer=optimizer or "adamw_torch", bits=bits,
