@@ -13,7 +13,7 @@ from conftest import build_inputs, job_policy, stage, task_blocks
 from benchmarks.memory_model import planned_shapes
 from qlora_pipeline.core import memory
 from qlora_pipeline.models import methods
-from qlora_pipeline.stages.train import fsdp_ranks
+from qlora_pipeline.training import distributed
 from benchmarks.tiny_models import build_model, save_model
 
 # Published parameter counts of the Llama 3.1 family, and their configs' dimensions.
@@ -112,9 +112,10 @@ def test_fsdp_counts_every_ranks_load_of_the_whole_model(monkeypatch):
                               "cuda:0; expected it to fit: GPUs that each hold the whole "
                               "model: more GPUs do not lower this peak"), message
     assert "\n" not in message and "batch_size" not in message
-    # The training stages pass FSDP's ranks (processes x nodes), and none without FSDP.
-    assert fsdp_ranks({"strategy": "fsdp", "processes": 4, "nodes": 2}) == 8
-    assert fsdp_ranks({"strategy": "ddp", "processes": 4, "nodes": 2}) == 1
+    # The training stages pass a rank's FSDP ranks, and none without FSDP.
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert distributed.fsdp_shards({"strategy": "fsdp", "processes": 4, "nodes": 2}) == 8
+    assert distributed.fsdp_shards({"strategy": "ddp", "processes": 4, "nodes": 2}) == 1
 
 
 def test_a_stage_that_cannot_fit_is_refused_before_loading(monkeypatch, tmp_path, tiny_model_dir):

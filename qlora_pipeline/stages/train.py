@@ -79,7 +79,7 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
             remedy="train.batch_size smaller (with gradient_accumulation larger), "
                    "tokenize.max_length shorter, gradient_checkpointing on, or "
                    "train.distributed",
-            shards=fsdp_ranks(train["distributed"]))
+            shards=distributed.fsdp_shards(train["distributed"]))
         model, expected = prepare(checkpointing)
         params = verify_frozen(model, expected)
         log.info("trainable: %s", params)
@@ -95,13 +95,6 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
         write_json(out / "summary.json", summary)
         tokenizer_files.copy(model_dir, out)  # chat template, EOS, generation settings
     return summary
-
-
-def fsdp_ranks(distributed: dict) -> int:
-    """The ranks FSDP shards a training over (1: no sharding), for its memory estimate."""
-    if distributed["strategy"] != "fsdp":
-        return 1
-    return distributed["processes"] * distributed["nodes"]
 
 
 def promote_sweep_point(*, results: Inputs, adapters: Inputs, trainings: Inputs,

@@ -35,6 +35,12 @@ def active() -> bool:
     return world_size() > 1
 
 
+def fsdp_shards(distributed: dict) -> int:
+    """The ranks FSDP shards this training's model over (1: not sharded): its memory
+    estimate's (core/memory.rank_peak)."""
+    return world_size() if distributed.get("strategy") == "fsdp" else 1
+
+
 @contextlib.contextmanager
 def rank_folder(path):
     """`path` on rank 0, which writes the outputs; elsewhere a throwaway folder, so that the
