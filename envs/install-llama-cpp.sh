@@ -13,6 +13,8 @@
 #
 # --needs-build: only say whether this CPU's wheel is missing (exit 0) or cached (exit 1), for
 # envs/prerequisites.sh, which then asks for a compiler; prints the folder it looks in.
+# --wheel: only build (or find) the wheel, installing nothing: `make setup` runs this beside
+# pip's installs, then this script again to install.
 set -euo pipefail
 VERSION=0.3.36
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/qlora-pipeline/llama-cpp-python-$VERSION
@@ -52,6 +54,7 @@ if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
         "$python" -m pip wheel --quiet --no-deps "$src/llama_cpp_python-$VERSION" -w "$wheels.tmp"
     mv "$wheels.tmp"/llama_cpp_python-*.whl "$wheels"/ && rmdir "$wheels.tmp"
 fi
+[[ ${1:-} == --wheel ]] && exit 0
 # Its dependencies (numpy, jinja2, diskcache, typing-extensions) are pinned in requirements.txt.
 "$python" -m pip install --quiet --no-deps "$wheels"/llama_cpp_python-$VERSION-*.whl
 share=$prefix/share/llama.cpp
