@@ -39,7 +39,7 @@ if ! compgen -G "$wheels/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
     trap 'rm -rf "$src" "$wheels.tmp"' EXIT
     tar -xzf "$sdist" -C "$src"
     # Only the libraries the bindings load (llama, ggml): the package forces llama.cpp's
-    # `common` library on (34k lines of JSON and chat-template C++, about half the build),
+    # `common` library on (34k lines of JSON and chat-template C++, more than half the build),
     # which nothing here loads; no llava, tests, examples, tools or server either.
     sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE/set(LLAMA_BUILD_COMMON OFF CACHE/' \
         "$src/llama_cpp_python-$VERSION/CMakeLists.txt"
