@@ -89,7 +89,8 @@ def _cores():
 # --cpus-per-task follows. Data jobs are single-threaded: DATA_THREADS.
 MODEL_THREADS = max(1, _cores() // _gpus())
 DATA_THREADS = 1
-# The training chain (tokenize, quantize, training, recovery, merge) is a run's longest path:
+# The training chain (tokenize, quantize, training, recovery, merge, then the GGUF export) is
+# a run's longest path:
 # when jobs wait for a core or a slot (--resources gpu=N), its jobs go first and evaluations
 # and analyses fill the gaps (docs/performance.md).
 TRAINING_PRIORITY = 10

@@ -12,6 +12,10 @@ rule export_gguf:
         export=lambda wc: task_cfg(wc)["export"],
         code=code("export_gguf"),
     threads: MODEL_THREADS
+    # After the merge, the export (conversion, quantization, two round trips: minutes on a
+    # CPU) is the rest of the longest path: at 7e6f744 it waited 2 min 16 s behind scorings
+    # and then ended `make demo` alone.
+    priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/export_gguf/{{task}}.log",
     benchmark:
