@@ -2,6 +2,9 @@
 # (only for tasks with `export: {gguf: true}`), each checked by two round trips.
 
 
+# The training chain's priority: after the merge, the export (conversion, quantization, two
+# round trips: minutes on a CPU) is the rest of the longest path; at 7e6f744 it waited 2 min
+# 16 s behind scorings and then ended `make demo` alone.
 rule export_gguf:
     input:
         merged=layout.merged("{task}"),
@@ -12,9 +15,6 @@ rule export_gguf:
         export=lambda wc: task_cfg(wc)["export"],
         code=code("export_gguf"),
     threads: MODEL_THREADS
-    # After the merge, the export (conversion, quantization, two round trips: minutes on a
-    # CPU) is the rest of the longest path: at 7e6f744 it waited 2 min 16 s behind scorings
-    # and then ended `make demo` alone.
     priority: TRAINING_PRIORITY
     log:
         f"{RESULTS}/logs/export_gguf/{{task}}.log",
