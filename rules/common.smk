@@ -12,6 +12,7 @@ from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.core import layout
 from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.jobs import code_digest, warm_start
+from qlora_pipeline.report import init_rank, rank_selection
 from qlora_pipeline.report.sections import FILES as REPORT_FILES
 from qlora_pipeline.report.sections import outputs as report_outputs
 
@@ -220,6 +221,37 @@ def sweep_table(task):
         for point, row in points(task).items()}}
 
 
+def init_rank_table(task):
+    """What the report's Initialisation and rank section reads (report/init_rank.py): each
+    training of the task whose QLoRA adapter is scored (its own, unless promotion made it a
+    copy of a point; each point), its lora block from the trainings table and the paths of its QLoRA adapter,
+    analysis and scores. None where every training keeps the default init and type."""
+    name = trainings.adapter_name
+    scored = {(id or "own"): (row, kinds) for id, row in TRAININGS[task].items()
+              for kinds in [row["scored"] if id else variants(task)]
+              if "qlora" in kinds and (id or not promoted(task))}
+    if not any(init_rank.changed(row["lora"]) for row, _ in scored.values()):
+        return None
+    return {"rows": {id: {
+        "lora": row["lora"], "adapter": layout.adapter(task, name(row, "qlora")),
+        "analysis": layout.analysis(task, name(row, "qlora")),
+        "results": {v: layout.evaluation(name(row, v), task)["results"]
+                    for v in ("qlora", "recovered") if v in kinds}}
+        for id, (row, kinds) in scored.items()}}
+
+
+def init_rank_files():
+    """The Initialisation and rank section's files, and the Rank selection section's (the
+    AdaLoRA adapters and the plain LoRA analyses it pairs); none without such trainings."""
+    tables = filter(None, map(init_rank_table, TASKS))
+    rows = [table["rows"] for table in tables]
+    own = [f for t in rows for row in t.values()
+           for f in (*row["results"].values(), row["adapter"])]
+    pairs = [f for t in rows for adalora, lora in rank_selection.pairs(t)
+             for f in (t[adalora]["adapter"], t[lora]["analysis"])]
+    return list(dict.fromkeys(own)), list(dict.fromkeys(pairs))
+
+
 def promoted(task):
     return bool(points(task)) and sweep_cfg(task)["promote"] == "best"
 
@@ -274,6 +306,9 @@ def report_sections():
         "compression": [layout.adapter(t, "compressed") for t in TASKS if compress_enabled(t)],
         "exports": [layout.gguf(t) for t in TASKS if TASKS[t]["export"]["gguf"]],
         "sweeps": list(dict.fromkeys(f for files in sweep_files for f in files)),
+        # only with a training of another init or type: other runs' params stay as they were
+        **{key: files for key, files in zip(("init_rank", "rank_selection"), init_rank_files())
+           if files},
         "combinations": [layout.combination(n) for n in COMBINATIONS] + matrix,
         # the analyses of every task's own adapters (a sweep's: its sweep_table)
         "adapters": [layout.analysis(t, name) for t in TASKS for name in own_adapters(t)],
@@ -283,8 +318,11 @@ def report_sections():
 
 
 def report_tables():
+    init_rank_tables = {t: init_rank_table(t) for t in TASKS if init_rank_table(t)}
     return {"sweeps": {t: sweep_table(t) for t in TASKS if sweep_table(t)},
-            "combinations": combination_table()}
+            "combinations": combination_table(),
+            **({"init_rank": init_rank_tables, "rank_selection": init_rank_tables}
+               if init_rank_tables else {})}
 
 
 def report_files():

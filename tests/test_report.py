@@ -371,10 +371,15 @@ def write_sweep_point(workdir: Path, task: str, point: str, rank: int) -> None:
 
 
 def test_report_rule_and_html_report(workdir):
-    """The report rule alone (upstream outputs given), then `snakemake --report`."""
-    from conftest import TINY_TASKS, snakemake
+    """The report rule alone (upstream outputs given), then `snakemake --report`. topic's rank
+    sweep pairs r 2 with a Gaussian init, so topic gets the Initialisation and rank section."""
+    from conftest import TINY_TASKS, snakemake, write_yaml
 
     snakemake_inputs(workdir)
+    sweep = {**TINY_TASKS["topic"]["sweep"], "lora.init": [True, "gaussian"], "mode": "zip"}
+    write_yaml(workdir / "config/tasks/topic.yaml", {**TINY_TASKS["topic"], "sweep": sweep})
+    for point, rank in (("inittrue-r1", 1), ("initgaussian-r2", 2)):
+        write_sweep_point(workdir, "topic", point, rank)
     only_report = ("--allowed-rules", "report")
     snakemake(workdir, *only_report)
     out = workdir / "results/report"
@@ -389,9 +394,21 @@ def test_report_rule_and_html_report(workdir):
         "combined+both"]
     assert all(f"## {task}" in (out / "report.md").read_text() for task in TINY_TASKS)
     assert (out / "scores.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
-    sweeps = pd.read_csv(out / "sweeps.csv")  # topic's points, r 1 and 2
-    assert sorted(sweeps["point"]) == ["r1", "r2"] and list(sweeps["score"]) == [0.1, 0.2]
-    assert "Chosen: **r2** (0.200;" in (out / "report.md").read_text()
+    sweeps = pd.read_csv(out / "sweeps.csv")  # topic's points, r 1 and 2, in id order
+    assert list(sweeps["point"]) == ["initgaussian-r2", "inittrue-r1"]
+    assert list(sweeps["score"]) == [0.2, 0.1]
+    assert "Chosen: **initgaussian-r2** (0.200;" in (out / "report.md").read_text()
+    # every training of topic (its own first) from the trainings table; arithmetic keeps the
+    # defaults, so it has no row; no AdaLoRA training, so no Rank selection
+    trainings = pd.read_csv(out / "init_rank.csv", keep_default_na=False)
+    assert trainings[["task", "training", "init", "r"]].values.tolist() == [
+        ["topic", "own", "true", 8], ["topic", "initgaussian-r2", "gaussian", 2],
+        ["topic", "inittrue-r1", "true", 1]]
+    assert trainings["score"].tolist() == pytest.approx([0.3, 0.2, 0.1])
+    headings = [line for line in (out / "report.md").read_text().splitlines()
+                if line.startswith("## ")]
+    assert headings[headings.index("## Sweeps") + 1] == "## Initialisation and rank"
+    assert not (out / "rank_selection.csv").exists()
     # the combination matrix: gains over the 4-bit base (0.2), retention against the own 0.3
     text = (out / "report.md").read_text()
     assert ("| arithmetic | acc | 0.200 | 0.300 (+0.100) | 0.250 (+0.050) | 0.280 (+0.080, 80%) |"
@@ -405,7 +422,7 @@ def test_report_rule_and_html_report(workdir):
     snakemake(workdir, *only_report, "--report", str(html))
     text = html.read_text(encoding="utf-8", errors="replace")
     for name in ("scores.csv", "report.md", "scores.png", "loss.png", "combinations.csv",
-                 "overlap.png"):
+                 "overlap.png", "init_rank.csv", "init_rank.png"):
         assert name in text, name
 
 
@@ -426,7 +443,7 @@ def test_html_report_of_the_tiny_run(tiny_run, tmp_path):
     snakemake(tiny_run, "--report", str(html))
     text = html.read_text(encoding="utf-8", errors="replace")
     for name in ("scores.csv", "report.md", "scores.png", "loss.png", "combinations.csv",
-                 "overlap.png"):
+                 "overlap.png", "init_rank.csv", "init_rank.png"):
         assert name in text, name
 
 

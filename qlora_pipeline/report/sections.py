@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import (adapters, combinations, compression, exports, merges, quantization,
-               quantization_sweep, scores, sweeps, training)
+from . import (adapters, combinations, compression, exports, init_rank, merges, quantization,
+               quantization_sweep, rank_selection, scores, sweeps, training)
 
 # name: (module, its CSV output or None, its plot output or None, the category of its files in
 # `snakemake --report`). Output names are the report rule's (FILES gives their file names); the
@@ -27,6 +27,9 @@ SECTIONS = {
     "compression": (compression, None, None, None),
     "exports": (exports, None, None, None),
     "sweeps": (sweeps, "sweeps", "sweeps_plot", "Sweeps"),
+    "init_rank": (init_rank, "init_rank", "init_rank_plot", "Initialisation and rank"),
+    "rank_selection": (rank_selection, "rank_selection", "rank_selection_plot",
+                       "Initialisation and rank"),
     "combinations": (combinations, "combinations", "overlap_plot", "Combinations"),
     "adapters": (adapters, None, "adapters_plot", "Adapters"),
     "quantization": (quantization, None, None, None),
