@@ -224,8 +224,9 @@ def sweep_table(task):
 def init_rank_table(task):
     """What the report's Initialisation and rank section reads (report/init_rank.py): each
     training of the task whose QLoRA adapter is scored (its own, unless promotion made it a
-    copy of a point; each point), its lora block from the trainings table and the paths of its QLoRA adapter,
-    analysis and scores. None where every training keeps the default init and type."""
+    copy of a point; each point), its lora block from the trainings table and the paths of
+    its QLoRA adapter, analysis and scores. None where every training keeps the default init
+    and type."""
     name = trainings.adapter_name
     scored = {(id or "own"): (row, kinds) for id, row in TRAININGS[task].items()
               for kinds in [row["scored"] if id else variants(task)]
@@ -245,11 +246,11 @@ def init_rank_files():
     AdaLoRA adapters and the plain LoRA analyses it pairs); none without such trainings."""
     tables = filter(None, map(init_rank_table, TASKS))
     rows = [table["rows"] for table in tables]
-    own = [f for t in rows for row in t.values()
-           for f in (*row["results"].values(), row["adapter"])]
+    trained = [f for t in rows for row in t.values()
+               for f in (*row["results"].values(), row["adapter"])]
     pairs = [f for t in rows for adalora, lora in rank_selection.pairs(t)
              for f in (t[adalora]["adapter"], t[lora]["analysis"])]
-    return list(dict.fromkeys(own)), list(dict.fromkeys(pairs))
+    return list(dict.fromkeys(trained)), list(dict.fromkeys(pairs))
 
 
 def promoted(task):
