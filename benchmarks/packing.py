@@ -149,9 +149,10 @@ def train_one(mode: str, args, settings: dict, timer, batches: list) -> None:
 
     policy = Policy.detect()
     checkpointing = policy.gradient_checkpointing(settings["train"]["gradient_checkpointing"])
-    model, _ = prepare_qlora(args.quantized, settings["lora"], policy, checkpointing)
     data = load_from_disk(args.packed if mode == "packed" else args.padded)
     train = {**settings["train"], "group_by_length": mode == "grouped"}
+    model, _ = prepare_qlora(args.quantized, settings["lora"], policy, checkpointing,
+                             loop.total_steps(train, len(data["train"])))
     # The collator counts the real tokens of each batch where the pipeline builds it.
     with mock.patch.object(packing_lib, "Collator", CountingCollator), \
             tempfile.TemporaryDirectory() as work:

@@ -89,7 +89,7 @@ def pipeline(quantized, data, tokenizer, settings: dict, steps: int, seed: int, 
     cfg = support.bench_train_cfg(settings["train"], steps)
     policy = Policy.detect()
     model, _ = prepare_qlora(quantized, settings["lora"], policy,
-                             policy.gradient_checkpointing(cfg["gradient_checkpointing"]))
+                             policy.gradient_checkpointing(cfg["gradient_checkpointing"]), steps)
     loop.train(model, tokenizer, data, cfg, work / "checkpoints", work / "metrics.jsonl", seed,
                policy, observers=(timer,))
 

@@ -294,8 +294,8 @@ def test_checkpoints_removed_on_success(trained):
 def test_nan_loss_stops_training_and_leaves_no_adapter(prepared, tmp_path, monkeypatch):
     inject = lora.inject
 
-    def poisoned(model, cfg, gradient_checkpointing):
-        model = inject(model, cfg, gradient_checkpointing)
+    def poisoned(model, cfg, gradient_checkpointing, **kwargs):
+        model = inject(model, cfg, gradient_checkpointing, **kwargs)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_A" in name:

@@ -154,7 +154,45 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     # Derived, not a setting: the task's rows of the trainings table (trainings.py), its
     # sweep's points each checked like a task file (sweeps.py).
     task["trainings"] = trainings.rows(task, sweeps.expand(task, schema, where, seed), seed)
+    for row in task["trainings"].values():
+        point = f" (sweep point {row['id']})" if row["id"] else ""
+        _check_adalora(row, config["quantization"]["method"], where + point)
     return task
+
+
+def _check_adalora(row: dict, method: str, where: str) -> None:
+    """What AdaLoRA cannot be combined with, refused before any job runs."""
+    lora = row["lora"]
+    if lora["type"] != "adalora":
+        return
+    refused = {
+        "lora.adalora.init_r": (lora["adalora"]["init_r"] < lora["r"],
+                                f"found {lora['adalora']['init_r']}, below lora.r {lora['r']} "
+                                f"(AdaLoRA's target rank); expected at least {lora['r']}"),
+        "lora.init": (lora["init"] not in (True, "gaussian"),
+                      f"found {lora['init']!r} with lora.type adalora; expected true or gaussian "
+                      f"(AdaLoRA starts from E = 0 with its own A and B)"),
+        "lora.use_dora": (lora["use_dora"], "found true with lora.type adalora; expected false "
+                          "(PEFT's AdaLoRA has no DoRA)"),
+        "lora.use_rslora": (lora["use_rslora"], "found true with lora.type adalora; expected "
+                            "false (AdaLoRA scales by alpha / its initial rank)"),
+        "lora.rank_pattern": (bool(lora["rank_pattern"]),
+                              f"found {lora['rank_pattern']} with lora.type adalora; expected "
+                              f"none (AdaLoRA sets each layer's rank itself, within r per "
+                              f"adapted matrix)"),
+        "quantization.method": (method == "hqq",
+                                "found hqq with lora.type adalora; expected nf4, fp4 or int8 "
+                                "(PEFT's AdaLoRA has layers for bitsandbytes and GPTQ, not HQQ)"),
+        "recovery": (row["recovered"], "recovered with lora.type adalora; expected recovery "
+                     "off (recovery continues a plain LoRA adapter of fixed rank)"),
+        "train.distributed.strategy": (
+            row["train"]["distributed"]["strategy"] == "fsdp",
+            "found fsdp with lora.type adalora; expected ddp or one process (AdaLoRA's "
+            "rank allocator reads whole parameters and their gradients)"),
+    }
+    for key, (bad, message) in refused.items():
+        if bad:
+            raise InputError(f"{where}: key '{key}': {message}")
 
 
 def canonical(value: Any) -> Any:

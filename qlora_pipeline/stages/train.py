@@ -53,7 +53,7 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
     settings and the inputs' provenance, so that an interrupted job resumes (the job removes
     them once the adapter is in place). `weights` (how `model_dir` loads) and `lora` (r,
     target_modules): for the memory estimate (memory.py), which is logged. `prepare(gradient
-    checkpointing)`: (the model, its expected trainable count)."""
+    checkpointing, total steps)`: (the model, its expected trainable count)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -80,7 +80,7 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
                    "tokenize.max_length shorter, gradient_checkpointing on, or "
                    "train.distributed",
             shards=distributed.fsdp_shards(train["distributed"]))
-        model, expected = prepare(checkpointing)
+        model, expected = prepare(checkpointing, loop.total_steps(train, len(data["train"])))
         params = verify_frozen(model, expected)
         log.info("trainable: %s", params)
         metrics = resume_dir / "metrics.jsonl"

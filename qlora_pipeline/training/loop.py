@@ -28,10 +28,10 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.errors import InputError
-from ..core.files import read_jsonl
+from ..core.files import read_jsonl, write_json
 from ..core.policy import Policy
 from ..models import label_positions
-from . import distributed, packing, shared_prefix
+from . import adalora, distributed, packing, shared_prefix
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,22 @@ class GuardedTrainer(Trainer):
                                 f"{self.state.global_step + 1}; lower train.learning_rate or "
                                 f"check the data")
         return loss
+
+    # AdaLoRA's checkpoints keep every triplet and the rank allocator's state (adalora.py).
+    def _save_checkpoint(self, model, trial):
+        folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-"
+                      f"{self.state.global_step}")
+        with adalora.whole_checkpoint(self.model, folder, saving=True):
+            super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with adalora.whole_checkpoint(self.model, resume_from_checkpoint, saving=False):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        with adalora.whole_checkpoint(self.model, self.state.best_model_checkpoint,
+                                      saving=False):
+            super()._load_best_model()
 
 
 class MetricsLog(TrainerCallback):
@@ -158,9 +174,11 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         log.info("optimizer: %s unavailable here (CUDA; FSDP); using %s instead",
                  cfg["optimizer"], args.optim)
     isolation = packed_isolation(model, data["train"])
-    # Rank 0 keeps the record; every rank checks its own gradients.
-    callbacks = [*((MetricsLog(metrics_path),) if distributed.is_main() else ()), GradientGuard(),
-                 *observers]
+    # Rank 0 keeps the record; every rank checks its own gradients. AdaLoRA's allocation
+    # first: it adds the kept rank to the record.
+    allocation = (adalora.RankAllocation(),) if adalora.allocator(model) else ()
+    callbacks = [*allocation, *((MetricsLog(metrics_path),) if distributed.is_main() else ()),
+                 GradientGuard(), *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
@@ -199,6 +217,9 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     log.info("validation loss before training (adapter = 0): %.4f", initial)
     if save_to is not None:
         distributed.save_adapter(trainer, model, Path(save_to))
+    ranks = adalora.rank_pattern(model) if allocation else None
+    if ranks and save_to is not None and distributed.is_main():
+        write_json(Path(save_to) / "rank_pattern.json", ranks)
     tokens = trainer.state.num_input_tokens_seen
     return {
         "steps": trainer.state.global_step,
@@ -219,6 +240,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
         "label_positions": head,
         "shared_prefix": prefix,
         **({"packing_check": isolation} if isolation else {}),
+        **({"adalora": {"budget": ranks["budget"], "rank": sum(ranks["ranks"].values())}}
+           if ranks else {}),
     }
 
 

@@ -110,27 +110,35 @@ def _check_rank_pattern(patterns: dict, names: list[str]) -> dict[str, str | Non
 
 def expected_trainable(model, cfg: dict) -> int:
     """LoRA's parameter count: rank·(in + out) per adapted layer, rank from lora.rank_pattern
-    where a key matches it, else r (+ out for DoRA's magnitude)."""
+    where a key matches it, else r (+ out for DoRA's magnitude). AdaLoRA: init_r·(in + out)
+    + init_r (E) per layer, pruned triplets included (they are masked, not removed)."""
     patterns, dora = cfg.get("rank_pattern") or {}, cfg.get("use_dora")
     layers = targeted_layers(model, cfg["target_modules"], cfg.get("layers_to_transform"))
+    if cfg.get("type") == "adalora":
+        init_r = cfg["adalora"]["init_r"]
+        return sum(init_r * (m.in_features + m.out_features + 1) for _, m in layers)
     return sum(patterns.get(_pattern_key(patterns, name), cfg["r"])  # r where no key matches
                * (m.in_features + m.out_features) + (m.out_features if dora else 0)
                for name, m in layers)
 
 
-def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool):
+def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool,
+                  total_steps: int):
     """(model, expected trainable count): the saved quantized base (never quantized again
-    here) with new LoRA layers (A random, B zero)."""
+    here) with new LoRA layers (A random, B zero); `total_steps`: AdaLoRA's schedule."""
     from ..models.quantization import load_quantized
 
     model = load_quantized(quantized_dir, policy)
     expected = expected_trainable(model, cfg) if cfg["target_modules"] else 0
-    return inject(model, cfg, gradient_checkpointing), expected
+    return inject(model, cfg, gradient_checkpointing, total_steps=total_steps), expected
 
 
-def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool):
+def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool,
+                     total_steps: int):
     """(model, expected trainable count): the full-precision base with a trained adapter,
-    trainable again, to continue it on the weights it will be merged into."""
+    trainable again, to continue it on the weights it will be merged into. `total_steps` is
+    unused: recovery continues a plain LoRA adapter (AdaLoRA's is refused by the config)."""
+    del total_steps
     from peft import PeftModel
 
     from ..models.quantization import load_full_precision
@@ -184,32 +192,47 @@ def verify_frozen(model, expected_trainable: int) -> dict:
     return params
 
 
-def inject(model, cfg: dict, gradient_checkpointing: bool):
-    """Prepare the quantized model for k-bit training, then add LoRA: in that order."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | None = None):
+    """Prepare the quantized model for k-bit training, then add LoRA (or AdaLoRA, whose
+    schedule spans `total_steps`): in that order."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    check(model, cfg)
+    adalora = cfg.get("type") == "adalora"
+    check(model, {**cfg, "r": cfg["adalora"]["init_r"]} if adalora else cfg)
     targets = cfg["target_modules"]
     if targets == "all-linear" and getattr(model, "hqq_quantized", False):
         # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
         targets = linear_names(model)
+    shared = dict(task_type="CAUSAL_LM", lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
+                  target_modules=targets, init_lora_weights=cfg["init"], bias="none",
+                  layers_to_transform=cfg.get("layers_to_transform"))
+    config = _adalora_config(cfg, total_steps, shared) if adalora else _lora_config(cfg, shared)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(model, LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg["r"],
-        lora_alpha=cfg["alpha"],
-        lora_dropout=cfg["dropout"],
-        target_modules=targets,
-        init_lora_weights=cfg["init"],
-        use_rslora=cfg["use_rslora"],
-        use_dora=cfg["use_dora"],
-        layers_to_transform=cfg.get("layers_to_transform"),
-        # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
-        rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
-        bias="none",
-    ))
+    model = get_peft_model(model, config)
     keep_adapters_fp32(model)
     return model
+
+
+def _lora_config(cfg: dict, shared: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg["r"], use_rslora=cfg["use_rslora"], use_dora=cfg["use_dora"],
+        # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
+        rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
+        **shared)
+
+
+def _adalora_config(cfg: dict, total_steps: int | None, shared: dict):
+    """PEFT's AdaLoraConfig: lora.r is the target rank, the schedule spans the training."""
+    from peft import AdaLoraConfig
+
+    ada = cfg["adalora"]
+    if total_steps is None or ada["tinit"] + ada["tfinal"] >= total_steps:
+        raise InputError(f"lora.adalora: tinit {ada['tinit']} + tfinal {ada['tfinal']} leave "
+                         f"no pruning steps in a training of {total_steps} steps; expected a "
+                         f"sum below the step count (train.max_steps or epochs)")
+    return AdaLoraConfig(target_r=cfg["r"], total_step=total_steps, **ada, **shared)
 
 
 def keep_adapters_fp32(model) -> None:
