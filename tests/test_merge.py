@@ -152,14 +152,31 @@ def test_missing_adapter_is_input_error(prepared, tmp_path):
 
 # ---- the streamed merge, tensor by tensor against PEFT's ---------------------------------
 
-ADAPTER_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True}}
+ADAPTER_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
+                    "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
+
+
+def pruned_adalora(model):
+    """An AdaLoRA model as if pruned: random E, a random rank pattern (1-4 kept triplets per
+    layer, PEFT's masks), pruned E_i zero as PEFT masks them. Saved, the layers keep only their
+    kept triplets while ranknum stays init_r: the scaling the merge must use."""
+    generator = torch.Generator().manual_seed(1)
+    pattern = {}
+    for name, param in model.base_model.model.named_parameters():
+        if ".lora_E." in name:
+            kept = torch.rand(param.shape[0], generator=generator) < 0.5
+            kept[int(torch.randint(param.shape[0], (1,), generator=generator))] = True
+            pattern[name] = kept.tolist()
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * ~kept[:, None])
+    model.peft_config["default"].rank_pattern = pattern
 
 
 @pytest.fixture(scope="module")
 def sharded(prepared) -> dict:
     """The tiny base and its 4-bit checkpoint re-saved in many shards (a 4-bit weight's parts
     may land in different shards), and one non-trivial adapter per LoRA variant."""
-    from peft import LoraConfig, get_peft_model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from qlora_pipeline.models.quantization import load_quantized
@@ -171,8 +188,11 @@ def sharded(prepared) -> dict:
     reshard(prepared["quant"], dirs["dequantized"], "8KB")
     adapters = {}
     for name, extra in ADAPTER_VARIANTS.items():
-        model = get_peft_model(load_quantized(prepared["quant"], job_policy()), LoraConfig(
+        kind = AdaLoraConfig if name == "adalora" else LoraConfig
+        model = get_peft_model(load_quantized(prepared["quant"], job_policy()), kind(
             r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **extra))
+        if name == "adalora":
+            pruned_adalora(model)
         adapters[name] = root / f"adapter-{name}"
         model.save_pretrained(adapters[name])
     return {"dirs": dirs, "adapters": adapters}

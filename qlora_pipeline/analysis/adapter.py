@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core.files import read_json
-from ..models.adapter_file import Update, read_against
+from ..models.adapter_file import Update, max_rank, read_against
 from . import profile, recommend, spectrum
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def analyze(adapter_dir, base_dir, settings: dict, device: str = "cpu") -> dict:
     """analyze_updates on a saved adapter and the base checkpoint it was trained on."""
     started = time.perf_counter()
     updates, checkpoint = read_against(adapter_dir, base_dir)
-    r = int(read_json(Path(adapter_dir) / "adapter_config.json")["r"])
+    r = max_rank(read_json(Path(adapter_dir) / "adapter_config.json"))
     result = analyze_updates(updates, checkpoint.weight, r,
                              lambda layers: num_layers(Path(base_dir), layers), settings, device)
     result["seconds"] = round(time.perf_counter() - started, 2)

@@ -24,7 +24,7 @@ import torch
 from ..core.errors import InputError, NumericsError
 from ..core.files import read_json, write_json
 from ..models.numerics import TOLERANCE
-from ..models.adapter_file import PREFIX, Update, read_adapter, scaling
+from ..models.adapter_file import PREFIX, Update, as_lora, read_adapter, scaling
 from .spectrum import energy_rank, low_rank_svd
 
 # What a summary tells of its per-layer records (spread).
@@ -92,7 +92,7 @@ def compress(adapter_dir: Path, out_dir: Path, keep: dict) -> dict:
     """Write the compressed adapter (adapter_config.json, adapter_model.safetensors) into
     out_dir and return its summary: per-layer records, parameters and bytes before and after."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    config = read_json(adapter_dir / "adapter_config.json")
+    config = as_lora(read_json(adapter_dir / "adapter_config.json"))
     updates = read_adapter(adapter_dir)
     factors, layers = {}, {}
     for key, update in updates.items():

@@ -2,7 +2,9 @@
 PEFT or the model: what the streamed merge and the adapter analysis compute from.
 
 ΔW = scaling·B·A (α/r, or α/√r with rsLoRA; r per layer, so rank_pattern adapters work), and
-DoRA's magnitude where the adapter has one. Settings whose effect this module does not compute
+DoRA's magnitude where the adapter has one. An AdaLoRA adapter (B·diag(E)·A, its kept triplets)
+is read as the LoRA update it equals: A' = diag(E)·A and PEFT's scaling α / (init_r + 1e-5)
+(ranknum, which stays init_r after pruning). Settings whose effect this module does not compute
 are refused, not ignored (UNSUPPORTED).
 """
 
@@ -23,6 +25,9 @@ PREFIX = "base_model.model."
 UNSUPPORTED = {"lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
                "layer_replication": None, "trainable_token_indices": None,
                "target_parameters": None, "use_qalora": False, "use_bdlora": None}
+# AdaLoRA's own settings: its schedule, which a written LoRA adapter no longer has.
+ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                "orth_reg_weight", "total_step")
 
 
 @dataclass
@@ -78,10 +83,24 @@ def read_against(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, Update], 
     return updates, checkpoint
 
 
+def max_rank(config: dict) -> int:
+    """The largest rank a layer of this adapter can have: r, AdaLoRA's init_r."""
+    return int(config["init_r"] if config.get("peft_type") == "ADALORA" else config["r"])
+
+
+def as_lora(config: dict) -> dict:
+    """The settings of LoRA factors written from this adapter's updates (compression,
+    combination): an AdaLoRA adapter's without its schedule, as a LoRA adapter of rank init_r."""
+    if config.get("peft_type") != "ADALORA":
+        return config
+    return {**{k: v for k, v in config.items() if k not in ADALORA_ONLY}, "peft_type": "LORA",
+            "r": config["init_r"], "rank_pattern": {}}
+
+
 def check_supported(config: dict, adapter_dir: Path) -> None:
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
         raise InputError(f"{adapter_dir}/adapter_config.json: peft_type is "
-                         f"{config.get('peft_type')!r}; expected a LoRA adapter")
+                         f"{config.get('peft_type')!r}; expected a LoRA or AdaLoRA adapter")
     for key, neutral in UNSUPPORTED.items():
         if config.get(key, neutral) not in (neutral, None, {}, [], False):
             raise InputError(f"{adapter_dir}/adapter_config.json: {key} = {config[key]!r}; its "
@@ -89,8 +108,10 @@ def check_supported(config: dict, adapter_dir: Path) -> None:
 
 
 def split_adapter_key(key: str, adapter_dir: Path) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'A')."""
-    parts = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
+    """'base_model.model.<module>.lora_A.weight' -> ('<module>', 'A'); AdaLoRA's
+    '<module>.lora_A' -> ('<module>', 'A') and its '<module>.lora_E' -> ('<module>', 'E')."""
+    parts = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude",
+             ".lora_A": "A", ".lora_B": "B", ".lora_E": "E"}
     for suffix, part in parts.items():
         if key.startswith(PREFIX) and key.endswith(suffix):
             return key[len(PREFIX):-len(suffix)], part
@@ -106,6 +127,13 @@ def scaling(config: dict, rank: int) -> float:
 def update(module: str, parts: dict, config: dict, adapter_dir: Path) -> Update:
     if "A" not in parts or "B" not in parts:
         raise InputError(f"{adapter_dir}: layer {module} lacks lora_A or lora_B")
+    if config.get("peft_type") == "ADALORA":
+        if "E" not in parts:
+            raise InputError(f"{adapter_dir}: AdaLoRA layer {module} lacks lora_E")
+        # PEFT's get_delta_weight: B @ (A * E) · lora_alpha / (ranknum + 1e-5)
+        return Update(parts["A"] * parts["E"], parts["B"],
+                      config["lora_alpha"] / (config["init_r"] + 1e-5),
+                      bool(config.get("fan_in_fan_out")))
     rank = parts["A"].shape[0]  # rank_pattern may give each layer its own r
     return Update(parts["A"], parts["B"], scaling(config, rank),
                   bool(config.get("fan_in_fan_out")), parts.get("magnitude"))
