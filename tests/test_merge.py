@@ -168,7 +168,7 @@ def pruned_adalora(model):
             kept[int(torch.randint(param.shape[0], (1,), generator=generator))] = True
             pattern[name] = kept.tolist()
             with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=generator) * ~kept[:, None])
+                param.copy_(torch.randn(param.shape, generator=generator) * kept[:, None])
     model.peft_config["default"].rank_pattern = pattern
 
 
