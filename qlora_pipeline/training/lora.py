@@ -134,7 +134,7 @@ def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool
 
 
 def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool,
-                     total_steps: int):
+                     total_steps: int | None = None):
     """(model, expected trainable count): the full-precision base with a trained adapter,
     trainable again, to continue it on the weights it will be merged into. `total_steps` is
     unused: recovery continues a plain LoRA adapter (AdaLoRA's is refused by the config)."""
