@@ -141,6 +141,9 @@ def test_ranks_shrink_to_the_budget(trained):
     assert steps[0] == (0, 4 * INIT_R) or steps[0][1] == 4 * INIT_R
     assert [k for _, k in steps] == sorted((k for _, k in steps), reverse=True)
     assert steps[-1][1] == sum(ranks.values())
+    # The adapter monitor reads AdaLoRA's layers too (B·diag(E)·A).
+    spectra = [r["adapter"] for r in logged if "adapter" in r]
+    assert spectra and all(set(s) == {"q_proj", "v_proj"} for s in spectra)
 
 
 def test_a_killed_run_resumes_bitwise(prepared, trained, tmp_path, monkeypatch):

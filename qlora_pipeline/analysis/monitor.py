@@ -50,9 +50,15 @@ def snapshot(model) -> dict[str, dict]:
 
 
 def lora_factors(module):
-    """(A, B, scaling) of a PEFT LoRA layer's active adapter, or None for any other module."""
+    """(A, B, scaling) of a PEFT LoRA layer's active adapter, or None for any other module.
+    An AdaLoRA layer's: (diag(E)·A, B, PEFT's scaling / ranknum), as models/adapter_file.py."""
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     names = getattr(module, "active_adapters", None)
+    if isinstance(lora_a, torch.nn.ParameterDict) and names and names[0] in lora_a:
+        name = names[0]
+        return ((lora_a[name] * module.lora_E[name]).detach().float(),
+                lora_b[name].detach().float(),
+                float(module.scaling[name] / (module.ranknum[name] + 1e-5)))
     if not isinstance(lora_a, torch.nn.ModuleDict) or not names or names[0] not in lora_a:
         return None
     name = names[0]

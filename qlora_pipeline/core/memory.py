@@ -131,7 +131,9 @@ def lora_params(shapes: Shapes, lora: dict) -> int:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     per_block = sum(shapes.hidden + (shapes.intermediate if any(m in t for m in MLP_NAMES)
                                      else shapes.hidden) for t in targets)
-    return lora["r"] * per_block * shapes.layers
+    # AdaLoRA trains init_r triplets per layer until the end (pruned ones are masked)
+    rank = lora["adalora"]["init_r"] if lora.get("type") == "adalora" else lora["r"]
+    return rank * per_block * shapes.layers
 
 
 @dataclass
