@@ -211,3 +211,17 @@ def test_gradient_guard_rule(tiny_tokenizer):
     e.grad[2], a.grad[3] = 0.0, 0.0
     assert gradient_guard.missing_gradients(model) == [f"{name}.lora_E.default[2]",
                                                        f"{name}.lora_A.default[3]"]
+
+
+def test_compression_writes_the_best_plain_lora_of_the_adalora_update(trained, tmp_path):
+    from qlora_pipeline.analysis import compress
+    from qlora_pipeline.models.adapter_file import read_adapter
+
+    compress.compress(trained["adapter"], tmp_path, {"rank": 1})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 1 and "init_r" not in config
+    source, cut = read_adapter(trained["adapter"]), read_adapter(tmp_path)
+    for key, update in source.items():
+        U, S, Vh = torch.linalg.svd(update.delta().double())
+        best = (U[:, :1] * S[:1]) @ Vh[:1]
+        torch.testing.assert_close(cut[key].delta().double(), best, rtol=0, atol=1e-5)
