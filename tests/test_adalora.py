@@ -62,6 +62,9 @@ def test_schema_defaults(tmp_path):
      "adalora; expected recovery off (recovery continues a plain LoRA adapter of fixed rank)"),
     ({"use_rslora": True}, "nf4", {}, "key 'lora.use_rslora': found true with lora.type "
      "adalora; expected false (AdaLoRA scales by alpha / its initial rank)"),
+    ({}, "nf4", {"train": {"distributed": {"strategy": "fsdp", "processes": 2}}},
+     "key 'train.distributed.strategy': found fsdp with lora.type adalora; expected ddp or one "
+     "process (AdaLoRA's rank allocator reads whole parameters and their gradients)"),
 ])
 def test_refusals_end_in_their_message(tmp_path, lora_block, method, task, ends):
     with pytest.raises(InputError) as info:
