@@ -228,3 +228,29 @@ def test_compression_writes_the_best_plain_lora_of_the_adalora_update(trained, t
         U, S, Vh = torch.linalg.svd(update.delta().double())
         best = (U[:, :1] * S[:1]) @ Vh[:1]
         torch.testing.assert_close(cut[key].delta().double(), best, rtol=0, atol=1e-5)
+
+
+def test_validation_loss_leaves_out_the_orthogonality_penalty(tiny_tokenizer):
+    """PEFT adds orth_reg_weight·‖AAᵀ − I‖ (and B's) to the loss; evaluation reports the
+    task's loss alone: with E = 0 (no update yet), the base model's cross-entropy."""
+    base = build_model(len(tiny_tokenizer))
+    ids = torch.arange(1, 9).view(1, -1)
+    with torch.no_grad():
+        plain = float(base(input_ids=ids, labels=ids).loss)
+        model = lora.inject(base, ada_cfg(), False, total_steps=STEPS)
+        penalised = float(model(input_ids=ids, labels=ids).loss)
+        with adalora.task_loss_only(model):
+            assert float(model(input_ids=ids, labels=ids).loss) == pytest.approx(plain, abs=1e-6)
+    assert penalised > plain + 0.1
+    assert model.peft_config["default"].orth_reg_weight == 0.5  # restored
+
+
+def test_validation_loss_before_training_is_the_base_s_as_for_lora(prepared, trained, tmp_path):
+    """E = 0 and B = 0: both start from the base, so their losses before training agree (a
+    penalised AdaLoRA loss would be ~1 higher)."""
+    cfg = {**task_blocks()["train"], "max_steps": 1, "eval_steps": 1, "batch_size": 8}
+    plain = stage("train_qlora")(quantized=prepared["quant"], tokenized=prepared["tokenized"],
+                                 adapter=tmp_path / "qlora", lora=task_blocks()["lora"],
+                                 train=cfg, seed=0, checkpoints=tmp_path / "checkpoints")
+    assert trained["summary"]["eval_loss_initial"] == pytest.approx(plain["eval_loss_initial"],
+                                                                    abs=1e-6)

@@ -69,6 +69,22 @@ class RankAllocation(TrainerCallback):
             logs["effective_rank"] = sum(ranks(model).values())
 
 
+@contextlib.contextmanager
+def task_loss_only(model):
+    """PEFT's AdaLoRA adds its orthogonality penalty on A and B to every loss the model returns,
+    evaluation's too; without it, validation loss is the task's alone, comparable with LoRA's
+    (and, before the first step, the base's: E = 0)."""
+    if allocator(model) is None:
+        yield
+        return
+    config = _config(model)
+    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
+
+
 def _state(model) -> dict:
     ranks_ = allocator(model)
     return {"rank_pattern": _config(model).rank_pattern, "ipt": ranks_.ipt,

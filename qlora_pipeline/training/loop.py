@@ -60,6 +60,10 @@ class GuardedTrainer(Trainer):
                                 f"check the data")
         return loss
 
+    def evaluate(self, *args, **kwargs):
+        with adalora.task_loss_only(self.model):  # validation loss without AdaLoRA's penalty
+            return super().evaluate(*args, **kwargs)
+
     # AdaLoRA's checkpoints keep every triplet and the rank allocator's state (adalora.py).
     def _save_checkpoint(self, model, trial):
         folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-"
