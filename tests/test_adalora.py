@@ -60,6 +60,9 @@ def test_schema_defaults(tmp_path):
      "fp4 or int8 (PEFT's AdaLoRA has layers for bitsandbytes and GPTQ, not HQQ)"),
     ({}, "nf4", {"recovery": {"enabled": True}}, "key 'recovery': recovered with lora.type "
      "adalora; expected recovery off (recovery continues a plain LoRA adapter of fixed rank)"),
+    ({"adalora": {"tinit": 30, "tfinal": 10}}, "nf4", {"train": {"max_steps": 40}},
+     "key 'lora.adalora': tinit + tfinal is 40, leaving no pruning steps in train.max_steps "
+     "40; expected a sum below it"),
     ({"use_rslora": True}, "nf4", {}, "key 'lora.use_rslora': found true with lora.type "
      "adalora; expected false (AdaLoRA scales by alpha / its initial rank)"),
     ({}, "nf4", {"train": {"distributed": {"strategy": "fsdp", "processes": 2}}},

@@ -162,10 +162,14 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
 
 def _check_adalora(row: dict, method: str, where: str) -> None:
     """What AdaLoRA cannot be combined with, refused before any job runs."""
-    lora = row["lora"]
+    lora, steps = row["lora"], row["train"]["max_steps"]
     if lora["type"] != "adalora":
         return
+    schedule = lora["adalora"]["tinit"] + lora["adalora"]["tfinal"]
     refused = {
+        "lora.adalora": (bool(steps) and schedule >= steps,
+                         f"tinit + tfinal is {schedule}, leaving no pruning steps in "
+                         f"train.max_steps {steps}; expected a sum below it"),
         "lora.adalora.init_r": (lora["adalora"]["init_r"] < lora["r"],
                                 f"found {lora['adalora']['init_r']}, below lora.r {lora['r']} "
                                 f"(AdaLoRA's target rank); expected at least {lora['r']}"),
