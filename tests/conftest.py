@@ -54,6 +54,25 @@ def build_inputs(root: Path, model_dir: Path) -> tuple[Path, Path]:
     return root / "quantized", root / "tokenized"
 
 
+def pruned_adalora(model):
+    """An AdaLoRA model as if pruned: random E, a random rank pattern (1-4 kept triplets per
+    layer, PEFT's masks), pruned E_i zero as PEFT masks them. Saved, the layers keep only their
+    kept triplets while ranknum stays init_r: the scaling the merge must use."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    pattern = {}
+    for name, param in model.base_model.model.named_parameters():
+        if ".lora_E." in name:
+            kept = torch.rand(param.shape[0], generator=generator) < 0.5
+            kept[int(torch.randint(param.shape[0], (1,), generator=generator))] = True
+            pattern[name] = kept.tolist()
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * kept[:, None])
+    model.peft_config["default"].rank_pattern = pattern
+    return model
+
+
 def job_policy():
     """The policy a job on this machine gets (tests call stages without a job around them)."""
     from qlora_pipeline.core.policy import Policy

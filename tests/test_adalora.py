@@ -11,7 +11,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_inputs, build_model, stage, task_blocks, write_yaml
+from conftest import (build_inputs, build_model, pruned_adalora, stage, task_blocks,
+                      write_yaml)
 from safetensors.torch import load_file
 
 from qlora_pipeline.config import load_config
@@ -257,3 +258,25 @@ def test_validation_loss_before_training_is_the_base_s_as_for_lora(prepared, tra
                                  train=cfg, seed=0, checkpoints=tmp_path / "checkpoints")
     assert trained["summary"]["eval_loss_initial"] == pytest.approx(plain["eval_loss_initial"],
                                                                     abs=1e-6)
+
+
+def test_saved_update_equals_peft_s_on_a_model_with_biases(tiny_tokenizer, tmp_path):
+    """GPT-NeoX (biases, query_key_value/dense names): the saved, pruned adapter read back
+    (adapter_file) gives PEFT's own ΔW of the reloaded model, layer by layer."""
+    from peft import PeftModel
+
+    from qlora_pipeline.models.adapter_file import read_adapter
+
+    cfg = {**ada_cfg(), "target_modules": ["query_key_value", "dense"]}
+    pruned_adalora(lora.inject(build_model(len(tiny_tokenizer), arch="gpt_neox"), cfg, False,
+                               total_steps=STEPS)).save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(build_model(len(tiny_tokenizer), arch="gpt_neox"),
+                                         tmp_path)
+    updates = read_adapter(tmp_path)
+    assert len(updates) == 4
+    ranks = {key: update.A.shape[0] for key, update in updates.items()}
+    assert set(ranks.values()) != {INIT_R}  # really pruned
+    for name, module in reloaded.base_model.model.named_modules():
+        if hasattr(module, "lora_E"):
+            torch.testing.assert_close(updates[f"{name}.weight"].delta(),
+                                       module.get_delta_weight("default"), rtol=0, atol=1e-7)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_inputs, job_policy, stage, task_blocks
+from conftest import build_inputs, job_policy, pruned_adalora, stage, task_blocks
 
 from qlora_pipeline.core.errors import InputError
 from qlora_pipeline.models import checkpoint
@@ -154,22 +154,6 @@ def test_missing_adapter_is_input_error(prepared, tmp_path):
 
 ADAPTER_VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "rslora": {"use_rslora": True},
                     "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
-
-
-def pruned_adalora(model):
-    """An AdaLoRA model as if pruned: random E, a random rank pattern (1-4 kept triplets per
-    layer, PEFT's masks), pruned E_i zero as PEFT masks them. Saved, the layers keep only their
-    kept triplets while ranknum stays init_r: the scaling the merge must use."""
-    generator = torch.Generator().manual_seed(1)
-    pattern = {}
-    for name, param in model.base_model.model.named_parameters():
-        if ".lora_E." in name:
-            kept = torch.rand(param.shape[0], generator=generator) < 0.5
-            kept[int(torch.randint(param.shape[0], (1,), generator=generator))] = True
-            pattern[name] = kept.tolist()
-            with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=generator) * kept[:, None])
-    model.peft_config["default"].rank_pattern = pattern
 
 
 @pytest.fixture(scope="module")
