@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .distributed import is_main
+
 STATE = "adalora_state.pt"  # in each checkpoint folder: the allocator's state and rank pattern
 
 
@@ -100,7 +102,7 @@ def whole_checkpoint(model, folder, saving: bool):
         return
     config, folder = _config(model), Path(folder)
     kept = config.rank_pattern
-    if saving:  # before Trainer writes trainer_state.json, the mark of a complete checkpoint
+    if saving and is_main():  # before trainer_state.json, the mark of a complete checkpoint
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_state(model), folder / STATE)
     config.rank_pattern = None  # PEFT cuts to the pattern only where there is one
