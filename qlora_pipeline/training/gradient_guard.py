@@ -118,7 +118,7 @@ class GradientGuard(TrainerCallback):
                                      f"reached the adapters; training would change nothing")
 
 
-def _weights(model) -> str:
+def _weights(model) -> int:
     """How many weights the guard checks: 2 per LoRA pair, 3 per AdaLoRA triplet."""
     triplets = sum(int(e.numel()) for n, e in model.named_parameters() if ".lora_E." in n)
-    return f"{2 * len(adapter_pairs(model)) + 3 * triplets}"
+    return 2 * len(adapter_pairs(model)) + 3 * triplets
