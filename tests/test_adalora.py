@@ -99,6 +99,13 @@ def test_trainable_count_is_init_r_times_dims_plus_e(tiny_tokenizer, arch, targe
     assert adalora.allocator(peft_model).target_bgt == R * len(dims)
 
 
+def test_init_r_is_bounded_by_the_smallest_targeted_dimension(tiny_tokenizer):
+    model = build_model(len(tiny_tokenizer))
+    with pytest.raises(InputError, match=r"^lora.adalora.init_r: found 33, expected at most 32 "
+                                         r"\(the smallest dimension of a targeted layer\)$"):
+        lora.inject(model, ada_cfg(init_r=33), False, total_steps=STEPS)
+
+
 def test_a_schedule_without_pruning_steps_is_refused(tiny_tokenizer):
     model = build_model(len(tiny_tokenizer))
     with pytest.raises(InputError, match=r"^lora.adalora: tinit 6 \+ tfinal 4 leave no pruning "

@@ -55,8 +55,11 @@ def check(model, cfg: dict) -> None:
     keys = _check_rank_pattern(patterns, [name for name, _ in layers])
     by_r = [m for name, m in layers if keys[name] is None]
     smallest = min((min(m.in_features, m.out_features) for m in by_r), default=None)
-    if smallest is not None and cfg["r"] > smallest:
-        raise InputError(f"lora.r: found {cfg['r']}, expected at most {smallest} (the smallest "
+    # AdaLoRA's layers start at init_r, its largest rank
+    key, rank = (("lora.adalora.init_r", cfg["adalora"]["init_r"]) if cfg.get("type") == "adalora"
+                 else ("lora.r", cfg["r"]))
+    if smallest is not None and rank > smallest:
+        raise InputError(f"{key}: found {rank}, expected at most {smallest} (the smallest "
                          f"dimension of a targeted layer)")
     for key, rank in patterns.items():
         applied = [(name, m) for name, m in layers if keys[name] == key]
@@ -198,7 +201,7 @@ def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | No
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     adalora = cfg.get("type") == "adalora"
-    check(model, {**cfg, "r": cfg["adalora"]["init_r"]} if adalora else cfg)
+    check(model, cfg)
     targets = cfg["target_modules"]
     if targets == "all-linear" and getattr(model, "hqq_quantized", False):
         # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
