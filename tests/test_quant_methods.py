@@ -228,3 +228,16 @@ def test_the_example_sweep_config_loads():
     labels = [quant_settings.label(p) for p in config["quantization_sweep"]]
     assert labels == ["nf4-nodq", "fp4", "int8", "hqq8-g64", "hqq4-g64", "hqq3-g64", "hqq2-g64"]
     assert all(p["skip_modules"] == ["lm_head"] for p in config["quantization_sweep"])
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "int8", "hqq3"])
+def test_quantize_tensor_equals_the_whole_model_quantize(base, name):
+    """deq(Q(W)) of one weight read from the full-precision base (LoftQ's Q) is the stage's."""
+    from qlora_pipeline.models.checkpoint import Checkpoint
+
+    method = methods.of(METHODS[name]["method"])
+    loaded = quant.load_quantized(quantized_dir(base, base.parent, name), job_policy())
+    for layer, module in methods.layers(loaded):
+        weight = Checkpoint(base).weight(f"{layer}.weight")
+        alone = method.quantize_tensor(weight, settled(name), job_policy())
+        assert torch.equal(alone, method.dequantized(module)), layer

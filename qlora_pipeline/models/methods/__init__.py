@@ -15,6 +15,8 @@ method. A method module declares everything about it, and nothing else lists met
     load(path, policy) -> model               that checkpoint, loaded as stored
     compute_dtype(model)                      the dtype its layers take and give
     dequantized(module) -> Tensor             deq(Q(W)) of one layer
+    quantize_tensor(weight, cfg, policy)      deq(Q(W)) of one full-precision 2-D weight, as
+                                              `quantize` computes it (LoftQ's Q, training/init)
     stored_bytes(module)                      what one layer stores (every constant)
     theoretical_bits(cfg, in_features=, meta_bits=)   the formula of docs/quantization.md (with
                                               its defaults: the bits a memory estimate counts)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ...core.errors import NumericsError
 from ...core.policy import Policy, torch_dtype
-from .common import ROUNDING, from_pretrained, nbytes
+from .common import ROUNDING, as_loaded, from_pretrained, nbytes
 from .common import save as save, weight_key as weight_key
 from .common import load as load_as_stored
 
@@ -62,6 +62,16 @@ def quantize(base_dir, cfg: dict, policy: Policy):
         bnb_4bit_quant_storage=storage,
     )
     return single_path(from_pretrained(base_dir, policy, quantization_config=config))
+
+
+def quantize_tensor(weight, cfg: dict, policy: Policy) -> torch.Tensor:
+    """deq(Q(W)) of one weight, as Params4bit quantizes it when transformers loads the base."""
+    import bitsandbytes.functional as F
+
+    codes, state = F.quantize_4bit(as_loaded(weight, policy).contiguous(), blocksize=BLOCKSIZE,
+                                   compress_statistics=cfg["double_quant"],
+                                   quant_type=cfg["method"])
+    return F.dequantize_4bit(codes, state)
 
 
 def load(path, policy: Policy):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...core.policy import Policy
-from .common import from_pretrained, nbytes
+from .common import as_loaded, from_pretrained, nbytes
 from .common import load as load, save as save, weight_key as weight_key
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
@@ -43,6 +43,15 @@ def quantize(base_dir, cfg: dict, policy: Policy):
 
     return from_pretrained(base_dir, policy, quantization_config=BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_skip_modules=cfg["skip_modules"] or None))
+
+
+def quantize_tensor(weight, cfg: dict, policy: Policy) -> torch.Tensor:
+    """deq(Q(W)) of one weight, as Int8Params quantizes it: in float16, row-wise absmax."""
+    import torch
+    from bitsandbytes.functional import int8_vectorwise_dequant, int8_vectorwise_quant
+
+    codes, scales, _ = int8_vectorwise_quant(as_loaded(weight, policy).to(torch.float16))
+    return int8_vectorwise_dequant(codes, scales)
 
 
 def compute_dtype(model) -> torch.dtype:

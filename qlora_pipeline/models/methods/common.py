@@ -19,6 +19,14 @@ def from_pretrained(base_dir, policy: Policy, device_map=None, quantization_conf
         dtype="auto" if policy.cuda else torch.float32)
 
 
+def as_loaded(weight, policy: Policy):
+    """A full-precision weight as `from_pretrained` would hold it before quantizing: on the
+    policy's device, float32 on a CPU, as stored on a GPU."""
+    import torch
+
+    return weight.to(policy.device, weight.dtype if policy.cuda else torch.float32)
+
+
 # The interface's defaults for a method whose checkpoint transformers saves and loads itself
 # (bitsandbytes'): a module re-exports those it shares (`from .common import save as save`).
 def save(model, out_dir) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ...core.errors import InputError
 from ...core.policy import Policy, torch_dtype
-from .common import ROUNDING, from_pretrained, nbytes, replace_module
+from .common import ROUNDING, as_loaded, from_pretrained, nbytes, replace_module
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
     import torch
@@ -58,16 +58,11 @@ def quantize(base_dir, cfg: dict, policy: Policy):
     """Every nn.Linear but skip_modules (and a tied output head) replaced by an HQQLinear built
     from its weight, one layer at a time, on the job's device."""
     import torch
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.core.quantize import HQQLinear
 
     dtype = policy.compute_dtype(cfg["compute_dtype"])
     model = from_pretrained(base_dir, policy, device_map="cpu")
-    # What config.json records: HqqConfig's dictionary (quant_method, quant_config,
-    # skip_modules) and the compute dtype the layers were built for.
-    settings = {"quant_method": "hqq", "skip_modules": list(cfg["skip_modules"]),
-                "quant_config": BaseQuantizeConfig(nbits=cfg["bits"],
-                                                   group_size=cfg["group_size"], axis=1),
-                "compute_dtype": str(dtype).removeprefix("torch.")}
+    settings = _settings(cfg, dtype)
     head = model.get_output_embeddings()
     # skip_modules by bitsandbytes' rule (llm_int8_skip_modules): a module is skipped whose
     # name, or a part of its name, is an entry.
@@ -83,6 +78,29 @@ def quantize(base_dir, cfg: dict, policy: Policy):
         replace_module(model, name, HQQLinear(module, settings["quant_config"],
                                               compute_dtype=dtype, device=policy.device))
     return _finish(model.to(policy.device), settings)  # HQQLinear.to is a no-op
+
+
+def _settings(cfg: dict, dtype) -> dict:
+    """What config.json records: HqqConfig's dictionary (quant_method, quant_config,
+    skip_modules) and the compute dtype the layers were built for."""
+    from hqq.core.quantize import BaseQuantizeConfig
+
+    return {"quant_method": "hqq", "skip_modules": list(cfg["skip_modules"]),
+            "quant_config": BaseQuantizeConfig(nbits=cfg["bits"], group_size=cfg["group_size"],
+                                               axis=1),
+            "compute_dtype": str(dtype).removeprefix("torch.")}
+
+
+def quantize_tensor(weight, cfg: dict, policy: Policy) -> torch.Tensor:
+    """deq(Q(W)) of one weight: an HQQLinear built from it as `quantize` builds each layer."""
+    import torch
+    from hqq.core.quantize import HQQLinear
+
+    dtype = policy.compute_dtype(cfg["compute_dtype"])
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = torch.nn.Parameter(as_loaded(weight, policy).cpu(), requires_grad=False)
+    return HQQLinear(linear, _settings(cfg, dtype)["quant_config"], compute_dtype=dtype,
+                     device=policy.device).dequantize()
 
 
 def _finish(model, settings: dict):
