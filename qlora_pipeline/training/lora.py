@@ -206,27 +206,33 @@ def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | No
     if targets == "all-linear" and getattr(model, "hqq_quantized", False):
         # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
         targets = linear_names(model)
-    shared = dict(task_type="CAUSAL_LM", lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
-                  target_modules=targets, init_lora_weights=cfg["init"], bias="none",
-                  layers_to_transform=cfg.get("layers_to_transform"))
-    config = _adalora_config(cfg, total_steps, shared) if adalora else _lora_config(cfg, shared)
+    config = _adalora_config(cfg, total_steps, targets) if adalora \
+        else lora_config(cfg, targets, cfg["init"])
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(model, config)
     keep_adapters_fp32(model)
     return model
 
 
-def _lora_config(cfg: dict, shared: dict):
+def _shared(cfg: dict, targets, init) -> dict:
+    """What PEFT's LoraConfig and AdaLoraConfig take alike from a lora block."""
+    return dict(task_type="CAUSAL_LM", lora_alpha=cfg["alpha"], lora_dropout=cfg["dropout"],
+                target_modules=targets, init_lora_weights=init, bias="none",
+                layers_to_transform=cfg.get("layers_to_transform"))
+
+
+def lora_config(cfg: dict, targets, init):
+    """PEFT's LoraConfig of a lora block; `init`: PEFT's init_lora_weights."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg["r"], use_rslora=cfg["use_rslora"], use_dora=cfg["use_dora"],
         # int(): the schema's "integer" also admits 2.0, which PEFT cannot size a layer with.
         rank_pattern={key: int(rank) for key, rank in (cfg.get("rank_pattern") or {}).items()},
-        **shared)
+        **_shared(cfg, targets, init))
 
 
-def _adalora_config(cfg: dict, total_steps: int | None, shared: dict):
+def _adalora_config(cfg: dict, total_steps: int | None, targets):
     """PEFT's AdaLoraConfig: lora.r is the target rank, the schedule spans the training."""
     from peft import AdaLoraConfig
 
@@ -235,7 +241,8 @@ def _adalora_config(cfg: dict, total_steps: int | None, shared: dict):
         raise InputError(f"lora.adalora: tinit {ada['tinit']} + tfinal {ada['tfinal']} leave "
                          f"no pruning steps in a training of {total_steps} steps; expected a "
                          f"sum below the step count (train.max_steps or epochs)")
-    return AdaLoraConfig(target_r=cfg["r"], total_step=total_steps, **ada, **shared)
+    return AdaLoraConfig(target_r=cfg["r"], total_step=total_steps, **ada,
+                         **_shared(cfg, targets, cfg["init"]))
 
 
 def keep_adapters_fp32(model) -> None:
