@@ -199,11 +199,15 @@ def say(model, tokenizer, conversation: Conversation, settings: dict, text: str,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
+    from .config.trainings import own_base
+
     try:
         config, tasks = run_settings(args.configfile)
         check_request(args, config, tasks)
+        tables = {name: task["trainings"] for name, task in tasks.items()}
         inputs = finished({"spec": layout.eval_spec(args.task)} if args.gguf
-                          else layout.variant_inputs(args.variant, args.task))
+                          else layout.variant_inputs(args.variant, args.task,
+                                                     own_base(tables, args.variant, args.task)))
         examples = task_examples(inputs.pop("spec"), args.example, args.task)
         model, tokenizer = load(args, inputs)
     except InputError as err:

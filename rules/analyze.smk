@@ -6,7 +6,8 @@
 rule analyze_adapter:
     input:
         adapter=layout.adapter("{task}", "{name}"),
-        base=lambda wc: layout.trained_base(wc.name),
+        base=lambda wc: layout.trained_base(wc.name,
+                                            trainings.own_base(TRAININGS, wc.name, wc.task)),
     output:
         analysis=directory(layout.analysis("{task}", "{name}")),
     params:

@@ -46,6 +46,10 @@ QUANT_SWEEP = {quant_settings.label(p): p for p in config["quantization_sweep"]}
 # The trainings table (qlora_pipeline/config/trainings.py): per task, its own training (id "")
 # and each sweep point; one set of rules trains, recovers, scores and analyses every row.
 TRAININGS = {task: TASKS[task]["trainings"] for task in TASKS}
+# A training's own quantized base (PiSSA, LoftQ's alternating steps) by its id: the first row
+# that trains on it (rows that would build identical bases share one id).
+TRAINING_BASES = {id: row for rows in TRAININGS.values()
+                  for id, row in trainings.bases(rows).items()}
 STAGE = "../scripts/stage.py"  # every rule's script: it runs the stage named like the rule
 
 
@@ -64,6 +68,7 @@ wildcard_constraints:
     variant=layout.VARIANT_PATTERN,
     name=one_of(adapter_names()),
     qpoint=one_of(QUANT_SWEEP),
+    base=one_of(TRAINING_BASES),
 
 
 def code(rule):
@@ -126,6 +131,18 @@ def training_nodes(wildcards):
     return _distributed(wildcards)["nodes"]
 
 
+def quantized_base(wildcards):
+    """The quantized base a training trains on: the shared one, or the row's own."""
+    own = training(wildcards)["base"]
+    return layout.training_base(own) if own else QUANTIZED
+
+
+def loftq_source(wildcards):
+    """The full-precision base, for LoftQ on the shared base (its factors, in the job)."""
+    lora = training(wildcards)["lora"]
+    return [BASE] if lora["init"] == "loftq" and not training(wildcards)["base"] else []
+
+
 def trackers(wildcards, output):
     """Where a training's curves go (train.report_to; layout.trackers). A param function that
     takes the output is one Snakemake calls derived and keeps out of its params trigger, so
@@ -180,7 +197,14 @@ def variants(task):
 
 def variant_inputs(wildcards):
     """What one variant × task evaluation loads (layout.variant_inputs)."""
-    return layout.variant_inputs(wildcards.variant, wildcards.task)
+    return layout.variant_inputs(wildcards.variant, wildcards.task,
+                                 trainings.own_base(TRAININGS, wildcards.variant, wildcards.task))
+
+
+def own_quantized(task, name="qlora"):
+    """The quantized base adapter `name` of `task` was trained on (the shared one, or its
+    training's own)."""
+    return trainings.own_base(TRAININGS, name, task) or QUANTIZED
 
 
 def eval_settings(wildcards=None):

@@ -43,6 +43,32 @@ rule quantize:
         STAGE
 
 
+# A training's own quantized base (lora.init pissa, or loftq with iterations > 1), with its
+# initial adapter: one per base id of the trainings table (config/trainings.py).
+rule quantize_for_training:
+    input:
+        base=BASE,
+    output:
+        quantized=directory(layout.training_base("{base}")),
+    params:
+        quantization=config["quantization"],
+        lora=lambda wc: trainings.base_settings(TRAINING_BASES[wc.base]["lora"]),
+        seed=lambda wc: TRAINING_BASES[wc.base]["seed"],
+        code=code("quantize_for_training"),
+    threads: MODEL_THREADS
+    priority: TRAINING_PRIORITY
+    log:
+        f"{RESULTS}/logs/quantize_for_training/{{base}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/quantize_for_training/{{base}}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=1,
+    script:
+        STAGE
+
+
 rule quantization_report:
     input:
         base=BASE,

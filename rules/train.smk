@@ -6,8 +6,9 @@
 
 rule train_qlora:
     input:
-        quantized=QUANTIZED,
+        quantized=quantized_base,
         tokenized=layout.tokenized("{task}"),
+        base=loftq_source,
     output:
         adapter=directory(layout.adapter("{task}", "{name}")),
     params:
@@ -105,7 +106,7 @@ rule promote_sweep_point:
 rule merge:
     input:
         base=BASE,
-        quantized=QUANTIZED,
+        quantized=lambda wc: own_quantized(wc.task),
         adapter=final_adapter,
         tokenized=layout.tokenized("{task}"),
     output:

@@ -250,5 +250,7 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
     # the quantize rule's params, and its output, change with it.
     fsdp = any(t["train"]["distributed"]["strategy"] == "fsdp" for t in tasks.values())
     config["quantization"] = quantization.settle(config["quantization"], "quantization", fsdp)
+    for task in tasks.values():  # a training's own base is built with the settled settings
+        task["trainings"] = trainings.with_bases(task["trainings"], config["quantization"])
     config["quantization_sweep"] = list(quantization.sweep(config).values())
     return canonical(config), tasks

@@ -8,11 +8,14 @@ row, never a copy of the rules.
 A row: {"id", "lora", "train", "recovery", "seed", "settings" (its swept values), "qlora" (the
 id of its QLoRA training, which rows that differ only in recovery keys share), "recovered"
 (whether it is recovered), "scored" (the adapter kinds it is scored as), "report_to" (its
-trackers, outside its train block)}.
+trackers, outside its train block), "base" (None: it trains on the shared quantized base; else
+the id of its own, `with_bases`)}.
 """
 
 from __future__ import annotations
 
+from ..core.files import config_hash
+from ..core import layout
 from ..core.layout import TRAINED
 
 BLOCKS = ("lora", "train", "recovery")
@@ -56,3 +59,54 @@ def adapters(rows: dict[str, dict], kinds=TRAINED) -> list[str]:
     names = [adapter_name(row, kind) for row in rows.values() for kind in kinds
              if kind == "qlora" or row["recovered"]]
     return list(dict.fromkeys(names))
+
+
+# The lora keys that decide a training's own quantized base (with the init's own block and the
+# quantization and seed): rows equal in these share one base.
+BASE_KEYS = ("init", "r", "alpha", "use_rslora", "target_modules", "layers_to_transform",
+             "rank_pattern")
+
+
+def has_own_base(lora: dict) -> bool:
+    """PiSSA quantizes its residual W − s·BA, LoftQ with more than one step quantizes
+    W − s·BA again: a base of the training's own. LoftQ's one step keeps the shared base."""
+    return lora["init"] == "pissa" or (lora["init"] == "loftq"
+                                       and lora["loftq"]["iterations"] > 1)
+
+
+def base_settings(lora: dict) -> dict:
+    """What of a lora block its own base is built from (the stage's `lora` param)."""
+    return {**{key: lora[key] for key in BASE_KEYS}, lora["init"]: lora[lora["init"]]}
+
+
+def with_bases(rows: dict[str, dict], quantization: dict) -> dict[str, dict]:
+    """The rows with "base": None, or `<init>-<hash>` of exactly what builds that base (the
+    settled quantization, base_settings, the seed), so rows that would build one share it."""
+    def base(row):
+        settings = {"quantization": quantization, "lora": base_settings(row["lora"]),
+                    "seed": row["seed"]}
+        return f"{row['lora']['init']}-{config_hash(settings)[:10]}"
+
+    return {id: {**row, "base": base(row) if has_own_base(row["lora"]) else None}
+            for id, row in rows.items()}
+
+
+def bases(rows: dict[str, dict]) -> dict[str, dict]:
+    """{base id: the first row that trains on it}, of the rows with a base of their own."""
+    found: dict[str, dict] = {}
+    for row in rows.values():
+        if row["base"]:
+            found.setdefault(row["base"], row)
+    return found
+
+
+def own_base(tables: dict[str, dict], variant: str, task: str) -> str | None:
+    """The folder of the quantized base `variant` (scored on `task`) was trained on when it is
+    its training's own (None: the shared one, or no quantized base). `tables`: {task: rows}."""
+    found = layout.Variant.parse(variant)
+    source = found.source or task
+    if layout.ADAPTERS.get(found.kind) != "quantized" or source not in tables:
+        return None
+    name = found.adapter_name if found.kind in TRAINED else "qlora"  # compressed: its qlora's
+    own = by_adapter(tables[source], name)["base"]
+    return layout.training_base(own) if own else None

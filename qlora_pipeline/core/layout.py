@@ -97,6 +97,12 @@ def quantized() -> str:
     return f"{results()}/models/quantized"
 
 
+def training_base(base_id: str) -> str:
+    """A training's own quantized base (PiSSA's residual, LoftQ's alternating steps), with its
+    initial adapter in `initial/`: trainings.with_bases names it."""
+    return f"{quantized()}@{base_id}"
+
+
 def raw(task: str) -> str:
     return f"{results()}/data/{task}/raw"
 
@@ -119,9 +125,10 @@ def combination(name: str) -> str:
     return f"{results()}/adapters/{COMBINED}/{name}"
 
 
-def trained_base(name: str) -> str:
-    """The base an adapter was trained on (ADAPTERS): the W0 of its ΔW."""
-    return {"quantized": quantized(), "base": base()}[ADAPTERS[Variant.parse(name).kind]]
+def trained_base(name: str, own: str | None = None) -> str:
+    """The base an adapter was trained on (ADAPTERS): the W0 of its ΔW. `own`: its training's
+    own quantized base (trainings.own_base), in place of the shared one."""
+    return {"quantized": own or quantized(), "base": base()}[ADAPTERS[Variant.parse(name).kind]]
 
 
 def analysis(task: str, name: str) -> str:
@@ -183,9 +190,10 @@ def report() -> str:
     return f"{results()}/report"
 
 
-def variant_inputs(variant: str, task: str) -> dict[str, str]:
+def variant_inputs(variant: str, task: str, own: str | None = None) -> dict[str, str]:
     """What scoring `variant` on `task` loads, by input name: spec (the task's lm-eval task),
-    base (always: it holds the tokenizer), and quantized / adapter / merged as the kind needs."""
+    base (always: it holds the tokenizer), and quantized / adapter / merged as the kind needs.
+    `own`: the adapter's training's own quantized base (trainings.own_base)."""
     found = Variant.parse(variant)
     source = found.source or task
     inputs = {"spec": eval_spec(task), "base": base()}
@@ -196,7 +204,7 @@ def variant_inputs(variant: str, task: str) -> dict[str, str]:
     elif found.kind == "merged":
         inputs["merged"] = merged(source)
     if found.kind in ("quantized", COMBINED) or ADAPTERS.get(found.kind) == "quantized":
-        inputs["quantized"] = quantized()  # after the adapter: the inputs' order as declared
+        inputs["quantized"] = own or quantized()  # after the adapter: the order declared
     return inputs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from ..core import memory
@@ -42,6 +43,35 @@ def quantize(*, base: Input, quantized: Output, quantization: dict, seed: int,
     write_json(quantized / "quantization.json",
                {"summary": summary, "layers": rows, "numerics_check": checked})
     log.info("quantization summary: %s", summary)
+
+
+def quantize_for_training(*, base: Input, quantized: Output, quantization: dict, lora: dict,
+                          seed: int, policy: Policy) -> None:
+    """A training's own quantized base (`lora`: trainings.base_settings of its row): PiSSA's
+    residual W − s·BA, or LoftQ's R after its alternating steps, quantized and measured as the
+    quantize stage does, with the initial adapter in `initial/` and its check in
+    quantization.json. Nothing is saved when a check fails."""
+    from ..models import quantization as quant
+    from ..training import init
+
+    seed_everything(seed)
+    cfg = {**lora, "dropout": 0.0, "use_dora": False}  # neither changes the initialisation
+    with tempfile.TemporaryDirectory(dir=Path(quantized).parent) as residual:
+        if lora["init"] == "pissa":  # the initial adapter is PiSSA's, before quantization
+            initialised = init.pissa_residual(base, residual, quantized / "initial", cfg, seed,
+                                              policy)
+        else:
+            init.loftq_residual_base(base, residual, cfg, quantization, policy)
+        model, rows, checked = _quantized_and_measured(residual, quantization, policy,
+                                                       "quantize_for_training")
+    quant.save(model, base, quantized)
+    summary = quant.summarize(rows, quantization, quant.saved_compute_dtype(model),
+                              quant.checkpoint_bytes(quantized), quant.checkpoint_bytes(base))
+    if lora["init"] == "loftq":  # A, B of the error left by the base just quantized
+        initialised = init.loftq_initial(model, base, cfg, quantized / "initial")
+    write_json(quantized / "quantization.json",
+               {"summary": summary, "layers": rows, "numerics_check": checked,
+                "initialisation": initialised})
 
 
 def _quantized_and_measured(base, settings: dict, policy: Policy, stage: str, seq: int = 1):

@@ -23,15 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def train_qlora(*, quantized: Input, tokenized: Input, adapter: Output, lora: dict,
-                train: dict, seed: int, checkpoints, trackers=None, policy: Policy) -> dict:
+                train: dict, seed: int, checkpoints, trackers=None, policy: Policy,
+                base: Inputs = ()) -> dict:
     """LoRA injected into the saved quantized base (quantize first, then inject), trained.
-    `trackers`: where the curves go (layout.trackers; no rerun trigger, in no checkpoint key)."""
-    from ..training.lora import prepare_qlora
+    `quantized`: the shared base, or the training's own (rule quantize_for_training); `base`:
+    the full-precision base, for LoftQ on the shared one (training/init.py). `trackers`: where
+    the curves go (layout.trackers; no rerun trigger, in no checkpoint key)."""
+    from ..training.init import prepare
 
     return _train("train_qlora", adapter, tokenized, quantized, train, seed, checkpoints,
                   trackers, policy, weights="stored", lora=lora,
-                  key={"lora": lora, "train": train, "seed": seed, "inputs": [quantized, tokenized]},
-                  prepare=functools.partial(prepare_qlora, quantized, lora, policy))
+                  key={"lora": lora, "train": train, "seed": seed,
+                       "inputs": [quantized, tokenized, *base]},
+                  prepare=functools.partial(prepare, quantized, lora, policy,
+                                            base_dir=base[0] if base else None))
 
 
 def recover(*, base: Input, qlora: Input, tokenized: Input, adapter: Output, train: dict,
@@ -60,7 +65,8 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
     from ..analysis.monitor import AdapterMonitor
     from ..models import tokenizer_files
     from ..training import distributed, loop
-    from ..training.lora import verify_frozen
+    from ..training.init import save_initial
+    from ..training.lora import WEIGHT_DERIVED, verify_frozen
 
     with distributed.rank_folder(adapter) as out:  # rank 0's lands
         seed_everything(seed)  # every rank alike: the same adapter initialisation
@@ -81,6 +87,8 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
                    "train.distributed",
             shards=distributed.fsdp_shards(train["distributed"]))
         model, expected = prepare(checkpointing, loop.total_steps(train, len(data["train"])))
+        if lora.get("init") in WEIGHT_DERIVED:  # the adapter carries part of the base
+            save_initial(model, out / "initial")
         params = verify_frozen(model, expected)
         log.info("trainable: %s", params)
         metrics = resume_dir / "metrics.jsonl"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import NumericsError
+from ..core.errors import InputError, NumericsError
 from ..core.seeding import seed_everything
-from .lora import _pattern_key, lora_config, targeted_layers
+from .lora import WEIGHT_DERIVED, _pattern_key, inject, lora_config, prepare_qlora, targeted_layers
 
 # Relative gap accepted between two float32 computations of the same norm or sum (an SVD and a
 # matmul summed in other orders: ~1e-6 measured); a wrong factor or scale gives 1e-2 or more.
@@ -151,3 +151,60 @@ def save_initial(model, out_dir: Path) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["init_lora_weights"] = True
     path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def prepare(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool, base_dir=None):
+    """lora.prepare_qlora, and for LoftQ on the shared base (no initial adapter beside it)
+    LoftQ's factors of its error against the full-precision base at `base_dir`."""
+    from ..models.checkpoint import Checkpoint
+
+    own = (Path(quantized_dir) / "initial").is_dir()
+    if cfg["init"] in WEIGHT_DERIVED and not own and (cfg["init"] == "pissa" or not base_dir):
+        raise InputError(f"lora.init {cfg['init']}: {quantized_dir} carries no initial adapter "
+                         f"(initial/) and no full-precision base was given; expected the "
+                         f"training's own base (rule quantize_for_training)")
+    model, expected = prepare_qlora(quantized_dir, cfg, policy, gradient_checkpointing)
+    if cfg["init"] == "loftq" and not own:
+        apply_loftq(model, Checkpoint(base_dir), cfg)
+    return model, expected
+
+
+def pissa_residual(base, residual_dir, initial_dir, cfg: dict, seed: int, policy) -> dict:
+    """PiSSA on the full-precision base: the initial adapter saved in `initial_dir`, the base
+    with each adapted layer's residual saved in `residual_dir` (to be quantized). Returns the
+    check."""
+    from ..models.quantization import load_full_precision
+
+    model, checked = pissa(load_full_precision(base, policy), cfg, seed)
+    save_initial(model, initial_dir)
+    model.unload().save_pretrained(residual_dir)
+    return checked
+
+
+@torch.no_grad()
+def loftq_residual_base(base, residual_dir, cfg: dict, quantization: dict, policy) -> None:
+    """The base with each adapted layer's W replaced by LoftQ's R after its alternating
+    steps (loftq_residual, Q by the configured method), saved in `residual_dir`."""
+    from ..models import methods
+    from ..models.quantization import load_full_precision
+
+    method = methods.of(quantization["method"])
+    model = load_full_precision(base, policy)
+    for name, module in targeted_layers(model, cfg["target_modules"],
+                                        cfg.get("layers_to_transform")):
+        r = rank(cfg, name)
+        module.weight.copy_(loftq_residual(
+            module.weight, lambda w: method.quantize_tensor(w, quantization, policy), r,
+            scale(cfg, r), cfg["loftq"]["iterations"]))
+    model.save_pretrained(residual_dir)
+
+
+def loftq_initial(model, base, cfg: dict, initial_dir) -> dict:
+    """LoftQ's factors of the error between the full-precision `base` and the quantized
+    `model` (its layers read in memory), saved as the initial adapter. Returns the check."""
+    from ..models.checkpoint import Checkpoint
+
+    model = inject(model, cfg, gradient_checkpointing=False)
+    checked = apply_loftq(model, Checkpoint(base), cfg)
+    save_initial(model, initial_dir)
+    return checked

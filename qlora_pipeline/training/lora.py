@@ -12,6 +12,7 @@ import torch
 from ..core.errors import InputError
 
 log = logging.getLogger(__name__)
+WEIGHT_DERIVED = ("loftq", "pissa")  # lora.init values set from the base's weights (init.py)
 
 
 def _linear_layers(model) -> list[tuple[str, object]]:
@@ -128,12 +129,16 @@ def expected_trainable(model, cfg: dict) -> int:
 def prepare_qlora(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool,
                   total_steps: int):
     """(model, expected trainable count): the saved quantized base (never quantized again
-    here) with new LoRA layers (A random, B zero); `total_steps`: AdaLoRA's schedule."""
+    here) with new LoRA layers (A random, B zero), or the initial adapter a training's own
+    base carries (`initial/`, training/init.py); `total_steps`: AdaLoRA's schedule."""
     from ..models.quantization import load_quantized
 
+    initial = Path(quantized_dir) / "initial"
     model = load_quantized(quantized_dir, policy)
     expected = expected_trainable(model, cfg) if cfg["target_modules"] else 0
-    return inject(model, cfg, gradient_checkpointing, total_steps=total_steps), expected
+    return inject(model, cfg, gradient_checkpointing, total_steps=total_steps,
+                  initial=initial if cfg["init"] in WEIGHT_DERIVED and initial.is_dir()
+                  else None), expected
 
 
 def prepare_recovery(base_dir, adapter_dir, policy, gradient_checkpointing: bool,
@@ -195,10 +200,13 @@ def verify_frozen(model, expected_trainable: int) -> dict:
     return params
 
 
-def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | None = None):
+def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | None = None,
+           initial=None):
     """Prepare the quantized model for k-bit training, then add LoRA (or AdaLoRA, whose
-    schedule spans `total_steps`): in that order."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    schedule spans `total_steps`): in that order. `initial`: an initial adapter's folder to
+    load (trainable) instead of new layers. A weight-derived init's layers start as PEFT's
+    default; training/init.py sets them."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     adalora = cfg.get("type") == "adalora"
     check(model, cfg)
@@ -207,9 +215,10 @@ def inject(model, cfg: dict, gradient_checkpointing: bool, total_steps: int | No
         # PEFT's 'all-linear' looks for nn.Linear and bitsandbytes' layers, not HQQLinear.
         targets = linear_names(model)
     config = _adalora_config(cfg, total_steps, targets) if adalora \
-        else lora_config(cfg, targets, cfg["init"])
+        else lora_config(cfg, targets, True if cfg["init"] in WEIGHT_DERIVED else cfg["init"])
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config) if initial is None else \
+        PeftModel.from_pretrained(model, initial, is_trainable=True, config=config)
     keep_adapters_fp32(model)
     return model
 
