@@ -432,3 +432,13 @@ def test_snakemake_merges_config_yaml_then_each_configfile_then_config(tmp_path)
     result = snakemake(tmp_path, "-n", "--configfile", str(overlay), "--config", DDP, slots=2)
     assert "results/overlay-run/models/quantized" in result.stdout
     assert "main-run" not in result.stdout
+
+
+def test_a_combination_of_a_task_trained_on_its_own_base_is_refused(root):
+    both = {"tasks": ["arithmetic", "topic"],
+            "combinations": [{"name": "both", "tasks": ["arithmetic", "topic"], "method": "sum"}]}
+    message = error_of(root, **both, task_overrides={"topic": {"lora": {"init": "pissa"}}})
+    assert re.fullmatch(r"config key 'combinations\[0\]' \(both\): tasks \['topic'\] train on "
+                        r"a quantized base of their own \(pissa-[0-9a-f]{10}: .*; expected "
+                        r"tasks trained on the shared base .*", message)
+    load(root, **both, task_overrides={"topic": {"lora": {"init": "loftq"}}})  # the shared base

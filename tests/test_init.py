@@ -6,11 +6,12 @@ residual plus s·BA is W, reruns are bitwise, and the saved initial adapter load
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
-from conftest import job_policy
+from conftest import job_policy, snakemake, stage, write_yaml, TINY_TASKS
 from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.config.schema import load_schema, validate
 from qlora_pipeline.core.errors import InputError, NumericsError
@@ -148,3 +149,81 @@ def test_an_inits_block_is_filled_for_that_init_only_and_dora_is_refused_with_it
         with pytest.raises(InputError, match=f"key 'lora.use_dora': found true, expected one "
                                              f"of False when lora.init is {name}"):
             validate({**task, "lora": {"init": name, "use_dora": True}}, schema, "t")
+
+
+def test_a_training_base_carries_the_initial_adapter_that_corrects_its_error(base, tmp_path):
+    """LoftQ with two steps on HQQ 3-bit (rule quantize_for_training): the base quantizes
+    R = W − s·BA, not W, and the initial adapter it carries, loaded for training, leaves the
+    Eckart–Young tail of W − deq(Q(R))."""
+    from qlora_pipeline.config import trainings
+
+    cfg = lora_block(init="loftq", loftq={"iterations": 2})
+    own = tmp_path / "own"
+    stage("quantize_for_training")(base=base, quantized=own, quantization=settled("hqq3"),
+                                   lora=trainings.base_settings(cfg), seed=0)
+    saved = json.loads((own / "quantization.json").read_text())["initialisation"]
+    assert saved["layers"] > 0 and saved["largest_gap"] <= init.TOLERANCE
+    model, expected = init.prepare(own, cfg, job_policy(), False)
+    assert lora.verify_frozen(model, expected)["trainable_params"] == expected > 0
+    shared = methods.of("hqq")
+    for layer, module in init.lora_layers(model):
+        quantized = module.get_base_layer()
+        weight = Checkpoint(base).weight(f"{layer}.weight")
+        deq = shared.dequantized(quantized).float()
+        assert not torch.equal(deq, shared.quantize_tensor(weight, settled("hqq3"), job_policy()))
+        error = weight.float() - deq
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        left = float((error - module.scaling["default"] * (b @ a)).norm())
+        assert left == pytest.approx(float(torch.linalg.svdvals(error)[4:].square().sum()
+                                           .sqrt()), rel=1e-4), layer
+
+
+def test_a_pissa_row_trains_scores_and_is_analysed_on_its_own_base(workdir):
+    """The rules' inputs (a dry run): a PiSSA point's training, scoring and analysis read its
+    own base, built once by quantize_for_training; a LoftQ point's the shared one, and its
+    training the full-precision base."""
+    write_yaml(workdir / "config/tasks/topic.yaml",
+               {**TINY_TASKS["topic"], "sweep": {"lora.init": ["loftq", "pissa"]}})
+    out = snakemake(workdir, "-n").stdout
+    inputs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        found = re.match(r"(?:local)?rule (\w+):.*?input: ([^\n]*).*?wildcards: ([^\n]*)",
+                         block.strip(), re.S)
+        if found:
+            inputs.setdefault((found[1], found[3]), found[2].split(", "))
+    own = [key for key in inputs if key[0] == "quantize_for_training"]
+    assert len(own) == 1
+    base = "results/models/quantized@" + own[0][1].removeprefix("base=")
+    assert base.startswith("results/models/quantized@pissa-")
+    assert base in inputs[("train_qlora", "task=topic, name=qlora@initpissa")]
+    assert base in inputs[("evaluate", "variant=qlora@initpissa, task=topic")]
+    assert base in inputs[("analyze_adapter", "task=topic, name=qlora@initpissa")]
+    assert inputs[("train_qlora", "task=topic, name=qlora@initloftq")] == [
+        "results/models/quantized", "results/data/topic/tokenized", "results/models/base"]
+    assert "results/models/quantized" in inputs[("evaluate", "variant=qlora@initloftq, task=topic")]
+
+
+def test_rows_that_would_build_the_same_base_share_its_id():
+    from qlora_pipeline.config import trainings
+
+    quantization = settled("nf4")
+
+    def row(seed=0, lr=1e-3, **keys):
+        return {"lora": lora_block(**keys), "seed": seed, "train": {"learning_rate": lr}}
+
+    rows = trainings.with_bases({
+        "own": row(), "true": row(init=True), "loftq1": row(init="loftq"),
+        "pissa": row(init="pissa"), "pissa-lr": row(init="pissa", lr=5e-3),
+        "pissa-r2": row(init="pissa", r=2), "pissa-s1": row(init="pissa", seed=1),
+        "loftq2": row(init="loftq", loftq={"iterations": 2})}, quantization)
+    assert rows["own"]["base"] is rows["true"]["base"] is rows["loftq1"]["base"] is None
+    assert rows["pissa"]["base"] == rows["pissa-lr"]["base"]  # the learning rate builds nothing
+    assert rows["pissa"]["base"].startswith("pissa-") and rows["loftq2"]["base"].startswith(
+        "loftq-")
+    assert len({rows[k]["base"] for k in ("pissa", "pissa-r2", "pissa-s1", "loftq2")}) == 4
+    other = trainings.with_bases({"p": row(init="pissa")}, settled("hqq3"))
+    assert other["p"]["base"] != rows["pissa"]["base"]  # another quantization, another base
+    assert trainings.bases(rows) == {rows["pissa"]["base"]: rows["pissa"],
+                                     rows["pissa-r2"]["base"]: rows["pissa-r2"],
+                                     rows["pissa-s1"]["base"]: rows["pissa-s1"],
+                                     rows["loftq2"]["base"]: rows["loftq2"]}

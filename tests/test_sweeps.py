@@ -174,6 +174,15 @@ def test_adding_a_point_runs_only_it(copy_run):
     assert planned(workdir) == sweep_jobs("topic", "r4") | {("report", "", "")}
 
 
+def test_adding_loftq_and_pissa_points_runs_only_them(copy_run):
+    """A LoftQ point trains on the shared base; a PiSSA point adds its own base's job."""
+    workdir = copy_run()
+    edit(workdir / "config/tasks/arithmetic.yaml",
+         lambda t: t.update(sweep={"lora.init": ["loftq", "pissa"]}))
+    assert planned(workdir) == sweep_jobs("arithmetic", "initloftq", "initpissa") | {
+        ("quantize_for_training", "", ""), ("report", "", "")}
+
+
 def test_removing_a_point_reruns_only_the_report_and_keeps_its_files(copy_run):
     workdir = copy_run()
     edit(workdir / "config/tasks/topic.yaml", lambda t: t["sweep"].update({"lora.r": [1]}))

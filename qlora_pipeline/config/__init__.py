@@ -252,5 +252,7 @@ def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, d
     config["quantization"] = quantization.settle(config["quantization"], "quantization", fsdp)
     for task in tasks.values():  # a training's own base is built with the settled settings
         task["trainings"] = trainings.with_bases(task["trainings"], config["quantization"])
+    combinations.check_bases(config["combinations"],
+                             {name: task["trainings"][""]["base"] for name, task in tasks.items()})
     config["quantization_sweep"] = list(quantization.sweep(config).values())
     return canonical(config), tasks

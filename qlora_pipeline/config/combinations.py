@@ -35,6 +35,22 @@ def check(combinations: list[dict], tasks: list[str], known: list[str]) -> dict[
     return found
 
 
+def check_bases(combinations: list[dict], bases: dict[str, str | None]) -> None:
+    """Refuse a combination of a task whose adapter was trained on a base of its own (lora.init
+    pissa, or loftq with iterations > 1): that adapter holds part of its own base, and a
+    combination is built and scored on the shared quantized base. `bases`: {task: its own
+    training's base id, or None}."""
+    for i, item in enumerate(combinations):
+        own = [task for task in item["tasks"] if bases.get(task)]
+        if own:
+            raise InputError(f"config key 'combinations[{i}]' ({item['name']}): tasks {own} "
+                             f"train on a quantized base of their own ({bases[own[0]]}: "
+                             f"lora.init pissa, or loftq with iterations > 1), not the shared "
+                             f"one the combination is built on; expected tasks trained on "
+                             f"the shared base (lora.init true, gaussian, or loftq with "
+                             f"iterations 1)")
+
+
 def checked(item: dict, where: str) -> dict:
     method = item["method"]
     if method in FACTOR_WISE:
