@@ -442,3 +442,17 @@ def test_a_combination_of_a_task_trained_on_its_own_base_is_refused(root):
                         r"a quantized base of their own \(pissa-[0-9a-f]{10}: .*; expected "
                         r"tasks trained on the shared base .*", message)
     load(root, **both, task_overrides={"topic": {"lora": {"init": "loftq"}}})  # the shared base
+
+
+def test_an_adapter_initialised_from_the_base_is_not_put_on_the_full_precision_base(root):
+    message = error_of(root, task_overrides={"arithmetic": {
+        "lora": {"init": "pissa"}, "recovery": {"enabled": True}}})
+    assert re.search(r"arithmetic.yaml.*: trainings \[\"the task's own\"\] have lora.init loftq "
+                     r"or pissa and are recovered; expected no recovery", message)
+    message = error_of(root, task_overrides={"arithmetic": {
+        "lora": {"init": "loftq"}, "merge": {"base": "full"}}})
+    assert "merge.base full with lora.init loftq; expected auto or dequantized" in message
+    message = error_of(root, task_overrides={"arithmetic": {"lora": {
+        "init": "pissa", "use_rslora": True, "rank_pattern": {"q_proj": 2}}}})
+    assert "with use_rslora and a rank_pattern; expected one of the two: PEFT cannot" in message
+    load(root, task_overrides={"arithmetic": {"lora": {"init": "loftq"}}})  # merge.base auto

@@ -25,7 +25,11 @@ def planned(workdir) -> set[tuple[str, str, str]]:
 def planned_with(workdir, **options) -> set[tuple[str, str, str]]:
     """planned(), with conftest.snakemake's options (e.g. repo: an edited copy of the
     workflow and its library)."""
-    out = snakemake(workdir, "-n", **options).stdout
+    return jobs_of(snakemake(workdir, "-n", **options).stdout)
+
+
+def jobs_of(out: str) -> set[tuple[str, str, str]]:
+    """The jobs of a dry run's output, as (rule, task, variant)."""
     jobs = set()
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
         head = re.match(r"(?:local)?rule (\w+):", block.strip())

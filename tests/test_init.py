@@ -6,12 +6,11 @@ residual plus s·BA is W, reruns are bitwise, and the saved initial adapter load
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 
-from conftest import job_policy, snakemake, stage, write_yaml, TINY_TASKS
+from conftest import job_policy, stage
 from qlora_pipeline.config import quantization as quant_settings
 from qlora_pipeline.config.schema import load_schema, validate
 from qlora_pipeline.core.errors import InputError, NumericsError
@@ -178,29 +177,28 @@ def test_a_training_base_carries_the_initial_adapter_that_corrects_its_error(bas
                                            .sqrt()), rel=1e-4), layer
 
 
-def test_a_pissa_row_trains_scores_and_is_analysed_on_its_own_base(workdir):
-    """The rules' inputs (a dry run): a PiSSA point's training, scoring and analysis read its
-    own base, built once by quantize_for_training; a LoftQ point's the shared one, and its
-    training the full-precision base."""
-    write_yaml(workdir / "config/tasks/topic.yaml",
-               {**TINY_TASKS["topic"], "sweep": {"lora.init": ["loftq", "pissa"]}})
-    out = snakemake(workdir, "-n").stdout
-    inputs = {}
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
-        found = re.match(r"(?:local)?rule (\w+):.*?input: ([^\n]*).*?wildcards: ([^\n]*)",
-                         block.strip(), re.S)
-        if found:
-            inputs.setdefault((found[1], found[3]), found[2].split(", "))
-    own = [key for key in inputs if key[0] == "quantize_for_training"]
-    assert len(own) == 1
-    base = "results/models/quantized@" + own[0][1].removeprefix("base=")
-    assert base.startswith("results/models/quantized@pissa-")
-    assert base in inputs[("train_qlora", "task=topic, name=qlora@initpissa")]
-    assert base in inputs[("evaluate", "variant=qlora@initpissa, task=topic")]
-    assert base in inputs[("analyze_adapter", "task=topic, name=qlora@initpissa")]
-    assert inputs[("train_qlora", "task=topic, name=qlora@initloftq")] == [
-        "results/models/quantized", "results/data/topic/tokenized", "results/models/base"]
-    assert "results/models/quantized" in inputs[("evaluate", "variant=qlora@initloftq, task=topic")]
+def test_the_converted_adapter_on_the_original_base_is_the_trained_model(base, tmp_path):
+    """PiSSA's A, B moved as a training moves them: the converted adapter (rank 2r, PEFT's
+    conversion) on the original W computes what the trained adapter does on its residual."""
+    from peft import PeftModel
+
+    model, _ = pissa_run(base, lora_block(init="pissa"))
+    init.save_initial(model, tmp_path / "initial")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, module in init.lora_layers(model):
+            for param in (module.lora_A["default"].weight, module.lora_B["default"].weight):
+                param.add_(0.05 * torch.randn_like(param))
+        trained = model.eval()(input_ids=IDS).logits
+    init.save_converted(model, tmp_path)
+    saved = json.loads((tmp_path / "converted/adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True
+    with torch.no_grad():
+        original = quant.load_full_precision(base, job_policy()).eval()
+        before = original(input_ids=IDS).logits
+        converted = PeftModel.from_pretrained(original, tmp_path / "converted")
+        assert torch.allclose(converted(input_ids=IDS).logits, trained, atol=1e-4)
+    assert not torch.allclose(before, trained, atol=1e-2)  # the training moved the model
 
 
 def test_rows_that_would_build_the_same_base_share_its_id():

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, TINY_TASKS, snakemake, tiny_config, write_yaml
-from test_incremental import edit, planned
+from test_incremental import edit, jobs_of, planned
 
 from qlora_pipeline.config import load_config, sweeps, trainings
 from qlora_pipeline.core import layout
@@ -174,13 +174,31 @@ def test_adding_a_point_runs_only_it(copy_run):
     assert planned(workdir) == sweep_jobs("topic", "r4") | {("report", "", "")}
 
 
-def test_adding_loftq_and_pissa_points_runs_only_them(copy_run):
-    """A LoftQ point trains on the shared base; a PiSSA point adds its own base's job."""
+def test_adding_loftq_and_pissa_points_runs_only_them_on_their_bases(copy_run):
+    """A LoftQ point trains on the shared base (and reads the full-precision one); a PiSSA
+    point adds its own base's job, and its training, scoring and analysis read that base."""
     workdir = copy_run()
     edit(workdir / "config/tasks/arithmetic.yaml",
          lambda t: t.update(sweep={"lora.init": ["loftq", "pissa"]}))
-    assert planned(workdir) == sweep_jobs("arithmetic", "initloftq", "initpissa") | {
+    out = snakemake(workdir, "-n").stdout
+    assert jobs_of(out) == sweep_jobs("arithmetic", "initloftq", "initpissa") | {
         ("quantize_for_training", "", ""), ("report", "", "")}
+    inputs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        found = re.match(r"(?:local)?rule (\w+):.*?input: ([^\n]*).*?wildcards: ([^\n]*)",
+                         block.strip(), re.S)
+        if found:
+            inputs[found[1], found[3]] = found[2].split(", ")
+    own = [wildcards for rule, wildcards in inputs if rule == "quantize_for_training"]
+    base = layout.training_base(own[0].removeprefix("base="))
+    assert base.startswith(layout.quantized() + "@pissa-")
+    for job in (("train_qlora", "task=arithmetic, name=qlora@initpissa"),
+                ("evaluate", "variant=qlora@initpissa, task=arithmetic"),
+                ("analyze_adapter", "task=arithmetic, name=qlora@initpissa")):
+        assert base in inputs[job] and layout.quantized() not in inputs[job], job
+    assert inputs["train_qlora", "task=arithmetic, name=qlora@initloftq"] == [
+        layout.quantized(), layout.tokenized("arithmetic"), layout.base()]
+    assert layout.quantized() in inputs["evaluate", "variant=qlora@initloftq, task=arithmetic"]
 
 
 def test_removing_a_point_reruns_only_the_report_and_keeps_its_files(copy_run):

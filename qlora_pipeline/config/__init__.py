@@ -157,6 +157,7 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
     for row in task["trainings"].values():
         point = f" (sweep point {row['id']})" if row["id"] else ""
         _check_adalora(row, config["quantization"]["method"], where + point)
+    trainings.check_inits(task["trainings"], task["merge"]["base"], where)
     return task
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ..core.files import config_hash
 from ..core import layout
+from ..core.errors import InputError
 from ..core.layout import TRAINED
 
 BLOCKS = ("lora", "train", "recovery")
@@ -59,6 +60,37 @@ def adapters(rows: dict[str, dict], kinds=TRAINED) -> list[str]:
     names = [adapter_name(row, kind) for row in rows.values() for kind in kinds
              if kind == "qlora" or row["recovered"]]
     return list(dict.fromkeys(names))
+
+
+# lora.init values set from the base's weights (training/init.py; training/lora.WEIGHT_DERIVED,
+# not imported: it loads torch, and the config is read when the workflow is parsed).
+WEIGHT_DERIVED = ("loftq", "pissa")
+
+
+def check_inits(rows: dict[str, dict], merge_base: str, where: str) -> None:
+    """Refuse what would put an adapter initialised from the base's weights on the
+    full-precision base W0: it holds part of the base it was trained on (PiSSA's top
+    directions, LoftQ's correction of the quantization error), so W0 + ΔW counts that part
+    twice. Recovery continues an adapter on W0; merge.base full merges into W0."""
+    derived = {id or "the task's own": row for id, row in rows.items()
+               if row["lora"]["init"] in WEIGHT_DERIVED}
+    recovered = [name for name, row in derived.items() if row["recovered"]]
+    if recovered:
+        raise InputError(f"{where}: trainings {recovered} have lora.init loftq or pissa and are "
+                         f"recovered; expected no recovery for them (recovery.enabled false, no "
+                         f"'recovered' in sweep.variants): recovery continues an adapter on the "
+                         f"full-precision base, and theirs holds part of the base they trained on")
+    patterned = [name for name, row in derived.items()
+                 if row["lora"]["use_rslora"] and row["lora"]["rank_pattern"]]
+    if patterned:
+        raise InputError(f"{where}: trainings {patterned} have lora.init loftq or pissa with "
+                         f"use_rslora and a rank_pattern; expected one of the two: PEFT cannot "
+                         f"convert such an adapter to a plain LoRA adapter (converted/)")
+    own = derived.get("the task's own")
+    if merge_base == "full" and own:
+        raise InputError(f"{where}: merge.base full with lora.init {own['lora']['init']}; "
+                         f"expected auto or dequantized: the adapter holds part of the base it "
+                         f"trained on, which the full-precision base holds too")
 
 
 # The lora keys that decide a training's own quantized base (with the init's own block and the

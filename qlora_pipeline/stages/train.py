@@ -65,7 +65,7 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
     from ..analysis.monitor import AdapterMonitor
     from ..models import tokenizer_files
     from ..training import distributed, loop
-    from ..training.init import save_initial
+    from ..training.init import save_converted, save_initial
     from ..training.lora import WEIGHT_DERIVED, verify_frozen
 
     with distributed.rank_folder(adapter) as out:  # rank 0's lands
@@ -96,6 +96,8 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
                              resume_dir, metrics, seed, policy, trackers=trackers,
                              save_to=out, observers=(AdapterMonitor(metrics),)
                              if distributed.is_main() else ())
+        if lora.get("init") in WEIGHT_DERIVED and distributed.is_main():
+            save_converted(model, out)
         summary.update(params)
         log.info("summary: %s", summary)
         if metrics.exists():

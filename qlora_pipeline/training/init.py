@@ -15,6 +15,7 @@ definition stops the job with a NumericsError naming it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..core.errors import InputError, NumericsError
 from ..core.seeding import seed_everything
 from .lora import WEIGHT_DERIVED, _pattern_key, inject, lora_config, prepare_qlora, targeted_layers
 
+log = logging.getLogger(__name__)
 # Relative gap accepted between two float32 computations of the same norm or sum (an SVD and a
 # matmul summed in other orders: ~1e-6 measured); a wrong factor or scale gives 1e-2 or more.
 TOLERANCE = 1e-4
@@ -165,8 +167,19 @@ def prepare(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool, base
                          f"training's own base (rule quantize_for_training)")
     model, expected = prepare_qlora(quantized_dir, cfg, policy, gradient_checkpointing)
     if cfg["init"] == "loftq" and not own:
-        apply_loftq(model, Checkpoint(base_dir), cfg)
+        log.info("LoftQ initialisation: %s", apply_loftq(model, Checkpoint(base_dir), cfg))
     return model, expected
+
+
+def save_converted(model, adapter_dir: Path) -> None:
+    """The trained adapter as a plain LoRA adapter on the original base, in `converted/`:
+    PEFT's conversion (path_initial_model_for_weight_conversion), rank 2r, ΔW = s·(BA − B₀A₀)
+    with B₀A₀ the initial adapter saved in `initial/`. What vLLM, llama.cpp and a merge into
+    the full-precision base can use: on W it computes W_res + s·BA exactly where the training
+    computed deq(Q(W_res)) + s·BA (PiSSA; LoftQ alike, W ≈ deq + s·B₀A₀)."""
+    model.save_pretrained(Path(adapter_dir) / "converted",
+                          path_initial_model_for_weight_conversion=str(Path(adapter_dir)
+                                                                       / "initial"))
 
 
 def pissa_residual(base, residual_dir, initial_dir, cfg: dict, seed: int, policy) -> dict:
