@@ -80,7 +80,8 @@ def test_editing_one_stage_function_changes_that_rule_only(package):
 @pytest.mark.parametrize("module, rules_changed", [
     ("data/formats.py", {"fetch_dataset", "tokenize", "eval_task_spec", "evaluate"}),
     # not the adapter analysis: it reads a quantized base through models/methods/ alone
-    ("models/numerics.py", {"quantize", "quantization_report", "train_qlora", "recover",
+    ("models/numerics.py", {"quantize", "quantize_for_training", "quantization_report",
+                            "train_qlora", "recover",
                             "merge", "evaluate", "compress_adapter", "combine_adapters",
                             "quantization_sweep_point", "export_gguf"}),
     # the rank recommendation: the analysis alone (compress.py takes energy_rank from spectrum)
