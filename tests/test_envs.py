@@ -16,7 +16,7 @@ ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
 RULE_FILES = sorted((REPO / "rules").glob("*.smk"))
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
 # Rules that must hold the GPU whatever the heuristic below says.
-GPU_RULES = {"quantize", "quantization_report"}
+GPU_RULES = {"quantize", "quantize_for_training", "quantization_report"}
 # Torch-env rules whose work is a few small SVDs on one core: no accelerator, no model threads.
 CPU_TORCH_RULES = {"compress_adapter"}
 # Training rules ask for one GPU and MODEL_THREADS per process of train.distributed (of the
