@@ -164,7 +164,7 @@ def load_task(name: str, config: dict, root: str | Path = ".") -> dict:
 def _check_adalora(row: dict, method: str, where: str) -> None:
     """What AdaLoRA cannot be combined with, refused before any job runs."""
     lora, steps = row["lora"], row["train"]["max_steps"]
-    if lora["type"] != "adalora":
+    if lora.get("type") != "adalora":
         return
     schedule = lora["adalora"]["tinit"] + lora["adalora"]["tfinal"]
     refused = {
