@@ -24,10 +24,13 @@ TASK = {"format": "chat", "dataset": {"source": "builtin", "name": "arithmetic",
                                       "num_examples": 20}}
 
 
+DEFAULTS = {"init_r": 12, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+            "orth_reg_weight": 0.5}  # the schema's, filled for an AdaLoRA row only
+
+
 def ada_cfg(**adalora_overrides) -> dict:
-    blocks = task_blocks()["lora"]
-    return {**blocks, "type": "adalora", "r": R,
-            "adalora": {**blocks["adalora"], "init_r": INIT_R, "tinit": 3, "tfinal": 1,
+    return {**task_blocks()["lora"], "type": "adalora", "r": R,
+            "adalora": {**DEFAULTS, "init_r": INIT_R, "tinit": 3, "tfinal": 1,
                         **adalora_overrides}}
 
 
@@ -43,9 +46,9 @@ def load_task(tmp_path, lora_block: dict, method: str = "nf4", **task) -> dict:
 
 def test_schema_defaults(tmp_path):
     got = load_task(tmp_path, {"type": "adalora"})["lora"]
-    assert got["adalora"] == {"init_r": 12, "tinit": 0, "tfinal": 0, "deltaT": 1,
-                              "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}
-    assert load_task(tmp_path, {})["lora"]["type"] == "lora"
+    assert got["adalora"] == DEFAULTS
+    plain = load_task(tmp_path, {})["lora"]  # a plain row's block (and params) as before
+    assert "type" not in plain and "adalora" not in plain
 
 
 @pytest.mark.parametrize("lora_block, method, task, ends", [

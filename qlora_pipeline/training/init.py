@@ -155,8 +155,9 @@ def save_initial(model, out_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def prepare(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool, base_dir=None):
-    """lora.prepare_qlora, and for LoftQ on the shared base (no initial adapter beside it)
+def prepare(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool,
+            total_steps: int | None = None, base_dir=None):
+    """lora.prepare_qlora (`total_steps`: AdaLoRA's schedule), and for LoftQ on the shared base (no initial adapter beside it)
     LoftQ's factors of its error against the full-precision base at `base_dir`."""
     from ..models.checkpoint import Checkpoint
 
@@ -165,7 +166,8 @@ def prepare(quantized_dir, cfg: dict, policy, gradient_checkpointing: bool, base
         raise InputError(f"lora.init {cfg['init']}: {quantized_dir} carries no initial adapter "
                          f"(initial/) and no full-precision base was given; expected the "
                          f"training's own base (rule quantize_for_training)")
-    model, expected = prepare_qlora(quantized_dir, cfg, policy, gradient_checkpointing)
+    model, expected = prepare_qlora(quantized_dir, cfg, policy, gradient_checkpointing,
+                                    total_steps)
     if cfg["init"] == "loftq" and not own:
         log.info("LoftQ initialisation: %s", apply_loftq(model, Checkpoint(base_dir), cfg))
     return model, expected
