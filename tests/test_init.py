@@ -184,6 +184,8 @@ def test_the_converted_adapter_on_the_original_base_is_the_trained_model(base, t
 
     model, _ = pissa_run(base, lora_block(init="pissa"))
     init.save_initial(model, tmp_path / "initial")
+    start = {name: (m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone())
+             for name, m in init.lora_layers(model)}
     torch.manual_seed(1)
     with torch.no_grad():
         for _, module in init.lora_layers(model):
@@ -199,6 +201,20 @@ def test_the_converted_adapter_on_the_original_base_is_the_trained_model(base, t
         converted = PeftModel.from_pretrained(original, tmp_path / "converted")
         assert torch.allclose(converted(input_ids=IDS).logits, trained, atol=1e-4)
     assert not torch.allclose(before, trained, atol=1e-2)  # the training moved the model
+    # The analysis reports what training learned, s·(BA − B₀A₀), beside the whole s·BA.
+    model.save_pretrained(tmp_path)
+    settings = {"energy": 0.9, "saturation": 0.95, "intruders": {"enabled": False}}
+    stage("analyze_adapter")(adapter=tmp_path, base=base, analysis=tmp_path / "analysis",
+                             settings=settings, task="t", name="qlora@pissa")
+    summary = json.loads((tmp_path / "analysis/summary.json").read_text())
+    learned = json.loads((tmp_path / "analysis/layers_learned.json").read_text())
+    assert summary["learned"]["r"] == 8 and summary["update"].startswith("whole")
+    for name, module in init.lora_layers(model):
+        (a0, b0), a, b = start[name], module.lora_A["default"].weight, \
+            module.lora_B["default"].weight
+        step = module.scaling["default"] * (b @ a - b0 @ a0)
+        key = name.removeprefix("base_model.model.") + ".weight"
+        assert learned[key]["fro"] == pytest.approx(float(step.norm()), rel=1e-4), key
 
 
 def test_rows_that_would_build_the_same_base_share_its_id():

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 def analyze_adapter(*, adapter: Input, base: Input, analysis: Output, settings: dict, task: str,
                     name: str, policy: Policy) -> dict:
     """One folder: layers.json (every adapted layer's singular values and metrics),
-    summary.json (by module type and depth, the rank recommendation) and analysis.md. The
+    summary.json (by module type and depth, the rank recommendation) and analysis.md; for an
+    adapter with a weight-derived init, the learned update's too (layers_learned.json,
+    summary.json's "learned"). The
     base is read one layer at a time (analysis/adapter.py). `name`: the adapter's
     (layout.adapter_name: qlora, recovered, qlora@<training>, ...)."""
     from ..analysis import adapter as adapter_analysis
@@ -25,8 +27,17 @@ def analyze_adapter(*, adapter: Input, base: Input, analysis: Output, settings: 
 
     result = adapter_analysis.analyze(adapter, base, settings, policy.device)
     write_json(analysis / "layers.json", result.pop("layers"))
-    write_json(analysis / "summary.json", {"task": task, "kind": name, **result})
     text = tables.markdown(task, name, result)
+    # A LoftQ/PiSSA adapter started at B₀A₀ ≠ 0, part of the base (training/init.py): its
+    # whole update s·BA is analysed above, what training learned, s·(BA − B₀A₀), beside it
+    # (its conversion to plain LoRA, rank 2r).
+    if (learned := adapter / "converted").is_dir():
+        result = {**result, "update": "whole: s·BA, the initial adapter's part included",
+                  "learned": adapter_analysis.analyze(learned, base, settings, policy.device)}
+        write_json(analysis / "layers_learned.json", result["learned"].pop("layers"))
+        text += "\n" + tables.markdown(task, f"{name} (learned: final − initial)",
+                                       result["learned"])
+    write_json(analysis / "summary.json", {"task": task, "kind": name, **result})
     (analysis / "analysis.md").write_text(text, encoding="utf-8")
     log.info("\n%s", text)
     return result
