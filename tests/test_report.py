@@ -293,6 +293,10 @@ def test_merge_and_training_rows(tmp_path):
     rows = training.rows(run["training"])
     assert rows[["task", "adapter", "steps"]].values.tolist() == [
         ["t", "qlora", 6], ["t", "recovered", 3], ["u", "qlora", 6]]
+    assert "starts at zero)." in training.markdown(rows)
+    (Path(run["training"][-1]) / "initial").mkdir()  # a LoftQ/PiSSA adapter's initial one
+    assert "PiSSA adapter's is its base's with the initial adapter" in \
+        training.markdown(training.rows(run["training"]))
 
 
 # ---- the report rule and `snakemake --report` ---------------------------------------------

@@ -18,15 +18,21 @@ CURVES = (("loss", "-", "train"), ("eval_loss", "o--", "validation"))
 
 
 def rows(files: list, table: dict | None = None, frames: dict | None = None) -> pd.DataFrame:
-    return pd.DataFrame([{"task": folder.parent.name, "adapter": folder.name,
-                          **{k: summary.get(k) for k in KEYS}}
-                         for folder, summary in each_json(files, "summary.json")])
+    frame = pd.DataFrame([{"task": folder.parent.name, "adapter": folder.name,
+                           **{k: summary.get(k) for k in KEYS}}
+                          for folder, summary in each_json(files, "summary.json")])
+    # A LoftQ/PiSSA adapter (its initial/ saved beside it) starts from the base's weights.
+    frame.attrs["initialised"] = any((Path(d) / "initial").is_dir() for d in files)
+    return frame
 
 
 def markdown(frame: pd.DataFrame, table: dict | None = None) -> str:
-    return paragraphs("## Training", frame.to_markdown(index=False, floatfmt=".4g"),
-                      "Validation loss before training is the quantized base's (the adapter "
-                      "starts at zero).", "![losses](loss.png)")
+    before = ("Validation loss before training is the quantized base's (the adapter starts at "
+              "zero)" + ("; a LoftQ or PiSSA adapter's is its base's with the initial adapter "
+                         "(docs/initialisation.md)" if frame.attrs.get("initialised") else "")
+              + ".")
+    return paragraphs("## Training", frame.to_markdown(index=False, floatfmt=".4g"), before,
+                      "![losses](loss.png)")
 
 
 def plot(frame: pd.DataFrame, files: list, table: dict | None, path: Path) -> None:
