@@ -67,8 +67,9 @@ def markdown(frame: pd.DataFrame, tables: dict) -> str:
     parts = ["## Initialisation and rank",
              "Each scored training of a task (its own and each sweep point) by its "
              "initialisation (lora.init) and adapter kind (lora.type; AdaLoRA prunes from init_r "
-             "down to r, so at equal r the trainings have equal trainable parameters, AdaLoRA's "
-             "E counted). eval_loss_initial is the validation loss before the first step (LoftQ "
+             "down to r per adapted matrix, so at equal r the trainings end with equal ranks; "
+             "trainable_params counts what trains at the start, AdaLoRA's init_r and E "
+             "included). eval_loss_initial is the validation loss before the first step (LoftQ "
              "and PiSSA should start closer to full precision); score ± stderr is the QLoRA "
              "adapter's, score_recovered the recovered adapter's where the training is "
              "recovered: recovery is the other remedy. init_rank.csv holds the table, "
