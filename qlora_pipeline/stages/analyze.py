@@ -5,6 +5,7 @@ lower ranks."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..core.files import write_json
 from ..core.policy import Policy
@@ -31,7 +32,7 @@ def analyze_adapter(*, adapter: Input, base: Input, analysis: Output, settings: 
     # A LoftQ/PiSSA adapter started at B₀A₀ ≠ 0, part of the base (training/init.py): its
     # whole update s·BA is analysed above, what training learned, s·(BA − B₀A₀), beside it
     # (its conversion to plain LoRA, rank 2r).
-    if (learned := adapter / "converted").is_dir():
+    if (learned := Path(adapter) / "converted").is_dir():
         result = {**result, "update": "whole: s·BA, the initial adapter's part included",
                   "learned": adapter_analysis.analyze(learned, base, settings, policy.device)}
         write_json(analysis / "layers_learned.json", result["learned"].pop("layers"))
