@@ -218,3 +218,9 @@ def test_adapters_are_what_vllm_reads(in_run, tmp_path):
         shutil.copytree(source, folder)
         (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
         assert serving.vllm_problems(folder) == [problem]
+    folder = tmp_path / "pissa"  # a weight-derived init's adapter: its converted/ is served
+    shutil.copytree(source, folder)
+    shutil.copytree(source, folder / "initial")
+    assert serving.vllm_problems(folder) == [
+        "initial/: trained from a LoftQ or PiSSA initialisation on a base of its own; on the "
+        "original base serve converted/ (plain LoRA, rank 2r)"]

@@ -44,6 +44,9 @@ def vllm_problems(adapter_dir: str | Path) -> list[str]:
     problems += [f"{key}: vLLM scales every module by lora_alpha/r; the {len(config[key])} "
                  f"modules it names would get the wrong scale"
                  for key in ("rank_pattern", "alpha_pattern") if config.get(key)]
+    if (adapter_dir / "initial").is_dir():  # LoftQ/PiSSA: it holds part of its own base
+        problems.append("initial/: trained from a LoftQ or PiSSA initialisation on a base of "
+                        "its own; on the original base serve converted/ (plain LoRA, rank 2r)")
     problems += _tensor_problems(weights)
     return problems
 
