@@ -215,6 +215,12 @@ def test_the_converted_adapter_on_the_original_base_is_the_trained_model(base, t
         step = module.scaling["default"] * (b @ a - b0 @ a0)
         key = name.removeprefix("base_model.model.") + ".weight"
         assert learned[key]["fro"] == pytest.approx(float(step.norm()), rel=1e-4), key
+    # Compression cuts the whole adapter and reports its learned update's cut beside it.
+    stage("compress_adapter")(adapter=tmp_path, compressed=tmp_path / "compressed",
+                              settings={"energy": 0.9}, task="t")
+    cut = json.loads((tmp_path / "compressed/compression.json").read_text())
+    assert (cut["rank_before"], cut["learned"]["rank_before"]) == (4, 8)
+    assert cut["learned"]["parameters"]["before"] == 2 * cut["parameters"]["before"]
 
 
 def test_rows_that_would_build_the_same_base_share_its_id():

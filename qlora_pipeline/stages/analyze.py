@@ -5,6 +5,7 @@ lower ranks."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from ..core.files import write_json
@@ -48,11 +49,19 @@ def compress_adapter(*, adapter: Input, compressed: Output, settings: dict, task
                      policy: Policy) -> dict:
     """The task's QLoRA adapter cut to lower ranks (analysis/compress.py), a PEFT adapter
     scored as the `compressed` variant on the quantized base it was trained on; beside it,
-    compression.json: parameters and bytes before and after, the energy kept per layer."""
+    compression.json: parameters and bytes before and after, the energy kept per layer (and,
+    for a LoftQ/PiSSA adapter, the same of its learned update under "learned")."""
     from ..analysis import compress
 
     result = compress.compress(adapter, compressed, settings)
     tokenizer_files.copy(adapter, compressed)  # the source adapter's
+    # A LoftQ/PiSSA adapter: the whole one is cut (it is what is scored on its own base); the
+    # learned update s·(BA − B₀A₀), its converted/ adapter, cut alike and reported beside it.
+    if (learned := Path(adapter) / "converted").is_dir():
+        with tempfile.TemporaryDirectory() as scratch:
+            cut = compress.compress(learned, Path(scratch), settings)
+        result = {**result, "update": "whole: s·BA, the initial adapter's part included",
+                  "learned": {k: v for k, v in cut.items() if k != "per_layer"}}
     write_json(compressed / "compression.json", {"task": task, **result})
     log.info("%s: %d layers, rank %d -> %s, parameters %d -> %d, energy kept >= %.3f", task,
              result["layers"], result["rank_before"], result["rank_after"],
