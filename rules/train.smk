@@ -3,6 +3,11 @@
 # chosen point to the task's own adapters; and the merge of a task's final adapter.
 # `{name}` is the adapter's (qlora, recovered, qlora@<training>, recovered@<point>).
 
+# A training that stops itself before its job's time limit exits 75 with a checkpoint saved
+# (training/deadline.py); its retry resumes from it, so a long training spans several jobs
+# (docs/cluster.md). On a cluster only: here a failure would just be repeated.
+TRAINING_RETRIES = 0 if workflow.local_exec else 3
+
 
 rule train_qlora:
     input:
@@ -22,6 +27,7 @@ rule train_qlora:
         name=one_of(adapter_names(["qlora"])),
     threads: training_threads
     priority: TRAINING_PRIORITY
+    retries: TRAINING_RETRIES
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}/{{name}}.log",
     benchmark:
@@ -53,6 +59,7 @@ rule recover:
         name=one_of(adapter_names(["recovered"])),
     threads: training_threads
     priority: TRAINING_PRIORITY
+    retries: TRAINING_RETRIES
     log:
         f"{RESULTS}/logs/recover/{{task}}/{{name}}.log",
     benchmark:

@@ -8,3 +8,10 @@ class InputError(ValueError):
 class NumericsError(RuntimeError):
     """A computation does not match its definition (a quantized layer's math, a written
     adapter's factors): the job stops rather than produce a silently wrong result."""
+
+
+class ResumeLater(RuntimeError):
+    """A training stopped itself before its job's time limit, its checkpoint saved: the job
+    exits with EXIT_STATUS, and its retry (or a rerun) resumes from the checkpoint."""
+
+    EXIT_STATUS = 75  # EX_TEMPFAIL of sysexits.h: try again later

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..core.errors import InputError
+from ..core.errors import InputError, ResumeLater
 
 
 @contextlib.contextmanager
@@ -39,7 +39,8 @@ def logged_to(log_path: str | Path | None):
             yield
         except BaseException as err:
             sys.stderr.flush()
-            message = str(err) if isinstance(err, InputError) else traceback.format_exc()
+            one_line = isinstance(err, (InputError, ResumeLater))
+            message = str(err) if one_line else traceback.format_exc()
             print(message, file=sys.stderr, flush=True)
             os.write(saved[2], f"\nerror: {err}\n(full log: {log_path})\n".encode())
             raise

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.errors import ResumeLater
 from ..core.policy import Policy
 from . import gpus, launch, warm_start
 from .code_digest import stage_source
@@ -147,7 +148,10 @@ def run_script(smk) -> None:
     job = Job.from_snakemake(smk)
     status = warm_start.submit(job)
     if status is None:
-        job.run()
+        try:
+            job.run()
+        except ResumeLater:  # said in the log and on stderr already (logged_to)
+            sys.exit(ResumeLater.EXIT_STATUS)
     elif status:
         sys.exit(status)  # the job's error is in its log and on this job's stderr already
 

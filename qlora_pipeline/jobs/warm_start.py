@@ -261,8 +261,12 @@ def _become_job(conn: socket.socket, fds: list[int], request: dict) -> None:
         status = 0
     except SystemExit as stop:  # the job's own exit status
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - whatever happens, the job's script must hear of it
-        traceback.print_exc()  # as the interpreter would; status 1
+    except BaseException as err:  # noqa: BLE001 - whatever happens, the job's script must hear
+        from ..core.errors import ResumeLater  # the job's copy of the project, not the server's
+        if isinstance(err, ResumeLater):  # a training stopped for its time limit (in its log)
+            status = ResumeLater.EXIT_STATUS
+        else:
+            traceback.print_exc()  # as the interpreter would; status 1
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()

@@ -27,11 +27,12 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..core.errors import InputError
+from ..core.errors import InputError, ResumeLater
 from ..core.files import read_jsonl, write_json
 from ..core.policy import Policy
 from ..models import label_positions
 from . import adalora, distributed, packing, shared_prefix
+from .deadline import Deadline
 from .gradient_guard import GradientGuard
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,10 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     # Rank 0 keeps the record; every rank checks its own gradients. AdaLoRA's allocation
     # first: it adds the kept rank to the record.
     allocation = (adalora.RankAllocation(),) if adalora.allocator(model) else ()
+    # One process only: ranks deciding on their own clocks could part (one stops, one waits).
+    deadline = () if distributed.active() else (Deadline(),)
     callbacks = [*allocation, *((MetricsLog(metrics_path),) if distributed.is_main() else ()),
-                 GradientGuard(), *observers]
+                 GradientGuard(), *deadline, *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
@@ -214,6 +217,10 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     with mock.patch.dict(os.environ, tracker_environment(trackers)):
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
+    if deadline and deadline[0].stopped is not None:
+        raise ResumeLater(f"training stopped at step {deadline[0].stopped} of {args.max_steps} "
+                          f"before the job's time limit, checkpoint saved in {checkpoint_dir}; "
+                          f"the job's retry or a rerun resumes from it")
     # eval_on_start's loss, the adapter's starting point: in the log history, which a resumed
     # run reloads from its checkpoint (trainer_state.json)
     initial = next((record["eval_loss"] for record in trainer.state.log_history
