@@ -5,8 +5,15 @@
 
 # A training that stops itself before its job's time limit exits 75 with a checkpoint saved
 # (training/deadline.py); its retry resumes from it, so a long training spans several jobs
-# (docs/cluster.md). On a cluster only: here a failure would just be repeated.
-TRAINING_RETRIES = 0 if workflow.local_exec else 3
+# (docs/cluster.md). On a cluster only (here a failure would just be repeated), set when the
+# run starts (Snakefile's onstart): the executor is not known yet while the rules are read.
+TRAINING_RETRIES = 3
+
+
+def retry_trainings_on_a_cluster():
+    if not workflow.local_exec:
+        for proxy in (rules.train_qlora, rules.recover):  # --retries may give more
+            proxy.rule.restart_times = max(TRAINING_RETRIES, proxy.rule.restart_times or 0)
 
 
 rule train_qlora:
@@ -27,7 +34,6 @@ rule train_qlora:
         name=one_of(adapter_names(["qlora"])),
     threads: training_threads
     priority: TRAINING_PRIORITY
-    retries: TRAINING_RETRIES
     log:
         f"{RESULTS}/logs/train_qlora/{{task}}/{{name}}.log",
     benchmark:
@@ -59,7 +65,6 @@ rule recover:
         name=one_of(adapter_names(["recovered"])),
     threads: training_threads
     priority: TRAINING_PRIORITY
-    retries: TRAINING_RETRIES
     log:
         f"{RESULTS}/logs/recover/{{task}}/{{name}}.log",
     benchmark:

@@ -18,11 +18,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from benchmarks.support import run_stage
 from conftest import REPO, make_workdir
+from safetensors.torch import load_file
 
 PROFILE = REPO / "profiles" / "slurm"
 TARGETS = ["results/models/quantized", "results/data/topic/tokenized"]
@@ -92,7 +95,11 @@ def ci_overrides(partition: str, account: str) -> list[str]:
     max_cpus, max_mem = max(1, cpus // 2), max(500, mem // 4)
 
     def fit(name, value):
-        return min(int(value), max_mem) if name == "mem_mb" else value
+        if name != "mem_mb":
+            return value
+        if isinstance(value, str):  # an expression of the attempt: scaled, growth kept
+            return Expression(f"({value}) * {max_mem} // {eval(value, {'attempt': 1})}")
+        return min(int(value), max_mem)
 
     defaults = dict(profile["default-resources"])
     assert {"slurm_partition", "slurm_account", "runtime", "mem_mb"} <= set(defaults)
@@ -105,7 +112,7 @@ def ci_overrides(partition: str, account: str) -> list[str]:
             if name == "gpu_model":  # the test node's GPU has no model type
                 continue
             value = fit(name, value)
-            set_args.append(f"{rule}:{name}={value!r}" if isinstance(value, str)
+            set_args.append(f"{rule}:{name}={value!r}" if type(value) is str
                             else f"{rule}:{name}={value}")
     threads = [f"{rule}={n}" for rule, n in fitted_threads(profile, max_cpus).items()]
     status = [] if sacct_works() else ["--slurm-status-command", "squeue"]
@@ -113,6 +120,10 @@ def ci_overrides(partition: str, account: str) -> list[str]:
             "--set-threads", *threads, *status,
             "--slurm-init-seconds-before-status-checks", "5", "--slurm-keep-successful-logs",
             "--verbose"]  # --verbose: the log shows each sbatch command line
+
+
+class Expression(str):
+    """A resource value Snakemake evaluates (given unquoted), not a string."""
 
 
 def fitted_threads(profile: dict, max_cpus: int) -> dict[str, int]:
@@ -158,31 +169,43 @@ def jobcomp_records() -> dict[str, dict[str, str]]:
     return records
 
 
-@pytest.fixture
-def slurm_run(tmp_path, request):
-    if NO_SLURM:
-        pytest.fail(f"QLORA_REQUIRE_SLURM=1, but {NO_SLURM}")
-    workdir = make_workdir(tmp_path / "run", request.getfixturevalue("tiny_model_dir"))
-    partition = ci_partition()
-    account = os.environ.get("QLORA_SLURM_ACCOUNT", "")
+def start_run(workdir: Path, output: Path, *targets: str) -> subprocess.Popen:
+    """Snakemake through the Slurm profile in `workdir`, its output into the file `output`
+    (a file, not a pipe: a test reads it while it runs)."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(workdir), "--configfile", str(workdir / "config/config.yaml"),
            "--workflow-profile", "none", "--profile", str(PROFILE),
-           *ci_overrides(partition, account), "--", *TARGETS]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+           *ci_overrides(ci_partition(), os.environ.get("QLORA_SLURM_ACCOUNT", "")),
+           "--", *targets]
+    with open(output, "w") as handle:
+        return subprocess.Popen(cmd, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, output: Path) -> str:
+    """The run's output once it succeeded; a failure, its jobs cancelled, past RUN_TIMEOUT_S."""
     try:
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        proc.wait(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
-        run_id = re.search(r"SLURM run ID: (\S+)", out)
+        proc.wait()
+        run_id = re.search(r"SLURM run ID: (\S+)", output.read_text())
         if run_id:  # leave no job of ours behind
             subprocess.run(["scancel", "--name", run_id.group(1)], check=False)
-        pytest.fail(f"snakemake through Slurm ran over {RUN_TIMEOUT_S}s:\n{out[-6000:]}")
-    (tmp_path / "snakemake.log").write_text(out)
+        pytest.fail(f"snakemake through Slurm ran over {RUN_TIMEOUT_S}s:\n"
+                    f"{output.read_text()[-6000:]}")
+    out = output.read_text()
     assert proc.returncode == 0, f"snakemake through Slurm failed:\n{out[-6000:]}"
-    return workdir, partition, out
+    return out
+
+
+@pytest.fixture(scope="module")  # the training test below goes on from its outputs
+def slurm_run(tmp_path_factory, request):
+    if NO_SLURM:
+        pytest.fail(f"QLORA_REQUIRE_SLURM=1, but {NO_SLURM}")
+    tmp_path = tmp_path_factory.mktemp("slurm")
+    workdir = make_workdir(tmp_path / "run", request.getfixturevalue("tiny_model_dir"))
+    output = tmp_path / "snakemake.log"
+    return workdir, ci_partition(), finish(start_run(workdir, output, *TARGETS), output)
 
 
 def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
@@ -252,3 +275,74 @@ def test_pipeline_stages_run_as_slurm_jobs_with_gpu_requests(slurm_run):
     # The plugin's own log of each job (kept with --slurm-keep-successful-logs).
     slurm_logs = workdir / ".snakemake" / "slurm_logs"
     assert {p.stem for p in slurm_logs.rglob("*.log")} >= set(jobs)
+
+
+ADAPTER = "results/adapters/topic/qlora"
+# Long enough to be cancelled while it trains, after its checkpoint at step 4.
+LONG_TRAINING = {"max_steps": 48, "eval_steps": 4, "batch_size": 4, "logging_steps": 1}
+
+
+def wait_for(what: str, found, proc: subprocess.Popen, timeout: float = 300):
+    """found()'s first true value, polled while the run goes on."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        value = found()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not seen (snakemake exited {proc.poll()})")
+
+
+def test_a_training_spans_jobs_through_its_time_limit_and_a_cancel(slurm_run, tmp_path):
+    """Job 1 is told its time is up (SIGURG, as `--signal=URG@300` sends it): the training
+    saves, exits 75, and the rule's retry resumes it in job 2; job 2 is cancelled (scancel)
+    after a checkpoint of its own; job 3 resumes and ends with the adapter of an
+    uninterrupted run here with the same params, bitwise, each job with more memory."""
+    workdir = slurm_run[0]
+    task = workdir / "config/tasks/topic.yaml"
+    task.write_text(yaml.safe_dump({**yaml.safe_load(task.read_text()), "train": LONG_TRAINING}))
+    log = workdir / "results/logs/train_qlora/topic/qlora.log"
+    text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+    proc = start_run(workdir, tmp_path / "snakemake.log", ADAPTER)
+    try:
+        wait_for("training 1", lambda: "time limit: the job ends in" in text(), proc)
+        first = re.findall(r"Slurm job (\d+)", text())[-1]
+        _run("scancel", "--signal=URG", first)
+        stopped = int(wait_for("the resumed training", lambda: re.search(
+            r"stopping at step (\d+) \(signal SIGURG\).*resuming from", text(), re.S), proc)[1])
+        second = re.findall(r"Slurm job (\d+)", text())[-1]
+        checkpoints = workdir / "results/checkpoints/topic/qlora"
+        wait_for("a checkpoint of job 2", lambda: [
+            p for p in checkpoints.glob("*/checkpoint-*/trainer_state.json")
+            if int(p.parent.name.split("-")[1]) > stopped], proc)
+        _run("scancel", second)
+        out = finish(proc, tmp_path / "snakemake.log")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert first != second
+    assert f"training stopped at step {stopped} of {LONG_TRAINING['max_steps']} before the " \
+           f"job's time limit" in text()
+    assert text().count("resuming from") == 2
+    job_log = workdir / f".snakemake/slurm_logs/rule_train_qlora/topic_qlora/{first}.log"
+    assert "returned non-zero exit status 75" in job_log.read_text()  # ResumeLater's
+    summary = json.loads((workdir / ADAPTER / "summary.json").read_text())
+    assert summary["steps"] == LONG_TRAINING["max_steps"] and summary["resumed_from"]
+    # The reference: the stage as its job runs it (threads as in the Slurm job), in one go.
+    params = json.loads((workdir / ADAPTER / "provenance.json").read_text())["params"]
+    assert params["train"]["max_steps"] == LONG_TRAINING["max_steps"]
+    assert expected_threads("train_qlora") == 1  # run_stage's threads
+    run_stage("train_qlora", quantized=workdir / "results/models/quantized",
+              tokenized=workdir / "results/data/topic/tokenized", adapter=tmp_path / "reference",
+              checkpoints=tmp_path / "checkpoints",
+              **{k: params[k] for k in ("lora", "train", "seed")})
+    want, got = (load_file(folder / "adapter_model.safetensors")
+                 for folder in (tmp_path / "reference", workdir / ADAPTER))
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+    # Three sbatch calls of the rule, memory growing with the attempt.
+    mems = [int(m) for m in re.findall(r"sbatch call: sbatch .*rule_train_qlora.* --mem (\d+)",
+                                       out)]
+    assert len(mems) == 3 and mems[0] < mems[1] < mems[2], mems
+    assert "--signal=URG@300" in out
+    states = {job: show_job(job).get("JobState") for job in (first, second)}
+    assert states == {first: "FAILED", second: "CANCELLED"}, states

@@ -291,14 +291,11 @@ def test_checkpoints_removed_on_success(trained):
     assert not root.exists() or list(root.iterdir()) == []
 
 
-def test_a_training_near_its_time_limit_saves_stops_and_resumes_alike(trained, prepared,
-                                                                      tmp_path, monkeypatch):
+def test_a_training_near_its_time_limit_saves_and_stops(prepared, tmp_path, monkeypatch):
     """An end time already passed (QLORA_TRAIN_DEADLINE, Slurm's stand-in): the training saves
-    at its first step and raises ResumeLater, no adapter, the checkpoint kept; the next run
-    resumes from it to the uninterrupted run's adapter, bitwise."""
+    at its first step through Trainer's own save and raises ResumeLater; no adapter, the
+    checkpoint kept for the retry (tests/test_slurm.py resumes one to the same adapter)."""
     import time
-
-    from safetensors.torch import load_file
 
     from qlora_pipeline.core.errors import ResumeLater
     from qlora_pipeline.training import deadline
@@ -307,13 +304,8 @@ def test_a_training_near_its_time_limit_saves_stops_and_resumes_alike(trained, p
     with pytest.raises(ResumeLater, match="stopped at step 1 of 30 before the job's time limit"):
         train_qlora(prepared, tmp_path, lora_cfg(), fast_train())
     assert leftovers(tmp_path, "qlora") == []
-    assert [p.name for p in (tmp_path / "checkpoints").glob("*/checkpoint-*")] == ["checkpoint-1"]
-    monkeypatch.delenv(deadline.ENV_VARIABLE)
-    summary = train_qlora(prepared, tmp_path, lora_cfg(), fast_train())
-    assert summary["resumed_from"].endswith("checkpoint-1") and summary["steps"] == 30
-    want, got = (load_file(p / "adapter_model.safetensors") for p in
-                 (trained["adapter"], tmp_path / "qlora"))
-    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+    [saved] = (tmp_path / "checkpoints").glob("*/checkpoint-*")
+    assert saved.name == "checkpoint-1" and (saved / "trainer_state.json").is_file()
 
 
 def test_nan_loss_stops_training_and_leaves_no_adapter(prepared, tmp_path, monkeypatch):

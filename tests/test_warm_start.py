@@ -18,12 +18,13 @@ from conftest import stage, task_blocks
 from test_determinism import same_tensors
 
 from qlora_pipeline.jobs import warm_start
-from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.errors import InputError, ResumeLater
 from qlora_pipeline.jobs.runner import Job
 
 
 
-def probe(*, out, seconds: float = 0.0, fail: bool = False, policy) -> None:
+def probe(*, out, seconds: float = 0.0, fail: bool = False, later: bool = False,
+          policy) -> None:
     """A stage that reports where and how it ran."""
     matrix = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
     Path(out).write_text(json.dumps({
@@ -34,6 +35,8 @@ def probe(*, out, seconds: float = 0.0, fail: bool = False, policy) -> None:
     print("probe says hello", flush=True)
     if fail:
         raise InputError("probe: asked to fail")
+    if later:
+        raise ResumeLater("probe: stopped before the job's time limit")
     time.sleep(seconds)
 
 
@@ -84,6 +87,12 @@ def test_a_job_runs_in_a_copy_with_its_own_threads_variables_and_directory(
 def test_a_failing_job_reports_its_status_and_its_error(server, tmp_path):
     assert warm_start.submit(probe_job(tmp_path, fail=True), address=server[0]) == 1
     assert "probe: asked to fail" in (tmp_path / "probe.log").read_text()
+
+
+def test_a_training_stopped_for_its_time_limit_exits_75_in_one_line(server, tmp_path):
+    assert warm_start.submit(probe_job(tmp_path, later=True), address=server[0]) == 75
+    log = (tmp_path / "probe.log").read_text()
+    assert "probe: stopped before the job's time limit\n" in log and "Traceback" not in log
 
 
 def test_a_stage_run_warm_writes_what_it_writes_cold(server, tmp_path, tiny_model_dir):

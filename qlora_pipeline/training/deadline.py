@@ -65,11 +65,11 @@ class Deadline(TrainerCallback):
         return self.longest_step + self.longest_save + FLOOR_S
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.saved_handler = signal.signal(SIGNAL, self._signalled)
         self.end, self.read_at = self.end_time(), self.clock()
         if self.end is not None:
             log.info("time limit: the job ends in %.0f s; training stops before it with a "
-                     "checkpoint", self.end - self.read_at)
-        self.saved_handler = signal.signal(SIGNAL, self._signalled)
+                     "checkpoint (or at signal %s)", self.end - self.read_at, SIGNAL.name)
 
     def on_train_end(self, args, state, control, **kwargs):
         signal.signal(SIGNAL, self.saved_handler)
