@@ -36,6 +36,7 @@ INFRASTRUCTURE = (
     f"{PACKAGE}.jobs",  # the job runner, outputs and provenance, warm start, GPUs, launch, this
     f"{PACKAGE}.core.memory",  # estimates and refusals before loading; where weights are placed
     f"{PACKAGE}.core.machine",  # the machine's facts, recorded in provenance
+    f"{PACKAGE}.training.deadline",  # when a training stops for its time limit (resumed alike)
 )
 
 
