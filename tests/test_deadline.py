@@ -69,7 +69,8 @@ def test_a_later_time_limit_is_read_again(monkeypatch):
     monkeypatch.setattr(deadline, "RECHECK_S", 30.0)
     clock = Clock()
     start = clock.now
-    ends = iter([start + 10_000.0, start + 10_000.0, start + 100.0])  # then scontrol update
+    # squeue fails at the second read (the end time stays), then scontrol update
+    ends = iter([start + 10_000.0, None, start + 100.0])
     stopped, _ = run(Deadline(end_time=lambda: next(ends), clock=clock), clock, 50, 10.0)
     # read at the start, at step 3 (30 s), and at step 6 (60 s, now 100 s away): 40 s left
     # is over the 30 s margin; step 7 leaves 30 s

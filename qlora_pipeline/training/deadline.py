@@ -83,8 +83,8 @@ class Deadline(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now = self.step_ended = self.clock()
         self.longest_step = max(self.longest_step, now - self.step_began)
-        if self.end is not None and now - self.read_at >= RECHECK_S:
-            self.end, self.read_at = self.end_time(), now
+        if self.end is not None and now - self.read_at >= RECHECK_S:  # squeue down: kept
+            self.end, self.read_at = self.end_time() or self.end, now
         near = self.end is not None and self.end - now <= self.margin()
         if (near or self.signalled) and state.global_step < state.max_steps:
             why = f"signal {SIGNAL.name}" if self.signalled else \
