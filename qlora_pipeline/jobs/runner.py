@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..core.errors import ResumeLater
 from ..core.policy import Policy
+from ..training import checkpoints
 from . import gpus, launch, warm_start
 from .code_digest import stage_source
 from .environment import job_environment, logged_to
@@ -103,15 +104,18 @@ class Job:
     def execute(self, policy: Policy):
         """The stage, here or on several processes through torchrun where its training is
         distributed (launch.py), writing into the outputs' temporary paths."""
-        with stage_outputs(self, policy) as paths:
-            if launch.needs_launch(self.params):
-                result = self.run_distributed(paths)
-            else:
-                result = call(self.function, self.arguments(paths), policy)
-        # The folder a job keeps outside its outputs until they land (an interrupted training's
-        # checkpoints, which Snakemake must not delete before a rerun): nothing left to resume.
-        if "checkpoints" in self.params:
-            shutil.rmtree(self.params["checkpoints"], ignore_errors=True)
+        kept = self.params.get("checkpoints")  # a training's, held by one job at a time
+        with checkpoints.locked(kept) if kept else contextlib.nullcontext():
+            with stage_outputs(self, policy) as paths:
+                if launch.needs_launch(self.params):
+                    result = self.run_distributed(paths)
+                else:
+                    result = call(self.function, self.arguments(paths), policy)
+            # The folder a job keeps outside its outputs until they land (an interrupted
+            # training's checkpoints, which Snakemake must not delete before a rerun): nothing
+            # left to resume.
+            if kept:
+                shutil.rmtree(kept, ignore_errors=True)
         return result
 
     def arguments(self, paths: dict) -> dict:

@@ -31,7 +31,7 @@ from ..core.errors import InputError, ResumeLater
 from ..core.files import read_jsonl, write_json
 from ..core.policy import Policy
 from ..models import label_positions
-from . import adalora, distributed, packing, shared_prefix
+from . import adalora, checkpoints, distributed, packing, shared_prefix
 from .deadline import Deadline
 from .gradient_guard import GradientGuard
 
@@ -71,6 +71,10 @@ class GuardedTrainer(Trainer):
                       f"{self.state.global_step}")
         with adalora.whole_checkpoint(self.model, folder, saving=True):
             super()._save_checkpoint(model, trial)
+        # The manifest last, once every rank has written its files (rng_state_<rank>.pth).
+        self.accelerator.wait_for_everyone()
+        if distributed.is_main():
+            checkpoints.write_manifest(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         with adalora.whole_checkpoint(self.model, resume_from_checkpoint, saving=False):
@@ -320,25 +324,43 @@ def forget_metrics_after(metrics_path: Path, step: int) -> None:
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerState | None]:
-    """The newest checkpoint that was written completely (a job killed while saving leaves a
-    partial one: Trainer writes trainer_state.json last), with its state (global_step: the
-    step in its name); (None, None) if there is none. Partial ones are deleted."""
-    for candidate in sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
-                            key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
-        try:
-            return str(candidate), TrainerState.load_from_json(f"{candidate}/trainer_state.json")
-        except (OSError, ValueError):  # missing or cut short
-            log.info("discarding incomplete checkpoint %s", candidate)
-            shutil.rmtree(candidate, ignore_errors=True)
+    """The newest checkpoint whose files match its manifest (checkpoints.py), with its state;
+    (None, None) if there is none. A checkpoint that fails is deleted, with the file and what
+    is wrong logged; so is one whose recorded best checkpoint failed: resumed without it, the
+    training could not end on the checkpoint an uninterrupted one restores (load_best_model
+    at the end), so an older checkpoint, or a fresh start, keeps the adapter the same."""
+    found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    good = []
+    for candidate in found:
+        problem = checkpoints.verify(candidate)
+        if problem:
+            discard(candidate, problem)
+        else:
+            good.append(candidate)
+    kept = {candidate.name for candidate in good}
+    for candidate in good:
+        state = TrainerState.load_from_json(f"{candidate}/trainer_state.json")
+        best = state.best_model_checkpoint and Path(state.best_model_checkpoint).name
+        if best and best not in kept:
+            discard(candidate, f"its best checkpoint {best}, restored at the end, is gone")
+            continue
+        return str(candidate), state
     return None, None
+
+
+def discard(checkpoint: Path, problem: str) -> None:
+    log.warning("discarding checkpoint %s: %s", checkpoint, problem)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def resume_folder(root: Path, key: str) -> Path:
     """root/key, made: the folder of a training's checkpoints, keyed by config hash. Those of
-    another config are never resumed: rank 0 discards them."""
+    another config are never resumed: rank 0 discards them. The job holds root's lock
+    (checkpoints.locked), so no other job is writing them."""
     if distributed.is_main():
         for other in root.glob("*"):  # none if no folder; hidden names included, as iterdir
-            if other.name != key:
+            if other.name not in (key, checkpoints.LOCK):
                 log.info("discarding checkpoints %s: made under another configuration", other)
                 shutil.rmtree(other, ignore_errors=True)
     (root / key).mkdir(parents=True, exist_ok=True)
