@@ -1,5 +1,6 @@
-"""A training job killed with SIGKILL resumes from its last checkpoint when snakemake is run
-again, and ends with the same adapter as an uninterrupted run."""
+"""A training job killed with SIGKILL resumes from its last checkpoint that verifies when
+snakemake is run again (a damaged newest one is discarded), and ends with the same adapter as
+an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def kill_at_checkpoint(workdir, step: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     root = workdir / "results/checkpoints/topic/qlora"
     while time.time() < deadline and process.poll() is None:
-        if any((d / f"checkpoint-{step}" / "trainer_state.json").exists()
+        if any((d / f"checkpoint-{step}" / "manifest.json").exists()  # written last
                for d in root.glob("*")):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -62,14 +63,27 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
         longer_training(workdir)
     snakemake(reference, TARGET)
 
-    step = random.Random().choice(range(8, 28, 4))  # a random checkpointed step, not the last
-    kill_at_checkpoint(interrupted, step)
+    # Killed once a random checkpoint and a later one are saved; a bit of the later one's
+    # adapter weights or optimizer state flips: the resume discards it and takes the newest
+    # that verifies.
+    chance = random.Random()
+    step = chance.choice(range(8, 24, 4))
+    kill_at_checkpoint(interrupted, step + 4)
     assert not (interrupted / TARGET).exists()  # a killed job leaves no adapter behind
+    root = interrupted / "results/checkpoints/topic/qlora"
+    newest = next(root.glob(f"*/checkpoint-{step + 4}"))
+    damaged = chance.choice(["adapter_model.safetensors", "optimizer.pt"])
+    data = bytearray((newest / damaged).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (newest / damaged).write_bytes(bytes(data))
+    previous = max(int(p.name.rsplit("-", 1)[1]) for p in newest.parent.glob("checkpoint-*")
+                   if p != newest and (p / "manifest.json").exists())  # or an older best
     snakemake(interrupted, "--unlock")
     snakemake(interrupted, TARGET, "--rerun-incomplete")
 
     log = (interrupted / "results/logs/train_qlora/topic/qlora.log").read_text()
-    assert "resuming from" in log and f"checkpoint-{step}" in log
+    assert f"discarding checkpoint {newest.relative_to(interrupted)}: {damaged}: sha256" in log
+    assert log.split("resuming from ")[1].split("\n")[0].endswith(f"/checkpoint-{previous}")
     summary = yaml.safe_load((interrupted / TARGET / "summary.json").read_text())
     assert summary["resumed_from"] and summary["steps"] == TRAIN["max_steps"]
     want, got = adapter(reference), adapter(interrupted)
@@ -80,8 +94,7 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
                (interrupted / TARGET / "metrics.jsonl").read_text().splitlines()]
     train_steps = [m["step"] for m in metrics if "loss" in m]
     assert len(train_steps) == len(set(train_steps))  # redone steps are not logged twice
-    assert not (interrupted / "results/checkpoints/topic/qlora").exists() or not any(
-        (interrupted / "results/checkpoints/topic/qlora").iterdir())
+    assert not root.exists() or not any(root.iterdir())
 
 
 def test_checkpoint_of_another_config_is_discarded(copy_run):
