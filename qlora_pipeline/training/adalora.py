@@ -102,7 +102,7 @@ def whole_checkpoint(model, folder, saving: bool):
         return
     config, folder = _config(model), Path(folder)
     kept = config.rank_pattern
-    if saving and is_main():  # before trainer_state.json, the mark of a complete checkpoint
+    if saving and is_main():  # before the manifest, the mark of a complete checkpoint
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(_state(model), folder / STATE)
     config.rank_pattern = None  # PEFT cuts to the pattern only where there is one
