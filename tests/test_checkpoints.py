@@ -79,7 +79,10 @@ def test_a_missing_file_or_manifest_fails(tmp_path):
     folder = checkpoint(tmp_path, 4)
     (folder / "rng_state.pth").unlink()
     assert checkpoints.verify(folder) == "rng_state.pth missing"
-    (folder / checkpoints.MANIFEST).unlink()  # a save killed before its end
+    manifest = folder / checkpoints.MANIFEST
+    manifest.write_text(manifest.read_text().replace('"size"', '"sizf"'))
+    assert checkpoints.verify(folder) == "manifest.json unreadable (KeyError: 'size')"
+    manifest.unlink()  # a save killed before its end
     assert checkpoints.verify(folder).startswith("manifest.json missing")
 
 

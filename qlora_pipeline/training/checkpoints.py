@@ -59,19 +59,20 @@ def verify(folder: str | Path) -> str | None:
     size, its checksum), or None where every file matches its manifest."""
     folder = Path(folder)
     try:
-        entries = read_json(folder / MANIFEST)["files"]
+        wants = {name: (want["size"], want["sha256"])
+                 for name, want in read_json(folder / MANIFEST)["files"].items()}
     except FileNotFoundError:
         return f"{MANIFEST} missing (the save did not finish)"
-    except (ValueError, KeyError, TypeError) as error:
-        return f"{MANIFEST} unreadable ({error})"
-    for name, want in sorted(entries.items()):
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # damaged itself
+        return f"{MANIFEST} unreadable ({type(error).__name__}: {error})"
+    for name, (size, sha256) in sorted(wants.items()):
         path = folder / name
         if not path.is_file():
             return f"{name} missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name}: size {path.stat().st_size} bytes, expected {want['size']}"
+        if path.stat().st_size != size:
+            return f"{name}: size {path.stat().st_size} bytes, expected {size}"
         with open(path, "rb") as handle:
-            if hashlib.file_digest(handle, "sha256").hexdigest() != want["sha256"]:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != sha256:
                 return f"{name}: sha256 differs from the manifest's"
     return None
 
