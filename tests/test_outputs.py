@@ -4,12 +4,15 @@ and the stage's code digest."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import pytest
 
-from qlora_pipeline.core.files import read_jsonl, write_jsonl
+from qlora_pipeline.core.errors import DiskFull
+from qlora_pipeline.core.files import read_jsonl, write_json, write_jsonl
 from qlora_pipeline.core.policy import Policy
 from qlora_pipeline.jobs import code_digest
 from qlora_pipeline.jobs.outputs import stage_outputs
@@ -61,6 +64,49 @@ def test_file_outputs_are_moved_together_with_provenance_last(tmp_path):
     assert [i["path"] for i in record["inputs"]["several"]] == [str(tmp_path)]
 
 
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on from now, in order (each fd's path, from /proc)."""
+    calls, fsync = [], os.fsync
+
+    def record(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return calls
+
+
+def test_an_output_is_synced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    calls = synced(monkeypatch)
+    target = tmp_path / "out" / "raw"
+    with stage_outputs(job("fetch_dataset", {"raw": target}), POLICY) as out:
+        (out["raw"] / "sub").mkdir()
+        (out["raw"] / "sub" / "b.bin").write_bytes(b"b")
+        (out["raw"] / "a.txt").write_text("a")
+    temporary = [re.sub(r"/\.raw\.tmp-[^/]+", "/raw", c) for c in calls if ".raw.tmp-" in c]
+    assert {str(target / name) for name in ("a.txt", "sub/b.bin", "sub", "provenance.json",
+                                            "")} <= set(temporary)  # before the rename
+    assert calls[-1] == str(target.parent)  # the rename itself, after it
+    assert json.loads((target / "provenance.json").read_text())["fsync_seconds"] >= 0
+
+    calls.clear()
+    outputs = {"results": tmp_path / "e/results.json", "provenance": tmp_path / "e/provenance.json"}
+    with stage_outputs(job("evaluate", outputs), POLICY) as out:
+        out["results"].write_text("{}")
+    staged = rf"{tmp_path}/e/\.evaluate\.tmp-\w+/"
+    assert [c for c in calls if re.fullmatch(staged + "results-results.json", c)]
+    # provenance moved last, after results.json landed and its folder was synced
+    assert calls[-3] == calls[-1] == str(tmp_path / "e")
+    assert re.fullmatch(staged + "provenance-provenance.json", calls[-2])
+
+
+def test_json_lands_synced(tmp_path, monkeypatch):
+    calls = synced(monkeypatch)
+    write_json(tmp_path / "x.json", [1])
+    assert len(calls) == 2 and re.fullmatch(rf"{tmp_path}/\.x\.json\.tmp-\w+", calls[0])
+    assert calls[1] == str(tmp_path) and json.loads((tmp_path / "x.json").read_text()) == [1]
+
+
 def test_failure_leaves_nothing(tmp_path):
     outputs = {"results": tmp_path / "e/results.json", "provenance": tmp_path / "e/provenance.json"}
     with pytest.raises(RuntimeError):
@@ -72,6 +118,32 @@ def test_failure_leaves_nothing(tmp_path):
         with stage_outputs(job("tokenize", {"t": tmp_path / "t"}), POLICY) as out:
             raise RuntimeError("boom")
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.tmp-*"))
+
+
+def test_a_full_disk_while_landing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from qlora_pipeline.jobs import outputs as module
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "f.json")
+
+    outputs = {"results": tmp_path / "e/results.json", "provenance": tmp_path / "e/provenance.json"}
+    message = (rf"^evaluate: no space left on device writing {tmp_path}/e/results\.json, "
+               rf"{tmp_path}/e/provenance\.json \(at f\.json\); [\d.]+ MiB \(\d+ bytes\) free "
+               rf"in {tmp_path}; nothing was kept; [^\n]*$")
+    monkeypatch.setattr(module, "write_json", full)  # provenance.json cannot be written
+    with pytest.raises(DiskFull, match=message):
+        with stage_outputs(job("evaluate", outputs), POLICY) as out:
+            out["results"].write_text("{}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    replace = os.replace  # provenance's rename, after results.json's, fails: neither is kept
+    monkeypatch.setattr(os, "replace", lambda source, target: full() if
+                        target.name == "provenance.json" else replace(source, target))
+    with pytest.raises(DiskFull, match=message):
+        with stage_outputs(job("evaluate", outputs), POLICY) as out:
+            out["results"].write_text("{}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_undeclared_file_left_unwritten_fails(tmp_path):

@@ -5,6 +5,11 @@ class InputError(ValueError):
     """Bad user input: the message names the file/key, what was found and what was expected."""
 
 
+class DiskFull(InputError):
+    """A stage's outputs do not fit the free space of their folder (estimated before it runs,
+    or ENOSPC while writing): the message names the output or folder, bytes needed and free."""
+
+
 class NumericsError(RuntimeError):
     """A computation does not match its definition (a quantized layer's math, a written
     adapter's factors): the job stops rather than produce a silently wrong result."""

@@ -35,6 +35,7 @@ STAGE_MODULES = ("data", "model", "train", "analyze", "combine", "evaluate", "ex
 INFRASTRUCTURE = (
     f"{PACKAGE}.jobs",  # the job runner, outputs and provenance, warm start, GPUs, launch, this
     f"{PACKAGE}.core.memory",  # estimates and refusals before loading; where weights are placed
+    f"{PACKAGE}.core.disk",  # the bytes a stage writes, refused before it runs; a full disk
     f"{PACKAGE}.core.machine",  # the machine's facts, recorded in provenance
     f"{PACKAGE}.training.deadline",  # when a training stops for its time limit (resumed alike)
 )

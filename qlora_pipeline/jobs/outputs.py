@@ -1,16 +1,17 @@
-"""Complete-or-absent outputs: a stage writes into temporary paths, which are renamed into
-place with a provenance.json once it succeeds. The one owner of every stage's outputs."""
+"""Complete-or-absent outputs: a stage writes into temporary paths, which are synced to disk
+and renamed into place with a provenance.json once it succeeds (core/files.replace_durably).
+The one owner of every stage's outputs; a full disk ends it in one line (core/disk.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..core.files import atomic_dir, write_json
+from ..core import disk
+from ..core.files import atomic_dir, replace_durably, sync_tree, write_json
 from . import provenance
 
 
@@ -21,7 +22,9 @@ def stage_outputs(job, policy) -> Iterator[dict[str, Path]]:
 
     A rule declares either one directory (provenance.json goes inside it) or files, one of
     them named `provenance` (written last, so its presence means the rest are in place).
-    On failure nothing is left that looks finished, nor a folder made for the outputs.
+    On failure nothing is left that looks finished, nor a folder made for the outputs; a full
+    disk (ENOSPC) is a one-line DiskFull naming the output. provenance records the seconds
+    spent making the stage's files durable (fsync_seconds).
     """
     started = provenance.now()
     targets = {name: Path(path) for name, path in job.outputs.items()}
@@ -38,16 +41,26 @@ def stage_outputs(job, policy) -> Iterator[dict[str, Path]]:
             (name, target), = targets.items()
             with atomic_dir(target) as tmp:
                 yield {name: tmp}
-                write_json(tmp / "provenance.json", provenance.build(job, policy, started))
+                _write_provenance(tmp / "provenance.json", tmp, job, policy, started)
         else:
             with _files(targets, job.rule) as paths:
                 yield paths
-                write_json(paths["provenance"], provenance.build(job, policy, started))
-    except BaseException:
+                _write_provenance(paths["provenance"], paths["provenance"].parent, job,
+                                  policy, started)
+    except BaseException as err:
         for folder in made:  # deepest first; only those left empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if full := disk.full_disk(err):
+            raise disk.refusal(job.rule, full, targets) from None
         raise
+
+
+def _write_provenance(path: Path, written: Path, job, policy, started: str) -> None:
+    """provenance.json, after the stage's files are synced (the time it took recorded; the
+    rename's own sync then finds them clean)."""
+    record = provenance.build(job, policy, started)
+    write_json(path, {**record, "fsync_seconds": round(sync_tree(written), 3)})
 
 
 @contextlib.contextmanager
@@ -60,9 +73,16 @@ def _files(targets: dict[str, Path], rule: str) -> Iterator[dict[str, Path]]:
                                      ignore_cleanup_errors=True) as tmp:
         paths = {name: Path(tmp, f"{name}-{target.name}") for name, target in targets.items()}
         yield paths
-        for name in sorted(targets, key=lambda n: n == "provenance"):
-            targets[name].parent.mkdir(parents=True, exist_ok=True)
-            os.replace(paths[name], targets[name])
+        moved = []
+        try:
+            for name in sorted(targets, key=lambda n: n == "provenance"):
+                targets[name].parent.mkdir(parents=True, exist_ok=True)
+                replace_durably(paths[name], targets[name])
+                moved.append(targets[name])
+        except BaseException:  # e.g. a full disk: no output without the others
+            for target in moved:
+                target.unlink(missing_ok=True)
+            raise
 
 
 def _missing_folders(targets) -> list[Path]:

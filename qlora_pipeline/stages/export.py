@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 
-from ..core import memory
+from ..core import disk, memory
 from ..core.files import write_json
 from ..core.policy import Policy
 from . import Input, Output
@@ -37,6 +37,7 @@ def export_gguf(*, merged: Input, spec: Input, gguf: Output, task: str, export: 
                        check["max_new_tokens"],
                        remedy="a machine with more RAM: the importer's round trip reads the "
                               "file back in float32 on the CPU")
+    disk.check_stage("export_gguf", merged, {gguf: ["gguf"]}, types=tuple(types))
     model = load_full_precision(merged, policy, offload=True).eval()
     parameters = sum(p.numel() for p in model.parameters())
     ref = gguf_roundtrip.reference(model, tokenizer, prompts, check["max_new_tokens"])

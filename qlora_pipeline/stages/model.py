@@ -6,7 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..core import memory
+from ..core import disk, memory
 from ..core.errors import InputError
 from ..core.files import read_json, write_json
 from ..core.policy import Policy
@@ -24,6 +24,7 @@ def import_base_model(*, base: Output, base_model: dict, policy: Policy,
     from ..models import importer
 
     model, tokenizer = importer.load(base_model)
+    disk.check("import_base_model", {base: disk.weights_bytes(model.parameters(), len(tokenizer))})
     log.info("%s: %d parameters, %s", type(model).__name__,
              sum(p.numel() for p in model.parameters()), model.dtype)
     importer.save(model, tokenizer, base)
@@ -36,6 +37,7 @@ def quantize(*, base: Input, quantized: Output, quantization: dict, seed: int,
     from ..models import quantization as quant
 
     seed_everything(seed)
+    disk.check_stage("quantize", base, {quantized: ["quantized"]}, bits=_bits(quantization))
     model, rows, checked = _quantized_and_measured(base, quantization, policy, "quantize")
     quant.save(model, base, quantized)
     summary = quant.summarize(rows, quantization, quant.saved_compute_dtype(model),
@@ -56,6 +58,9 @@ def quantize_for_training(*, base: Input, quantized: Output, quantization: dict,
 
     seed_everything(seed)
     cfg = {**lora, "dropout": 0.0, "use_dora": False}  # neither changes the initialisation
+    # the residual base (full precision, beside the output until quantized), and the output
+    disk.check_stage("quantize_for_training", base, {quantized: ["model", "quantized", "adapter"]},
+                     bits=_bits(quantization), lora=lora)
     with tempfile.TemporaryDirectory(dir=Path(quantized).parent) as residual:
         if lora["init"] == "pissa":  # the initial adapter is PiSSA's, before quantization
             initialised = init.pissa_residual(base, residual, quantized / "initial", cfg, seed,
@@ -78,13 +83,13 @@ def _quantized_and_measured(base, settings: dict, policy: Policy, stage: str, se
     """(model, layer rows, numerics check): the base quantized by `settings` in memory, each
     layer's error against the base, and the check (which fails the job when a layer does not
     compute the configured math)."""
-    from ..models import methods, numerics
+    from ..models import numerics
     from ..models import quantization as quant
     from ..models.checkpoint import Checkpoint
 
     # On the CPU the full-precision file is mapped and read whole while it quantizes.
     memory.check_stage(stage, base, policy, weights="4bit" if policy.cuda else "full+4bit",
-                       seq=seq, bits=methods.of(settings["method"]).theoretical_bits(settings),
+                       seq=seq, bits=_bits(settings),
                        remedy="a GPU with more memory (the quantized weights must fit)")
     model = quant.quantize(base, settings, policy)
     rows = quant.layer_errors(model, Checkpoint(base))  # one base tensor at a time
@@ -92,6 +97,13 @@ def _quantized_and_measured(base, settings: dict, policy: Policy, stage: str, se
         raise InputError(f"quantization: no linear layer of {base} was quantized "
                          f"(skip_modules {settings['skip_modules']}); expected at least one")
     return model, rows, numerics.check(model, quant.saved_compute_dtype(model))
+
+
+def _bits(settings: dict) -> float:
+    """Bits per quantized weight by the method's formula (docs/quantization.md)."""
+    from ..models import methods
+
+    return methods.of(settings["method"]).theoretical_bits(settings)
 
 
 def quantization_sweep_point(*, base: Input, tokenized: Inputs, report: Output, point: dict,
@@ -104,6 +116,7 @@ def quantization_sweep_point(*, base: Input, tokenized: Inputs, report: Output, 
 
     seed_everything(seed)
     validation = _validation(tasks, tokenized)
+    disk.check_stage("quantization_sweep_point", base, {report: ["records"]})
     model, rows, checked = _quantized_and_measured(base, point, policy,
                                                    "quantization_sweep_point",
                                                    seq=_longest(validation))

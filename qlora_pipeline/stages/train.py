@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..core import memory
+from ..core import disk, memory
 from ..core.files import checksum, config_hash, write_json
 from ..core.policy import Policy
 from ..core.seeding import seed_everything
@@ -86,6 +86,8 @@ def _train(stage: str, adapter, tokenized, model_dir, train: dict, seed: int, ch
                    "tokenize.max_length shorter, gradient_checkpointing on, or "
                    "train.distributed",
             shards=distributed.fsdp_shards(train["distributed"]))
+        disk.check_stage(stage, model_dir, {out: ["adapter"], checkpoints: ["checkpoints"]},
+                         lora=lora, optimizer=policy.optimizer(train["optimizer"]))
         model, expected = prepare(checkpointing, loop.total_steps(train, len(data["train"])))
         if lora.get("init") in WEIGHT_DERIVED:  # the adapter carries part of the base
             save_initial(model, out / "initial")
@@ -150,6 +152,7 @@ def merge(*, base: Input, quantized: Input, adapter: Input, tokenized: Input, me
     memory.check_stage("merge", base, policy, weights="full" if policy.cuda else "merge",
                        seq=max(map(len, prompts), default=1), offload=True,
                        remedy="a GPU with more memory", bits=stored_bits(quantized))
+    disk.check_stage("merge", base, {merged: ["model"]}, width=2 if policy.bf16 else 4)
     trained = merging.trained_model_logits(quantized, adapter, prompts, policy)
     chosen = merging.resolve_base(merge["base"], recovered)
     others = [k for k in ("full", "dequantized") if k != chosen] if merge["compare_bases"] else []

@@ -1,0 +1,89 @@
+"""Disk space (core/disk.py): a stage refuses before loading where its outputs cannot fit, and
+a full disk met while writing is one line naming the output, with nothing left behind. On a
+real small filesystem: a tmpfs the test mounts (root here and in CI, where it must not skip)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import stage
+
+from qlora_pipeline.core import disk
+from qlora_pipeline.core.errors import DiskFull
+from qlora_pipeline.core.memory import Shapes
+
+NF4 = {"method": "nf4", "double_quant": True, "compute_dtype": "auto",
+       "skip_modules": ["lm_head"]}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 KiB tmpfs: smaller than the tiny model's quantized checkpoint (~180 KB)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        why = f"cannot mount a tmpfs: {done.stderr.strip()}"
+        if os.environ.get("CI") == "true" or os.environ.get("QLORA_REQUIRE_SLURM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_a_stage_that_cannot_fit_is_refused_then_fails_cleanly(small_disk, tiny_model_dir,
+                                                              monkeypatch):
+    from qlora_pipeline.models import quantization
+
+    out = small_disk / "models" / "quantized"
+    loaded = quantization.quantize
+    monkeypatch.setattr(quantization, "quantize", lambda *a: pytest.fail("loaded"))
+    with pytest.raises(DiskFull) as refused:  # (a) the estimate, before anything loads
+        stage("quantize")(base=tiny_model_dir, quantized=out, seed=0, quantization=NF4)
+    needed = disk.quantized_model_bytes(Shapes.from_checkpoint(tiny_model_dir), 4.127)
+    assert re.fullmatch(rf"quantize: needs {needed / 2**20:.1f} MiB \({needed} bytes\) in "
+                        rf"{re.escape(str(out.parent))}, 0\.1 MiB \(\d+ bytes\) free; .*"
+                        rf"QLORA_SKIP_DISK_CHECK=1 runs it anyway\)", one_line(refused))
+    assert os.listdir(small_disk) == []
+
+    monkeypatch.setattr(quantization, "quantize", loaded)
+    monkeypatch.setenv(disk.SKIP_ENV, "1")
+    with pytest.raises(DiskFull) as full:  # (b) checked no more: the disk fills while it saves
+        stage("quantize")(base=tiny_model_dir, quantized=out, seed=0, quantization=NF4)
+    assert re.fullmatch(rf"quantize: no space left on device writing "
+                        rf"{re.escape(str(out))}( \(at \S+\))?; 0\.1 MiB \(\d+ bytes\) free in "
+                        rf"{re.escape(str(small_disk))}; nothing was kept; .*",
+                        one_line(full))
+    assert os.listdir(small_disk) == []  # no temporary folder, no partial output
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    stage("quantize")(base=tiny_model_dir, quantized=out, seed=0, quantization=NF4)
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written < needed < 10 * written  # an upper bound, not an absurd one
+    assert os.listdir(small_disk) == ["models"] and (out / "provenance.json").exists()
+
+
+def test_folders_on_one_filesystem_add_up(tmp_path, monkeypatch):
+    usage = disk.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    assert disk.check("s", {tmp_path / "a": 600}) == {
+        str(tmp_path): {"needed_bytes": 600, "free_bytes": 1000}}
+    with pytest.raises(DiskFull, match=rf"^s: needs 0\.0 MiB \(1200 bytes\) in "
+                                       rf"{re.escape(str(tmp_path))}, 0\.0 MiB \(1000 bytes\) "
+                                       rf"free; "):
+        disk.check("s", {tmp_path / "a" / "b": 600, tmp_path / "c": 600})
+    monkeypatch.setenv(disk.SKIP_ENV, "1")  # a warning instead
+    assert disk.check("s", {tmp_path / "c": 1001})[str(tmp_path)]["needed_bytes"] == 1001
