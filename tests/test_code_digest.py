@@ -122,7 +122,7 @@ def test_infrastructure_is_listed_and_no_trigger(package):
     assert {f.relative_to(package).as_posix() for f in files} >= {
         "jobs/runner.py", "jobs/warm_start.py", "jobs/gpus.py", "jobs/launch.py",
         "jobs/outputs.py", "jobs/provenance.py", "jobs/code_digest.py",
-        "jobs/environment.py", "core/memory.py", "core/machine.py"}
+        "jobs/environment.py", "core/memory.py", "core/machine.py", "core/disk.py"}
     before = digests(package)
     for path in files:
         path.write_text(path.read_text() + "\n_UNUSED = 1\n")

@@ -1,6 +1,6 @@
 """The bytes each model stage will write, estimated from the model's shapes (memory.Shapes)
 before anything loads, and the refusal of a stage whose folders cannot hold them; a full disk
-met while writing anyway (ENOSPC) told in one line (docs/architecture.md, "Outputs").
+met while writing anyway (ENOSPC) told in one line (docs/cluster.md, "Disk space").
 
 The estimates are upper bounds: weights at their stored or saved width, side files (the
 tokenizer a stage copies, its JSON records) at TOKEN_BYTES per vocabulary entry plus
@@ -27,7 +27,7 @@ MIB = 2 ** 20
 # tokenizer.json, vocab and merges of a BPE tokenizer (SmolLM2's 49152 entries: 3.5 MB), or a
 # GGUF's token table: below 128 bytes per entry.
 TOKEN_BYTES = 128
-RECORD_BYTES = MIB  # JSON records beside the weights (quantization.json's layers, summaries)
+RECORD_BYTES = 256 * 2 ** 10  # JSON records beside the weights: quantization.json, metrics
 # Checkpoints a training keeps at once: save_total_limit 2 (training/loop.py) plus the best
 # one (load_best_model_at_end), and the one being written before the oldest goes.
 KEPT_CHECKPOINTS = 4
