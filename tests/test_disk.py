@@ -87,3 +87,9 @@ def test_folders_on_one_filesystem_add_up(tmp_path, monkeypatch):
         disk.check("s", {tmp_path / "a" / "b": 600, tmp_path / "c": 600})
     monkeypatch.setenv(disk.SKIP_ENV, "1")  # a warning instead
     assert disk.check("s", {tmp_path / "c": 1001})[str(tmp_path)]["needed_bytes"] == 1001
+
+
+def test_an_architecture_without_known_dimensions_is_not_estimated(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # as memory.check_stage: logged, not refused
+    assert disk.check_stage("train_qlora", tmp_path, {tmp_path / "a": ["adapter"]},
+                            lora={"r": 8, "target_modules": "all-linear"}) == {}

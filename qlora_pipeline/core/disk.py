@@ -120,6 +120,10 @@ def check_stage(stage: str, model_dir: str | Path, writes: dict, *, width: int =
     "checkpoints" of `lora` trained by `optimizer`, "gguf" of `types`, "records"), from the
     shapes of the checkpoint in `model_dir`."""
     shapes = Shapes.from_checkpoint(model_dir)
+    if not (shapes.hidden and shapes.layers):  # as memory.check_stage: no estimate, no refusal
+        log.warning("no disk estimate of %s: %s/config.json gives no hidden size or layers",
+                    stage, model_dir)
+        return {}
     sizes = {"model": lambda: model_bytes(shapes, width),
              "quantized": lambda: quantized_model_bytes(shapes, bits),
              "adapter": lambda: adapter_bytes(shapes, lora),
