@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
-from conftest import stage
+from conftest import REPO, stage
 
 from qlora_pipeline.core import disk
 from qlora_pipeline.core.errors import DiskFull
@@ -93,3 +93,20 @@ def test_an_architecture_without_known_dimensions_is_not_estimated(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # as memory.check_stage: logged, not refused
     assert disk.check_stage("train_qlora", tmp_path, {tmp_path / "a": ["adapter"]},
                             lora={"r": 8, "target_modules": "all-linear"}) == {}
+
+
+def test_a_log_on_the_full_disk_does_not_hide_the_error(small_disk):
+    """The job's log is on the full disk too: its one line still reaches the terminal, and no
+    OSError from writing the log replaces it (a process of its own: its real stderr)."""
+    with open(small_disk / "filler", "wb", buffering=0) as handle:
+        with pytest.raises(OSError):
+            while True:
+                handle.write(b"x" * 4096)
+    job = ("from qlora_pipeline.core.errors import DiskFull\n"
+           "from qlora_pipeline.jobs.environment import logged_to\n"
+           f"with logged_to({str(small_disk / 'job.log')!r}):\n"
+           "    raise DiskFull('quantize: no space left on device writing out')\n")
+    done = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1 and "OSError" not in done.stderr, done.stderr
+    assert "\nerror: quantize: no space left on device writing out\n" in done.stderr

@@ -41,12 +41,14 @@ def logged_to(log_path: str | Path | None):
             sys.stderr.flush()
             one_line = isinstance(err, (InputError, ResumeLater))
             message = str(err) if one_line else traceback.format_exc()
-            print(message, file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # a full disk may hold the log too
+                print(message, file=sys.stderr, flush=True)
             os.write(saved[2], f"\nerror: {err}\n(full log: {log_path})\n".encode())
             raise
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # (the job's own error stands)
+                sys.stdout.flush()
+                sys.stderr.flush()
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
