@@ -84,9 +84,11 @@ def test_a_job_runs_in_a_copy_with_its_own_threads_variables_and_directory(
     assert "probe says hello" in log and "warm start)" in log
 
 
-def test_a_failing_job_reports_its_status_and_its_error(server, tmp_path):
+def test_a_failing_job_reports_its_status_and_its_error(server, tmp_path, capfd):
     assert warm_start.submit(probe_job(tmp_path, fail=True), address=server[0]) == 1
     assert "probe: asked to fail" in (tmp_path / "probe.log").read_text()
+    told = capfd.readouterr().err  # bad input: its one line, no traceback after it
+    assert "error: probe: asked to fail" in told and "Traceback" not in told
 
 
 def test_a_training_stopped_for_its_time_limit_exits_75_in_one_line(server, tmp_path):
@@ -148,6 +150,18 @@ def test_without_a_server_the_job_runs_itself(tmp_path, monkeypatch):
     assert warm_start.submit(probe_job(tmp_path), address=str(tmp_path / "none.sock")) is None
     monkeypatch.delenv(warm_start.SOCKET_VARIABLE, raising=False)
     assert warm_start.submit(probe_job(tmp_path)) is None
+
+
+
+def test_bad_input_run_cold_ends_in_its_one_line(tmp_path, monkeypatch, capfd):
+    """runner.run_script without a server: exit status 1 after the line, no traceback."""
+    from qlora_pipeline.jobs import runner
+
+    monkeypatch.setattr(Job, "from_snakemake", lambda smk: probe_job(tmp_path, fail=True))
+    monkeypatch.setattr(warm_start, "submit", lambda job: None)
+    with pytest.raises(SystemExit) as stop:
+        runner.run_script(None)
+    assert stop.value.code == 1 and "error: probe: asked to fail" in capfd.readouterr().err
 
 
 CLIENT = """

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..core.errors import ResumeLater
+from ..core.errors import InputError, ResumeLater
 from ..core.policy import Policy
 from ..training import checkpoints
 from . import gpus, launch, warm_start
@@ -156,6 +156,10 @@ def run_script(smk) -> None:
             job.run()
         except ResumeLater:  # said in the log and on stderr already (logged_to)
             sys.exit(ResumeLater.EXIT_STATUS)
+        except InputError:
+            if not job.log_path:
+                raise
+            sys.exit(1)  # told in one line (environment.logged_to): no traceback after it
     elif status:
         sys.exit(status)  # the job's error is in its log and on this job's stderr already
 

@@ -242,9 +242,22 @@ def _reap(children: dict) -> None:
         conn.close()
 
 
+def _told(err: BaseException, job) -> int | None:
+    """The exit status of an error already told in one line by the job's log handler
+    (environment.logged_to): a training stopped before its time limit (ResumeLater, 75), bad
+    input where the job has a log (1); None for any other. The classes are looked up, not
+    imported: the server imports none of the project's code."""
+    errors = sys.modules.get(f"{__package__.rsplit('.', 1)[0]}.core.errors")
+    if errors and isinstance(err, errors.ResumeLater):
+        return errors.ResumeLater.EXIT_STATUS
+    if errors and isinstance(err, errors.InputError) and job and job.log_path:
+        return 1
+    return None
+
+
 def _become_job(conn: socket.socket, fds: list[int], request: dict) -> None:
     """In the forked copy: take the job's streams, variables and directory, run it, report."""
-    status = 1
+    status, job = 1, None
     try:
         os.setpgid(0, 0)  # its own group, so that a signal reaches what the job starts too
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -257,16 +270,16 @@ def _become_job(conn: socket.socket, fds: list[int], request: dict) -> None:
         os.environ.update(request["env"])
         sys.path[:] = request["path"]
         threading.Thread(target=_stop_when_orphaned, args=(conn,), daemon=True).start()
-        dataclasses.replace(pickle.loads(request["job"]), warm=True).run()
+        job = dataclasses.replace(pickle.loads(request["job"]), warm=True)
+        job.run()
         status = 0
     except SystemExit as stop:  # the job's own exit status
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException as err:  # noqa: BLE001 - whatever happens, the job's script must hear
-        from ..core.errors import ResumeLater  # the job's copy of the project, not the server's
-        if isinstance(err, ResumeLater):  # a training stopped for its time limit (in its log)
-            status = ResumeLater.EXIT_STATUS
-        else:
-            traceback.print_exc()  # as the interpreter would; status 1
+        status = _told(err, job)
+        if status is None:
+            traceback.print_exc()  # as the interpreter would
+            status = 1
     finally:
         with contextlib.suppress(BaseException):
             sys.stdout.flush()
