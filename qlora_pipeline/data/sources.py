@@ -41,6 +41,32 @@ def _text(path: Path) -> str:
                          f"offset {offset}); expected a UTF-8 encoded file") from None
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object whose keys repeat is refused: json keeps the last silently, so a record
+    would lose the text its earlier key held."""
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen = [key for key, _ in pairs]
+        raise ValueError(f"key {next(k for k in seen if seen.count(k) > 1)!r} repeated")
+    return record
+
+
+def _loads(text: str, path: Path, line: int | None, expected: str):
+    """JSON text read as Python, or one line naming the file and the line (of a JSON-lines
+    file; of the error in a JSON file, where known)."""
+    where = f"{path}: line {line}" if line else str(path)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: line {line or err.lineno}: malformed JSON ({err.msg} at "
+                         f"column {err.colno}); expected {expected}") from None
+    except ValueError as err:  # a repeated key
+        raise InputError(f"{where}: {err}; expected each key once per object") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested deeper than Python reads; expected "
+                         f"{expected}") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     # Read by hand rather than with datasets' json builder: its errors do not say which line.
     # Split on "\n" only: str.splitlines() also splits on U+2028, U+0085 and friends, which
@@ -49,20 +75,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append((f"{path}: line {number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}: line {number}: malformed JSON ({err.msg} at column "
-                             f"{err.colno}); expected one JSON object per line") from None
+        rows.append((f"{path}: line {number}",
+                     _loads(line, path, number, "one JSON object per line")))
     return rows
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
-    try:
-        data = json.loads(_text(path))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: line {err.lineno}: malformed JSON ({err.msg}); expected a "
-                         f"list of records or {{\"data\": [records]}}") from None
+    data = _loads(_text(path), path, None, 'a list of records or {"data": [records]}')
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -78,6 +97,9 @@ def _read_csv(path: Path) -> list[tuple[str, dict]]:
     answers of an arithmetic task) into ints, silently uses an extra field as the row index,
     and cannot say on which line a multi-line quoted record starts.
     """
+    # A record's text may be long (a 1 MB document, as a JSON line may hold): no field limit
+    # beyond the largest the csv module takes (its default is 128 KiB).
+    csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(_text(path), newline=""))
     try:
         header = next(reader, None)
@@ -183,8 +205,23 @@ def _prepare(rows: list[tuple[str, dict]], cfg: dict, fmt: str) -> list[dict]:
     out = []
     for where, record in rows:
         record = _map_columns(record, cfg.get("columns") or {}, where)
-        out.append(formats.clean(formats.check_record(record, fmt, where), fmt))
+        out.append(_writable(formats.clean(formats.check_record(record, fmt, where), fmt), where))
     return out
+
+
+def _writable(record: dict, where: str) -> dict:
+    """The record as the split file will hold it (UTF-8 JSON), refused here where it cannot:
+    a lone surrogate ("\\ud800" in JSON) reads as text but encodes to no UTF-8; a parquet
+    value such as a timestamp has no JSON form."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{where}: text holds {err.object[err.start:err.end]!r}, a lone UTF-16 "
+                         f"surrogate; expected Unicode text") from None
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where}: {err}; expected values JSON holds (text, numbers, lists, "
+                         f"objects)") from None
+    return record
 
 
 def carve(splits: dict[str, list], cfg: dict) -> dict[str, list]:
