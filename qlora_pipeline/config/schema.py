@@ -32,6 +32,12 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start}); expected a YAML file") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested deeper than Python reads; expected a YAML file of "
+                         f"settings") from None
 
 
 def load_schema(name: str) -> dict:
@@ -142,7 +148,9 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
             isinstance(alt, dict) and set(alt) == {"required"} for alt in value):
         options = " | ".join(" + ".join(alt["required"]) for alt in value)
         keys = dict.fromkeys(k for alt in value for k in alt["required"])
-        found = ", ".join(k for k in keys if k in error.instance) or f"none of {', '.join(keys)}"
+        # Not a mapping (its type error is listed too): every `required` holds, so all match.
+        mapping = error.instance if isinstance(error.instance, dict) else {}
+        found = ", ".join(k for k in keys if k in mapping) or f"none of {', '.join(keys)}"
         return (f"key '{key}': found {found}; expected exactly one of: "
                 f"{options}{_condition(error, schema)}")
     found = json.dumps(error.instance, default=str)
