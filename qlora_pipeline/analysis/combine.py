@@ -33,8 +33,7 @@ import torch
 
 from .combination_methods import LOW_RANK
 from ..core.errors import InputError, NumericsError
-from ..core.files import read_json
-from ..models.adapter_file import Update, as_lora, read_adapter
+from ..models.adapter_file import Update, as_lora, read_adapter, read_config
 from .compress import save_adapter, split, spread
 from .overlap import numerical_rank, overlaps
 from .spectrum import low_rank_svd
@@ -71,7 +70,7 @@ def read_sources(adapter_dirs: dict[str, Path], weights: list[float]) -> tuple[
     configs, by_task, layers = {}, {}, {}
     for (task, folder), weight in zip(adapter_dirs.items(), weights):
         folder = Path(folder)
-        configs[task] = as_lora(read_json(folder / "adapter_config.json"))
+        configs[task] = as_lora(read_config(folder))
         by_task[task] = {key.removesuffix(".weight"): update
                          for key, update in read_adapter(folder).items()}
         for module, update in by_task[task].items():

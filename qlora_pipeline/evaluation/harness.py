@@ -34,11 +34,13 @@ def load_model(policy: Policy, base, quantized=None, adapter=None, merged=None):
     always gives the tokenizer."""
     from transformers import AutoTokenizer
 
+    from ..models import adapter_file
     from ..models.quantization import load_full_precision, load_quantized
 
     model = load_quantized(quantized, policy) if quantized \
         else load_full_precision(merged or base, policy, offload=True)
     if adapter:
+        adapter_file.check(adapter, base)  # one line, not PEFT's traceback, for a bad folder
         # Only here: peft, with the bitsandbytes it imports, takes 1.5-2 s to import on a
         # 2-core CPU that scoring a base, quantized or merged model would spend for nothing.
         from peft import PeftModel

@@ -15,17 +15,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import torch
 
 from ..core.errors import InputError
 from .checkpoint import Checkpoint
 
 PREFIX = "base_model.model."
+WEIGHTS = "adapter_model.safetensors"
 # adapter_config.json settings whose update this module does not compute: refused, not ignored.
 UNSUPPORTED = {"lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
                "layer_replication": None, "trainable_token_indices": None,
                "target_parameters": None, "use_qalora": False, "use_bdlora": None}
 # AdaLoRA's own settings: its schedule, which a written LoRA adapter no longer has.
+# The settings read here, of the types PEFT writes them: PEFT does not check them on loading.
+SETTINGS = {"type": "object", "required": ["peft_type", "r", "lora_alpha"], "properties": {
+    "r": {"type": "integer", "minimum": 1}, "init_r": {"type": "integer", "minimum": 1},
+    "lora_alpha": {"type": "number"}, "use_rslora": {"type": ["boolean", "null"]},
+    "use_dora": {"type": ["boolean", "null"]}, "fan_in_fan_out": {"type": ["boolean", "null"]},
+    "target_modules": {"type": ["array", "string", "null"], "items": {"type": "string"}},
+    "rank_pattern": {"type": ["object", "null"]},
+    "base_model_name_or_path": {"type": ["string", "null"]}}}
 ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                 "orth_reg_weight", "total_step")
 
@@ -60,14 +70,79 @@ def read_adapter(adapter_dir: Path) -> dict[str, Update]:
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    check_supported(config, adapter_dir)
+    config = check(adapter_dir)
     layers: dict[str, dict] = {}
-    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
+    for key, tensor in load_file(adapter_dir / WEIGHTS).items():
         module, part = split_adapter_key(key, adapter_dir)
         layers.setdefault(module, {})[part] = tensor
     return {f"{module}.weight": update(module, parts, config, adapter_dir)
             for module, parts in layers.items()}
+
+
+def read_config(adapter_dir: Path) -> dict:
+    """adapter_config.json as a mapping, or one line naming the file."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise InputError(f"{path}: not readable as JSON ({err}); expected a saved adapter's "
+                         f"settings (PEFT's save_pretrained)") from None
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(SETTINGS).iter_errors(config))
+    if error is not None:
+        key = ".".join(map(str, error.absolute_path)) or "<top level>"
+        raise InputError(f"{path}: key '{key}': {error.message}; expected a saved adapter's "
+                         f"settings (PEFT's save_pretrained)")
+    return config
+
+
+def check(adapter_dir: Path, base_dir: Path | None = None) -> dict:
+    """A saved adapter's settings, once its files are whole and, given its base's folder, its
+    factors fit that base's weights; else one line naming the file. PEFT itself fails on these
+    in a traceback deep in loading (a size mismatch, a safetensors header error)."""
+    from safetensors import SafetensorError, safe_open
+
+    config = read_config(adapter_dir)
+    check_supported(config, adapter_dir)
+    path = Path(adapter_dir) / WEIGHTS
+    try:
+        with safe_open(path, "pt") as handle:
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err}); expected the "
+                         f"adapter's weights, whole") from None
+    layers: dict[str, dict] = {}
+    for key, shape in shapes.items():
+        module, part = split_adapter_key(key, adapter_dir)
+        layers.setdefault(module, {})[part] = shape
+    for module, parts in layers.items():
+        a, b = parts.get("A", []), parts.get("B", [])
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise InputError(f"{path}: layer {module}: lora_A {a or 'missing'}, lora_B "
+                             f"{b or 'missing'}; expected matrices [r, in] and [out, r]")
+    if base_dir is not None:
+        check_shapes(shapes, config, path, Checkpoint(base_dir))
+    return config
+
+
+def check_shapes(shapes: dict, config: dict, path: Path, base: Checkpoint) -> None:
+    """Each factor against the base weight it changes: lora_A [r, in], lora_B [out, r]
+    (in and out swapped in a fan_in_fan_out layer's weight, as PEFT's Conv1D)."""
+    from safetensors import safe_open
+
+    for key, shape in shapes.items():
+        module, part = split_adapter_key(key, path.parent)
+        weight = f"{module}.weight"
+        if part not in ("A", "B") or weight not in base.weight_map:
+            continue  # a weight the base lacks: read_against names it
+        with safe_open(base.dir / base.weight_map[weight], "pt") as handle:
+            out, fan_in = handle.get_slice(weight).get_shape()
+        if config.get("fan_in_fan_out"):
+            out, fan_in = fan_in, out
+        side, size = (1, fan_in) if part == "A" else (0, out)
+        if shape[side] != size:
+            raise InputError(f"{path}: {key} has shape {shape}, but {base.dir}'s {weight} is "
+                             f"[{out}, {fan_in}]; expected an adapter trained on this base")
 
 
 def read_against(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, Update], Checkpoint]:

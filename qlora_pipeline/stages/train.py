@@ -141,11 +141,13 @@ def merge(*, base: Input, quantized: Input, adapter: Input, tokenized: Input, me
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
+    from ..models import adapter_file
     from ..models.quantization import stored_bits
     from ..training import merging
     from ..training.lora import check_adapter
 
     check_adapter(adapter, "merge")
+    adapter_file.check(adapter, base)
     prompts = load_from_disk(str(tokenized))["test"]["input_ids"][:merge["check_examples"]]
     # On the CPU the 4-bit model (trained logits), the merged one and the base it is
     # checked against load one after the other; the allocator keeps each one's memory.
