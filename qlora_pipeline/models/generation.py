@@ -4,6 +4,8 @@ trip both ask of a model)."""
 
 from __future__ import annotations
 
+from ..core.errors import InputError
+
 
 def _streamer(tokenizer, out):
     """transformers' TextStreamer (decodes whole words as they complete), into `out`."""
@@ -24,7 +26,12 @@ class LlamaCppModel:
         from .gguf_export import require_llama_cpp
 
         llama_cpp = require_llama_cpp("qlora-chat --gguf")
-        self.llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads, verbose=False)
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=threads,
+                                       verbose=False)
+        except ValueError as err:  # llama.cpp's one word for a file it cannot load
+            raise InputError(f"qlora-chat --gguf: {path}: {err}; expected a whole GGUF file "
+                             f"(magic 'GGUF') of a model llama.cpp runs") from None
         self.seed = seed  # --sample: the same seed, the same answers
 
     def answer(self, prompt: str, settings: dict, out=None) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import struct
 from pathlib import Path
 
 from ..core.errors import InputError
@@ -82,6 +83,7 @@ def load(cfg: dict):
     if cfg["source"] == "gguf":
         path = gguf_location(cfg)
         log.info("dequantizing GGUF %s (once; later stages read the safetensors)", path)
+        own = gguf_dtype(path)  # first: a broken file is refused before transformers reads it
         with parse_gguf_once():
             tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=trust,
                                                       gguf_file=path.name)
@@ -89,14 +91,16 @@ def load(cfg: dict):
         # The weights are now plain float tensors; drop the GGUF marker so they save as such.
         del model.config.quantization_config
         model.hf_quantizer = None
-        dtype = gguf_dtype(path) if dtype == "auto" else dtype
+        dtype = own if dtype == "auto" else dtype
     elif cfg["source"] in ("hub", "local"):
         hub = cfg["source"] == "hub"
         directory = hub_snapshot(cfg) if hub else Path(cfg["path"])
-        check_safetensors(directory, "base_model.id" if hub else "base_model.path")
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True,
-                                                     trust_remote_code=trust)
+        key = "base_model.id" if hub else "base_model.path"
+        check_safetensors(directory, key)
+        with refusing_code(directory, key):
+            tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True,
+                                                         trust_remote_code=trust)
     else:
         raise InputError(f"base_model.source: unknown source '{cfg['source']}'; "
                          f"expected gguf, hub or local")
@@ -106,13 +110,32 @@ def load(cfg: dict):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def refusing_code(directory: Path, key: str):
+    """transformers' refusal of a model that needs its own code (trust_remote_code off), as
+    one line: its ValueError spans several."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise InputError(f"{key}: {directory} needs its own Python code to load (auto_map in "
+                         f"its config), which base_model.trust_remote_code false does not run; "
+                         f"expected an architecture transformers knows, or trust_remote_code "
+                         f"true for code you have read") from None
+
+
 def gguf_dtype(path: Path) -> str:
     """A GGUF's own dtype, for base_model.dtype 'auto': bfloat16 or float16 where every matrix
     is stored so; float32 where any is block-quantized (Q4_1, Q8_0...: scale x integer, exact
     only in float32) or float32."""
     import gguf
 
-    kinds = {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    try:
+        kinds = {t.tensor_type for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    except (ValueError, IndexError, struct.error, OSError) as err:  # gguf's, for a broken file
+        raise InputError(f"base_model: {path} is not a readable GGUF file ({err}); expected "
+                         f"a whole GGUF file (magic 'GGUF')") from None
     names = {gguf.GGMLQuantizationType.BF16: "bfloat16", gguf.GGMLQuantizationType.F16: "float16"}
     return names.get(kinds.pop(), "float32") if len(kinds) == 1 else "float32"
 
