@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import SecurityError, TemplateError
 
 from ..core.errors import InputError
 
@@ -204,6 +204,9 @@ def _render(messages: list[dict], tokenizer, generation_prompt: bool = False,
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
+    except SecurityError as err:  # transformers renders in jinja2's sandbox
+        raise InputError(f"the tokenizer's chat template reaches for Python objects ({err}); "
+                         f"expected a template that renders messages only") from None
     except TemplateError as err:  # the template's raise_exception (a role it does not take)
         roles = [m["role"] for m in messages]
         raise InputError(f"the tokenizer's chat template refused roles {roles}: {err}; "
