@@ -271,6 +271,25 @@ def test_datasets_of_random_bytes_are_read_or_refused_by_file(tmp_path, data, su
     check_dataset(path, fmt)
 
 
+COLUMN = st.sampled_from([st.text(max_size=8), st.integers(-9, 9), st.floats(),
+                          st.binary(max_size=4), st.datetimes(), st.lists(st.text(max_size=3))])
+
+
+@fuzz(30)
+@given(data=st.data(), names=st.lists(st.sampled_from(FIELDS[:5] + ("label", "choices")),
+                                      min_size=1, max_size=4, unique=True), fmt=FORMATS)
+def test_parquet_columns_of_any_type_are_read_or_refused_by_row(tmp_path, data, names, fmt):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = data.draw(st.integers(1, 3))
+    columns = {name: data.draw(st.lists(st.none() | data.draw(COLUMN), min_size=rows,
+                                        max_size=rows)) for name in names}
+    path = scratch(tmp_path, "data") / "train.parquet"
+    pq.write_table(pa.table(columns), path)
+    check_dataset(path, fmt)
+
+
 DEEP = {"deep.jsonl": "[" * 100_000, "deep.json": '{"a":' * 50_000,
         "twice.jsonl": '{"prompt": "a", "completion": "b", "prompt": "c"}',
         "surrogate.jsonl": '{"prompt": "\\ud800", "completion": "b"}'}
