@@ -223,7 +223,7 @@ def recovery_train(task: dict) -> dict:
 
 def load_config(config: dict, root: str | Path = ".") -> tuple[dict, dict[str, dict]]:
     """Validate the main config (in place, with defaults) and load every listed task."""
-    if "quant_type" in (config.get("quantization") or {}):
+    if isinstance(config.get("quantization"), dict) and "quant_type" in config["quantization"]:
         raise InputError("config key 'quantization.quant_type': renamed 'quantization.method' "
                          f"(nf4, fp4, int8, hqq); found quant_type "
                          f"{config['quantization']['quant_type']!r}")
