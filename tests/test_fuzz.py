@@ -172,6 +172,15 @@ def test_configs_and_task_files_are_read_or_refused_by_key(tmp_path, overlay, ta
     check_config(root, [base, write_yaml(root / "overlay.yaml", overlay)])
 
 
+@pytest.mark.parametrize("overlay", [{"quantization": True}, {"base_model": None}])
+def test_a_block_of_another_type_is_refused_by_key(tmp_path, overlay):
+    """Two the fuzzing found: a TypeError each, before the schema could name the key."""
+    write_yaml(tmp_path / "config/tasks/arithmetic.yaml", TASK)
+    files = [write_yaml(tmp_path / "config.yaml", CONFIG), write_yaml(tmp_path / "o.yaml", overlay)]
+    message = refused(lambda: load_config(read_configfiles(files), root=tmp_path), "config")
+    assert f"key '{next(iter(overlay))}'" in message
+
+
 @fuzz(60)
 @given(overrides=st.dictionaries(KEYS, st.text(max_size=12) | values(KEYS), max_size=3))
 def test_config_overrides_are_typed_or_refused_by_key(tmp_path, overrides):
