@@ -27,7 +27,6 @@ WEIGHTS = "adapter_model.safetensors"
 UNSUPPORTED = {"lora_bias": False, "alpha_pattern": {}, "modules_to_save": None,
                "layer_replication": None, "trainable_token_indices": None,
                "target_parameters": None, "use_qalora": False, "use_bdlora": None}
-# AdaLoRA's own settings: its schedule, which a written LoRA adapter no longer has.
 # The settings read here, of the types PEFT writes them: PEFT does not check them on loading.
 SETTINGS = {"type": "object", "required": ["peft_type", "r", "lora_alpha"], "properties": {
     "r": {"type": "integer", "minimum": 1}, "init_r": {"type": "integer", "minimum": 1},
@@ -36,6 +35,7 @@ SETTINGS = {"type": "object", "required": ["peft_type", "r", "lora_alpha"], "pro
     "target_modules": {"type": ["array", "string", "null"], "items": {"type": "string"}},
     "rank_pattern": {"type": ["object", "null"]},
     "base_model_name_or_path": {"type": ["string", "null"]}}}
+# AdaLoRA's own settings: its schedule, which a written LoRA adapter no longer has.
 ADALORA_ONLY = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
                 "orth_reg_weight", "total_step")
 
@@ -130,13 +130,16 @@ def check_shapes(shapes: dict, config: dict, path: Path, base: Checkpoint) -> No
     (in and out swapped in a fan_in_fan_out layer's weight, as PEFT's Conv1D)."""
     from safetensors import safe_open
 
+    stored = {}
+    for shard in set(base.weight_map.values()):  # headers only: no tensor is read
+        with safe_open(base.dir / shard, "pt") as handle:
+            stored |= {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     for key, shape in shapes.items():
         module, part = split_adapter_key(key, path.parent)
         weight = f"{module}.weight"
-        if part not in ("A", "B") or weight not in base.weight_map:
+        if part not in ("A", "B") or len(stored.get(weight, ())) != 2:
             continue  # a weight the base lacks: read_against names it
-        with safe_open(base.dir / base.weight_map[weight], "pt") as handle:
-            out, fan_in = handle.get_slice(weight).get_shape()
+        out, fan_in = stored[weight]
         if config.get("fan_in_fan_out"):
             out, fan_in = fan_in, out
         side, size = (1, fan_in) if part == "A" else (0, out)
