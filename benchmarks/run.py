@@ -3,6 +3,7 @@
     python -m benchmarks.run                       # all, after making their inputs
     python -m benchmarks.run --only packing inference
     python -m benchmarks.run --smoke --results DIR # tiny models, seconds each (CI)
+    python -m benchmarks.run --only faults         # 3 fault trials (benchmarks/faults.py)
 
 Run as a module from the repository root: benchmarks are imported as benchmarks.<name> (a
 script's own folder first on the import path would let benchmarks/packing.py shadow any module
@@ -41,6 +42,8 @@ from qlora_pipeline.jobs.provenance import git_commit
 BENCHMARKS = ("train_step", "packing", "inference", "serving", "bits_per_param",
               "noop_dryrun", "merge_memory", "adapter_analysis", "memory_model",
               "default_run")
+# Run only when named (--only): minutes per trial, and mounts a tmpfs (root) for its disk faults.
+ON_REQUEST = ("faults",)
 KEYS = ("name", "figure", "goal", "met", "details")
 
 
@@ -116,9 +119,10 @@ def gathered(results: list[dict], out: Path) -> list[dict]:
     (`--only` measures a few at a time): each row says when and at which commit it was made."""
     ran = {r["name"] for r in results}
     earlier = [json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
-               for name in BENCHMARKS if name not in ran and (out / f"{name}.json").exists()]
+               for name in BENCHMARKS + ON_REQUEST
+               if name not in ran and (out / f"{name}.json").exists()]
     by_name = {r["name"]: r for r in [*results, *earlier]}
-    return [by_name[name] for name in BENCHMARKS if name in by_name]
+    return [by_name[name] for name in BENCHMARKS + ON_REQUEST if name in by_name]
 
 
 def write_summary(results: list[dict], facts: dict, out: Path, smoke: bool) -> str:
@@ -136,8 +140,9 @@ def write_summary(results: list[dict], facts: dict, out: Path, smoke: bool) -> s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
-                        help=f"run these only ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS + ON_REQUEST, metavar="NAME",
+                        help=f"run these only ({', '.join(BENCHMARKS + ON_REQUEST)}; "
+                             f"{', '.join(ON_REQUEST)} only when named)")
     parser.add_argument("--smoke", action="store_true",
                         help="each benchmark's tiny version: checks that it runs, measures "
                              "nothing; needs no pipeline output")
@@ -153,7 +158,8 @@ def main(argv=None) -> int:
 
     import torch  # noqa: F401  (machine.facts reports torch's threads and GPU once loaded)
 
-    modules = [load(name) for name in BENCHMARKS if name in (args.only or BENCHMARKS)]
+    modules = [load(name) for name in BENCHMARKS + ON_REQUEST
+               if name in (args.only or BENCHMARKS)]
     if not args.smoke:
         prepare_inputs(modules)
     results = []
