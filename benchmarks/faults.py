@@ -4,10 +4,11 @@ uninterrupted reference run.
     python -m benchmarks.faults --trials 100 [--out DIR] [--seed S]   # resumable
     python -m benchmarks.faults --summary [--out DIR]                  # the table only
 
-The DAG: one chat task on a 2-layer random Llama base with SmolLM2's tokenizer (benchmarks/tiny_models.py) with
-recovery, checkpoints, analysis, compression, the merge, a GGUF export, scoring and the report:
-every stage, ~1 minute on 2 cores. The campaign folder holds the base, the config, the
-reference run (made once) and trials.jsonl, one line per trial (a rerun continues it).
+The DAG: one chat task on a 2-layer random Llama with SmolLM2's tokenizer, with recovery,
+checkpoints, analysis, compression, the merge, a GGUF export, scoring and the report: every
+stage, about 2 minutes on 2 cores (half of it llama.cpp's converter and round trip). The
+campaign folder holds the base, the config, the reference run (made once) and trials.jsonl,
+one line per trial (a rerun continues it).
 
 A trial: a fresh working directory (the config, the shared base), Snakemake started as `make
 demo` starts it (the workstation profile, warm start on) in its own process group, one fault
@@ -97,24 +98,25 @@ def make_workdir(campaign: Path, path: Path) -> Path:
     return path
 
 
-def snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
+def snakemake_cmd(workdir: Path, *options: str, targets: tuple[str, ...] = ()) -> list[str]:
     """`make demo`'s command on `workdir`, with the repository's workstation profile."""
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(workdir), "--workflow-profile", str(REPO / "profiles/default"),
-            "--cores", "all", "--resources", f"gpu={model_slots()}", *extra]
+            "--cores", "all", "--resources", f"gpu={model_slots()}", *options, "--", *targets]
 
 
 class Run:
     """Snakemake in its own process group, its output followed for the jobs it runs."""
 
-    def __init__(self, workdir: Path, log: Path, *extra: str):
+    def __init__(self, workdir: Path, log: Path, *options: str, targets: tuple[str, ...] = ()):
         self.started = time.monotonic()
         self.log, self.offset, self.pending = log, 0, None
         self.running: dict[str, str] = {}  # jobid -> rule
         self.saves: set[str] = set()  # checkpoint folders seen
         self.timeline: list[tuple[float, str, str]] = []  # (seconds, "start"|"end", rule)
         self._handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen(snakemake_cmd(workdir, *extra), cwd=workdir,
+        self.proc = subprocess.Popen(snakemake_cmd(workdir, *options, targets=targets),
+                                     cwd=workdir,
                                      stdout=self._handle, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -273,7 +275,7 @@ def mount_tmpfs(path: Path, size: int) -> None:
 
 def faulted_run(workdir: Path, folder: Path, fault: dict, ref: dict, settle: float,
                 targets: tuple[str, ...]) -> dict:
-    run = Run(workdir, folder / "faulted.log", *targets)
+    run = Run(workdir, folder / "faulted.log", targets=targets)
     hit_at, rules = wait_and_strike(run, workdir, fault)
     status = run.wait(max(120.0, 2 * ref["seconds"]))
     ended = run.elapsed()
@@ -404,7 +406,7 @@ def rerun(workdir: Path, folder: Path, ref: dict, targets: tuple[str, ...]) -> d
     statuses, found = [], []
     for attempt in (1, 2):
         log = folder / f"rerun-{attempt}.log"
-        run = Run(workdir, log, "--rerun-incomplete", *targets)
+        run = Run(workdir, log, "--rerun-incomplete", targets=targets)
         statuses.append(run.wait(max(300.0, 4 * ref["seconds"])))
         found += tracebacks(log, Path("/nonexistent"), "")
         if statuses[-1] == 0:
@@ -499,12 +501,12 @@ def recorded(campaign: Path) -> list[dict]:
 
 
 def campaign_run(campaign: Path, trials: int, seed: int, kinds: list[str] | None = None) -> list:
-    """Run trials until `trials` are recorded in `campaign` (earlier ones kept)."""
+    """Run trials until `trials` faults have hit in `campaign` (earlier ones kept)."""
     campaign.mkdir(parents=True, exist_ok=True)
     ref = reference(campaign)
     records = recorded(campaign)
     index = max((r["trial"] for r in records), default=-1) + 1
-    while len(records) < trials:
+    while sum(r["hit"] for r in records) < trials:  # a fault after the run's end is no trial
         fault = plan(seed, index, ref)
         if kinds is None or fault["kind"] in kinds:
             record = {"trial": index, **trial(
@@ -568,7 +570,8 @@ def run(smoke: bool) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=3, help="run until N trials are recorded")
+    parser.add_argument("--trials", type=int, default=3,
+                        help="run until N faults have hit (a miss: the run ended first)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"campaign folder ({OUT})")
     parser.add_argument("--seed", type=int, default=0, help="draws the faults and their times")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), help="only these faults")
@@ -576,9 +579,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if args.summary:
-        print(summary(recorded(args.out), reference(args.out)), end="")
+    if args.summary:  # no run: the reference's facts as recorded
+        facts = args.out / "reference.json"
+        if not facts.exists():
+            parser.error(f"--summary: no campaign in {args.out} (no reference.json); "
+                         "expected a folder that --trials has run in")
+        print(summary(recorded(args.out), json.loads(facts.read_text(encoding="utf-8"))),
+              end="")
         return 0
+    # Stopped (kill PID), it still stops its trial's processes and unmounts its tmpfs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     records = campaign_run(args.out, args.trials, args.seed, args.kinds)
     print(summary(records, reference(args.out)), end="")
     return 0

@@ -211,6 +211,24 @@ def test_where_the_server_is_started(monkeypatch):
     assert not warm_start.wanted(True, local=True)  # CUDA does not survive a fork
 
 
+def test_a_server_killed_before_its_stop_leaves_no_socket(tmp_path, monkeypatch):
+    """A server killed outright (SIGKILL) cannot remove its socket: stop() does, once it has
+    seen the server gone; a live server's socket is its own to remove."""
+    address = tmp_path / "warm.sock"
+    address.touch()
+    monkeypatch.setenv(warm_start.SOCKET_VARIABLE, str(address))
+    monkeypatch.setattr(warm_start, "_server", subprocess.Popen(["sleep", "60"]))
+    warm_start._server.kill()
+    warm_start._server.wait()
+    warm_start.stop()
+    assert not address.exists()
+    address.touch()  # a server that was still running when stopped
+    monkeypatch.setenv(warm_start.SOCKET_VARIABLE, str(address))
+    monkeypatch.setattr(warm_start, "_server", subprocess.Popen(["sleep", "60"]))
+    warm_start.stop()
+    assert address.exists()
+
+
 def test_the_tiny_run_used_the_server_and_stopped_it(tiny_run):
     logs = tiny_run / "results" / "logs"
     assert "warm start: serving" in (logs / "warm_start.log").read_text()

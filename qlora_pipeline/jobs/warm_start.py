@@ -326,11 +326,14 @@ def start(log_path: str | Path) -> None:
 
 def stop() -> None:
     global _server
-    os.environ.pop(SOCKET_VARIABLE, None)
+    address = os.environ.pop(SOCKET_VARIABLE, None)
     if _server is not None:
+        killed = _server.poll() is not None  # gone before its stop: it could not clean up
         _server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             _server.wait(timeout=10)
+        if killed and address:  # its socket would stay in .snakemake/ (benchmarks/faults.py)
+            Path(address).unlink(missing_ok=True)
         _server = None
 
 
