@@ -229,6 +229,23 @@ def test_a_server_killed_before_its_stop_leaves_no_socket(tmp_path, monkeypatch)
     assert address.exists()
 
 
+def test_a_server_still_importing_exits_when_its_workflow_is_gone(tmp_path):
+    """Snakemake killed while the server imports: the server goes within a second, not when
+    its (here 60 s) imports end, and makes no socket."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(60)\n")
+    gone = subprocess.Popen(["sleep", "1"])
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, sys.argv[1]); from qlora_pipeline.jobs import warm_start;"
+        " warm_start.serve(sys.argv[2], watch_pid=int(sys.argv[3]), preload=('slow_import',))"),
+        str(tmp_path), str(tmp_path / "warm.sock"), str(gone.pid)])
+    gone.wait()
+    try:
+        assert server.wait(timeout=15) == 0
+    finally:
+        server.kill()
+    assert not (tmp_path / "warm.sock").exists()
+
+
 def test_the_tiny_run_used_the_server_and_stopped_it(tiny_run):
     logs = tiny_run / "results" / "logs"
     assert "warm start: serving" in (logs / "warm_start.log").read_text()

@@ -128,9 +128,12 @@ def _forwarding_signals(pid: int):
 def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
     """Import `preload`, then fork one copy per job until `watch_pid` (Snakemake) exits."""
     started = time.monotonic()
+    imported = threading.Event()
+    threading.Thread(target=_exit_if_gone, args=(watch_pid, imported), daemon=True).start()
     for name in preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    imported.set()
     # A stop (SIGTERM) between creating the socket file and the `finally` that removes it
     # would leave the file behind (a copied working directory would then hold a socket).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -151,6 +154,15 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
         if _owns(address, bound):
             os.unlink(address)
         listener.close()
+
+
+def _exit_if_gone(pid: int | None, imported: threading.Event) -> None:
+    """While the imports run (20 s on a busy CPU), nothing else sees Snakemake go: a killed
+    workflow would leave the server behind that long (benchmarks/faults.py saw it). No socket
+    exists yet, so there is nothing to clean up."""
+    while not imported.wait(0.2):
+        if not _alive(pid):
+            os._exit(0)
 
 
 def _listen(address: str) -> socket.socket:
