@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # each process's working directory and command line, without parsing /proc
 import yaml
 
 from benchmarks.tiny_models import build_model
