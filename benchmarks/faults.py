@@ -549,6 +549,12 @@ def summary(records: list[dict], ref: dict) -> str:
              f"Reference: {ref['seconds']:.0f} s uninterrupted (commit {ref['commit'][:7]}); "
              f"trials at {', '.join(commits) or '-'}. Columns count trials, tracebacks count "
              "messages.", "", *rows]
+    hit = collections.Counter(rule for r in records for rule in r["rules"])
+    aims = collections.Counter(r["aim"] or "uniform" for r in records)
+    lines += ["", "Rules running when a fault hit (trials): "
+              + ", ".join(f"{rule} {count}" for rule, count in hit.most_common()) + ".",
+              "Moments: " + ", ".join(f"{aim} {count}" for aim, count in aims.most_common())
+              + " (aimed: the rule's job, or the n-th checkpoint save)."]
     messages = collections.Counter(line.split(": ", 1)[1] for r in records
                                    for line in r["tracebacks"] + r["rerun_tracebacks"])
     if messages:
@@ -560,12 +566,18 @@ def summary(records: list[dict], ref: dict) -> str:
 def run(smoke: bool) -> dict:
     """benchmarks/run.py's entry (`--only faults`): the campaign in OUT, up to 3 trials (one,
     in its own folder, with --smoke)."""
-    records = campaign_run(OUT / "smoke" if smoke else OUT, 1 if smoke else 3, 0)
+    campaign = OUT / "smoke" if smoke else OUT
+    records = campaign_run(campaign, 1 if smoke else 3, 0)
     bad = sum(problems(r) for r in records)
     return {"name": "faults", "figure": bad, "figure_label": f"of {len(records)} trials with "
             "a differing output, a process left, a stale temporary or a traceback",
             "goal": "0 trials with any of these", "met": bad == 0,
-            "details": {"trials": records}}
+            "details": {"trials": records, "reference": reference(campaign)}}
+
+
+def markdown(result: dict) -> str:
+    """benchmarks/run.py's faults.md: the campaign's table."""
+    return summary(result["details"]["trials"], result["details"]["reference"])
 
 
 def main(argv=None) -> int:
