@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import filecmp
 import json
 import os
 import random
@@ -63,6 +64,8 @@ EXCLUDED = re.compile(r"(^|/)provenance\.json$|^logs/|^benchmarks/|^tensorboard/
 # JSON outputs are compared without these keys: durations, speeds and peak memory, and the
 # best checkpoint's path (its folder is named by a hash of the job's settings, paths included).
 TIMING_KEYS = re.compile(r"(^|_)(runtime|seconds)$|per_second$|^peak_memory|^best_checkpoint$")
+# Files of a rerun the reference lacks by nature: new logs and TensorBoard event files.
+EXTRA_OK = re.compile(r"^logs/|^benchmarks/|^tensorboard/.*events\.out\.tfevents")
 TEMPORARY = re.compile(r"^\..*\.tmp-|^tmp-checkpoint-")
 TRACEBACK = "Traceback (most recent call last)"
 JOB_START = re.compile(r"^(?:local)?rule (\w+):")
@@ -430,11 +433,11 @@ def differing(reference_root: Path, root: Path) -> list[str]:
 def same(a: Path, b: Path) -> bool:
     """Bitwise, but JSON files as parsed without their timings (TIMING_KEYS)."""
     if a.suffix not in (".json", ".jsonl"):
-        return same_bytes(a, b)
+        return filecmp.cmp(a, b, shallow=False)
     try:
         return json_content(a) == json_content(b)
-    except ValueError:  # a torn file
-        return same_bytes(a, b)
+    except ValueError:  # a torn file: equal only byte for byte
+        return filecmp.cmp(a, b, shallow=False)
 
 
 def json_content(path: Path):
@@ -455,16 +458,6 @@ def scrub(value):
     return value
 
 
-def same_bytes(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as left, open(b, "rb") as right:
-        while chunk := left.read(1 << 20):
-            if chunk != right.read(len(chunk)):
-                return False
-    return True
-
-
 def stale(reference_root: Path, workdir: Path) -> list[str]:
     """After the rerun: temporaries (`.<name>.tmp-*`, `tmp-checkpoint-*`) and sockets anywhere
     in the working directory, checkpoint folders the reference has not, and any other file the
@@ -480,9 +473,6 @@ def stale(reference_root: Path, workdir: Path) -> list[str]:
             found.append(relative)
     return sorted(found)
 
-
-# Files of a rerun the reference lacks by nature: new logs and TensorBoard event files.
-EXTRA_OK = re.compile(r"^logs/|^benchmarks/|^tensorboard/.*events\.out\.tfevents")
 
 
 def problems(record: dict) -> bool:
