@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import stat
+import statistics
 import subprocess
 import sys
 import time
@@ -221,15 +222,26 @@ def tree_bytes(root: Path) -> int:
 
 # ---- one trial ------------------------------------------------------------------------------
 
-def plan(seed: int, index: int, ref: dict) -> dict:
-    """The trial's fault, drawn from (seed, index) alone, so a resumed campaign draws alike."""
+def plan(seed: int, index: int, ref: dict, window: float) -> dict:
+    """The trial's fault, drawn from (seed, index) alone, so a resumed campaign draws alike;
+    an unaimed one uniform over `window` seconds (a whole run's length: window())."""
     rng = random.Random(f"{seed}:{index}")
     kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
     aim = rng.choice(AIMS) if kind != "kill_warm_server" and rng.random() < AIM_SHARE else None
     if aim == "checkpoint":  # the n-th save of the run (training's, then recovery's)
         return {"kind": kind, "aim": aim, "delay": 0.0, "save": rng.randint(1, SAVES)}
-    delay = rng.uniform(0, ref["jobs"].get(aim, 0.0)) if aim else rng.uniform(0, ref["seconds"])
+    delay = rng.uniform(0, ref["jobs"].get(aim, 0.0)) if aim else rng.uniform(0, window)
     return {"kind": kind, "aim": aim, "delay": round(delay, 2)}
+
+
+def window(records: list[dict], ref: dict) -> float:
+    """A whole run's length on this machine now: the median of the last 5 uninterrupted runs
+    (the reference, and the trials whose fault came after the end). The machine's load moves
+    it (two references on this shared machine: 113 s and 171 s), and a fault drawn after a
+    run's end is a trial lost."""
+    whole = [ref["seconds"]] + [r["run_seconds"] for r in records
+                                if not r["hit"] and "run_seconds" in r]
+    return statistics.median(whole[-5:])
 
 
 def trial(folder: Path, fault: dict, ref: dict, prepare, reference_root: Path,
@@ -288,6 +300,7 @@ def faulted_run(workdir: Path, folder: Path, fault: dict, ref: dict, settle: flo
     with contextlib.suppress(FileNotFoundError):
         (workdir / "results" / ".filler").unlink()
     return {"hit": hit_at is not None, "at": hit_at, "rules": rules,
+            "run_seconds": round(ended, 1),
             "exit_status": status, "ended_after": round(ended - (hit_at or ended), 1),
             "processes_left": left,
             "tracebacks": tracebacks(folder / "faulted.log", workdir / "results" / "logs",
@@ -497,7 +510,7 @@ def campaign_run(campaign: Path, trials: int, seed: int, kinds: list[str] | None
     records = recorded(campaign)
     index = max((r["trial"] for r in records), default=-1) + 1
     while sum(r["hit"] for r in records) < trials:  # a fault after the run's end is no trial
-        fault = plan(seed, index, ref)
+        fault = plan(seed, index, ref, window(records, ref))
         if kinds is None or fault["kind"] in kinds:
             record = {"trial": index, **trial(
                 campaign / "trials" / str(index), fault, ref,
