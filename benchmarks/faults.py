@@ -12,7 +12,7 @@ one line per trial (a rerun continues it).
 
 A trial: a fresh working directory (the config, the shared base), Snakemake started as `make
 demo` starts it (the workstation profile, warm start on) in its own process group, one fault
-at a time drawn from the seed: uniform over the reference's wall time, or aimed at a stage
+at a time drawn from the seed: uniform over a whole run's length (window()), or aimed at a stage
 (its job started, then up to the reference's length of that job) or at a checkpoint being
 saved. Then `--unlock` where a lock was left, and `--rerun-incomplete` to the end. Recorded:
 the rules running when the fault hit, processes of the working directory still alive 10 s
