@@ -129,11 +129,13 @@ def serve(address: str, *, watch_pid: int | None, preload=PRELOAD) -> None:
     """Import `preload`, then fork one copy per job until `watch_pid` (Snakemake) exits."""
     started = time.monotonic()
     imported = threading.Event()
-    threading.Thread(target=_exit_if_gone, args=(watch_pid, imported), daemon=True).start()
+    watcher = threading.Thread(target=_exit_if_gone, args=(watch_pid, imported), daemon=True)
+    watcher.start()
     for name in preload:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     imported.set()
+    watcher.join()  # it exits, or has ended the process, before there is a socket to leave
     # A stop (SIGTERM) between creating the socket file and the `finally` that removes it
     # would leave the file behind (a copied working directory would then hold a socket).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
