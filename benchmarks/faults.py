@@ -69,6 +69,7 @@ TIMING_KEYS = re.compile(r"(^|_)(runtime|seconds)$|per_second$|^peak_memory|^bes
 EXTRA_OK = re.compile(r"^logs/|^benchmarks/|^tensorboard/.*events\.out\.tfevents")
 TEMPORARY = re.compile(r"^\..*\.tmp-|^tmp-checkpoint-")
 TRACEBACK = "Traceback (most recent call last)"
+EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(: |$)")  # OSError: [Errno 28] ..., KeyboardInterrupt
 JOB_START = re.compile(r"^(?:local)?rule (\w+):")
 JOB_ID = re.compile(r"^\s+jobid: (\d+)")
 JOB_END = re.compile(r"Finished job(?:id:)? (\d+)")
@@ -261,7 +262,7 @@ def trial(folder: Path, fault: dict, ref: dict, prepare, reference_root: Path,
         record.update(rerun(workdir, folder, ref, targets))
         record["differing"] = differing(reference_root, results)
         record["stale"] = stale(reference_root, workdir)
-        if problems(record) and fault["kind"] == "disk_full":
+        if (record["differing"] or record["stale"]) and fault["kind"] == "disk_full":
             shutil.copytree(results, folder / "results-kept", symlinks=True)
     finally:
         stop(workdir)  # what an error of this benchmark left running
@@ -402,13 +403,14 @@ def tracebacks(output: Path, logs: Path, kind: str) -> list[str]:
 
 
 def exception_lines(text: str) -> list[str]:
-    """The line that ends each traceback: the first unindented one after it starts."""
+    """The line that ends each traceback: the first unindented one after it, where it names
+    an exception ("(cut off)" where the output cut the traceback short, e.g. a log excerpt)."""
     lines, found = text.splitlines(), []
     for number, line in enumerate(lines):
         if TRACEBACK in line:
             rest = [other for other in lines[number + 1:]
                     if other and not other[0].isspace() and TRACEBACK not in other]
-            found.append(rest[0].strip() if rest else "(cut off)")
+            found.append(rest[0].strip() if rest and EXCEPTION.match(rest[0]) else "(cut off)")
     return found
 
 
