@@ -62,9 +62,11 @@ SETTLE = 10.0  # seconds after the faulted Snakemake ended before processes are 
 # set), and the warm-start server's log.
 EXCLUDED = re.compile(r"(^|/)provenance\.json$|^logs/|^benchmarks/|^tensorboard/|^checkpoints/"
                       r"|^report/report\.md$")
-# JSON outputs are compared without these keys: durations, speeds and peak memory, and the
-# best checkpoint's path (its folder is named by a hash of the job's settings, paths included).
-TIMING_KEYS = re.compile(r"(^|_)(runtime|seconds)$|per_second$|^peak_memory|^best_checkpoint$")
+# JSON outputs are compared without these keys: durations, speeds and peak memory, the best
+# checkpoint's path (its folder is named by a hash of the job's settings, paths included), and
+# the checkpoint a training resumed from (a record of the fault, as provenance is).
+TIMING_KEYS = re.compile(r"(^|_)(runtime|seconds)$|per_second$|^peak_memory|^best_checkpoint$"
+                         r"|^resumed_from$")
 # Files of a rerun the reference lacks by nature: new logs and TensorBoard event files.
 EXTRA_OK = re.compile(r"^logs/|^benchmarks/|^tensorboard/.*events\.out\.tfevents")
 TEMPORARY = re.compile(r"^\..*\.tmp-|^tmp-checkpoint-")
