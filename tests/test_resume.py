@@ -4,6 +4,7 @@ an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -53,6 +54,11 @@ def kill_at_checkpoint(workdir, step: int, timeout: float = 300) -> None:
     pytest.fail(f"training ended or timed out before checkpoint-{step}")
 
 
+def losses(workdir) -> list:
+    return [(m["step"], m["loss"]) for m in map(json.loads, (workdir / TARGET / "metrics.jsonl")
+                                                 .read_text().splitlines()) if "loss" in m]
+
+
 def adapter(workdir) -> dict:
     return load_file(workdir / TARGET / "adapter_model.safetensors")
 
@@ -90,10 +96,14 @@ def test_killed_training_resumes_and_matches_an_uninterrupted_run(copy_run):
     assert want.keys() == got.keys()
     for name in want:  # bitwise: CPU training is deterministic and Trainer restores RNG state
         assert (want[name] == got[name]).all(), name
-    metrics = [yaml.safe_load(line) for line in
+    metrics = [json.loads(line) for line in
                (interrupted / TARGET / "metrics.jsonl").read_text().splitlines()]
     train_steps = [m["step"] for m in metrics if "loss" in m]
     assert len(train_steps) == len(set(train_steps))  # redone steps are not logged twice
+    # The losses too (Trainer's running loss came back with the checkpoint: loop.CarriedLoss)
+    reference_summary = json.loads((reference / TARGET / "summary.json").read_text())
+    assert summary["train_loss"] == reference_summary["train_loss"]
+    assert losses(interrupted) == losses(reference)
     assert not root.exists() or not any(root.iterdir())
 
 

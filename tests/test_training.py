@@ -354,6 +354,9 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
     # Same data order and optimizer state: the same result as the uninterrupted run.
     assert summary["eval_loss_best"] == pytest.approx(trained["summary"]["eval_loss_best"],
                                                       rel=1e-5)
+    # Trainer's running loss came back with the checkpoint (loop.CarriedLoss): the mean over
+    # all 30 steps, not over the 20 after the resume.
+    assert summary["train_loss"] == pytest.approx(trained["summary"]["train_loss"], rel=1e-6)
     # The loss before training, from the log history the checkpoint brought back.
     assert summary["eval_loss_initial"] == pytest.approx(
         trained["summary"]["eval_loss_initial"], rel=1e-5)

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.errors import InputError, ResumeLater
-from ..core.files import read_jsonl, write_json
+from ..core.files import read_json, read_jsonl, write_json
 from ..core.policy import Policy
 from ..models import label_positions
 from . import adalora, checkpoints, distributed, packing, shared_prefix
@@ -71,6 +71,9 @@ class GuardedTrainer(Trainer):
                       f"{self.state.global_step}")
         with adalora.whole_checkpoint(self.model, folder, saving=True):
             super()._save_checkpoint(model, trial)
+        write_json(folder / f"loss_state_{self.args.process_index}.json", {
+            "total": self._total_loss_scalar, "pending": self._tr_loss.item(),
+            "last_logged": self._globalstep_last_logged})
         # The manifest last, once every rank has written its files (rng_state_<rank>.pth).
         self.accelerator.wait_for_everyone()
         if distributed.is_main():
@@ -79,11 +82,32 @@ class GuardedTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         with adalora.whole_checkpoint(self.model, resume_from_checkpoint, saving=False):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint, f"loss_state_{self.args.process_index}.json")
+        self.add_callback(CarriedLoss(self, read_json(path) if path.exists() else None))
 
     def _load_best_model(self):
         with adalora.whole_checkpoint(self.model, self.state.best_model_checkpoint,
                                       saving=False):
             super()._load_best_model()
+
+
+class CarriedLoss(TrainerCallback):
+    """Trainer's running loss restored from the checkpoint a run resumes from (saved beside it
+    by GuardedTrainer): Trainer starts it afresh, so a resumed run's train_loss would average
+    only the steps after the resume, and the first loss it logs only those since the resume.
+    Restored as it was (the float32 sum pending since the last log), both are an uninterrupted
+    run's, bit for bit. Set at train begin: Trainer resets them just before."""
+
+    def __init__(self, trainer, saved: dict | None):
+        self.trainer, self.saved = trainer, saved
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.saved:  # a checkpoint from before this file was saved: Trainer's own average
+            trainer = self.trainer
+            trainer._total_loss_scalar = self.saved["total"]
+            trainer._tr_loss = torch.tensor(self.saved["pending"], device=args.device)
+            trainer._globalstep_last_logged = self.saved["last_logged"]
+            trainer._initial_global_step = 0  # train_loss: over every step, not this run's
 
 
 class MetricsLog(TrainerCallback):
