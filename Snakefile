@@ -21,7 +21,7 @@ include: "rules/report.smk"
 # Jobs run here start as copies of a process that has imported the model libraries once
 # (qlora_pipeline/jobs/warm_start.py): seconds a job on a CPU. Not on GPU machines or clusters.
 onstart:
-    retry_trainings_on_a_cluster()  # rules/train.smk
+    retry_trainings_on_a_cluster()  # rules/common.smk
     if warm_start.wanted(config["warm_start"], local=workflow.local_exec and not workflow.touch):
         warm_start.start(f"{RESULTS}/logs/warm_start.log")
 

@@ -354,3 +354,16 @@ def report_files():
     """The report's outputs by name: report.md, and each present section's CSV and plot."""
     return {name: f"{layout.report()}/{REPORT_FILES[name][0]}"
             for name in report_outputs(report_sections())}
+
+
+# A training that stops itself before its job's time limit exits 75 with a checkpoint saved
+# (training/deadline.py); its retry resumes from it, so a long training spans several jobs
+# (docs/cluster.md). On a cluster only (here a failure would just be repeated), set when the
+# run starts (Snakefile's onstart): the executor is not known yet while the rules are read.
+TRAINING_RETRIES = 3
+
+
+def retry_trainings_on_a_cluster():
+    if not workflow.local_exec:
+        for proxy in (rules.train_qlora, rules.recover):  # --retries may give more
+            proxy.rule.restart_times = max(TRAINING_RETRIES, proxy.rule.restart_times or 0)

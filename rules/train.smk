@@ -2,18 +2,7 @@
 # point): a QLoRA adapter, its optional full-precision recovery; the promotion of a sweep's
 # chosen point to the task's own adapters; and the merge of a task's final adapter.
 # `{name}` is the adapter's (qlora, recovered, qlora@<training>, recovered@<point>).
-
-# A training that stops itself before its job's time limit exits 75 with a checkpoint saved
-# (training/deadline.py); its retry resumes from it, so a long training spans several jobs
-# (docs/cluster.md). On a cluster only (here a failure would just be repeated), set when the
-# run starts (Snakefile's onstart): the executor is not known yet while the rules are read.
-TRAINING_RETRIES = 3
-
-
-def retry_trainings_on_a_cluster():
-    if not workflow.local_exec:
-        for proxy in (rules.train_qlora, rules.recover):  # --retries may give more
-            proxy.rule.restart_times = max(TRAINING_RETRIES, proxy.rule.restart_times or 0)
+# A training's retries: rules/common.smk (retry_trainings_on_a_cluster).
 
 
 rule train_qlora:
