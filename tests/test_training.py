@@ -18,6 +18,7 @@ import torch
 from conftest import build_inputs, job_policy, stage, task_blocks
 from qlora_pipeline.config import recovery_train
 from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.files import read_jsonl
 from qlora_pipeline.training import lora, loop
 
 HIDDEN, INTER, KV_OUT, LAYERS = 64, 128, 32, 2
@@ -240,7 +241,6 @@ def test_mlflow_run_holds_the_losses_of_metrics_jsonl(prepared, tmp_path, monkey
     """train.report_to mlflow, through transformers' callback, into a local file store (plain
     text: metrics/<name> holds "timestamp value step" lines): the run, named by the trackers,
     holds every loss and validation loss of metrics.jsonl at its step; no TensorBoard files."""
-    from qlora_pipeline.core.files import read_jsonl
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "mlflow"
@@ -327,21 +327,26 @@ def test_nan_loss_stops_training_and_leaves_no_adapter(prepared, tmp_path, monke
 
 def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp_path,
                                                           monkeypatch):
+    """Killed before its first checkpoint (a fresh start follows), then after it (a resume):
+    the end is the uninterrupted run's, its metrics.jsonl included."""
     class Interrupted(Exception):
         pass
 
     step = loop.GuardedTrainer.training_step
 
-    def interrupt_at_15(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step == 14:
-            raise Interrupted
-        return step(self, model, inputs, num_items_in_batch)
+    def interrupt_at(stop: int):
+        def interrupted(self, model, inputs, num_items_in_batch=None):
+            if self.state.global_step == stop - 1:
+                raise Interrupted
+            return step(self, model, inputs, num_items_in_batch)
+        return interrupted
 
     args = (prepared, tmp_path, lora_cfg(), fast_train())
-    monkeypatch.setattr(loop.GuardedTrainer, "training_step", interrupt_at_15)
-    with pytest.raises(Interrupted):
-        train_qlora(*args)
-    assert leftovers(tmp_path, "qlora") == []
+    for stop in (8, 15):  # logging_steps 5: the first run logged steps 0 and 5, no checkpoint
+        monkeypatch.setattr(loop.GuardedTrainer, "training_step", interrupt_at(stop))
+        with pytest.raises(Interrupted):
+            train_qlora(*args)
+        assert leftovers(tmp_path, "qlora") == []
     saved = list((tmp_path / "checkpoints").glob("*/checkpoint-*"))
     assert [p.name for p in saved] == ["checkpoint-10"]  # eval_steps 10: one so far
     tokens_at_10 = json.loads((saved[0] / "trainer_state.json").read_text())[
@@ -365,6 +370,12 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
     assert summary["tokens_per_second"] * summary["train_seconds"] == pytest.approx(
         summary["tokens_seen"] - tokens_at_10, rel=0.05)
     assert not saved[0].exists()
+    # Each log event once: neither killed run's records are kept twice (the fresh start
+    # forgot the first run's, the resume the second run's after step 10).
+    def events(adapter):
+        return [(r["step"], sorted(k for k in r if k != "epoch"))
+                for r in read_jsonl(adapter / "metrics.jsonl")]
+    assert events(tmp_path / "qlora") == events(trained["adapter"])
 
 
 def test_checkpoints_of_another_configuration_are_discarded(tmp_path):

@@ -238,8 +238,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     tokens_before = (resumed.num_input_tokens_seen or 0) if resume else 0
     if resume:
         log.info("resuming from %s", resume)
-        if distributed.is_main():
-            forget_metrics_after(metrics_path, resumed.global_step)
+    if distributed.is_main():  # a fresh start forgets a run killed before its first checkpoint
+        forget_metrics_after(metrics_path, resumed.global_step if resume else -1)
     started = time.time()
     # patch.dict: the trackers' settings for this training only (a test process trains many)
     with mock.patch.dict(os.environ, tracker_environment(trackers)):
@@ -341,7 +341,8 @@ def packed_isolation(model, train) -> dict | None:
 
 
 def forget_metrics_after(metrics_path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint we resume from: they will be redone."""
+    """Drop log lines of steps after the checkpoint we resume from (all of them, step -1, on a
+    fresh start): they will be redone."""
     if metrics_path.exists():
         kept = [record for record in read_jsonl(metrics_path) if record["step"] <= step]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
