@@ -2,7 +2,7 @@
 uninterrupted reference run.
 
     python -m benchmarks.faults --trials 100 [--out DIR] [--seed S]   # resumable
-    python -m benchmarks.faults --summary [--out DIR]                  # the table only
+    python -m benchmarks.faults --summary [--out DIR] [--since COMMIT] # the table only
 
 The DAG: one chat task on a 2-layer random Llama with SmolLM2's tokenizer, with recovery,
 checkpoints, analysis, compression, the merge, a GGUF export, scoring and the report: every
@@ -528,6 +528,16 @@ def campaign_run(campaign: Path, trials: int, seed: int, kinds: list[str] | None
     return records
 
 
+def since(records: list[dict], commit: str, repo: Path = REPO) -> list[dict]:
+    """The trials run at `commit` or a commit after it: the table of the code after a fix."""
+    def git(*args: str) -> bool:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True).returncode == 0
+    if not git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"):
+        raise SystemExit(f"--since: {commit!r} is no commit of {repo}")
+    return [r for r in records
+            if r.get("commit") and git("merge-base", "--is-ancestor", commit, r["commit"])]
+
+
 def one_line(r: dict) -> str:
     at = f"{r['at']} s" if r["hit"] else "missed"
     return (f"trial {r['trial']}: {r['kind']} ({r['aim'] or 'uniform'}) at {at} in "
@@ -536,7 +546,7 @@ def one_line(r: dict) -> str:
             f"+{len(r['rerun_tracebacks'])}, rerun {r['rerun_status']} ({r['seconds']} s)")
 
 
-def summary(records: list[dict], ref: dict) -> str:
+def summary(records: list[dict], ref: dict, scope: str = "") -> str:
     """The campaign's table by fault kind, and every traceback's exception line, counted."""
     rows = ["| fault | trials | hit | identical | processes left | stale temporaries | "
             "tracebacks (faulted + rerun) | rerun failed |", "|---|---|---|---|---|---|---|---|"]
@@ -552,7 +562,7 @@ def summary(records: list[dict], ref: dict) -> str:
                     f"{sum(len(r['rerun_tracebacks']) for r in group)} | "
                     f"{sum(r['rerun_status'][-1] != 0 for r in group)} |")
     commits = sorted({r["commit"][:7] for r in records if r.get("commit")})
-    lines = [f"# Fault campaign: {len(records)} trials", "",
+    lines = [f"# Fault campaign: {len(records)} trials{scope}", "",
              f"Reference: {ref['seconds']:.0f} s uninterrupted (commit {ref['commit'][:7]}); "
              f"trials at {', '.join(commits) or '-'}. Columns count trials, tracebacks count "
              "messages.", "", *rows]
@@ -595,6 +605,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="draws the faults and their times")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), help="only these faults")
     parser.add_argument("--summary", action="store_true", help="print the table and stop")
+    parser.add_argument("--since", metavar="COMMIT",
+                        help="--summary of the trials run at COMMIT or after it only")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -603,8 +615,11 @@ def main(argv=None) -> int:
         if not facts.exists():
             parser.error(f"--summary: no campaign in {args.out} (no reference.json); "
                          "expected a folder that --trials has run in")
-        print(summary(recorded(args.out), json.loads(facts.read_text(encoding="utf-8"))),
-              end="")
+        records = recorded(args.out)
+        if args.since:
+            records = since(records, args.since)
+        print(summary(records, json.loads(facts.read_text(encoding="utf-8")),
+                      f" at {args.since} or after it" if args.since else ""), end="")
         return 0
     # Stopped (kill PID), it still stops its trial's processes and unmounts its tmpfs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -6,6 +6,7 @@ itself; and the comparison's checks shown to catch what they look for."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,20 @@ def test_the_comparison_catches_a_flipped_byte_and_a_stale_temporary(copy_run, t
     assert faults.differing(reference, run / "results") == [str(weights.relative_to(
         run / "results"))]
     assert faults.stale(reference, run) == ["results/adapters/.qlora.tmp-x1"]
+
+
+def test_the_table_since_a_fix_keeps_the_trials_of_that_commit_and_after(tmp_path):
+    """--since: a trial at the second commit descends from the first, one at the first not
+    from the second; a name that is no commit is refused in one line."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, text=True, capture_output=True,
+                              check=True).stdout.strip()
+    git("init", "-q")
+    first, second = [(git("commit", "-q", "--allow-empty", "-m", m), git("rev-parse", "HEAD"))[1]
+                     for m in ("fault found", "fixed")]
+    records = [{"trial": 0, "commit": first}, {"trial": 1, "commit": second}, {"trial": 2}]
+    assert [r["trial"] for r in faults.since(records, second, tmp_path)] == [1]
+    assert [r["trial"] for r in faults.since(records, first, tmp_path)] == [0, 1]
+    with pytest.raises(SystemExit, match="'nope' is no commit"):
+        faults.since(records, "nope", tmp_path)
