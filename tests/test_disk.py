@@ -4,6 +4,8 @@ real small filesystem: a tmpfs the test mounts (root here and in CI, where it mu
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import re
 import subprocess
@@ -110,3 +112,46 @@ def test_a_log_on_the_full_disk_does_not_hide_the_error(small_disk):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 1 and "OSError" not in done.stderr, done.stderr
     assert "\nerror: quantize: no space left on device writing out\n" in done.stderr
+
+
+def test_torch_saves_full_disk_is_enospc_at_its_folder(small_disk, tmp_path):
+    """torch.save's writer says "unexpected pos ..." or "file write failed", no errno: with
+    less room than the block writes it is ENOSPC at the folder; with room, left as it was."""
+    import torch
+
+    state = {"exp_avg": torch.zeros(100_000)}  # 400 KB on a 100 KiB disk
+    with pytest.raises(OSError) as full:
+        with disk.torch_writes(small_disk, 400_000):
+            torch.save(state, small_disk / "optimizer.pt")
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(small_disk)
+    assert isinstance(full.value.__cause__, RuntimeError)
+    assert disk.full_disk(full.value) is full.value
+    with pytest.raises(RuntimeError, match="not the disk"):  # room enough: another failure
+        with disk.torch_writes(tmp_path, 400_000):
+            raise RuntimeError("not the disk")
+    del full  # its frames hold torch's writer, and the file open on the disk to unmount
+    gc.collect()
+
+
+def test_a_training_whose_checkpoint_fills_the_disk_fails_in_one_line(small_disk, tmp_path,
+                                                                     tiny_model_dir,
+                                                                     monkeypatch):
+    """Checkpoints on the 100 KiB disk, the adapter elsewhere: the first save fills it (an
+    adapter's optimizer state by torch.save) and the job ends in one DiskFull line naming its
+    output and the checkpoint folder, with no output left."""
+    from conftest import build_inputs, task_blocks
+
+    quantized, tokenized = build_inputs(tmp_path / "inputs", tiny_model_dir)
+    monkeypatch.setenv(disk.SKIP_ENV, "1")  # the estimate would refuse before training
+    out = tmp_path / "qlora"
+    with pytest.raises(DiskFull) as full:
+        stage("train_qlora")(quantized=quantized, tokenized=tokenized, adapter=out, seed=0,
+                             checkpoints=small_disk / "checkpoints",
+                             lora={**task_blocks()["lora"], "r": 32},
+                             train={**task_blocks()["train"], "max_steps": 4, "eval_steps": 2})
+    assert re.fullmatch(rf"train_qlora: no space left on device writing {re.escape(str(out))} "
+                        rf"\(at {re.escape(str(small_disk))}/checkpoints/\S+/checkpoint-2\); .*",
+                        one_line(full))
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "inputs"]
+    del full  # its frames hold torch's writer, and the file open on the disk to unmount
+    gc.collect()

@@ -11,12 +11,14 @@ warning.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 from .errors import DiskFull
 from .memory import TRAINABLE_BYTES, Shapes, lora_params, quantized_bytes
@@ -145,6 +147,19 @@ def full_disk(err: BaseException | None) -> BaseException | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+@contextlib.contextmanager
+def torch_writes(folder: str | Path, needed: int) -> Iterator[None]:
+    """torch.save's writer reports a full disk without errno ("unexpected pos 704 vs 598",
+    "file write failed"): a RuntimeError from the block while `folder`'s disk has less free
+    space than `needed` bytes (what the block writes at least) is ENOSPC, at `folder`."""
+    try:
+        yield
+    except RuntimeError as err:
+        if full_disk(err) or shutil.disk_usage(nearest_folder(folder)).free >= needed:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from err
 
 
 def refusal(stage: str, err: BaseException, outputs: dict) -> DiskFull:

@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..core import disk
 from ..core.errors import InputError, ResumeLater
 from ..core.files import read_json, read_jsonl, write_json
 from ..core.policy import Policy
@@ -69,7 +70,11 @@ class GuardedTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         folder = Path(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-"
                       f"{self.state.global_step}")
-        with adalora.whole_checkpoint(self.model, folder, saving=True):
+        # torch.save's full disk told as ENOSPC; each checkpoint holds the trainable weights
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters()
+                        if p.requires_grad)
+        with disk.torch_writes(folder, trainable), \
+                adalora.whole_checkpoint(self.model, folder, saving=True):
             super()._save_checkpoint(model, trial)
         write_json(folder / f"loss_state_{self.args.process_index}.json", {
             "total": self._total_loss_scalar, "pending": self._tr_loss.item(),
