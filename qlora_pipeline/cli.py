@@ -15,8 +15,9 @@ import argparse
 import inspect
 import json
 import sys
+from pathlib import Path
 
-from .core.errors import InputError
+from .core.errors import InputError, ResumeLater
 
 
 def _value(text: str):
@@ -84,6 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"qlora-stage {args.rule}: {err}", file=sys.stderr)
         return 1
+    except ResumeLater as err:
+        print(f"qlora-stage {args.rule}: {err}", file=sys.stderr)
+        return stopped_status(launch)
+    return 0
+
+
+def stopped_status(launch) -> int:
+    """The status of a process whose training stopped before its job's time limit: 75, or 0
+    for a torchrun rank, whose job learns it from launch.STOPPED_ENV's file. torchrun stops
+    every rank when one fails, which would kill a rank still finishing its checkpoint. The
+    file's folder is on the job's first node; ranks on other nodes leave it to those there."""
+    import os
+
+    marker = os.environ.get(launch.STOPPED_ENV)
+    if not (launch.is_worker() and marker):
+        return ResumeLater.EXIT_STATUS
+    if Path(marker).parent.is_dir():
+        try:
+            Path(marker).touch()
+        except OSError:
+            return ResumeLater.EXIT_STATUS  # untold, the job must not take it for a success
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from conftest import build_inputs, task_blocks, write_yaml
 from safetensors.torch import load_file
 
 from qlora_pipeline.jobs import launch
-from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core.errors import InputError, ResumeLater
 from qlora_pipeline.core.files import read_jsonl
 from qlora_pipeline.jobs.runner import Job
+from qlora_pipeline.training import checkpoints, deadline
 from benchmarks.tiny_models import save_model
 
 GLOBAL_BATCH = 8
@@ -52,12 +54,18 @@ def train(inputs, name: str, processes: int, strategy: str | None = None) -> Pat
     return adapter
 
 
+def trained(inputs, name: str, processes: int) -> Path:
+    """An uninterrupted run, made once per module and base (two tests compare with it)."""
+    adapter = inputs[0] / "out" / name
+    return adapter if (adapter / "summary.json").exists() else train(inputs, name, processes)
+
+
 def curve(adapter: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in read_jsonl(adapter / "metrics.jsonl") if key in r}
 
 
 def test_two_processes_train_what_one_process_trains(inputs):
-    one, two = train(inputs, "one", 1), train(inputs, "two", 2)
+    one, two = trained(inputs, "one", 1), trained(inputs, "two", 2)
     for key in ("loss", "eval_loss", "grad_norm"):
         a, b = curve(one, key), curve(two, key)
         assert sorted(a) == sorted(b) and len(a) >= 3, key  # each step logged once, by rank 0
@@ -74,8 +82,35 @@ def test_two_processes_train_what_one_process_trains(inputs):
     log = (inputs[0] / "two.log").read_text()
     assert "INFO rank 1 " in log and "INFO rank 0 " in log  # both ranks ran, into the log
     # Only rank 0's output lands; the other rank's throwaway folder is gone.
-    assert sorted(p.name for p in two.parent.iterdir()) == ["one", "two"]
+    assert {"one", "two"} <= {p.name for p in two.parent.iterdir()} <= {"one", "two", "stopped"}
     assert not list(two.parent.parent.glob("**/.rank*"))
+
+
+@pytest.mark.parametrize("inputs", ["llama"], indirect=True)
+def test_both_processes_stop_before_the_time_limit_and_the_rerun_resumes(inputs, monkeypatch):
+    """The job's end time near (QLORA_TRAIN_DEADLINE, as squeue's under Slurm): both ranks stop
+    at step 1's end, one checkpoint saved for both (each rank's RNG state in it), and the job
+    ends in ResumeLater (its status 75), not torchrun's failure; the rerun resumes from the
+    checkpoint to the uninterrupted 2-process run's adapter and curve."""
+    monkeypatch.setenv(deadline.ENV_VARIABLE, str(time.time() + 5))
+    with pytest.raises(ResumeLater, match="stopped together before the job's time limit"):
+        train(inputs, "stopped", 2)
+    log = (inputs[0] / "stopped.log").read_text()
+    for rank in (0, 1):
+        assert re.search(rf"rank {rank} \S+ time limit: stopping at step 1 ", log), log[-3000:]
+    assert "Traceback" not in log
+    saved, = (inputs[0] / "checkpoints" / "stopped").glob("*/checkpoint-*")
+    assert saved.name == "checkpoint-1" and checkpoints.verify(saved) is None
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}
+    assert not (inputs[0] / "out" / "stopped").exists()
+
+    monkeypatch.delenv(deadline.ENV_VARIABLE)
+    resumed, two = train(inputs, "stopped", 2), trained(inputs, "two", 2)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from"] == str(saved)
+    a = load_file(resumed / "adapter_model.safetensors")
+    b = load_file(two / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert curve(resumed, "loss") == curve(two, "loss")
 
 
 @pytest.mark.parametrize("inputs", ["llama"], indirect=True)  # the refusal is the machine's

@@ -18,6 +18,10 @@ from ..core.errors import InputError
 
 SINGLE = {"strategy": "none", "processes": 1, "nodes": 1}
 PORT = 29500  # torchrun's default rendezvous port on the first node (multi-node)
+# The file a rank creates when its training stopped before the job's time limit (ResumeLater),
+# then exiting 0 (cli.stopped_status): the job learns the stop from the file, not torchrun's
+# status.
+STOPPED_ENV = "QLORA_STOPPED_FILE"
 
 
 def settings(kwargs: dict) -> dict:

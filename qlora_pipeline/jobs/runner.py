@@ -12,9 +12,11 @@ import dataclasses
 import importlib
 import inspect
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,7 +134,14 @@ class Job:
                  launch.world_size(launch.settings(self.params)), " ".join(command[:6]))
         sys.stdout.flush()
         sys.stderr.flush()
-        status = subprocess.run(command, check=False).returncode
+        with tempfile.TemporaryDirectory(prefix="qlora-ranks-") as folder:
+            stopped = Path(folder, "stopped")  # node-local: the ranks beside this torchrun
+            status = subprocess.run(command, check=False, env={
+                **os.environ, launch.STOPPED_ENV: str(stopped)}).returncode
+            if stopped.exists():  # the ranks exited 0 (cli.stopped_status): no output
+                raise ResumeLater(f"rule {self.rule}: its processes stopped together before "
+                                  f"the job's time limit, a checkpoint saved; the job's retry "
+                                  f"or a rerun resumes from it")
         if status:
             raise RuntimeError(f"rule {self.rule}: torchrun exited with status {status}; the "
                                f"failing rank's error is above in this log")

@@ -11,6 +11,8 @@ sets a flag, acted on at the next step's end. SIGURG because its default action 
 ignored: Slurm signals every process of the job step, and Snakemake and the shell that run
 the stage would die of SIGUSR1, taking the training with them (docs/cluster.md).
 Without Slurm there is no end time and nothing changes, unless ENV_VARIABLE gives one.
+A training on several processes stops on all of them at the same step: the ranks agree at
+each step's end (distributed.any_rank), and the job learns the stop from launch.STOPPED_ENV.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from datetime import datetime
 
 from transformers import TrainerCallback
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +90,13 @@ class Deadline(TrainerCallback):
         if self.end is not None and now - self.read_at >= RECHECK_S:  # squeue down: kept
             self.end, self.read_at = self.end_time() or self.end, now
         near = self.end is not None and self.end - now <= self.margin()
-        if (near or self.signalled) and state.global_step < state.max_steps:
+        stop = (near or self.signalled) and state.global_step < state.max_steps
+        if distributed.active():  # every rank stops at the same step
+            stop = distributed.any_rank(stop, args.device)
+        if stop:
             why = f"signal {SIGNAL.name}" if self.signalled else \
-                f"{self.end - now:.0f} s left, margin {self.margin():.0f} s"
+                f"{self.end - now:.0f} s left, margin {self.margin():.0f} s" if near else \
+                "another process's time limit"
             log.info("time limit: stopping at step %d (%s); saving a checkpoint",
                      state.global_step, why)
             control.should_save = control.should_training_stop = True

@@ -35,6 +35,19 @@ def active() -> bool:
     return world_size() > 1
 
 
+def any_rank(flag: bool, device) -> bool:
+    """`flag` of any rank, on every rank (one all-reduce of one number): a decision each rank
+    takes on its own clock or signal, taken by all at the same step."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    flags = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
 def fsdp_shards(distributed: dict) -> int:
     """The ranks FSDP shards this training's model over (1: not sharded): its memory
     estimate's (core/memory.rank_peak)."""

@@ -215,10 +215,9 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     # Rank 0 keeps the record; every rank checks its own gradients. AdaLoRA's allocation
     # first: it adds the kept rank to the record.
     allocation = (adalora.RankAllocation(),) if adalora.allocator(model) else ()
-    # One process only: ranks deciding on their own clocks could part (one stops, one waits).
-    deadline = () if distributed.active() else (Deadline(),)
+    deadline = Deadline()
     callbacks = [*allocation, *((MetricsLog(metrics_path),) if distributed.is_main() else ()),
-                 GradientGuard(), *deadline, *observers]
+                 GradientGuard(), deadline, *observers]
     if cfg.get("early_stopping_patience"):
         callbacks.append(EarlyStoppingCallback(cfg["early_stopping_patience"]))
     validation = data["validation"]
@@ -250,8 +249,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     with mock.patch.dict(os.environ, tracker_environment(trackers)):
         result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - started
-    if deadline and deadline[0].stopped is not None:
-        raise ResumeLater(f"training stopped at step {deadline[0].stopped} of {args.max_steps} "
+    if deadline.stopped is not None:
+        raise ResumeLater(f"training stopped at step {deadline.stopped} of {args.max_steps} "
                           f"before the job's time limit, checkpoint saved in {checkpoint_dir}; "
                           f"the job's retry or a rerun resumes from it")
     # eval_on_start's loss, the adapter's starting point: in the log history, which a resumed
