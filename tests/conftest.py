@@ -179,3 +179,22 @@ def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = 
 @pytest.fixture
 def run_snakemake():
     return snakemake
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 KiB tmpfs the test mounts (root here and in CI, where it must not skip): smaller
+    than the tiny model's quantized checkpoint (~180 KB)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        why = f"cannot mount a tmpfs: {done.stderr.strip()}"
+        if os.environ.get("CI") == "true" or os.environ.get("QLORA_REQUIRE_SLURM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

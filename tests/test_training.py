@@ -6,6 +6,7 @@ heads, so q/o are 64x64, k/v 64->32, gate/up 64->128, down 128->64; two layers.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import torch
 
 from conftest import build_inputs, job_policy, stage, task_blocks
 from qlora_pipeline.config import recovery_train
-from qlora_pipeline.core.errors import InputError
+from qlora_pipeline.core import disk
+from qlora_pipeline.core.errors import DiskFull, InputError
 from qlora_pipeline.core.files import read_jsonl
 from qlora_pipeline.training import lora, loop
 
@@ -384,6 +386,28 @@ def test_checkpoints_of_another_configuration_are_discarded(tmp_path):
     assert loop.resume_folder(tmp_path, "bbbb") == tmp_path / "bbbb"
     assert [p.name for p in tmp_path.iterdir()] == ["bbbb"]
     assert (tmp_path / "bbbb" / "checkpoint-5").is_dir()
+
+
+def test_a_training_whose_checkpoint_fills_the_disk_fails_in_one_line(prepared, small_disk,
+                                                                     tmp_path, monkeypatch):
+    """Checkpoints on the 100 KiB disk, the adapter elsewhere: the first save fills it (an
+    adapter's optimizer state by torch.save) and the job ends in one DiskFull line naming its
+    output and the checkpoint folder, with no output left."""
+    monkeypatch.setenv(disk.SKIP_ENV, "1")  # the estimate would refuse before training
+    out = tmp_path / "qlora"
+    with pytest.raises(DiskFull) as full:
+        stage("train_qlora")(quantized=prepared["quant"], tokenized=prepared["tokenized"],
+                             adapter=out, seed=0,
+                             checkpoints=small_disk / "checkpoints",
+                             lora={**task_blocks()["lora"], "r": 32},
+                             train={**task_blocks()["train"], "max_steps": 4, "eval_steps": 2})
+    assert re.fullmatch(rf"train_qlora: no space left on device writing {re.escape(str(out))} "
+                        rf"\(at {re.escape(str(small_disk))}/checkpoints/\S+/checkpoint-2\); .*",
+                        str(full.value))
+    assert "\n" not in str(full.value)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["disk"]
+    del full  # its frames hold torch's writer, and the file open on the disk to unmount
+    gc.collect()
 
 
 # ---- recovery --------------------------------------------------------------------------------
