@@ -87,16 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ResumeLater as err:
         print(f"qlora-stage {args.rule}: {err}", file=sys.stderr)
-        return stopped_status(launch)
+        return stopped_status()
     return 0
 
 
-def stopped_status(launch) -> int:
+def stopped_status() -> int:
     """The status of a process whose training stopped before its job's time limit: 75, or 0
     for a torchrun rank, whose job learns it from launch.STOPPED_ENV's file. torchrun stops
     every rank when one fails, which would kill a rank still finishing its checkpoint. The
     file's folder is on the job's first node; ranks on other nodes leave it to those there."""
     import os
+
+    from .jobs import launch
 
     marker = os.environ.get(launch.STOPPED_ENV)
     if not (launch.is_worker() and marker):

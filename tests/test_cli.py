@@ -51,3 +51,21 @@ def test_bad_arguments_are_named(argv, message, capsys):
 def test_values_are_json_or_text():
     assert cli._value('{"a": [1, 2]}') == {"a": [1, 2]}
     assert cli._value("7") == 7 and cli._value("results/raw") == "results/raw"
+
+
+def test_a_stopped_training_exits_75_and_a_rank_tells_its_job_by_a_file(tmp_path, monkeypatch):
+    """ResumeLater's status from the command line; a torchrun rank exits 0 instead, having
+    made the file its job looks for (on the job's node: where the file's folder exists)."""
+    from qlora_pipeline.jobs import launch
+
+    marker = tmp_path / "stopped"
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv(launch.STOPPED_ENV, str(marker))
+    assert cli.stopped_status() == 75 and not marker.exists()  # not a rank: nothing to tell
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli.stopped_status() == 0 and marker.exists()
+    elsewhere = tmp_path / "another-node" / "stopped"  # the job's folder is not on this node
+    monkeypatch.setenv(launch.STOPPED_ENV, str(elsewhere))
+    assert cli.stopped_status() == 0 and not elsewhere.parent.exists()
+    monkeypatch.delenv(launch.STOPPED_ENV)  # a rank of a job that did not ask
+    assert cli.stopped_status() == 75
