@@ -135,3 +135,15 @@ def test_a_held_checkpoint_folder_is_refused_until_its_holder_ends(tmp_path):
         holder.communicate("")  # the holder ends: the kernel releases its lock
     with checkpoints.locked(tmp_path):
         assert f"pid {os.getpid()} " in (tmp_path / checkpoints.LOCK).read_text()
+
+
+def test_a_checkpoint_at_the_last_step_is_not_resumed(tmp_path, caplog):
+    """Trainer checks its end after a step: resumed at max_steps it would train one more. The
+    one before is resumed instead, and the last steps are trained again."""
+    for step in (4, 8):
+        checkpoint(tmp_path, step, best=step)
+    with caplog.at_level(logging.WARNING, logger=loop.log.name):
+        resume, state = loop.last_complete_checkpoint(tmp_path, max_steps=8)
+    assert (resume, state.global_step) == (str(tmp_path / "checkpoint-4"), 4)
+    assert "checkpoint-8: it is the last step (8)" in caplog.text
+    assert loop.last_complete_checkpoint(tmp_path, max_steps=9)[1].global_step == 4

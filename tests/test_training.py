@@ -380,6 +380,30 @@ def test_interrupted_training_resumes_from_its_checkpoint(prepared, trained, tmp
     assert events(tmp_path / "qlora") == events(trained["adapter"])
 
 
+def test_a_job_that_failed_after_its_last_checkpoint_ends_as_if_it_had_not(prepared, trained,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    """The training done, the job fails before its outputs land (a full disk, fault campaign
+    trial 143): the rerun does not resume at the last step (Trainer would train a 31st), and
+    ends with the uninterrupted run's steps, loss and log."""
+    from qlora_pipeline.stages import train as train_stage
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    args = (prepared, tmp_path, lora_cfg(), fast_train())
+    monkeypatch.setattr(train_stage, "write_json", full)
+    with pytest.raises(DiskFull):
+        train_qlora(*args)
+    assert "checkpoint-30" in {p.name for p in (tmp_path / "checkpoints").glob("*/checkpoint-*")}
+    monkeypatch.undo()
+    summary = train_qlora(*args)
+    assert summary["steps"] == 30 and summary["resumed_from"].endswith("checkpoint-20")
+    assert summary["train_loss"] == pytest.approx(trained["summary"]["train_loss"], rel=1e-6)
+    assert [r["step"] for r in read_jsonl(tmp_path / "qlora" / "metrics.jsonl")] == \
+        [r["step"] for r in read_jsonl(trained["adapter"] / "metrics.jsonl")]
+
+
 def test_checkpoints_of_another_configuration_are_discarded(tmp_path):
     for key in ("aaaa", "bbbb"):
         (tmp_path / key / "checkpoint-5").mkdir(parents=True)

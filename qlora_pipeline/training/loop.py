@@ -203,7 +203,8 @@ def train(model, tokenizer, data, cfg: dict, checkpoint_dir: Path, metrics_path:
     """
     if len(data["train"]) == 0 or len(data["validation"]) == 0:
         raise InputError("training needs non-empty train and validation splits")
-    resume, resumed = last_complete_checkpoint(checkpoint_dir)
+    resume, resumed = last_complete_checkpoint(checkpoint_dir,
+                                               total_steps(cfg, len(data["train"])))
     trackers = trackers or {}
     args = arguments(cfg, checkpoint_dir, len(data["train"]), seed, policy,
                      packed=packing.is_packed(data["train"]), fresh=not resume,
@@ -352,12 +353,16 @@ def forget_metrics_after(metrics_path: Path, step: int) -> None:
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
-def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerState | None]:
+def last_complete_checkpoint(checkpoint_dir: Path, max_steps: int | None = None
+                             ) -> tuple[str | None, TrainerState | None]:
     """The newest checkpoint whose files match its manifest (checkpoints.py), with its state;
     (None, None) if there is none. A checkpoint that fails is deleted, with the file and what
     is wrong logged; so is one whose recorded best checkpoint failed: resumed without it, the
     training could not end on the checkpoint an uninterrupted one restores (load_best_model
-    at the end), so an older checkpoint, or a fresh start, keeps the adapter the same."""
+    at the end), so an older checkpoint, or a fresh start, keeps the adapter the same. So is
+    one at the training's last step (`max_steps`; a job that failed after training, e.g. on a
+    full disk): Trainer checks its end only after a step, so resumed there it would train one
+    step more (fault campaign, trial 143); the steps since the one before are trained again."""
     found = sorted(checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),  # none if no folder
                    key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
     good = []
@@ -370,6 +375,10 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> tuple[str | None, TrainerS
     kept = {candidate.name for candidate in good}
     for candidate in good:
         state = TrainerState.load_from_json(f"{candidate}/trainer_state.json")
+        if max_steps is not None and state.global_step >= max_steps:
+            discard(candidate, f"it is the last step ({max_steps}); resumed there, Trainer would "
+                               f"train a step more")
+            continue
         best = state.best_model_checkpoint and Path(state.best_model_checkpoint).name
         if best and best not in kept:
             discard(candidate, f"its best checkpoint {best}, restored at the end, is gone")
